@@ -1,0 +1,49 @@
+"""CIFAR-10 on disk and on the device: download, cache, split, augment, load."""
+
+from .augment import AugmentConfig, augment_batch, flip_batch, rotate_batch, translate_batch
+from .batches import ImageSet
+from .cifar import (
+    CIFAR10_SOURCE,
+    ArchiveSource,
+    DatasetMissingError,
+    default_data_dir,
+    download_cifar10,
+    require_cifar10,
+)
+from .dataset import DATASETS, load_dataset
+from .loader import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DeviceLoader,
+    full_train_loader,
+    make_loaders,
+    test_loader,
+)
+from .split import stratified_split
+from .synthetic import make_synthetic_archive, write_synthetic
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_SOURCE",
+    "CIFAR10_STD",
+    "DATASETS",
+    "ArchiveSource",
+    "AugmentConfig",
+    "DatasetMissingError",
+    "DeviceLoader",
+    "ImageSet",
+    "augment_batch",
+    "default_data_dir",
+    "download_cifar10",
+    "flip_batch",
+    "full_train_loader",
+    "load_dataset",
+    "make_loaders",
+    "make_synthetic_archive",
+    "require_cifar10",
+    "rotate_batch",
+    "stratified_split",
+    "test_loader",
+    "translate_batch",
+    "write_synthetic",
+]

@@ -1,0 +1,111 @@
+"""Whole-batch augmentation on (B, C, H, W) tensors: a few tensor ops, no per-image Python.
+
+Everything runs on the images' device. Random draws come from a torch.Generator (on its own
+device), so a seed replays the same flips, shifts and angles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random crop (as a shift of up to `crop_padding` pixels), mirror, and rotation."""
+
+    crop_padding: int = 4
+    flip: bool = True
+    rotation_degrees: float = 0.0  # angles are drawn from [-rotation_degrees, rotation_degrees]
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.crop_padding, int) and 0 <= self.crop_padding < 16):
+            raise ValueError(f"crop_padding must be an int in [0, 16), got {self.crop_padding!r}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"flip must be true or false, got {self.flip!r}")
+        if not (
+            _is_number(self.rotation_degrees, (int, float)) and 0 <= self.rotation_degrees <= 45
+        ):
+            raise ValueError(
+                f"rotation_degrees must be a number in [0, 45], got {self.rotation_degrees!r}"
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.crop_padding == 0 and not self.flip and self.rotation_degrees == 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> AugmentConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown augmentation keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _is_number(value: object, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)  # True is an int in Python
+
+
+def flip_batch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where `mask` (B,) is true."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def translate_batch(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Move image b's content dx[b] pixels right and dy[b] down, filling the gap with 0.
+
+    The same as a crop from the zero-padded image; done as two gathers, one per axis.
+    """
+    b, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device) - dy.view(-1, 1)  # source row for each output row
+    cols = torch.arange(w, device=x.device) - dx.view(-1, 1)
+    out = x.gather(2, rows.clamp(0, h - 1).view(b, 1, h, 1).expand(b, c, h, w))
+    out = out.gather(3, cols.clamp(0, w - 1).view(b, 1, 1, w).expand(b, c, h, w))
+    inside = ((rows >= 0) & (rows < h)).view(b, 1, h, 1) & ((cols >= 0) & (cols < w)).view(
+        b, 1, 1, w
+    )
+    return torch.where(inside, out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def rotate_batch(x: torch.Tensor, degrees: torch.Tensor | float) -> torch.Tensor:
+    """Rotate float images counterclockwise about their centre (bilinear, corners filled with 0).
+
+    Square images only are rotated rigidly: the sampling grid uses normalised coordinates.
+    """
+    angle = torch.as_tensor(degrees, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    radians = angle * (math.pi / 180)
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+    # The grid maps output to input coordinates (x right, y down), hence the inverse rotation.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per image: maybe mirror, shift by up to crop_padding pixels, rotate by a random angle."""
+    n = x.shape[0]
+    if cfg.flip:
+        x = flip_batch(x, _uniform(n, generator, x.device) < 0.5)
+    if cfg.crop_padding:
+        shift = _shifts(n, cfg.crop_padding, generator, x.device)
+        x = translate_batch(x, shift[0], shift[1])
+    if cfg.rotation_degrees:
+        angle = (2 * _uniform(n, generator, x.device) - 1) * cfg.rotation_degrees
+        x = rotate_batch(x, angle.to(x.dtype))
+    return x
+
+
+def _uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=generator.device).to(device)
+
+
+def _shifts(n: int, padding: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(2, n) integer shifts in [-padding, padding]: a crop offset from the padded image."""
+    drawn = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=generator.device)
+    return (drawn - padding).to(device)

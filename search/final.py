@@ -1,0 +1,61 @@
+"""`hpo train`: train one config from scratch on train+validation and test it once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data import ImageSet, full_train_loader, test_loader
+from model import build_model, count_parameters
+from search.config import TrialConfig
+from search.trainer import EpochStats, Trainer
+
+
+def train_final(
+    cfg: TrialConfig,
+    images: ImageSet,
+    device: torch.device,
+    output_dir: Path,
+    epochs: int | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate on the test set, save weights and metrics; returns the metrics."""
+    if epochs is not None:
+        cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    channels_last = device.type == "cuda"
+    train = full_train_loader(
+        images, cfg.train.batch_size, device, cfg.augment, channels_last=channels_last
+    )
+    trainer = Trainer(model, cfg.train, len(train), device)
+    history = []
+    for stats in trainer.fit(train, None):
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    test_loss, test_acc = trainer.evaluate(test_loader(images, device, channels_last=channels_last))
+    metrics = {
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs": cfg.train.epochs,
+        "train_images": train.num_samples,
+        "params": count_parameters(model),
+        "train_loss": [round(s.train_loss, 5) for s in history],
+        "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
+    }
+    _save(output_dir, cfg, trainer, metrics)
+    return metrics
+
+
+def _save(output_dir: Path, cfg: TrialConfig, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"config": cfg.to_dict(), "state_dict": trainer.model.state_dict()}, output_dir / "model.pt"
+    )
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

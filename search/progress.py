@@ -1,0 +1,92 @@
+"""What a search prints: one line per epoch and per trial, and a live bar over the study."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from search.study import Budget
+from search.trainer import EpochStats
+
+
+class SearchProgress:
+    """A bar over the study's finished/target trials above the per-epoch lines.
+
+    On a terminal the bar is live; in a log file or CI the same lines appear without it.
+    """
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[study]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("trials  best {task.fields[best]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal,
+        )
+        self.task = self.bar.add_task("trials", total=1, study="", best="-")
+
+    def __enter__(self) -> SearchProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def show_budget(self, study_name: str, state: Budget, best: str = "-") -> None:
+        self.bar.update(
+            self.task,
+            total=max(state.target, 1),
+            completed=state.finished,
+            study=study_name,
+            best=best,
+        )
+
+    def epoch(self, trial: optuna.Trial, stats: EpochStats, epochs: int) -> None:
+        self.console.print(format_epoch(trial.number, stats, epochs), highlight=False)
+
+    def trial_end(self, trial: FrozenTrial, state: Budget, best: str) -> None:
+        self.console.print(
+            f"[{state.finished}/{state.target}] trial {trial.number} {_ending(trial)}  best {best}",
+            highlight=False,
+        )
+
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+
+def format_epoch(number: int, stats: EpochStats, epochs: int) -> str:
+    val = (
+        f"val {stats.val_loss:.4f}  acc {stats.val_acc:6.2%}" if stats.val_loss is not None else ""
+    )
+    return (
+        f"trial {number:>4} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
+        f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s"
+    )
+
+
+def best_summary(study: optuna.Study) -> str:
+    try:
+        best = study.best_trial
+    except ValueError:
+        return "-"
+    return f"{best.value:.4f} (trial {best.number})"
+
+
+def _ending(trial: FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return f"complete  val_loss {trial.value:.4f}  acc {trial.user_attrs.get('val_acc', 0):.2%}"
+    if trial.state == TrialState.PRUNED:
+        return f"pruned after epoch {trial.last_step}"
+    return f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr)

@@ -1,0 +1,282 @@
+"""The search space over the Backbone and its training, and sampling one TrialConfig from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from data import AugmentConfig
+from model import REPORT_TABLE1, ModelConfig
+from search.config import SCHEDULERS, ConfigError, TrainConfig, TrialConfig
+
+IMAGE_SIZE = 32
+# Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
+MAX_POOLINGS = int(math.log2(IMAGE_SIZE))
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be sampled; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges are (low, high) inclusive; tuples of choices are categorical."""
+
+    backbones: tuple[int, int]  # N
+    blocks: tuple[int, int]  # K, per backbone
+    layers: tuple[int, int]  # M, ConvLayers per block, per backbone
+    width: tuple[int, int]  # output channels of each ConvLayer
+    width_step: int
+    kernel_size: tuple[int, ...]
+    dropout: tuple[float, float]
+    lr: tuple[float, float]  # log scale
+    weight_decay: tuple[float, float]  # log scale
+    grad_clip: tuple[float, float]  # log scale
+    batch_size: tuple[int, ...]
+    schedulers: tuple[str, ...]
+    augment: AugmentConfig
+
+    def __post_init__(self) -> None:
+        for name in ("backbones", "blocks", "layers", "width", "dropout", "lr"):
+            low, high = getattr(self, name)
+            if not low <= high:
+                raise SpaceError(f"{name}: low must be <= high, got [{low}, {high}]")
+        for name in ("backbones", "blocks", "layers", "width", "width_step"):
+            values = getattr(self, name)
+            if min(values if isinstance(values, tuple) else (values,)) < 1:
+                raise SpaceError(f"{name}: must be >= 1, got {values}")
+        if self.backbones[0] * self.layers[0] > MAX_POOLINGS:
+            raise SpaceError(
+                f"layers: {self.backbones[0]} backbones x {self.layers[0]} layers pool a "
+                f"{IMAGE_SIZE}x{IMAGE_SIZE} image more than {MAX_POOLINGS} times"
+            )
+        if not 0 <= self.dropout[0] <= self.dropout[1] < 1:
+            raise SpaceError(f"dropout: must lie in [0, 1), got {list(self.dropout)}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise SpaceError(f"{name}: needs 0 < low <= high (log scale), got [{low}, {high}]")
+        unknown = set(self.schedulers) - set(SCHEDULERS)
+        if unknown or not self.schedulers:
+            raise SpaceError(
+                f"schedulers: choose from {', '.join(SCHEDULERS)}, got {unknown or '[]'}"
+            )
+        if not self.batch_size or min(self.batch_size) < 1:
+            raise SpaceError(f"batch_size: needs positive choices, got {list(self.batch_size)}")
+        if not self.kernel_size or any(k < 1 or k % 2 == 0 for k in self.kernel_size):
+            raise SpaceError(
+                f"kernel_size: needs odd positive choices, got {list(self.kernel_size)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["augment"] = self.augment.to_dict()
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in raw.items()
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SearchSpace:
+        return _override(BUILTIN_SPACES["default"], raw)
+
+
+DEFAULT_SPACE = SearchSpace(
+    backbones=(1, 3),
+    blocks=(1, 4),
+    layers=(1, 3),
+    width=(16, 1024),
+    width_step=16,
+    kernel_size=(3, 5),
+    dropout=(0.0, 0.5),
+    lr=(1e-4, 1e-2),
+    weight_decay=(1e-6, 1e-2),
+    grad_clip=(0.01, 1.0),
+    batch_size=(128, 256, 512),
+    schedulers=SCHEDULERS,
+    augment=AugmentConfig(crop_padding=4, flip=True, rotation_degrees=5.0),
+)
+
+TINY_SPACE = replace(
+    DEFAULT_SPACE,
+    backbones=(1, 2),
+    blocks=(1, 2),
+    layers=(1, 2),
+    width=(4, 16),
+    width_step=4,
+    kernel_size=(3,),
+    dropout=(0.0, 0.3),
+    lr=(1e-3, 3e-2),
+    batch_size=(64, 128),
+    augment=AugmentConfig(crop_padding=2, flip=True, rotation_degrees=0.0),
+)
+
+BUILTIN_SPACES = {"default": DEFAULT_SPACE, "tiny": TINY_SPACE}
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    """A built-in space by name, or a YAML file overriding any range of its `base` space."""
+    if name_or_path in BUILTIN_SPACES:
+        return BUILTIN_SPACES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():
+        raise SpaceError(
+            f"unknown space {name_or_path!r}: use {' or '.join(BUILTIN_SPACES)} or a YAML file"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise SpaceError(f"cannot read space file {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise SpaceError(
+            f"space file {path} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from err
+    if not isinstance(raw, dict):
+        raise SpaceError(f"space file {path}: must be a mapping of ranges")
+    base = raw.pop("base", "default")
+    if base not in BUILTIN_SPACES:
+        raise SpaceError(f"base: must be one of {', '.join(BUILTIN_SPACES)}, got {base!r}")
+    return _override(BUILTIN_SPACES[base], raw)
+
+
+def _override(base: SearchSpace, raw: dict[str, Any]) -> SearchSpace:
+    known = {f.name for f in fields(SearchSpace)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpaceError(
+            f"unknown space key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        current = getattr(base, key)
+        try:
+            changes[key] = _coerce(key, value, current)
+        except (TypeError, ValueError) as err:
+            raise SpaceError(f"{key}: {err}") from err
+    return replace(base, **changes)
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if isinstance(current, AugmentConfig):
+        return AugmentConfig.from_dict({**current.to_dict(), **(value or {})})
+    if isinstance(current, tuple):
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list like {list(current)}, got {value!r}")
+        if key in RANGE_KEYS and len(value) != 2:
+            raise ValueError(f"expected [low, high], got {value!r}")
+        kind = type(current[0])
+        return tuple(_as(kind, item) for item in value)
+    return _as(type(current), value)
+
+
+def _as(kind: type, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (kind, int)):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+RANGE_KEYS = (
+    "backbones",
+    "blocks",
+    "layers",
+    "width",
+    "dropout",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+)
+
+
+def sample_config(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrialConfig:
+    """Ask the trial for one architecture and training recipe inside `space`."""
+    model = _sample_model(trial, space)
+    train = _sample_train(trial, space, epochs)
+    return TrialConfig(model=model, train=train, augment=space.augment)
+
+
+def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
+    n_backbones = trial.suggest_int("backbones", *space.backbones)
+    channels, blocks, in_width, poolings = [], [], 3, 0
+    for i in range(n_backbones):
+        blocks.append(trial.suggest_int(f"blocks_{i}", *space.blocks))
+        # Leave at least the minimum number of layers to each backbone still to come.
+        room = MAX_POOLINGS - poolings - (n_backbones - i - 1) * space.layers[0]
+        n_layers = trial.suggest_int(f"layers_{i}", space.layers[0], min(space.layers[1], room))
+        chain = [in_width]
+        for j in range(1, n_layers + 1):
+            chain.append(trial.suggest_int(f"width_{i}_{j}", *space.width, step=space.width_step))
+        channels.append(chain)
+        in_width, poolings = chain[-1], poolings + n_layers
+    return ModelConfig(
+        channels=channels,
+        blocks=blocks,
+        kernel_size=trial.suggest_categorical("kernel_size", space.kernel_size),
+        dropout=trial.suggest_float("dropout", *space.dropout),
+    )
+
+
+def _sample_train(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrainConfig:
+    scheduler = trial.suggest_categorical("scheduler", space.schedulers)
+    return TrainConfig(
+        lr=trial.suggest_float("lr", *space.lr, log=True),
+        weight_decay=trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+        grad_clip=trial.suggest_float("grad_clip", *space.grad_clip, log=True),
+        batch_size=trial.suggest_categorical("batch_size", space.batch_size),
+        epochs=epochs,
+        scheduler=scheduler,
+        scheduler_args=_sample_scheduler_args(trial, scheduler, epochs),
+    )
+
+
+def _sample_scheduler_args(trial: optuna.Trial, scheduler: str, epochs: int) -> dict[str, float]:
+    if scheduler == "plateau":
+        return {
+            "factor": trial.suggest_float("plateau_factor", 0.1, 0.5),
+            "patience": trial.suggest_int("plateau_patience", 1, 10),
+        }
+    if scheduler == "onecycle":
+        return {"pct_start": trial.suggest_float("onecycle_pct_start", 0.1, 0.4)}
+    if scheduler == "cosine":
+        return {"min_lr_ratio": trial.suggest_float("cosine_min_lr_ratio", 1e-3, 0.1, log=True)}
+    if scheduler == "step":
+        return {
+            "step_size": trial.suggest_int("step_size", 1, max(1, epochs // 2)),
+            "gamma": trial.suggest_float("step_gamma", 0.1, 0.5),
+        }
+    return {}
+
+
+def report_table1_params() -> dict[str, Any]:
+    """The report's Table 1/2 run as parameters of the default space (first trial of a study)."""
+    params: dict[str, Any] = {"backbones": REPORT_TABLE1.n_backbones}
+    for i, (chain, k) in enumerate(zip(REPORT_TABLE1.channels, REPORT_TABLE1.blocks, strict=True)):
+        params[f"blocks_{i}"] = k
+        params[f"layers_{i}"] = len(chain) - 1
+        params.update({f"width_{i}_{j}": width for j, width in enumerate(chain) if j > 0})
+    params.update(
+        kernel_size=REPORT_TABLE1.kernel_size,
+        dropout=REPORT_TABLE1.dropout,
+        lr=1e-3,
+        weight_decay=1e-4,
+        grad_clip=0.1,
+        batch_size=256,
+        scheduler="plateau",
+        plateau_factor=0.1,
+        plateau_patience=10,
+    )
+    return params
+
+
+__all__ = [
+    "BUILTIN_SPACES",
+    "ConfigError",
+    "SearchSpace",
+    "SpaceError",
+    "load_space",
+    "report_table1_params",
+    "sample_config",
+]

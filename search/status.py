@@ -1,0 +1,59 @@
+"""`hpo status`: a study's trials by state, its best trial and what is running now."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Group
+from rich.table import Table
+
+from search.progress import best_summary
+from search.study import budget
+
+
+def study_table(study: optuna.Study) -> Group:
+    trials = study.get_trials(deepcopy=False)
+    state = budget(study)
+    counts = Counter(t.state.name.lower() for t in trials)
+    summary = Table(title=f"study {study.study_name}", show_header=False, title_justify="left")
+    summary.add_row("finished / target", f"{state.finished} / {state.target}")
+    summary.add_row(
+        "trials by state",
+        ", ".join(
+            f"{name} {counts.get(name, 0)}"
+            for name in ("complete", "pruned", "fail", "running", "waiting")
+        ),
+    )
+    summary.add_row("best", best_summary(study))
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if not running:
+        return Group(summary)
+    table = Table(title="running", title_justify="left")
+    for column in ("trial", "epoch", "last val loss", "worker", "architecture"):
+        table.add_column(column)
+    for trial in running:
+        last = (
+            trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None
+        )
+        table.add_row(
+            str(trial.number),
+            str(trial.last_step or 0),
+            f"{last:.4f}" if last is not None else "-",
+            str(trial.user_attrs.get("worker", "-")),
+            str(trial.user_attrs.get("architecture", "-")),
+        )
+    return Group(summary, table)
+
+
+def studies_table(storage: optuna.storages.BaseStorage) -> Table:
+    table = Table(title="studies", title_justify="left")
+    for column in ("study", "trials", "best value"):
+        table.add_column(column)
+    for summary in optuna.get_all_study_summaries(storage):
+        best = summary.best_trial
+        table.add_row(
+            summary.study_name, str(summary.n_trials), f"{best.value:.4f}" if best else "-"
+        )
+    return table

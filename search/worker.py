@@ -1,0 +1,93 @@
+"""The worker loop: claim a trial from the study's queue, run it, record how it ended."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
+
+from search.objective import TrialInterrupted, TrialRunner
+from search.study import budget, claim_trial, fail_stale_trials
+
+# How often an idle worker looks for new, retried or stale trials.
+IDLE_POLL_S = 2.0
+
+
+@dataclass
+class WorkerSummary:
+    ran: int = 0
+    interrupted: bool = False
+
+
+def run_worker(
+    study: optuna.Study,
+    runner: TrialRunner,
+    stop: threading.Event,
+    on_trial_end: Callable[[FrozenTrial], None] | None = None,
+    timeout_s: float | None = None,
+) -> WorkerSummary:
+    """Run trials until the study's queue is empty and nothing is running, a stop, or timeout.
+
+    A worker with nothing to claim while others still run waits for them: a trial whose
+    worker dies is failed by its heartbeat and re-queued, and someone must run the retry.
+    """
+    summary = WorkerSummary()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    fail_stale_trials(study)
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        trial = claim_trial(study)
+        if trial is None:
+            state = budget(study)
+            if state.running == 0 and state.waiting == 0:
+                break
+            stop.wait(IDLE_POLL_S)
+            fail_stale_trials(study)
+            continue
+        finished = run_trial(study, trial, runner)
+        summary.ran += 1
+        if on_trial_end is not None:
+            on_trial_end(finished)
+    summary.interrupted = stop.is_set()
+    return summary
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> FrozenTrial:
+    """Run one claimed trial to a final state; only a bug in this loop escapes."""
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = runner(trial)
+        except optuna.TrialPruned:
+            return study.tell(trial, state=TrialState.PRUNED)
+        except TrialInterrupted as stop:
+            trial.set_user_attr("fail_reason", f"interrupted: {stop}")
+            failed = study.tell(trial, state=TrialState.FAIL)
+            requeue(study, failed)
+            return failed
+        except Exception as err:  # one bad config (OOM, NaN, bug in it) must not stop the worker
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+            _free_memory()
+            return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, value)
+
+
+def requeue(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue a retry of `failed` with its parameters, checkpoint and reported epochs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    retry(study, failed)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

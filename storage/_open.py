@@ -1,0 +1,85 @@
+"""Turn a storage URL into an Optuna storage tuned for many worker processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
+
+from storage._urls import StorageURLError, backend_of, journal_file_path, redact_url
+
+# Seconds a SQLite writer waits for the lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 60
+# One worker process runs one trial at a time: a small pool, checked before use.
+SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+
+
+@dataclass(frozen=True)
+class HeartbeatPolicy:
+    """Heartbeat of running trials; a trial silent for `grace_s` is failed and retried."""
+
+    interval_s: int = 60
+    max_retry: int = 3
+
+    @property
+    def grace_s(self) -> int:
+        return 2 * self.interval_s
+
+
+def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.storages.BaseStorage:
+    """Open the storage a URL names. Raises StorageURLError with a printable message."""
+    backend = backend_of(url)
+    try:
+        if backend == "journal-file":
+            return JournalStorage(JournalFileBackend(journal_file_path(url)))
+        if backend == "journal-redis":
+            return JournalStorage(JournalRedisBackend(url))
+        return _open_rdb(url, backend, heartbeat)
+    except StorageURLError:
+        raise
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StorageURLError(
+            f"cannot open storage {redact_url(url)!r}: {reason.replace(url, redact_url(url))}"
+        ) from err
+    except Exception as err:  # redis and DB drivers raise their own connection errors
+        raise StorageURLError(
+            f"cannot open storage {redact_url(url)!r}: {type(err).__name__}"
+        ) from err
+
+
+def _open_rdb(url: str, backend: str, heartbeat: HeartbeatPolicy | None) -> RDBStorage:
+    if backend == "sqlite":
+        _enable_sqlite_wal(url)
+        engine_kwargs: dict = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        engine_kwargs = dict(SERVER_POOL)
+    if heartbeat is None:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat.interval_s,
+            grace_period=heartbeat.grace_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=heartbeat.max_retry, inherit_intermediate_values=True
+            ),
+        )
+
+
+def _enable_sqlite_wal(url: str) -> None:
+    """WAL lets readers (status, dashboard) run beside a writer; it persists in the file."""
+    database = sqlalchemy.engine.make_url(url).database
+    if not database or database == ":memory:":
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")

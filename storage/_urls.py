@@ -1,0 +1,58 @@
+"""Storage URLs: which backend a URL names, and how to print one without its password."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy.engine
+import sqlalchemy.exc
+
+DEFAULT_STORAGE_URL = "sqlite:///hpo.db"
+
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+JOURNAL_FILE_PREFIX = "journal://"
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+class StorageURLError(ValueError):
+    """A storage URL this project cannot open; the message is safe to print."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs, errors and exports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def backend_of(url: str) -> str:
+    """One of 'sqlite', 'postgresql', 'mysql', 'journal-file', 'journal-redis'."""
+    if url.startswith(JOURNAL_FILE_PREFIX):
+        if not url[len(JOURNAL_FILE_PREFIX) :]:
+            raise StorageURLError(
+                "storage URL 'journal://' needs a file path, e.g. journal://hpo.log"
+            )
+        return "journal-file"
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in REDIS_SCHEMES:
+        return "journal-redis"
+    dialect = scheme.split("+", 1)[0]
+    if dialect not in RDB_SCHEMES:
+        raise StorageURLError(
+            f"unsupported storage URL {redact_url(url)!r}: use sqlite:///FILE, "
+            "postgresql+psycopg://..., mysql+pymysql://..., journal://FILE or redis://HOST"
+        )
+    try:
+        sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as err:
+        raise StorageURLError(f"malformed storage URL {redact_url(url)!r}") from err
+    return dialect
+
+
+def journal_file_path(url: str) -> str:
+    return url[len(JOURNAL_FILE_PREFIX) :]

@@ -1,0 +1,49 @@
+"""Shared fixtures: a small synthetic CIFAR set on disk and a way to run the real `hpo`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import write_synthetic
+
+HPO = str(Path(sys.executable).parent / "hpo")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic set small enough that a tiny trial takes a second or two on a CPU."""
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic(root, train_per_class=60, test_per_class=20)
+    return root
+
+
+@pytest.fixture
+def hpo_env(data_dir: Path, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
+    env.update(
+        HPO_DATA_DIR=str(data_dir),
+        HPO_STORAGE=f"sqlite:///{tmp_path / 'hpo.db'}",
+        COLUMNS="200",
+        OMP_NUM_THREADS="1",  # two workers on two cores: no oversubscription
+    )
+    return env
+
+
+def run_hpo(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HPO, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tiny_start(study: str, trials: int, *extra: str) -> list[str]:
+    return [
+        "start", "--study", study, "--trials", str(trials), "--space", "tiny",
+        "--dataset", "synthetic", "--epochs", "2", *extra,
+    ]  # fmt: skip

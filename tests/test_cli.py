@@ -1,0 +1,135 @@
+"""The `hpo` command end to end, as a user runs it: real processes on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import optuna
+import yaml
+from conftest import HPO, run_hpo, tiny_start
+from optuna.trial import TrialState
+
+from search.study import budget
+from storage import open_storage
+
+
+def load(env: dict[str, str], name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
+
+
+def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> None:
+    started = run_hpo(*tiny_start("demo", 4), env=hpo_env, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "created study 'demo'" in started.stdout
+    assert "epoch   1/2" in started.stdout
+    assert "CUDA is not available" in started.stdout
+    assert "4/4 trials finished" in started.stdout
+
+    status = run_hpo("status", "--study", "demo", env=hpo_env, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "4 / 4" in status.stdout
+
+    best = run_hpo("best", "--study", "demo", "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
+    document = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert set(document) == {"model", "train", "augment", "metrics", "source", "versions"}
+    study = load(hpo_env, "demo")
+    assert document["source"]["trial"] == study.best_trial.number
+    assert document["metrics"]["val_loss"] == study.best_value
+    assert document["train"]["epochs"] == 2
+
+    trained = run_hpo(
+        "train", "--config", "best.yaml", "--dataset", "synthetic", "--epochs", "1",
+        "--output-dir", "final", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "test accuracy" in trained.stdout
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["epochs"] == 1
+    assert (tmp_path / "final" / "model.pt").stat().st_size > 0
+
+
+def test_two_starts_on_one_sqlite_file_stop_at_exactly_n(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    command = [HPO, *tiny_start("shared", 7)]
+    workers = [
+        subprocess.Popen(command, env=hpo_env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = load(hpo_env, "shared")
+    trials = study.get_trials()
+    assert len(trials) == 7
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert sorted(t.number for t in trials) == list(range(7))
+    # Both processes did part of the work, and no trial ran twice.
+    ran = [re.findall(r"^\[\d+/7\] trial (\d+)", output, re.MULTILINE) for output in outputs]
+    assert all(ran), outputs
+    assert sorted(int(n) for n in ran[0] + ran[1]) == list(range(7))
+
+
+def test_target_moves_and_a_met_target_runs_nothing(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert run_hpo(*tiny_start("grow", 2), env=hpo_env, cwd=tmp_path).returncode == 0
+    again = run_hpo(*tiny_start("grow", 2), env=hpo_env, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to run" in again.stdout
+    extended = run_hpo("start", "--study", "grow", "--trials", "3", env=hpo_env, cwd=tmp_path)
+    assert extended.returncode == 0, extended.stderr
+    state = budget(load(hpo_env, "grow"))
+    assert (state.finished, state.target) == (3, 3)
+
+
+def expect_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.count("\n") == 0, message
+    for word in words:
+        assert word in message
+
+
+def test_bad_input_is_one_line_and_exit_2(hpo_env: dict[str, str], tmp_path: Path) -> None:
+    def hpo(*args: str) -> subprocess.CompletedProcess:
+        return run_hpo(*args, env=hpo_env, cwd=tmp_path)
+
+    expect_user_error(hpo("status", "--study", "nope"), "no study named 'nope'")
+    expect_user_error(hpo("best", "--study", "nope"), "no study named 'nope'")
+    expect_user_error(hpo("status", "--storage", "sqlite:/x.db"), "storage URL")
+    expect_user_error(hpo("status", "--storage", "oracle://u:secret@h/db"), "u:***@h")
+
+    # A study with no finished trial: created, then stopped before its first trial.
+    assert hpo(*tiny_start("empty", 2, "--timeout", "0")).returncode == 0
+    expect_user_error(hpo("best", "--study", "empty"), "no completed trial")
+
+    (tmp_path / "space.yaml").write_text("width: [64]\n")
+    expect_user_error(hpo(*tiny_start("s", 2, "--space", "space.yaml")), "width")
+    (tmp_path / "space2.yaml").write_text("widht: [8, 16]\n")
+    expect_user_error(hpo(*tiny_start("s", 2, "--space", "space2.yaml")), "widht")
+    expect_user_error(hpo(*tiny_start("s", 2, "--space", "missing.yaml")), "missing.yaml")
+
+    (tmp_path / "bad.yaml").write_text(
+        "model: {channels: [[3, 16], [32, 64]], blocks: [1, 1]}\ntrain: {}\n"
+    )
+    expect_user_error(hpo("train", "--config", "bad.yaml", "--dataset", "synthetic"), "channels")
+    expect_user_error(hpo("train", "--config", "nothing.yaml"), "nothing.yaml")
+
+    empty = tmp_path / "no-cifar"
+    result = hpo("start", "--study", "real", "--trials", "1", "--data-dir", str(empty))
+    expect_user_error(result, "cifar-10", str(empty))
+
+
+def test_conflicting_flag_names_both_values_and_changes_nothing(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert run_hpo(*tiny_start("fixed", 1), env=hpo_env, cwd=tmp_path).returncode == 0
+    result = run_hpo(
+        "start", "--study", "fixed", "--trials", "5", "--epochs", "3", env=hpo_env, cwd=tmp_path
+    )
+    expect_user_error(result, "--epochs 3", "epochs 2")
+    assert budget(load(hpo_env, "fixed")).target == 1
