@@ -1,4 +1,4 @@
-"""`hpo start`: create or join a study, then run this process's worker on it."""
+"""`hpo create`, `hpo start` and `hpo worker`: set up a study, then run workers on it."""
 
 from __future__ import annotations
 
@@ -19,22 +19,26 @@ from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress, best_summary
 from search.settings import StudySettings
 from search.space import load_space
-from search.study import budget, create_or_join, join_as_worker, move_target
+from search.study import (
+    budget,
+    create_or_join,
+    join,
+    join_as_worker,
+    load_settings,
+    move_target,
+)
 from search.worker import WorkerSummary, run_worker
 from storage import HeartbeatPolicy, backend_of, open_storage
 
-DEFAULTS = {
-    "space": "default",
-    "epochs": 20,
-    "dataset": "cifar10",
-    "pruner": "hyperband",
-    "seed": 0,
-}
+DEFAULTS = {"space": "default", "epochs": 20, "dataset": "cifar10", "pruner": "hyperband"}
+DEFAULT_SEED = 0
 DEFAULT_HEARTBEAT_S = 60
 
 
 @dataclass(frozen=True)
-class StartRequest:
+class StudyRequest:
+    """What `hpo create`/`hpo start` ask of a study; None where a flag was left out."""
+
     study: str
     trials: int
     storage: str
@@ -44,12 +48,8 @@ class StartRequest:
     pruner: str | None = None
     seed: int | None = None
     heartbeat: int | None = None
-    data_dir: Path | None = None
-    artifact_dir: Path | None = None
-    timeout_s: float | None = None
 
     def flags(self) -> dict[str, object]:
-        """The study settings the user typed (None where left out)."""
         return {
             "space": self.space,
             "epochs": self.epochs,
@@ -67,39 +67,55 @@ class StartRequest:
             epochs=self.epochs or DEFAULTS["epochs"],
             dataset=self.dataset or DEFAULTS["dataset"],
             pruner=self.pruner or DEFAULTS["pruner"],
-            seed=DEFAULTS["seed"] if self.seed is None else self.seed,
+            seed=DEFAULT_SEED if self.seed is None else self.seed,
             heartbeat_s=self.heartbeat or DEFAULT_HEARTBEAT_S,
         )
 
 
-def start_search(request: StartRequest, progress: SearchProgress) -> WorkerSummary | None:
-    """Create or join the study, move its target, and run trials until it is met."""
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Per-machine options: where data and checkpoints are, and how to use the hardware."""
+
+    data_dir: Path | None = None
+    artifact_dir: Path | None = None
+    timeout_s: float | None = None
+    compile: str = "auto"
+    slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
+
+
+def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
+    """Create the study with the request's settings and target, or check and extend it."""
     storage = open_storage(request.storage)
     settings, created = create_or_join(
         storage, request.study, request.new_settings(), request.trials
     )
     if not created:
         settings.check_flags(request.flags())
-        move_target(optuna.load_study(study_name=request.study, storage=storage), request.trials)
+        move_target(join(storage, request.study), request.trials)
     verb = "created" if created else "joined"
     progress.say(
         f"{verb} study {request.study!r}: space {settings.space_name}, {settings.epochs} epochs, "
-        f"{settings.dataset}, pruner {settings.pruner}"
+        f"{settings.dataset}, pruner {settings.pruner}, target {request.trials} trials"
     )
-    return run_local_worker(request.study, request.storage, settings, request, progress)
+    return settings
+
+
+def stored_settings(study_name: str, storage_url: str) -> StudySettings:
+    """The settings of an existing study; StudyError if there is none."""
+    return load_settings(open_storage(storage_url), study_name)
 
 
 def run_local_worker(
     study_name: str,
     storage_url: str,
     settings: StudySettings,
-    request: StartRequest,
+    options: WorkerOptions,
     progress: SearchProgress,
 ) -> WorkerSummary | None:
-    worker = this_worker()
-    study = join_as_worker(
-        _worker_storage(storage_url, settings), study_name, settings, worker.name
-    )
+    """Run trials in this process until the study's target is met (or a stop/timeout)."""
+    worker = this_worker(options.slot)
+    storage = _worker_storage(storage_url, settings)
+    study = join_as_worker(storage, study_name, settings, worker.name)
     state = budget(study)
     if state.done and state.running == 0:
         progress.say(
@@ -107,14 +123,13 @@ def run_local_worker(
             "nothing to run (pass a larger --trials to extend it)"
         )
         return None
-    device = pick_device(progress)
     stop = install_stop_handlers(progress)
     runner = TrialRunner(
         settings=settings,
-        images=load_dataset(settings.dataset, request.data_dir),
-        device=device,
+        images=load_dataset(settings.dataset, options.data_dir),
+        device=pick_device(progress),
         worker=worker,
-        checkpoints=CheckpointStore(artifact_dir(request.artifact_dir, storage_url)),
+        checkpoints=CheckpointStore(artifact_dir(options.artifact_dir, storage_url)),
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
         stop=stop,
     )
@@ -126,9 +141,11 @@ def run_local_worker(
 
     with progress:
         progress.show_budget(study_name, budget(study), best_summary(study))
-        summary = run_worker(study, runner, stop, on_trial_end, request.timeout_s)
+        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s)
     final = budget(study)
-    progress.say(f"{final.finished}/{final.target} trials finished; best {best_summary(study)}")
+    verb = "stopped" if summary.interrupted else "done"
+    best = best_summary(study)
+    progress.say(f"{verb}: {final.finished}/{final.target} trials finished; best {best}")
     return summary
 
 
@@ -151,8 +168,8 @@ def artifact_dir(given: Path | None, storage_url: str) -> Path:
 def this_worker(slot: int | None = None) -> WorkerInfo:
     host = socket.gethostname()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")
-    name = f"{host}/gpu{gpu}/{'pid' + str(os.getpid()) if slot is None else 'slot' + str(slot)}"
-    return WorkerInfo(name=name, host=host, gpu=gpu)
+    suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"
+    return WorkerInfo(name=f"{host}/gpu{gpu}/{suffix}", host=host, gpu=gpu)
 
 
 def pick_device(progress: SearchProgress) -> torch.device:
@@ -170,9 +187,8 @@ def install_stop_handlers(progress: SearchProgress) -> threading.Event:
         if stop.is_set():
             os._exit(128 + signum)
         stop.set()
-        progress.say(
-            f"{signal.Signals(signum).name}: stopping after this epoch (again to exit now)"
-        )
+        name = signal.Signals(signum).name
+        progress.say(f"{name}: stopping after this epoch (again to exit now)")
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)

@@ -17,6 +17,7 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from search.dashboard import write_study_note
 from search.settings import SETTINGS_ATTR, StudySettings
 from search.space import report_table1_params
 
@@ -52,6 +53,7 @@ def create_or_join(
     study.set_user_attr(TARGET_ATTR, target)
     first = [report_table1_params()] if settings.space_name == "default" else []
     _add_tickets(study, target, first)
+    write_study_note(study, settings, target)
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(SETTINGS_ATTR, settings.to_dict())
     return settings, True
@@ -144,8 +146,11 @@ def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
 
 
 def claim_trial(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically take one WAITING trial; None when the queue is empty."""
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    """Atomically take one WAITING trial, retries first; None when the queue is empty."""
+    queue = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    # A retry resumes from a checkpoint: run it before fresh trials.
+    queue.sort(key=lambda trial: "failed_trial" not in trial.system_attrs)
+    for waiting in queue:
         try:
             # False when another worker claimed it first (the storage compares and sets).
             if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
@@ -57,9 +59,18 @@ def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.s
 def _open_rdb(url: str, backend: str, heartbeat: HeartbeatPolicy | None) -> RDBStorage:
     if backend == "sqlite":
         _enable_sqlite_wal(url)
-        engine_kwargs: dict = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+        # isolation_level=None: pysqlite leaves BEGIN to us (see _begin_immediate).
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
+        engine_kwargs: dict = {"connect_args": connect_args}
     else:
         engine_kwargs = dict(SERVER_POOL)
+    storage = _rdb_storage(url, engine_kwargs, heartbeat)
+    if backend == "sqlite":
+        sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, heartbeat: HeartbeatPolicy | None) -> RDBStorage:
     if heartbeat is None:
         return RDBStorage(url, engine_kwargs=engine_kwargs)
     with warnings.catch_warnings():
@@ -73,6 +84,17 @@ def _open_rdb(url: str, backend: str, heartbeat: HeartbeatPolicy | None) -> RDBS
                 max_retry=heartbeat.max_retry, inherit_intermediate_values=True
             ),
         )
+
+
+def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+    """Take SQLite's write lock when a transaction starts, not at its first write.
+
+    Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which SQLite ignores: two
+    processes could both read WAITING and both run the trial. An immediate transaction
+    makes the read and the write one step; it also avoids "database is locked" when a
+    read transaction later tries to write after another process committed.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _enable_sqlite_wal(url: str) -> None:

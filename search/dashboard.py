@@ -1,0 +1,137 @@
+"""`hpo dashboard`: optuna-dashboard on the study storage, and the note it shows for a study."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+import optuna_dashboard
+import yaml
+from optuna.artifacts import FileSystemArtifactStore
+from sqlalchemy.engine import make_url
+
+from search.settings import StudySettings
+from storage import backend_of, open_storage, redact_url
+
+# The user attrs every trial carries (search/objective.py), listed in the study note.
+TRIAL_ATTRS = ("val_acc", "images_per_s", "params", "architecture", "config", "gpu", "host")
+
+
+class DashboardError(ValueError):
+    """The dashboard cannot start as asked; the message is one printable line."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # Page loads and polling overlap; Ctrl-C should not wait for open connections.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any) -> None:
+        """The page polls every few seconds: one access line each would bury everything else."""
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    server: WSGIServer
+    url: str
+    storage_url: str
+    artifacts: Path
+
+    def banner(self) -> str:
+        return (
+            f"optuna-dashboard for {redact_url(self.storage_url)} at {self.url} "
+            f"(artifacts in {self.artifacts}); Ctrl-C stops it"
+        )
+
+    def serve(self) -> None:
+        """Serve until Ctrl-C (or SIGTERM's default exit)."""
+        try:
+            self.server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server.server_close()
+
+
+def open_dashboard(storage_url: str, host: str, port: int, artifacts: Path) -> Dashboard:
+    """optuna-dashboard on the storage and artifact store, bound but not yet serving.
+
+    On SQLite it only reads beside running workers: open_storage puts the file in WAL mode,
+    where readers never block a writer, and gives every connection a long busy timeout.
+    """
+    _require_existing_sqlite(storage_url)
+    storage = open_storage(storage_url)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
+    try:
+        server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    except OSError as err:
+        raise DashboardError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{server.server_port}/dashboard"
+    return Dashboard(server=server, url=url, storage_url=storage_url, artifacts=artifacts)
+
+
+def exposure_warning(host: str) -> str | None:
+    if _is_loopback(host):
+        return None
+    return (
+        f"warning: the dashboard on {host} has no authentication: anyone who can reach this "
+        "port can read, edit and delete studies"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other host name may resolve to a public address
+
+
+def _require_existing_sqlite(storage_url: str) -> None:
+    """A mistyped path would otherwise create an empty database and show no study."""
+    if backend_of(storage_url) != "sqlite":
+        return
+    database = make_url(storage_url).database
+    if database and database != ":memory:" and not Path(database).exists():
+        raise DashboardError(
+            f"no SQLite file at {database}: run `hpo start` first or pass --storage"
+        )
+
+
+def write_study_note(study: optuna.Study, settings: StudySettings, target: int) -> None:
+    """The dashboard's note for a new study: what it searches and with which settings."""
+    optuna_dashboard.save_note(study, study_note(study.study_name, settings, target))
+
+
+def study_note(name: str, settings: StudySettings, target: int) -> str:
+    rows = [
+        ("target", f"{target} finished trials (a later `hpo start --trials` may raise it)"),
+        ("objective", f"{settings.direction} the best validation loss of a trial"),
+        ("search space", f"`{settings.space_name}`"),
+        ("epochs per trial", str(settings.epochs)),
+        ("dataset", settings.dataset),
+        ("pruner", f"{settings.pruner}, on validation loss after each epoch"),
+        ("seed", str(settings.seed)),
+        ("heartbeat", f"{settings.heartbeat_s} s"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    attrs = ", ".join(f"`{attr}`" for attr in TRIAL_ATTRS)
+    space = yaml.safe_dump(settings.space, sort_keys=False, default_flow_style=None)
+    return (
+        f"## Backbone search `{name}`\n\n"
+        "Searches the Backbone CNN's architecture and training recipe; the test set is never "
+        "used.\n\n"
+        f"| setting | value |\n|---|---|\n{table}\n\n"
+        "Each trial reports its validation loss per epoch as intermediate values, carries "
+        f"{attrs} as user attributes and keeps its latest epoch checkpoint as an artifact.\n\n"
+        f"### Search space\n\n```yaml\n{space}```\n"
+    )

@@ -1,0 +1,307 @@
+"""`hpo report`: a study's plots and best trials as one offline HTML page, plus PNGs.
+
+The page draws with plotly (optuna.visualization), its plotly.js inlined once, so it opens
+without network. The PNGs come from optuna's matplotlib twins: plotly's own PNG export
+needs kaleido and a Chrome install, matplotlib renders anywhere with its Agg backend.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+import optuna
+import plotly.offline
+import yaml
+from matplotlib.axes import Axes
+from optuna.trial import FrozenTrial, TrialState
+from plotly.graph_objects import Figure
+
+from search.settings import SETTINGS_ATTR
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+PAGE_NAME = "report.html"
+# PED-ANOVA with fewer complete trials compares a single best trial with one or two others.
+MIN_TRIALS_FOR_IMPORTANCES = 3
+# One legend entry per trial: past this many the PNG's legend is taller than the plot.
+MAX_LEGEND_TRIALS = 12
+
+
+class ReportError(ValueError):
+    """The report cannot be written where asked; the message is one printable line."""
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str  # the PNG's stem and the HTML anchor
+    title: str
+    plotly: Callable[[optuna.Study, list[str] | None], Figure]
+    matplotlib: Callable[[optuna.Study, list[str] | None], Axes]
+    skip: Callable[[list[FrozenTrial]], str | None]  # why there is nothing to draw, if so
+
+
+@dataclass(frozen=True)
+class Report:
+    page: Path
+    images: list[Path]
+    skipped: list[str]  # one line per plot left out, with the reason
+
+
+def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
+    """Write report.html and one PNG per plot under `output`."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportError(f"cannot write the report to {output}: {err.strerror or err}") from err
+    trials = study.get_trials(deepcopy=False)
+    params = common_params(trials)
+    sections, images, skipped = [], [], []
+    for plot in PLOTS:
+        reason = plot.skip(trials)
+        if reason is not None:
+            skipped.append(f"{plot.title}: skipped, {reason}")
+            sections.append(_section(plot, f'<p class="note">Skipped: {html.escape(reason)}.</p>'))
+            continue
+        with _quiet():
+            figure = plot.plotly(study, params)
+            ax = plot.matplotlib(study, params)
+            ax.set_title(plot.title)
+            images.append(_save_png(ax, output / f"{plot.name}.png"))
+        sections.append(_section(plot, _figure_html(figure) + _png_link(plot)))
+    page = output / PAGE_NAME
+    page.write_text(_page(study, trials, sections, top_trials(trials, study, top)))
+    return Report(page=page, images=images, skipped=skipped)
+
+
+def common_params(trials: list[FrozenTrial]) -> list[str] | None:
+    """Parameters every complete trial sampled: the axes a parallel plot can draw for all."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return None
+    names = set.intersection(*(set(t.params) for t in complete))
+    return [name for name in complete[0].params if name in names] or None
+
+
+def top_trials(trials: list[FrozenTrial], study: optuna.Study, count: int) -> list[FrozenTrial]:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(complete, key=lambda t: t.value, reverse=reverse)[:count]
+
+
+def _complete(trials: list[FrozenTrial]) -> int:
+    return sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+def _needs_complete(count: int) -> Callable[[list[FrozenTrial]], str | None]:
+    def skip(trials: list[FrozenTrial]) -> str | None:
+        have = _complete(trials)
+        if have >= count:
+            return None
+        return f"needs at least {count} complete trials, the study has {have}"
+
+    return skip
+
+
+def _needs_curves(trials: list[FrozenTrial]) -> str | None:
+    if any(t.intermediate_values for t in trials):
+        return None
+    return "no trial has reported a validation loss yet"
+
+
+def _history(study: optuna.Study, _params: list[str] | None) -> Figure:
+    return optuna.visualization.plot_optimization_history(study, target_name="validation loss")
+
+
+def _history_png(study: optuna.Study, _params: list[str] | None) -> Axes:
+    return optuna.visualization.matplotlib.plot_optimization_history(
+        study, target_name="validation loss"
+    )
+
+
+def _curves(study: optuna.Study, _params: list[str] | None) -> Figure:
+    figure = optuna.visualization.plot_intermediate_values(study)
+    return figure.update_layout(xaxis_title="epoch", yaxis_title="validation loss")
+
+
+def _curves_png(study: optuna.Study, _params: list[str] | None) -> Axes:
+    ax = optuna.visualization.matplotlib.plot_intermediate_values(study)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss")
+    if len(ax.get_lines()) > MAX_LEGEND_TRIALS and ax.get_legend() is not None:
+        ax.get_legend().remove()
+    return ax
+
+
+def _importances(study: optuna.Study, _params: list[str] | None) -> Figure:
+    return optuna.visualization.plot_param_importances(study)
+
+
+def _importances_png(study: optuna.Study, _params: list[str] | None) -> Axes:
+    return optuna.visualization.matplotlib.plot_param_importances(study)
+
+
+def _parallel(study: optuna.Study, params: list[str] | None) -> Figure:
+    return optuna.visualization.plot_parallel_coordinate(
+        study, params=params, target_name="validation loss"
+    )
+
+
+def _parallel_png(study: optuna.Study, params: list[str] | None) -> Axes:
+    return optuna.visualization.matplotlib.plot_parallel_coordinate(
+        study, params=params, target_name="validation loss"
+    )
+
+
+PLOTS = (
+    Plot("history", "Optimization history", _history, _history_png, _needs_complete(1)),
+    Plot("learning-curves", "Learning curves", _curves, _curves_png, _needs_curves),
+    Plot(
+        "importances",
+        "Parameter importances",
+        _importances,
+        _importances_png,
+        _needs_complete(MIN_TRIALS_FOR_IMPORTANCES),
+    ),
+    Plot(
+        "parallel-coordinates",
+        "Parallel coordinates",
+        _parallel,
+        _parallel_png,
+        _needs_complete(2),
+    ),
+)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna warns that its matplotlib plots are experimental and that small studies make
+    rough importances; the page says what each plot is drawn from, so the terminal need not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _save_png(ax: Axes, path: Path) -> Path:
+    figure = ax.figure
+    figure.set_size_inches(10, 5.5)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _figure_html(figure: Figure) -> str:
+    figure.update_layout(title=None, margin={"t": 30})  # the section's heading names it
+    return figure.to_html(
+        full_html=False,
+        include_plotlyjs=False,  # inlined once in the page's head
+        default_height="460px",
+        config={"displaylogo": False},
+    )
+
+
+def _png_link(plot: Plot) -> str:
+    return f'<p class="png">PNG: <a href="{plot.name}.png">{plot.name}.png</a></p>'
+
+
+def _section(plot: Plot, body: str) -> str:
+    return f'<section id="{plot.name}"><h2>{html.escape(plot.title)}</h2>{body}</section>'
+
+
+def _page(
+    study: optuna.Study, trials: list[FrozenTrial], sections: list[str], best: list[FrozenTrial]
+) -> str:
+    name = html.escape(study.study_name)
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Study {name}: search report</title>
+<style>{CSS}</style>
+<script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>
+<script>{plotly.offline.get_plotlyjs()}</script>
+</head><body>
+<h1>Study {name}</h1>
+<p class="summary">{html.escape(_summary(study, trials))}</p>
+<p class="summary">Generated {generated} by <code>hpo report</code>.</p>
+{"".join(sections)}
+<section id="top-trials"><h2>Top trials</h2>{_top_table(best)}</section>
+</body></html>
+"""
+
+
+def _summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
+    counts = Counter(t.state.name.lower() for t in trials)
+    states = ", ".join(f"{counts[state]} {state}" for state in sorted(counts))
+    settings = study.user_attrs.get(SETTINGS_ATTR)
+    how = (
+        f"space {settings['space_name']}, {settings['epochs']} epochs per trial, "
+        f"{settings['dataset']}, pruner {settings['pruner']}; "
+        if settings
+        else ""
+    )
+    return f"{how}{len(trials)} trials: {states or 'none yet'}."
+
+
+def _top_table(best: list[FrozenTrial]) -> str:
+    if not best:
+        return '<p class="note">No complete trial yet.</p>'
+    head = (
+        "<tr><th>rank</th><th>trial</th><th>val loss</th><th>val acc</th><th>params</th>"
+        "<th>images/s</th><th>epochs</th><th>architecture</th><th>recipe</th><th>config</th></tr>"
+    )
+    rows = "".join(_top_row(rank, trial) for rank, trial in enumerate(best, start=1))
+    return f"<table>{head}{rows}</table>"
+
+
+def _top_row(rank: int, trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    config = attrs.get("config")
+    cells = [
+        str(rank),
+        str(trial.number),
+        f"{trial.value:.4f}",
+        f"{attrs['val_acc']:.2%}" if "val_acc" in attrs else "-",
+        f"{attrs['params']:,}" if "params" in attrs else "-",
+        f"{attrs['images_per_s']:,.0f}" if "images_per_s" in attrs else "-",
+        str(len(trial.intermediate_values)),
+        html.escape(str(attrs.get("architecture", "-"))),
+        html.escape(_recipe(config)),
+        _config_details(config),
+    ]
+    return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
+def _recipe(config: dict | None) -> str:
+    if not config or "train" not in config:
+        return "-"
+    train = config["train"]
+    args = ", ".join(f"{k} {v:.3g}" for k, v in train.get("scheduler_args", {}).items())
+    return (
+        f"lr {train['lr']:.2e}, wd {train['weight_decay']:.1e}, clip {train['grad_clip']:.2g}, "
+        f"batch {train['batch_size']}, {train['scheduler']}" + (f" ({args})" if args else "")
+    )
+
+
+def _config_details(config: dict | None) -> str:
+    if not config:
+        return "-"
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    return f"<details><summary>YAML</summary><pre>{html.escape(text)}</pre></details>"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+.summary, .png { color: #555; margin: .2rem 0; } .note { color: #a15c00; font-style: italic; }
+table { border-collapse: collapse; font-size: .85rem; width: 100%; }
+th, td { border: 1px solid #ddd; padding: .3rem .5rem; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } pre { margin: .3rem 0; font-size: .8rem; }
+"""

@@ -1,0 +1,105 @@
+"""The study budget on real storages: tickets, claiming, targets, retries."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.launch import StudyRequest
+from search.settings import SettingsConflict
+from search.space import report_table1_params
+from search.study import (
+    StudyError,
+    budget,
+    claim_trial,
+    create_or_join,
+    join,
+    move_target,
+)
+from search.worker import requeue
+from storage import open_storage
+
+
+def tiny_settings(**changes: object):
+    return StudyRequest(study="s", trials=1, storage="", space="tiny", **changes).new_settings()
+
+
+def test_new_study_holds_target_tickets_and_default_space_starts_from_table1(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    default = StudyRequest(study="d", trials=3, storage="").new_settings()
+    settings, created = create_or_join(storage, "d", default, 3)
+    assert created and settings == default
+    waiting = join(storage, "d").get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 3
+    assert waiting[0].system_attrs["fixed_params"] == report_table1_params()
+    assert waiting[1].system_attrs["fixed_params"] == {}
+
+    again, created = create_or_join(storage, "d", tiny_settings(), 10)
+    assert not created and again == default  # the stored settings win
+    assert budget(join(storage, "d")).target == 3
+
+
+def test_target_moves_up_never_down(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    create_or_join(storage, "s", tiny_settings(), 2)
+    study = join(storage, "s")
+    assert move_target(study, 5).waiting == 5
+    with pytest.raises(StudyError, match="below the study's target 5"):
+        move_target(study, 4)
+    assert budget(study).target == 5
+
+
+def test_conflicting_flag_names_both_values() -> None:
+    with pytest.raises(SettingsConflict, match="--epochs 3 .* epochs 20"):
+        tiny_settings().check_flags({"epochs": 3, "space": None})
+    tiny_settings().check_flags({"epochs": 20, "space": "tiny"})
+
+
+def test_a_retry_replaces_the_failed_trial_in_the_budget(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    create_or_join(storage, "s", tiny_settings(), 2)
+    study = join(storage, "s")
+    trial = claim_trial(study)
+    trial.suggest_float("x", 0, 1)
+    trial.report(0.5, 1)
+    failed = study.tell(trial, state=TrialState.FAIL)
+    requeue(study, failed)
+    state = budget(study)
+    assert (state.finished, state.waiting, state.target) == (0, 2, 2)
+    retry = claim_trial(study)
+    assert retry.params == failed.params
+    assert study.get_trials()[retry.number].intermediate_values == {1: 0.5}
+
+
+def claim_all(url: str, name: str, claimed: multiprocessing.Queue) -> None:
+    study = join(open_storage(url), name)
+    numbers = []
+    while (trial := claim_trial(study)) is not None:
+        numbers.append(trial.number)
+        study.tell(trial, 1.0)
+    claimed.put(numbers)
+
+
+def test_concurrent_claims_never_hand_out_a_trial_twice(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    create_or_join(open_storage(url), "race", tiny_settings(), 60)
+    context = multiprocessing.get_context("spawn")
+    claimed = context.Queue()
+    workers = [context.Process(target=claim_all, args=(url, "race", claimed)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    numbers = [n for _ in workers for n in claimed.get(timeout=120)]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert sorted(numbers) == list(range(60))
+    assert all(
+        t.state == TrialState.COMPLETE
+        for t in optuna.load_study(study_name="race", storage=open_storage(url)).trials
+    )
