@@ -33,7 +33,7 @@ from search.progress import SearchProgress, format_epoch
 from search.report import ReportError, write_report
 from search.settings import SettingsConflict
 from search.space import SpaceError
-from search.status import studies_table, study_table
+from search.status import studies_table, study_status
 from search.study import StudyError, join
 from storage import DEFAULT_STORAGE_URL, StorageURLError, open_storage
 
@@ -263,8 +263,9 @@ def status(
 ) -> None:
     """Trials by state, the best trial, and the trials running now."""
     with user_errors():
-        opened = open_storage(storage)
-        console.print(study_table(join(opened, study)) if study else studies_table(opened))
+        console.print(
+            study_status(storage, study) if study else studies_table(open_storage(storage))
+        )
 
 
 @app.command()

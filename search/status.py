@@ -5,15 +5,34 @@ from __future__ import annotations
 from collections import Counter
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
 
 from search.progress import best_summary
-from search.study import budget
+from search.study import budget, join, load_settings
+from storage import HeartbeatPolicy, open_storage
 
 
-def study_table(study: optuna.Study) -> Group:
+def study_status(storage_url: str, name: str) -> Group:
+    """Open the study with its own heartbeat policy, so stale trials can be told apart."""
+    settings = load_settings(open_storage(storage_url), name)
+    storage = open_storage(storage_url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
+    study = join(storage, name)
+    return study_table(study, stale_trial_numbers(study))
+
+
+def stale_trial_numbers(study: optuna.Study) -> set[int]:
+    """RUNNING trials whose worker stopped sending heartbeats (failed at the next start)."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
+        return set()
+    stale_ids = set(backend._get_stale_trial_ids(study._study_id))
+    return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
+
+
+def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozenset()) -> Group:
     trials = study.get_trials(deepcopy=False)
     state = budget(study)
     counts = Counter(t.state.name.lower() for t in trials)
@@ -27,6 +46,9 @@ def study_table(study: optuna.Study) -> Group:
         ),
     )
     summary.add_row("best", best_summary(study))
+    if stale:
+        numbers = ", ".join(map(str, sorted(stale)))
+        summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
         return Group(summary)
@@ -34,11 +56,12 @@ def study_table(study: optuna.Study) -> Group:
     for column in ("trial", "epoch", "last val loss", "worker", "architecture"):
         table.add_column(column)
     for trial in running:
+        label = f"{trial.number} (stale)" if trial.number in stale else str(trial.number)
         last = (
             trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None
         )
         table.add_row(
-            str(trial.number),
+            label,
             str(trial.last_step or 0),
             f"{last:.4f}" if last is not None else "-",
             str(trial.user_attrs.get("worker", "-")),

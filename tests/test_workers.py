@@ -1,0 +1,216 @@
+"""Many workers on one study, on every storage, with crashes and stops: all real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from conftest import HPO, run_hpo
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study import budget
+from storage import open_storage
+
+PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
+SERVERS = {
+    "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/hpo_test",
+    "mysql": "mysql+pymysql://root@127.0.0.1:3306/hpo_test",
+}
+# One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.
+MICRO_SPACE = """base: tiny
+backbones: [1, 1]
+blocks: [1, 1]
+layers: [1, 1]
+width: [4, 8]
+batch_size: [64]
+"""
+
+
+def server_url(kind: str) -> str:
+    url = SERVERS[kind]
+    try:
+        with sqlalchemy.create_engine(url).connect():
+            pass
+    except Exception as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{kind} must be running in CI: {type(err).__name__}")
+        pytest.skip(f"no {kind} server at {url.split('@')[1]}")
+    return url
+
+
+@pytest.fixture
+def micro_space(tmp_path: Path) -> Path:
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO_SPACE)
+    return path
+
+
+def create(env: dict, cwd: Path, study: str, trials: int, space: Path, *extra: str) -> None:
+    result = run_hpo(
+        "create", "--study", study, "--trials", str(trials), "--space", str(space),
+        "--dataset", "synthetic", "--epochs", "2", *extra, env=env, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def spawn_worker(env: dict, cwd: Path, study: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [HPO, "worker", "--study", study], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(workers: list[subprocess.Popen]) -> list[str]:
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * len(workers), outputs
+    return outputs
+
+
+def assert_exactly(study: optuna.Study, n: int) -> list[FrozenTrial]:
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(n))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, [
+        (t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials
+    ]
+    state = budget(study)
+    assert (state.finished, state.running, state.waiting) == (n, 0, 0)
+    return trials
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers", "trials"),
+    [("postgresql", 4, 8), ("mysql", 2, 6), ("journal", 2, 6)],
+)
+def test_workers_on_one_study_stop_at_exactly_n(
+    backend: str, workers: int, trials: int, hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    url = f"journal://{tmp_path / 'hpo.log'}" if backend == "journal" else server_url(backend)
+    env = {**hpo_env, "HPO_STORAGE": url}
+    study = f"w-{uuid.uuid4().hex[:8]}"
+    create(env, tmp_path, study, trials, micro_space)
+    outputs = finish([spawn_worker(env, tmp_path, study) for _ in range(workers)])
+    result = assert_exactly(optuna.load_study(study_name=study, storage=open_storage(url)), trials)
+    assert len({t.user_attrs["worker"] for t in result}) >= 2, "the workers did not share"
+    for extra in (["status", "--study", study], ["best", "--study", study]):
+        shown = run_hpo(*extra, env=env, cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        outputs.append(shown.stdout + shown.stderr)
+    assert all("Traceback" not in output and PASSWORD not in output for output in outputs)
+
+
+def test_start_with_jobs_per_gpu_runs_four_workers_on_sqlite(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    result = run_hpo(
+        "start", "--study", "fleet", "--trials", "8", "--space", str(micro_space),
+        "--dataset", "synthetic", "--epochs", "2", "--jobs-per-gpu", "4",
+        env=hpo_env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all workers done" in result.stdout
+    study = optuna.load_study(study_name="fleet", storage=open_storage(hpo_env["HPO_STORAGE"]))
+    trials = assert_exactly(study, 8)
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    assert all(t.user_attrs["worker"].split("/")[-1].startswith("slot") for t in trials)
+
+
+def wait_for_checkpoint(study: optuna.Study, epoch: int, timeout: float = 120) -> FrozenTrial:
+    """The running trial once it has checkpointed `epoch` (polled, as a user would)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("checkpoint", {}).get("epoch", 0) >= epoch:
+                return trial
+        time.sleep(0.1)
+    raise AssertionError(f"no trial checkpointed epoch {epoch} within {timeout} s")
+
+
+def long_trials_study(env: dict, cwd: Path, micro_space: Path) -> optuna.Study:
+    """Two trials of 12 epochs, heartbeat 1 s: long enough to interrupt one mid-way."""
+    result = run_hpo(
+        "create", "--study", "long", "--trials", "2", "--space", str(micro_space),
+        "--dataset", "synthetic", "--epochs", "12", "--pruner", "none", "--heartbeat", "1",
+        env=env, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name="long", storage=open_storage(env["HPO_STORAGE"]))
+
+
+def assert_resumed(study: optuna.Study, failed_number: int, epoch: int, output: str) -> None:
+    trials = study.get_trials()
+    failed = trials[failed_number]
+    assert failed.state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == failed_number)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == failed.params
+    assert retry.user_attrs["resumed_from_epoch"] == epoch
+    assert sorted(retry.intermediate_values) == list(range(1, 13))
+    # The retry trained only the epochs after the checkpoint.
+    assert f"trial {retry.number:>4} epoch {epoch + 1:>3}/12" in output
+    assert f"trial {retry.number:>4} epoch {epoch:>3}/12" not in output
+    state = budget(study)
+    assert (state.finished, state.target, state.running, state.waiting) == (2, 2, 0, 0)
+
+
+def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    study = long_trials_study(hpo_env, tmp_path, micro_space)
+    victim = spawn_worker(hpo_env, tmp_path, "long")
+    running = wait_for_checkpoint(study, epoch=2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
+
+    survivor = spawn_worker(hpo_env, tmp_path, "long")
+    output = finish([survivor])[0]
+    assert_resumed(study, running.number, epoch, output)
+
+
+def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    study = long_trials_study(hpo_env, tmp_path, micro_space)
+    worker = spawn_worker(hpo_env, tmp_path, "long")
+    running = wait_for_checkpoint(study, epoch=1)
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=60)[0]
+    assert worker.returncode == 0, output
+    assert "SIGTERM: stopping after this epoch" in output
+    failed = study.get_trials()[running.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("interrupted")
+    epoch = failed.user_attrs["checkpoint"]["epoch"]
+
+    output = finish([spawn_worker(hpo_env, tmp_path, "long")])[0]
+    assert_resumed(study, running.number, epoch, output)
+
+
+def test_a_config_that_raises_does_not_stop_its_worker(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    # A batch larger than the training split fails inside the trial, like an OOM would.
+    micro_space.write_text(MICRO_SPACE.replace("[64]", "[64, 100000]"))
+    create(hpo_env, tmp_path, "raises", 6, micro_space)
+    finish([spawn_worker(hpo_env, tmp_path, "raises")])
+    study = optuna.load_study(study_name="raises", storage=open_storage(hpo_env["HPO_STORAGE"]))
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all("batch_size 100000" in t.user_attrs["fail_reason"] for t in failed)
+    assert len(trials) == 6 and budget(study).finished == 6
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_a_password_never_reaches_an_error_message(hpo_env: dict, tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:1/nothing"
+    result = run_hpo("status", "--storage", url, env=hpo_env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "postgres:***@127.0.0.1:1" in result.stderr
