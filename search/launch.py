@@ -169,7 +169,8 @@ def this_worker(slot: int | None = None) -> WorkerInfo:
     host = socket.gethostname()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")
     suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"
-    return WorkerInfo(name=f"{host}/gpu{gpu}/{suffix}", host=host, gpu=gpu)
+    device = "cpu" if gpu == "cpu" else f"gpu{gpu}"
+    return WorkerInfo(name=f"{host}/{device}/{suffix}", host=host, gpu=gpu)
 
 
 def pick_device(progress: SearchProgress) -> torch.device:

@@ -42,15 +42,15 @@ def run_worker(
     """
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    fail_stale_trials(study)
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
+        fail_stale_trials(study)
         trial = claim_trial(study)
         if trial is None:
             state = budget(study)
             if state.running == 0 and state.waiting == 0:
                 break
             stop.wait(IDLE_POLL_S)
-            fail_stale_trials(study)
             continue
         finished = run_trial(study, trial, runner)
         summary.ran += 1
