@@ -41,7 +41,9 @@ def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.s
         if backend == "journal-file":
             return JournalStorage(JournalFileBackend(journal_file_path(url)))
         if backend == "journal-redis":
-            return JournalStorage(JournalRedisBackend(url))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return JournalStorage(JournalRedisBackend(url))
         return _open_rdb(url, backend, heartbeat)
     except StorageURLError:
         raise

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import uuid
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
+from servers import server_url
 
 from search.launch import StudyRequest
 from search.settings import SettingsConflict
@@ -86,20 +87,27 @@ def claim_all(url: str, name: str, claimed: multiprocessing.Queue) -> None:
     claimed.put(numbers)
 
 
-def test_concurrent_claims_never_hand_out_a_trial_twice(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    create_or_join(open_storage(url), "race", tiny_settings(), 60)
+def storage_url(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'race.db'}"
+    if backend == "journal":
+        return f"journal://{tmp_path / 'race.log'}"
+    return server_url(backend)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "redis", "postgresql", "mysql"])
+def test_concurrent_claims_never_hand_out_a_trial_twice(backend: str, tmp_path: Path) -> None:
+    url, name = storage_url(backend, tmp_path), f"race-{uuid.uuid4().hex[:8]}"
+    create_or_join(open_storage(url), name, tiny_settings(), 40)
     context = multiprocessing.get_context("spawn")
     claimed = context.Queue()
-    workers = [context.Process(target=claim_all, args=(url, "race", claimed)) for _ in range(4)]
+    workers = [context.Process(target=claim_all, args=(url, name, claimed)) for _ in range(3)]
     for worker in workers:
         worker.start()
-    numbers = [n for _ in workers for n in claimed.get(timeout=120)]
+    numbers = [n for _ in workers for n in claimed.get(timeout=180)]
     for worker in workers:
         worker.join(timeout=60)
-    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
-    assert sorted(numbers) == list(range(60))
-    assert all(
-        t.state == TrialState.COMPLETE
-        for t in optuna.load_study(study_name="race", storage=open_storage(url)).trials
-    )
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    assert sorted(numbers) == list(range(40))
+    trials = join(open_storage(url), name).trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)

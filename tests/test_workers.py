@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -11,18 +10,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 from conftest import HPO, run_hpo
 from optuna.trial import FrozenTrial, TrialState
+from servers import PASSWORD, server_url
 
 from search.study import budget
 from storage import open_storage
 
-PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
-SERVERS = {
-    "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/hpo_test",
-    "mysql": "mysql+pymysql://root@127.0.0.1:3306/hpo_test",
-}
 # One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.
 MICRO_SPACE = """base: tiny
 backbones: [1, 1]
@@ -31,18 +25,6 @@ layers: [1, 1]
 width: [4, 8]
 batch_size: [64]
 """
-
-
-def server_url(kind: str) -> str:
-    url = SERVERS[kind]
-    try:
-        with sqlalchemy.create_engine(url).connect():
-            pass
-    except Exception as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{kind} must be running in CI: {type(err).__name__}")
-        pytest.skip(f"no {kind} server at {url.split('@')[1]}")
-    return url
 
 
 @pytest.fixture
