@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 CHECKPOINT_ATTR = "checkpoint"
 
@@ -42,11 +43,15 @@ class CheckpointStore:
             return None
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "checkpoint.pt"
-            download_artifact(
-                artifact_store=self.artifacts,
-                artifact_id=record["artifact_id"],
-                file_path=str(path),
-            )
+            try:
+                download_artifact(
+                    artifact_store=self.artifacts,
+                    artifact_id=record["artifact_id"],
+                    file_path=str(path),
+                )
+            except ArtifactNotFound:
+                # Written on a machine that does not share this artifact directory.
+                return None
             return torch.load(path, map_location="cpu", weights_only=False)
 
     def _remove(self, artifact_id: str) -> None:

@@ -82,10 +82,15 @@ class TrialRunner:
         trial.set_user_attr("worker", self.worker.name)
 
     def _resume(self, trial: optuna.Trial, trainer: Trainer) -> None:
+        """Continue a retried trial from its checkpoint; epoch 1 when it has none here."""
         state = self.checkpoints.load(trial) if self.checkpoints is not None else None
         if state is not None:
             trainer.load_state_dict(state)
             trial.set_user_attr("resumed_from_epoch", trainer.epoch)
+        # Epochs the failed trial ran past its checkpoint are run (and logged) again.
+        done = trial.user_attrs.get("epochs", [])
+        if len(done) > trainer.epoch:
+            trial.set_user_attr("epochs", done[: trainer.epoch])
 
     def _record_epoch(self, trial: optuna.Trial, stats: EpochStats, best: float) -> None:
         trial.report(stats.val_loss, stats.epoch)
