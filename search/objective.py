@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +16,6 @@ from search.config import TrialConfig
 from search.settings import StudySettings
 from search.space import sample_config
 from search.trainer import EpochStats, Trainer
-
-# The report's 1028 channels lie off the default space's width step of 16; that is intended.
-warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
 
 class TrialInterrupted(Exception):

@@ -73,9 +73,7 @@ def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
             continue
         with _quiet():
             figure = plot.plotly(study, params)
-            ax = plot.matplotlib(study, params)
-            ax.set_title(plot.title)
-            images.append(_save_png(ax, output / f"{plot.name}.png"))
+            images.append(_save_png(plot, plot.matplotlib(study, params), output))
         sections.append(_section(plot, _figure_html(figure) + _png_link(plot)))
     page = output / PAGE_NAME
     page.write_text(_page(study, trials, sections, top_trials(trials, study, top)))
@@ -190,8 +188,11 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _save_png(ax: Axes, path: Path) -> Path:
-    figure = ax.figure
+def _save_png(plot: Plot, ax: Axes, output: Path) -> Path:
+    for loc in ("left", "center", "right"):  # optuna puts some titles left, some centred
+        ax.set_title("", loc=loc)
+    ax.set_title(plot.title)
+    figure, path = ax.figure, output / f"{plot.name}.png"
     figure.set_size_inches(10, 5.5)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
