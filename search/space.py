@@ -13,7 +13,7 @@ import yaml
 
 from data import AugmentConfig
 from model import REPORT_TABLE1, ModelConfig
-from search.config import SCHEDULERS, ConfigError, TrainConfig, TrialConfig
+from search.config import SCHEDULERS, TrainConfig, TrialConfig
 
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
@@ -274,14 +274,3 @@ def report_table1_params() -> dict[str, Any]:
         plateau_patience=10,
     )
     return params
-
-
-__all__ = [
-    "BUILTIN_SPACES",
-    "ConfigError",
-    "SearchSpace",
-    "SpaceError",
-    "load_space",
-    "report_table1_params",
-    "sample_config",
-]
