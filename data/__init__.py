@@ -3,9 +3,9 @@
 from .augment import AugmentConfig, augment_batch, flip_batch, rotate_batch, translate_batch
 from .batches import ImageSet
 from .cifar import (
-    CIFAR10_SOURCE,
     ArchiveSource,
     DatasetMissingError,
+    cifar10_source,
     default_data_dir,
     download_cifar10,
     require_cifar10,
@@ -24,7 +24,6 @@ from .synthetic import make_synthetic_archive, write_synthetic
 
 __all__ = [
     "CIFAR10_MEAN",
-    "CIFAR10_SOURCE",
     "CIFAR10_STD",
     "DATASETS",
     "ArchiveSource",
@@ -33,6 +32,7 @@ __all__ = [
     "DeviceLoader",
     "ImageSet",
     "augment_batch",
+    "cifar10_source",
     "default_data_dir",
     "download_cifar10",
     "flip_batch",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"

@@ -8,10 +8,8 @@ import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 # Everything a failed fetch or extract can raise; anything else is a bug and should surface.
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, tarfile.TarError)
@@ -32,8 +30,12 @@ class ArchiveSource:
     files: Mapping[str, str]  # file name inside base_folder -> md5
 
 
-def _torchvision_source() -> ArchiveSource:
-    # torchvision already pins the URL and checksums; reuse them rather than copy them.
+@cache
+def cifar10_source() -> ArchiveSource:
+    """CIFAR-10's URL and checksums, as torchvision pins them (imported only when needed:
+    importing torchvision costs every `hpo` command about two seconds)."""
+    from torchvision.datasets import CIFAR10
+
     files = {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
     files[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
     return ArchiveSource(
@@ -45,9 +47,6 @@ def _torchvision_source() -> ArchiveSource:
     )
 
 
-CIFAR10_SOURCE = _torchvision_source()
-
-
 def default_data_dir() -> Path:
     """$HPO_DATA_DIR, else $XDG_CACHE_HOME (or ~/.cache) / backbone-hpo / data."""
     if override := os.environ.get("HPO_DATA_DIR"):
@@ -56,13 +55,16 @@ def default_data_dir() -> Path:
     return Path(cache).expanduser() / "backbone-hpo" / "data"
 
 
-def is_verified(folder: Path, source: ArchiveSource = CIFAR10_SOURCE) -> bool:
+def is_verified(folder: Path, source: ArchiveSource) -> bool:
     """True when every file of the source is in `folder` with the right md5."""
+    from torchvision.datasets.utils import check_integrity
+
     return all(check_integrity(folder / name, md5) for name, md5 in source.files.items())
 
 
-def require_cifar10(data_dir: Path | str, source: ArchiveSource = CIFAR10_SOURCE) -> Path:
+def require_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -> Path:
     """The verified folder under `data_dir`, without downloading anything."""
+    source = source or cifar10_source()
     data_dir = Path(data_dir).expanduser()
     folder = data_dir / source.base_folder
     if not is_verified(folder, source):
@@ -70,8 +72,9 @@ def require_cifar10(data_dir: Path | str, source: ArchiveSource = CIFAR10_SOURCE
     return folder
 
 
-def download_cifar10(data_dir: Path | str, source: ArchiveSource = CIFAR10_SOURCE) -> Path:
+def download_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -> Path:
     """The verified folder under `data_dir`, downloaded and extracted first if needed."""
+    source = source or cifar10_source()
     data_dir = Path(data_dir).expanduser()
     folder = data_dir / source.base_folder
     if is_verified(folder, source):
@@ -86,6 +89,8 @@ def download_cifar10(data_dir: Path | str, source: ArchiveSource = CIFAR10_SOURC
 def _fetch(data_dir: Path, source: ArchiveSource) -> None:
     # Extract into a private staging folder and move it in only once verified, so a crash or
     # a second worker downloading at the same time never leaves a half-written folder.
+    from torchvision.datasets.utils import download_and_extract_archive
+
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=data_dir) as staging:
         download_and_extract_archive(source.url, staging, filename=source.filename, md5=source.md5)

@@ -17,8 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batches import CACHE_FILE, META_FILE, TEST_FILE, TRAIN_FILES, write_batch
-from .cifar import CIFAR10_SOURCE, ArchiveSource
+from .batches import (
+    BASE_FOLDER,
+    BATCH_FILES,
+    CACHE_FILE,
+    META_FILE,
+    TEST_FILE,
+    TRAIN_FILES,
+    write_batch,
+)
+from .cifar import ArchiveSource
 
 NUM_CLASSES = 10
 CLASSES = [f"pattern_{i}" for i in range(NUM_CLASSES)]
@@ -27,7 +35,7 @@ MARGIN = 4  # templates are this much larger on each side, so shifted crops stay
 
 
 def synthetic_folder(data_dir: Path | str) -> Path:
-    return Path(data_dir).expanduser() / "synthetic" / CIFAR10_SOURCE.base_folder
+    return Path(data_dir).expanduser() / "synthetic" / BASE_FOLDER
 
 
 def write_synthetic(
@@ -59,14 +67,14 @@ def make_synthetic_archive(
     url is a file:// URL; point it elsewhere (dataclasses.replace) to serve the archive.
     """
     folder = write_synthetic(data_dir, train_per_class, test_per_class, seed)
-    archive = folder.parent / CIFAR10_SOURCE.filename
-    _write_tar_gz(archive, folder, CIFAR10_SOURCE.base_folder)
+    archive = folder.parent / "cifar-10-python.tar.gz"
+    _write_tar_gz(archive, folder, BASE_FOLDER)
     source = ArchiveSource(
         url=archive.as_uri(),
         filename=archive.name,
         md5=_md5(archive),
-        base_folder=CIFAR10_SOURCE.base_folder,
-        files={name: _md5(folder / name) for name in CIFAR10_SOURCE.files},
+        base_folder=BASE_FOLDER,
+        files={name: _md5(folder / name) for name in BATCH_FILES},
     )
     return archive, source
 
@@ -130,7 +138,7 @@ def _write_tar_gz(archive: Path, folder: Path, arcname: str) -> None:
 
     with gzip.GzipFile(archive, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         tar.add(folder, arcname=arcname, recursive=False, filter=scrub)
-        for name in sorted(CIFAR10_SOURCE.files):
+        for name in sorted(BATCH_FILES):
             tar.add(folder / name, arcname=f"{arcname}/{name}", filter=scrub)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,25 +16,36 @@ CHECKPOINT_ATTR = "checkpoint"
 
 
 class CheckpointStore:
+    """One artifact per trial, `trial-N-checkpoint.pt`, rewritten after every epoch.
+
+    Rewriting in place keeps the dashboard's artifact list to one live file per trial; the
+    new file replaces the old one atomically, so a crash mid-write leaves the last epoch.
+    """
+
     def __init__(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.artifacts = FileSystemArtifactStore(str(directory))
 
     def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
-        """Store `state` for the trial, replacing its previous checkpoint."""
-        previous = trial.user_attrs.get(CHECKPOINT_ATTR)
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / f"trial-{trial.number}-epoch-{state['epoch']}.pt"
+        record = trial.user_attrs.get(CHECKPOINT_ATTR)
+        with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
+            path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
             torch.save(state, path)
-            artifact_id = upload_artifact(
-                artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial
-            )
+            # An inherited record points at the failed trial's file: this trial needs its own.
+            if record and record["owner"] == trial.number:
+                artifact_id = record["artifact_id"]
+                # FileSystemArtifactStore keeps an artifact at <directory>/<artifact_id>.
+                os.replace(path, self.directory / artifact_id)
+            else:
+                artifact_id = upload_artifact(
+                    artifact_store=self.artifacts,
+                    file_path=str(path),
+                    study_or_trial=trial,
+                    mimetype="application/octet-stream",
+                )
         record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
         trial.set_user_attr(CHECKPOINT_ATTR, record)
-        # An inherited checkpoint still belongs to the failed trial; only our own is replaced.
-        if previous and previous["owner"] == trial.number:
-            self._remove(previous["artifact_id"])
 
     def load(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """The checkpoint a retried trial inherited from the trial it replaces, if any."""
@@ -53,8 +64,3 @@ class CheckpointStore:
                 # Written on a machine that does not share this artifact directory.
                 return None
             return torch.load(path, map_location="cpu", weights_only=False)
-
-    def _remove(self, artifact_id: str) -> None:
-        # Already gone (another worker cleaned up): nothing left to free.
-        with contextlib.suppress(Exception):
-            self.artifacts.remove(artifact_id)

@@ -264,7 +264,9 @@ def status(
     """Trials by state, the best trial, and the trials running now."""
     with user_errors():
         console.print(
-            study_status(storage, study) if study else studies_table(open_storage(storage))
+            study_status(storage, study)
+            if study
+            else studies_table(open_storage(storage, reader=True))
         )
 
 
@@ -278,7 +280,7 @@ def best(
 ) -> None:
     """Export the best trial's config (with its metrics) as YAML for `hpo train`."""
     with user_errors():
-        document = to_yaml(best_document(join(open_storage(storage), study), storage))
+        document = to_yaml(best_document(join(open_storage(storage, reader=True), study), storage))
     if output is None:
         sys.stdout.write(document)
         return
@@ -350,7 +352,7 @@ def report(
 ) -> None:
     """Write an offline HTML page (and PNGs) of a study's plots and its best trials."""
     with user_errors():
-        written = write_report(join(open_storage(storage), study), output, top)
+        written = write_report(join(open_storage(storage, reader=True), study), output, top)
     for line in written.skipped:
         console.print(line, highlight=False)
     console.print(f"wrote {written.page} and {len(written.images)} PNGs", highlight=False)

@@ -66,7 +66,7 @@ def open_dashboard(storage_url: str, host: str, port: int, artifacts: Path) -> D
     where readers never block a writer, and gives every connection a long busy timeout.
     """
     _require_existing_sqlite(storage_url)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, reader=True)
     artifacts.mkdir(parents=True, exist_ok=True)
     app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
     try:

@@ -29,6 +29,8 @@ class SearchProgress:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            # Trials take minutes; rich's default 30 s window would never show an ETA.
+            speed_estimate_period=24 * 3600,
             disable=not self.console.is_terminal,
         )
         self.task = self.bar.add_task("trials", total=1, study="", best="-")

@@ -17,8 +17,9 @@ from storage import HeartbeatPolicy, open_storage
 
 def study_status(storage_url: str, name: str) -> Group:
     """Open the study with its own heartbeat policy, so stale trials can be told apart."""
-    settings = load_settings(open_storage(storage_url), name)
-    storage = open_storage(storage_url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
+    settings = load_settings(open_storage(storage_url, reader=True), name)
+    policy = HeartbeatPolicy(interval_s=settings.heartbeat_s)
+    storage = open_storage(storage_url, policy, reader=True)
     study = join(storage, name)
     return study_table(study, stale_trial_numbers(study))
 

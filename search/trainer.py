@@ -1,15 +1,23 @@
-"""The training loop: AdamW + cross-entropy, one of five LR schedules, bf16 on CUDA.
+"""The training loop: AdamW + cross-entropy, one of five LR schedules, as fast as the device goes.
 
 The trainer is handed loaders (iterables of device tensors); it never imports `data`.
 Losses stay on the device during an epoch and are read once at its end, so a step
 never waits for the host.
+
+Where the hardware computes bf16 natively (Ampere or newer GPUs, CPUs with AVX512-BF16 or
+AMX), steps run under bf16 autocast in channels_last; everywhere the K blocks of a backbone
+run as one grouped stack and AdamW is fused; `compile_mode` adds torch.compile, with CUDA
+graphs for small models. None of this changes the model's parameters or state_dict: the
+checkpoint of a compiled, fused, bf16 run loads into a plain model. Figures for each choice
+are in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import BackboneNet, train_step_flops
 from search.config import TrainConfig
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # Schedules that move every step; the others move once per epoch.
 PER_STEP_SCHEDULERS = ("onecycle", "cosine")
+COMPILE_MODES = ("auto", "on", "off")
+# A training step under this many FLOPs is launch-bound on a GPU (under ~5 ms at 100 TFLOP/s,
+# against hundreds of kernel launches): CUDA graphs replay the whole step as one launch.
+CUDA_GRAPH_MAX_STEP_FLOPS = 5e11
 
 
 class DivergedError(RuntimeError):
@@ -35,34 +48,77 @@ class EpochStats:
     val_loss: float | None
     val_acc: float | None
     seconds: float
-    images_per_s: float
+    images_per_s: float  # training images per second, less the step that compiled
     lr: float
+    compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
 
 
 class Trainer:
+    """Trains ``model`` with ``cfg``.
+
+    compile_mode: "auto" compiles on CUDA and runs eagerly elsewhere (compiling takes
+    minutes on a CPU and gains little there); "on" compiles anywhere; "off" never.
+    fused_blocks: run each backbone's K blocks as one grouped stack; None = yes (faster on
+    both GPU and CPU where measured). Ignored for models without the option.
+    """
+
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        device: torch.device,
+        compile_mode: str = "auto",
+        fused_blocks: bool | None = None,
     ):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.cfg = cfg
-        self.device = device
-        on_cuda = device.type == "cuda"
-        memory_format = torch.channels_last if on_cuda else torch.preserve_format
-        self.model = model.to(device, memory_format=memory_format)
+        self.device = torch.device(device)
+        fast = _has_native_bf16(self.device)
+        self.autocast_dtype = torch.bfloat16 if fast else None
+        self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        if self.device.type == "cuda":
+            _tune_cuda()
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        if isinstance(model, BackboneNet):
+            model.fused = True if fused_blocks is None else fused_blocks
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_cuda
+            model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type in ("cuda", "cpu"),
         )
+        self.optimizer.zero_grad(set_to_none=True)  # the steps expect no gradients left over
         self.scheduler = _build_scheduler(self.optimizer, cfg, steps_per_epoch)
-        self.autocast_dtype = torch.bfloat16 if on_cuda else None
         self.epoch = 0
+        self.compiled = compile_mode == "on" or (
+            compile_mode == "auto" and self.device.type == "cuda"
+        )
+        # Compiled function -> (seconds, images) of its first call, where torch compiles it.
+        self._first_calls: dict[str, tuple[float, int]] = {}
+        self._train_loss: Callable[..., torch.Tensor] = _train_loss
+        self._eval_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _eval_sums
+        if self.compiled:
+            mode = _compile_mode(model, cfg.batch_size, self.device)
+            _forget_other_models(model, mode)
+            self._train_loss = _CompiledForOneShape(_train_loss, mode)
+            self._eval_sums = _CompiledForOneShape(_eval_sums, mode)
 
     def fit(self, train: Batches, val: Batches | None) -> Iterator[EpochStats]:
         """Train up to cfg.epochs, yielding after each epoch (the caller may stop early)."""
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
+            compiled_before = set(self._first_calls)
             train_loss, images = self.train_epoch(train)
             train_seconds = time.perf_counter() - start
             val_loss, val_acc = self.evaluate(val) if val is not None else (None, None)
             self._end_epoch(val_loss if val_loss is not None else train_loss)
+            compiled = {k: v for k, v in self._first_calls.items() if k not in compiled_before}
+            # The step that compiled says nothing about speed: leave it out where others ran.
+            first_seconds, first_images = compiled.get("train", (0.0, 0))
+            if images > first_images:
+                images, train_seconds = images - first_images, train_seconds - first_seconds
             yield EpochStats(
                 epoch=self.epoch,
                 train_loss=train_loss,
@@ -71,46 +127,74 @@ class Trainer:
                 seconds=time.perf_counter() - start,
                 images_per_s=images / train_seconds,
                 lr=self.optimizer.param_groups[0]["lr"],
+                compile_seconds=sum(seconds for seconds, _ in compiled.values()),
             )
 
     def train_epoch(self, batches: Batches) -> tuple[float, int]:
+        """One pass over ``batches``; returns the mean training loss and the images seen."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         images = 0
         for x, y in batches:
-            with self._autocast():
-                loss = F.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip > 0:
-                # Clipped by value, as in the tutorial code the report's grad_clip=0.1 comes from.
-                nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            if self.cfg.scheduler in PER_STEP_SCHEDULERS:
-                self.scheduler.step()
-            loss_sum += loss.detach().float() * len(y)
+            with self._timing_first_call("train", len(y)):
+                loss = self._train_step(x, y)
+            loss_sum += loss.float() * len(y)
             images += len(y)
-        mean_loss = loss_sum.item() / max(images, 1)
+        mean_loss = loss_sum.item() / max(images, 1)  # the epoch's one wait for the device
         if not math.isfinite(mean_loss):
             raise DivergedError(f"training loss is {mean_loss} in epoch {self.epoch + 1}")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         return mean_loss, images
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self._train_loss(self.model, self._format(x), y, self.autocast_dtype)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            # Clipped by value, as in the tutorial code the report's grad_clip=0.1 comes from.
+            nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        # Dropped now, not before the next backward: under CUDA graphs the gradients live in
+        # memory that the next replay overwrites.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.scheduler in PER_STEP_SCHEDULERS:
+            self.scheduler.step()
+        return loss.detach()
 
     @torch.no_grad()
     def evaluate(self, batches: Batches) -> tuple[float, float]:
         """Mean cross-entropy and accuracy over all batches."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        correct = torch.zeros((), device=self.device)
         images = 0
         for x, y in batches:
-            with self._autocast():
-                logits = self.model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
+            with self._timing_first_call("eval", len(y)):
+                loss, right = self._eval_sums(self.model, self._format(x), y, self.autocast_dtype)
+            loss_sum += loss
+            correct += right
             images += len(y)
-        return loss_sum.item() / max(images, 1), correct.item() / max(images, 1)
+        total_loss, total_correct = torch.stack([loss_sum, correct]).tolist()  # one wait
+        return total_loss / max(images, 1), total_correct / max(images, 1)
+
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        # A no-op when the loader already delivers this layout.
+        return x.contiguous(memory_format=self.memory_format)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first call of each compiled function: compiling, mostly."""
+        return sum(seconds for seconds, _ in self._first_calls.values())
+
+    @contextmanager
+    def _timing_first_call(self, name: str, images: int) -> Iterator[None]:
+        # Timing needs a wait for the device; it happens once per compiled function.
+        if not self.compiled or name in self._first_calls:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._first_calls[name] = (time.perf_counter() - start, images)
 
     def _end_epoch(self, monitored_loss: float) -> None:
         self.epoch += 1
@@ -119,17 +203,14 @@ class Trainer:
         elif self.cfg.scheduler == "step":
             self.scheduler.step()
 
-    def _autocast(self) -> Any:
-        return torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            # Dropout draws from it: restored, a resumed run repeats the uninterrupted one.
+            "rng": _rng_state(self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -138,6 +219,103 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
+        if "rng" in state:  # checkpoints written before it was saved have none
+            _set_rng_state(self.device, state["rng"])
+
+
+def _train_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y)
+
+
+def _eval_sums(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and the number of correct predictions of one batch."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(x).float()
+    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(dim=1) == y).sum().float()
+
+
+class _CompiledForOneShape:
+    """``fn`` compiled for the first input shape it sees; other shapes (a last, partial
+    batch) run eagerly, so nothing recompiles and no dynamic-shape code is generated."""
+
+    def __init__(self, fn: Callable[..., Any], mode: str):
+        self.eager = fn
+        self.compiled = torch.compile(fn, mode=mode, dynamic=False)
+        self.cuda_graphs = mode == "reduce-overhead"
+        self.shape: torch.Size | None = None
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any) -> Any:
+        if self.shape is None:
+            self.shape = x.shape
+        if x.shape != self.shape:
+            return self.eager(model, x, *args)
+        if self.cuda_graphs:
+            # Each call is a new step: the previous step's outputs have all been consumed.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(model, x, *args)
+
+
+def _compile_mode(model: nn.Module, batch_size: int, device: torch.device) -> str:
+    """CUDA graphs for steps small enough to be launch-bound; inductor's default otherwise."""
+    if device.type != "cuda" or not isinstance(model, BackboneNet):
+        return "default"
+    small = train_step_flops(model, batch_size) < CUDA_GRAPH_MAX_STEP_FLOPS
+    return "reduce-overhead" if small else "default"
+
+
+_last_compiled: tuple[Any, ...] | None = None
+
+
+def _forget_other_models(model: nn.Module, mode: str) -> None:
+    """Drop torch.compile's in-memory cache when a worker moves to another architecture.
+
+    Compiled code is cached per Python function, at most 8 variants before torch falls
+    back to eager for good; trials of a search rarely repeat an architecture. A repeated one
+    (same config, fused form and mode: a resumed trial) reuses the cache in memory; the rest
+    recompile through inductor's on-disk cache, fast where layer shapes repeat.
+    """
+    global _last_compiled
+    key = (getattr(model, "config", type(model)), getattr(model, "fused", None), mode)
+    if key != _last_compiled:
+        torch.compiler.reset()
+        _last_compiled = key
+
+
+def _has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 is computed in hardware, not emulated (where emulated, it is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return False
+
+
+def _tune_cuda() -> None:
+    # Shapes are fixed for a whole run: find the fastest convolution algorithms once.
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(device: torch.device, state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _build_scheduler(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from search.objective import TrialInterrupted, TrialRunner
@@ -39,16 +39,19 @@ def run_worker(
 
     A worker with nothing to claim while others still run waits for them: a trial whose
     worker dies is failed by its heartbeat and re-queued, and someone must run the retry.
+    Journal storages have no heartbeat, so there a worker with nothing to claim exits.
     """
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    retries_possible = is_heartbeat_enabled(study._storage)
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
         fail_stale_trials(study)
         trial = claim_trial(study)
         if trial is None:
             state = budget(study)
-            if state.running == 0 and state.waiting == 0:
+            # Waiting pays only where a dead worker's trial can come back (heartbeats).
+            if state.waiting == 0 and (state.running == 0 or not retries_possible):
                 break
             stop.wait(IDLE_POLL_S)
             continue

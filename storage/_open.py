@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from storage._urls import StorageURLError, backend_of, journal_file_path, redact
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
+# Opens of a new database, while another process may be creating its tables.
+SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
 
@@ -34,8 +38,14 @@ class HeartbeatPolicy:
         return 2 * self.interval_s
 
 
-def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.storages.BaseStorage:
-    """Open the storage a URL names. Raises StorageURLError with a printable message."""
+def open_storage(
+    url: str, heartbeat: HeartbeatPolicy | None = None, reader: bool = False
+) -> optuna.storages.BaseStorage:
+    """Open the storage a URL names. Raises StorageURLError with a printable message.
+
+    `reader` is for tools that only look (status, dashboard, report): on SQLite they do
+    not take the write lock, so they never make a worker wait.
+    """
     backend = backend_of(url)
     try:
         if backend == "journal-file":
@@ -44,7 +54,7 @@ def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.s
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return JournalStorage(JournalRedisBackend(url))
-        return _open_rdb(url, backend, heartbeat)
+        return _open_rdb(url, backend, heartbeat, reader)
     except StorageURLError:
         raise
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
@@ -58,7 +68,9 @@ def open_storage(url: str, heartbeat: HeartbeatPolicy | None = None) -> optuna.s
         ) from err
 
 
-def _open_rdb(url: str, backend: str, heartbeat: HeartbeatPolicy | None) -> RDBStorage:
+def _open_rdb(
+    url: str, backend: str, heartbeat: HeartbeatPolicy | None, reader: bool
+) -> RDBStorage:
     if backend == "sqlite":
         _enable_sqlite_wal(url)
         # isolation_level=None: pysqlite leaves BEGIN to us (see _begin_immediate).
@@ -66,10 +78,24 @@ def _open_rdb(url: str, backend: str, heartbeat: HeartbeatPolicy | None) -> RDBS
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
         engine_kwargs = dict(SERVER_POOL)
-    storage = _rdb_storage(url, engine_kwargs, heartbeat)
-    if backend == "sqlite":
+    storage = _create_schema_once(lambda: _rdb_storage(url, engine_kwargs, heartbeat))
+    if backend == "sqlite" and not reader:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
+    """Open, retrying while another process creates the tables of a new database.
+
+    Optuna creates missing tables on open; two workers opening a new database at once race
+    ("table studies already exists"). The loser finds the tables there on its next try.
+    """
+    for attempt in range(1, SCHEMA_ATTEMPTS):
+        try:
+            return open_rdb()
+        except sqlalchemy.exc.SQLAlchemyError:
+            time.sleep(0.5 * attempt)
+    return open_rdb()
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, heartbeat: HeartbeatPolicy | None) -> RDBStorage:

@@ -249,7 +249,7 @@ def test_wrong_md5_raises_dataset_missing(archive, tmp_path: Path, damage: str) 
 
 def test_unreachable_url_names_the_folder_to_fill(tmp_path: Path) -> None:
     url = closed_port_url()
-    source = dataclasses.replace(data.CIFAR10_SOURCE, url=url)
+    source = dataclasses.replace(data.cifar10_source(), url=url)
     with pytest.raises(DatasetMissingError) as caught:
         data.download_cifar10(tmp_path, source)
     message = str(caught.value)
@@ -276,7 +276,7 @@ def test_default_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_cifar10_source_comes_from_torchvision() -> None:
-    source = data.CIFAR10_SOURCE
+    source = data.cifar10_source()
     assert source.base_folder == "cifar-10-batches-py" and source.url.endswith(".tar.gz")
     expected = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
     assert set(source.files) == expected

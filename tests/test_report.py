@@ -1,0 +1,80 @@
+"""`hpo report`: one offline HTML page and PNGs, opened in headless Chromium with no network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_hpo
+from test_dashboard import chromium, make_study, render, visible_text
+from typer.testing import CliRunner
+
+from search.cli import app
+from search.report import PAGE_NAME, PLOTS, ReportError, write_report
+from search.study import create_or_join, load_settings
+from storage import open_storage
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Every name lookup fails and every proxied request goes to a closed port: no network at all.
+OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9")
+
+
+def test_report_opens_offline_with_every_plot_drawn(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    chromium()  # skips (or fails, in CI) before any work
+    study = make_study(hpo_env["HPO_STORAGE"], "mixed", complete=6)
+    done = run_hpo("report", "--study", "mixed", "-o", "out", env=hpo_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "skipped" not in done.stdout
+
+    out = tmp_path / "out"
+    for plot in PLOTS:
+        assert (out / f"{plot.name}.png").read_bytes().startswith(PNG_MAGIC)
+    page = (out / PAGE_NAME).read_text()
+    assert page.count("* plotly.js v") == 1  # the library, inlined once
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)  # nothing to fetch
+
+    screenshot = tmp_path / "report.png"
+    dom = render((out / PAGE_NAME).as_uri(), tmp_path / "chromium", screenshot, *OFFLINE)
+    sections = dict(re.findall(r'<section id="([\w-]+)">(.*?)</section>', dom, re.DOTALL))
+    for plot in PLOTS:
+        assert 'class="main-svg"' in sections[plot.name], f"{plot.name} was not drawn"
+    table = visible_text(sections["top-trials"])
+    best = study.best_trial
+    assert f"1 {best.number} {best.value:.4f}" in table
+    assert best.user_attrs["architecture"] in table
+
+
+def test_a_small_study_skips_what_it_cannot_draw(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    small = write_report(make_study(url, "small", complete=1), tmp_path / "small")
+    assert [line.split(":")[0] for line in small.skipped] == [
+        "Parameter importances",
+        "Parallel coordinates",
+    ]
+    assert "needs at least 3 complete trials, the study has 1" in small.skipped[0]
+    assert [p.name for p in small.images] == ["history.png", "learning-curves.png"]
+    assert not (tmp_path / "small" / "importances.png").exists()
+    assert "Skipped: needs at least 3 complete trials" in small.page.read_text()
+
+    storage = open_storage(url)
+    create_or_join(storage, "empty", load_settings(storage, "small"), 2)
+    empty = write_report(optuna.load_study(study_name="empty", storage=storage), tmp_path / "e")
+    assert len(empty.skipped) == len(PLOTS) and not empty.images
+    assert "No complete trial yet." in empty.page.read_text()
+
+
+def test_report_errors_are_one_line(hpo_env: dict[str, str], tmp_path: Path) -> None:
+    make_study(hpo_env["HPO_STORAGE"], "s", complete=1, pruned=0, failed=0)
+    args = ["report", "--study", "nope", "-o", str(tmp_path / "out")]
+    unknown = CliRunner().invoke(app, [*args, "--storage", hpo_env["HPO_STORAGE"]])
+    assert unknown.exit_code == 2
+    assert unknown.stderr == "error: no study named 'nope' in this storage\n"
+
+    (tmp_path / "a-file").write_text("")
+    study = optuna.load_study(study_name="s", storage=open_storage(hpo_env["HPO_STORAGE"]))
+    with pytest.raises(ReportError, match="cannot write the report to"):
+        write_report(study, tmp_path / "a-file")
