@@ -132,6 +132,7 @@ def run_local_worker(
         checkpoints=CheckpointStore(artifact_dir(options.artifact_dir, storage_url)),
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
         stop=stop,
+        compile_mode=options.compile,
     )
 
     def on_trial_end(trial: optuna.trial.FrozenTrial) -> None:

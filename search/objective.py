@@ -40,6 +40,7 @@ class TrialRunner:
     checkpoints: CheckpointStore | None = None
     on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None
     stop: threading.Event | None = None
+    compile_mode: str = "auto"
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
@@ -53,7 +54,7 @@ class TrialRunner:
             seed=self.settings.seed + trial.number,
             channels_last=self.device.type == "cuda",
         )
-        trainer = Trainer(model, cfg.train, len(train), self.device)
+        trainer = Trainer(model, cfg.train, len(train), self.device, self.compile_mode)
         self._resume(trial, trainer)
         best = float("inf")
         for stats in trainer.fit(train, val):
@@ -99,6 +100,7 @@ class TrialRunner:
                 "val_acc": round(stats.val_acc, 5),
                 "seconds": round(stats.seconds, 3),
                 "images_per_s": round(stats.images_per_s, 1),
+                "compile_seconds": round(stats.compile_seconds, 2),
             }
         )
         trial.set_user_attr("epochs", epochs)

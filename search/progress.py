@@ -68,9 +68,10 @@ def format_epoch(number: int, stats: EpochStats, epochs: int) -> str:
     val = (
         f"val {stats.val_loss:.4f}  acc {stats.val_acc:6.2%}" if stats.val_loss is not None else ""
     )
+    compiled = f"  (compile {stats.compile_seconds:.1f}s)" if stats.compile_seconds else ""
     return (
         f"trial {number:>4} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
-        f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s"
+        f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
     )
 
 

@@ -56,10 +56,11 @@ class EpochStats:
 class Trainer:
     """Trains ``model`` with ``cfg``.
 
-    compile_mode: "auto" compiles on CUDA and runs eagerly elsewhere (compiling takes
-    minutes on a CPU and gains little there); "on" compiles anywhere; "off" never.
+    compile_mode: "auto" compiles on CUDA and runs eagerly elsewhere (a cold compile costs
+    a CPU as much time as tens of thousands of training images); "on" compiles anywhere;
+    "off" never. compile_seconds says how long compiling took.
     fused_blocks: run each backbone's K blocks as one grouped stack; None = yes (faster on
-    both GPU and CPU where measured). Ignored for models without the option.
+    GPUs, no slower on CPUs). Ignored for models without the option.
     """
 
     def __init__(
@@ -300,6 +301,7 @@ def _has_native_bf16(device: torch.device) -> bool:
 
 
 def _tune_cuda() -> None:
+    # Process-wide flags; a worker process trains one trial at a time, so that is fine.
     # Shapes are fixed for a whole run: find the fastest convolution algorithms once.
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32

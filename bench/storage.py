@@ -1,0 +1,575 @@
+"""How much bookkeeping each Optuna storage adds per trial, early and late in a study.
+
+W worker processes share one study per storage. The study is created as `hpo` creates one
+(search.study.create_or_join: N WAITING tickets) and each worker runs the project's own loop,
+search.worker.run_worker: fail stale trials, claim_trial, run_trial (heartbeat, objective,
+tell), then the per-trial progress reads of `hpo` (budget and best trial). The objective
+computes nothing: two suggest_float calls, then E trial.report + trial.should_prune calls
+(the pruner is asked but not obeyed, so every trial does the same work). A trial's time,
+from the end of the previous one to its own end, is therefore bookkeeping: the storage's,
+plus the sampler's and the pruner's.
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.storage --quick
+    .venv/bin/python -m bench.storage --storages postgresql --trials 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+# Run as a file, this folder would come first on sys.path and shadow the `storage` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna
+import redis
+import sqlalchemy
+from optuna.storages._rdb.models import TrialModel
+from optuna.trial import FrozenTrial, TrialState
+
+import search.worker
+from search.progress import best_summary
+from search.settings import StudySettings
+from search.space import load_space
+from search.study import (
+    TARGET_ATTR,
+    budget,
+    build_pruner,
+    claim_trial,
+    create_or_join,
+    join,
+    join_as_worker,
+)
+from storage import HeartbeatPolicy, StorageURLError, backend_of, open_storage
+
+STORAGES = ("sqlite", "journal", "postgresql", "mysql", "redis")
+DEFAULT_STORAGES = "sqlite,journal,postgresql,mysql"
+RDB_BACKENDS = ("sqlite", "postgresql", "mysql")
+PHASES = ("claim", "suggest", "report", "prune", "tell", "progress")
+# `hpo`'s default heartbeat interval (seconds) on RDB storages.
+HEARTBEAT_S = 60
+# Seconds the parent waits for all workers to finish one storage's run.
+RUN_TIMEOUT_S = 3600.0
+# The prototype SQL claim tries the lowest this many WAITING trials per query.
+CLAIM_CANDIDATES = 8
+
+Claim = Callable[[optuna.Study], "optuna.Trial | None"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one worker process needs; pickled into it by `spawn`."""
+
+    url: str
+    study_name: str
+    settings: StudySettings
+    reports: int
+    sampler: str
+    target: int
+    claim: str  # "project": search.study.claim_trial; "update": the prototype SQL claim
+    queue_size: int  # 0: the project's queue of all tickets; else the prototype's window
+
+
+@dataclass(frozen=True)
+class TrialTiming:
+    """One trial as one worker saw it; seconds, on the clock all processes share."""
+
+    number: int
+    start: float
+    end: float
+    claim: float  # fail_stale_trials + claim_trial + heartbeat start
+    suggest: float
+    report: float
+    prune: float
+    tell: float  # study.tell + heartbeat stop
+    progress: float  # budget() + best trial, as `hpo` shows after each trial
+    compute: float  # the objective's own arithmetic
+
+    @property
+    def overhead(self) -> float:
+        return self.end - self.start - self.compute
+
+
+@dataclass
+class Objective:
+    """Two suggestions, then E report + should_prune; times each kind of call."""
+
+    reports: int
+    began: float = 0.0
+    returned: float = 0.0
+    suggest: float = 0.0
+    report: float = 0.0
+    prune: float = 0.0
+    compute: float = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.began = time.perf_counter()
+        x = trial.suggest_float("x", -10.0, 10.0)
+        y = trial.suggest_float("y", 1e-3, 1.0, log=True)
+        self.suggest = time.perf_counter() - self.began
+        self.report = self.prune = self.compute = 0.0
+        value = 0.0
+        for step in range(self.reports):
+            t0 = time.perf_counter()
+            value = (x - 2.0) ** 2 + y + 1.0 / (step + 1)
+            t1 = time.perf_counter()
+            trial.report(value, step)
+            t2 = time.perf_counter()
+            trial.should_prune()  # asked, not obeyed: every trial does the same work
+            t3 = time.perf_counter()
+            self.compute += t1 - t0
+            self.report += t2 - t1
+            self.prune += t3 - t2
+        self.returned = time.perf_counter()
+        return value
+
+
+# --- worker process -------------------------------------------------------------------------
+
+
+def worker_main(job: Job, index: int, start: Barrier, results: Queue) -> None:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        study = open_worker_study(job, index)
+        if job.claim != "project" or job.queue_size:
+            # Prototypes only: run_worker looks claim_trial up in its module on each claim.
+            search.worker.claim_trial = make_claim(job)
+        start.wait()
+        results.put(("ok", run_until_empty(study, job.reports)))
+    except BaseException:  # the parent must hear of it, or it waits for ever
+        start.abort()
+        results.put(("error", traceback.format_exc()))
+
+
+def open_worker_study(job: Job, index: int) -> optuna.Study:
+    """The study as `hpo` opens it: heartbeats on RDB storages, the study's pruner."""
+    heartbeat = None
+    if backend_of(job.url) in RDB_BACKENDS:
+        heartbeat = HeartbeatPolicy(interval_s=job.settings.heartbeat_s)
+    storage = open_storage(job.url, heartbeat)
+    if job.sampler == "tpe":
+        return join_as_worker(storage, job.study_name, job.settings, f"bench/slot{index}")
+    sampler = optuna.samplers.RandomSampler(seed=index)
+    pruner = build_pruner(job.settings.pruner, job.settings.epochs)
+    return join(storage, job.study_name, sampler=sampler, pruner=pruner)
+
+
+def run_until_empty(study: optuna.Study, reports: int) -> list[TrialTiming]:
+    """search.worker.run_worker until the queue is empty; one timing per trial."""
+    objective = Objective(reports)
+    timings: list[TrialTiming] = []
+    previous_end = time.perf_counter()
+
+    def on_trial_end(trial: FrozenTrial) -> None:
+        nonlocal previous_end
+        told = time.perf_counter()
+        budget(study)  # what `hpo` reads after each trial to show its progress
+        best_summary(study)
+        end = time.perf_counter()
+        timings.append(
+            TrialTiming(
+                number=trial.number,
+                start=previous_end,
+                end=end,
+                claim=objective.began - previous_end,
+                suggest=objective.suggest,
+                report=objective.report,
+                prune=objective.prune,
+                tell=told - objective.returned,
+                progress=end - told,
+                compute=objective.compute,
+            )
+        )
+        previous_end = end
+
+    # run_worker only calls its runner with the trial; this objective stands in for training.
+    search.worker.run_worker(study, objective, threading.Event(), on_trial_end)  # type: ignore[arg-type]
+    return timings
+
+
+# --- prototypes: a claim by SQL UPDATE, a bounded ticket queue ------------------------------
+
+
+def make_claim(job: Job) -> Claim:
+    take = claim_trial if job.claim == "project" else claim_by_update
+    if job.queue_size == 0:
+        return take
+    return lambda study: claim_from_window(study, job.target, job.queue_size, take)
+
+
+def claim_by_update(study: optuna.Study) -> optuna.Trial | None:
+    """claim_trial for RDB storages without reading every unfinished trial.
+
+    Asks the database for the lowest few WAITING trials, then takes one with
+    `UPDATE trials SET state=RUNNING WHERE trial_id=? AND state=WAITING` (atomic on every
+    RDB, SQLite included). Retries (claimed first by claim_trial) are not ordered first here.
+    """
+    backend = getattr(study._storage, "_backend", None)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        return claim_trial(study)  # a journal's claim reads its in-memory replay: cheap
+    table = TrialModel.__table__
+    lowest = (
+        sqlalchemy.select(table.c.trial_id)
+        .where(table.c.study_id == study._study_id, table.c.state == TrialState.WAITING)
+        .order_by(table.c.number)
+        .limit(CLAIM_CANDIDATES)
+    )
+    while True:
+        with backend.engine.connect() as connection:
+            candidates = list(connection.execute(lowest).scalars())
+        if not candidates:
+            return None
+        for trial_id in candidates:
+            take = (
+                sqlalchemy.update(table)
+                .where(table.c.trial_id == trial_id, table.c.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
+            )
+            with backend.engine.begin() as connection:
+                won = connection.execute(take).rowcount == 1
+            if won:  # committed: SQLite's write lock is free again
+                known = study._storage._trial_id_to_study_id_and_number  # type: ignore[attr-defined]
+                if trial_id not in known:  # Optuna's cache must know a trial to set its params
+                    study.get_trials(deepcopy=False)
+                return optuna.Trial(study, trial_id)
+
+
+def claim_from_window(
+    study: optuna.Study, target: int, size: int, take: Claim
+) -> optuna.Trial | None:
+    """Claim from a queue kept at `size` tickets instead of all `target` made up front.
+
+    Optuna's cache re-reads every unfinished trial on each get_trials (claims, pruners,
+    samplers, budget), so a full queue costs O(tickets left) per call. Each claim here first
+    tops the queue up by one. Two workers topping up at once can overshoot the target by a
+    few trials (the bench reports them); a real fix would leave such a ticket waiting.
+    """
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if len(trials) < target and waiting < size:
+            study.enqueue_trial({}, skip_if_exists=False)
+        trial = take(study)
+        if trial is not None or len(trials) >= target:
+            return trial
+
+
+# --- one storage ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    storage: str
+    target: int
+    setup_s: float
+    elapsed_s: float
+    load: str  # load average when the run ended
+    timings: list[TrialTiming]
+
+    def by_number(self) -> list[TrialTiming]:
+        return sorted(self.timings, key=lambda t: t.number)
+
+
+def storage_url(kind: str, workdir: Path, args: argparse.Namespace) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}"
+    if kind == "journal":
+        return f"journal://{workdir / 'bench.log'}"
+    return {"postgresql": args.postgres_url, "mysql": args.mysql_url, "redis": args.redis_url}[kind]
+
+
+def bench_settings(args: argparse.Namespace) -> StudySettings:
+    """Settings as `hpo` builds them from its defaults; epochs = reports, for the pruner."""
+    return StudySettings(
+        space_name="default",
+        space=load_space("default").to_dict(),
+        epochs=args.reports,
+        dataset="synthetic",
+        pruner=args.pruner,
+        seed=0,
+        heartbeat_s=HEARTBEAT_S,
+    )
+
+
+def run_storage(kind: str, args: argparse.Namespace, workdir: Path) -> RunResult:
+    url = storage_url(kind, workdir, args)
+    name = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+    settings = bench_settings(args)
+    queue_size = 0 if args.queue == "full" else min(args.trials, 2 * args.workers)
+    job = Job(url, name, settings, args.reports, args.sampler, args.trials, args.claim, queue_size)
+    with cleanup(kind, url, name):
+        t0 = time.perf_counter()
+        create_study(open_storage(url), name, settings, args.trials, queue_size)
+        setup_s = time.perf_counter() - t0
+        started, timings = run_workers(job, args.workers)
+        elapsed = max(t.end for t in timings) - started
+        check_study(open_storage(url), name, args.trials, timings)
+    return RunResult(kind, args.trials, setup_s, elapsed, load_average(), timings)
+
+
+def create_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    settings: StudySettings,
+    target: int,
+    queue_size: int,
+) -> None:
+    """The project's study with `target` tickets, or the prototype's first `queue_size`."""
+    if queue_size == 0:
+        create_or_join(storage, name, settings, target)
+        return
+    create_or_join(storage, name, settings, queue_size)
+    join(storage, name).set_user_attr(TARGET_ATTR, target)
+
+
+def run_workers(job: Job, workers: int) -> tuple[float, list[TrialTiming]]:
+    """Start the workers, release them together, and gather every trial's timing."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers + 1)
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=worker_main, args=(job, i, barrier, results)) for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    # A worker that fails before the start breaks the barrier; its error is in the queue.
+    with suppress(threading.BrokenBarrierError):
+        barrier.wait()
+    started = time.perf_counter()
+    timings: list[TrialTiming] = []
+    errors: list[str] = []
+    for _ in processes:
+        status, payload = results.get(timeout=RUN_TIMEOUT_S)
+        if status == "ok":
+            timings.extend(payload)
+        else:
+            errors.append(payload)
+    for process in processes:
+        process.join()
+    if errors:  # the cause, not the broken barrier it left the others
+        raise RuntimeError(min(errors, key=lambda error: "BrokenBarrierError" in error))
+    return started, timings
+
+
+def check_study(
+    storage: optuna.storages.BaseStorage, name: str, target: int, timings: list[TrialTiming]
+) -> None:
+    """Each ticket ran once and completed (the window prototype may run a few extra)."""
+    numbers = [t.number for t in timings]
+    if len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"{name}: {len(numbers) - len(set(numbers))} tickets ran twice")
+    if not set(range(target)) <= set(numbers):
+        raise RuntimeError(f"{name}: {target - len(set(numbers))} of {target} tickets never ran")
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    states = {t.state for t in trials}
+    if states != {TrialState.COMPLETE}:
+        reasons = {t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL}
+        raise RuntimeError(f"{name}: trials ended in states {states}; failures: {reasons}")
+
+
+@contextmanager
+def cleanup(kind: str, url: str, name: str) -> Iterator[None]:
+    """Delete the study afterwards; for Redis, the whole journal the run wrote."""
+    client = redis.Redis.from_url(url) if kind == "redis" else None
+    if client is not None and client.dbsize():
+        # A journal is append-only: deleting the study would leave its entries, and every
+        # later open of that journal (the tests' too) would replay them.
+        raise RuntimeError(f"Redis database {url} is not empty; pass an empty one (--redis-url)")
+    try:
+        yield
+    finally:
+        with suppress(KeyError):  # KeyError: the run failed before the study was created
+            optuna.delete_study(study_name=name, storage=open_storage(url))
+        if client is not None:
+            for batch in batched(client.scan_iter(count=10_000), 10_000):
+                client.delete(*batch)
+
+
+def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def window(trials: int) -> int:
+    """Trials averaged at the start and at the end: 100, or a fifth of a small study."""
+    return max(1, min(100, trials // 5))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def mean_overhead(timings: list[TrialTiming]) -> float:
+    return statistics.fmean(t.overhead for t in timings)
+
+
+def markdown_row(cells: list[object]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def summary_row(result: RunResult) -> str:
+    trials = result.by_number()
+    size = window(result.target)
+    early, late = mean_overhead(trials[:size]), mean_overhead(trials[-size:])
+    return markdown_row(
+        [
+            result.storage,
+            result.target,
+            len(trials) - result.target,
+            f"{result.setup_s:.1f}",
+            f"{result.elapsed_s:.1f}",
+            f"{len(trials) / result.elapsed_s:.1f}",
+            ms(mean_overhead(trials)),
+            ms(early),
+            ms(late),
+            f"{late / early:.2f}",
+            result.load,
+        ]
+    )
+
+
+def phase_row(result: RunResult, part: str, timings: list[TrialTiming]) -> str:
+    cells = [ms(statistics.fmean(getattr(t, phase) for t in timings)) for phase in PHASES]
+    return markdown_row([result.storage, part, *cells, ms(mean_overhead(timings))])
+
+
+def print_tables(results: list[RunResult], args: argparse.Namespace) -> None:
+    size = window(args.trials)
+    print(
+        f"\n{args.workers} workers, {args.reports} reports/trial, sampler {args.sampler}, "
+        f"pruner {args.pruner}, claim {args.claim}, queue {args.queue}\n"
+    )
+    header = ["storage", "trials", "extra", "setup s", "run s", "trials/s", "ms/trial"]
+    header += [f"first {size}", f"last {size}", "growth", "load avg at end"]
+    print(markdown_row(header))
+    print(markdown_row(["---"] * len(header)))
+    for result in results:
+        print(summary_row(result))
+    print(f"\nms per trial by phase (report, prune: all {args.reports} calls together)\n")
+    header = ["storage", "trials", *PHASES, "total"]
+    print(markdown_row(header))
+    print(markdown_row(["---"] * len(header)))
+    for result in results:
+        trials = result.by_number()
+        print(phase_row(result, "all", trials))
+        print(phase_row(result, f"first {size}", trials[:size]))
+        print(phase_row(result, f"last {size}", trials[-size:]))
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Per-trial bookkeeping of each storage, through the project's worker loop.",
+        epilog="ms/trial: one trial's time in one worker, from the end of its previous trial "
+        "to the end of its own, less the objective's compute; first/last: that mean over the "
+        "lowest/highest trial numbers; growth = last / first; extra: trials run past the "
+        "target (window prototype only).",
+    )
+    parser.add_argument("--workers", type=int, default=8, help="worker processes (default 8)")
+    parser.add_argument("--reports", type=int, default=30, help="reports per trial (default 30)")
+    parser.add_argument("--trials", type=int, default=2000, help="tickets per study (default 2000)")
+    parser.add_argument(
+        "--storages",
+        default=DEFAULT_STORAGES,
+        help=f"comma list of {', '.join(STORAGES)} (default {DEFAULT_STORAGES})",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=("random", "tpe"),
+        default="random",
+        help="random isolates the storage; tpe is the workers' own sampler (default random)",
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=("hyperband", "median", "none"),
+        default="hyperband",
+        help="the study's pruner, as `hpo --pruner` (default hyperband)",
+    )
+    parser.add_argument(
+        "--claim",
+        choices=("project", "update"),
+        default="project",
+        help="project: search.study.claim_trial; update: prototype claiming the lowest WAITING "
+        "trial with a conditional SQL UPDATE on RDB storages (default project)",
+    )
+    parser.add_argument(
+        "--queue",
+        choices=("full", "window"),
+        default="full",
+        help="full: the project's queue of all N tickets; window: prototype keeping "
+        "2 x workers tickets queued, topped up at each claim (default full)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 workers, 5 reports, 40")
+    parser.add_argument(
+        "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/hpo_bench"
+    )
+    parser.add_argument("--mysql-url", default="mysql+pymysql://root@127.0.0.1:3306/hpo_bench")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/14",
+        help="an empty Redis database (not the tests' /15): the run's journal is removed "
+        "afterwards",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.workers, args.reports, args.trials = 2, 5, 40
+    args.storages = [s.strip() for s in args.storages.split(",") if s.strip()]
+    unknown = set(args.storages) - set(STORAGES)
+    if unknown:
+        parser.error(f"unknown storages {sorted(unknown)}; choose from {', '.join(STORAGES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hpo-bench-") as workdir:
+        for kind in args.storages:
+            print(f"{kind}: {args.trials} trials, {args.workers} workers ...", flush=True)
+            try:
+                result = run_storage(kind, args, Path(workdir))
+            except (RuntimeError, StorageURLError) as err:
+                print(f"{kind}: failed: {err}", flush=True)
+                continue
+            print(f"{kind}: done\n{summary_row(result)}", flush=True)
+            results.append(result)
+    print_tables(results, args)
+
+
+if __name__ == "__main__":
+    main()

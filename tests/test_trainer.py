@@ -1,0 +1,266 @@
+"""The Trainer: schedules, gradient clipping, divergence, resuming, and its fast paths."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from data import AugmentConfig, DeviceLoader
+from model import BackboneNet, ModelConfig, build_model
+from search.config import TrainConfig
+from search.trainer import DivergedError, Trainer
+
+CPU = torch.device("cpu")
+TINY = ModelConfig(channels=[[3, 8, 16]], blocks=[2], dropout=0.3, image_size=16)
+
+
+def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of 16x16 images whose label is the brightest channel: learnable."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(size, 3, 16, 16, generator=generator)
+        y = torch.randint(0, 3, (size,), generator=generator)
+        x[torch.arange(size), y] += 1.0
+        out.append((x, y))
+    return out
+
+
+def trainer_for(cfg: TrainConfig, steps: int = 3, seed: int = 0, **options: object) -> Trainer:
+    torch.manual_seed(seed)
+    return Trainer(build_model(TINY), cfg, steps, CPU, **options)
+
+
+def reference_lrs(cfg: TrainConfig, steps: int) -> list[float]:
+    """The learning rates a scheduler built from ``cfg`` gives after each of ``steps`` steps."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=cfg.lr)
+    total = cfg.epochs * 3
+    if cfg.scheduler == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=total, eta_min=cfg.lr * 0.01
+        )
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_per_step_schedules_move_every_batch(scheduler: str) -> None:
+    cfg = TrainConfig(lr=0.01, epochs=2, batch_size=8, scheduler=scheduler)
+    trainer = trainer_for(cfg, steps=3)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    stats = list(trainer.fit(batches(3), None))
+    expected = reference_lrs(cfg, 6)
+    # Each step uses the rate the previous step left; each epoch ends where 3 steps lead.
+    assert seen[1:] == pytest.approx(expected[:-1])
+    assert [s.lr for s in stats] == pytest.approx([expected[2], expected[5]])
+
+
+def test_step_schedule_moves_once_per_epoch() -> None:
+    cfg = TrainConfig(
+        lr=0.01, epochs=3, scheduler="step", scheduler_args={"step_size": 1, "gamma": 0.5}
+    )
+    stats = list(trainer_for(cfg).fit(batches(3), None))
+    assert [s.lr for s in stats] == pytest.approx([0.005, 0.0025, 0.00125])
+
+
+def test_constant_schedule_keeps_the_rate() -> None:
+    cfg = TrainConfig(lr=0.01, epochs=2, scheduler="constant")
+    assert [s.lr for s in trainer_for(cfg).fit(batches(3), None)] == [0.01, 0.01]
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_plateau_watches_val_loss_or_else_train_loss(with_val: bool) -> None:
+    cfg = TrainConfig(lr=0.01, epochs=3, scheduler="plateau", scheduler_args={"patience": 5})
+    trainer = trainer_for(cfg)
+    stats = list(trainer.fit(batches(3), batches(2, seed=1) if with_val else None))
+    monitored = [s.val_loss if with_val else s.train_loss for s in stats]
+    assert trainer.scheduler.best == pytest.approx(min(monitored))
+    assert len(set(monitored)) == 3  # the two losses differ, so `best` tells which was watched
+    assert stats[-1].lr == 0.01  # patience 5 not yet spent
+
+
+def test_plateau_cuts_the_rate_when_the_val_loss_stalls() -> None:
+    # A rate this small leaves the model, and so the validation loss, as it was.
+    cfg = TrainConfig(
+        lr=1e-12, epochs=3, scheduler="plateau", scheduler_args={"patience": 0, "factor": 0.5}
+    )
+    stats = list(trainer_for(cfg).fit(batches(3), batches(2, seed=1)))
+    assert [s.lr for s in stats] == pytest.approx([1e-12, 5e-13, 2.5e-13])
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+
+def largest_gradients(trainer: Trainer) -> list[float]:
+    """The largest gradient entry the optimizer sees at each step."""
+    peaks: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        grads = [p.grad.abs().max() for g in optimizer.param_groups for p in g["params"]]
+        peaks.append(torch.stack(grads).max().item())
+
+    trainer.optimizer.register_step_pre_hook(record)
+    return peaks
+
+
+def test_grad_clip_bounds_every_gradient_by_value() -> None:
+    clipped = trainer_for(TrainConfig(grad_clip=1e-3, epochs=1))
+    free = trainer_for(TrainConfig(grad_clip=0.0, epochs=1))
+    clipped_peaks, free_peaks = largest_gradients(clipped), largest_gradients(free)
+    list(clipped.fit(batches(3), None))
+    list(free.fit(batches(3), None))
+    assert len(clipped_peaks) == 3 and max(clipped_peaks) <= 1e-3 * (1 + 1e-6)  # float32 1e-3
+    assert min(free_peaks) > 1e-3  # so the bound above is the clipping's doing
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_raises_diverged(bad: float) -> None:
+    data = batches(3)
+    data[1][0][0, 0, 0, 0] = bad
+    trainer = trainer_for(TrainConfig(epochs=2, grad_clip=0.0))
+    with pytest.raises(DivergedError, match="in epoch 1"):
+        next(trainer.fit(data, None))
+
+
+def test_evaluate_counts_every_image_of_uneven_batches() -> None:
+    trainer = trainer_for(TrainConfig())
+    x, y = batches(1, size=7)[0]
+    whole = trainer.evaluate([(x, y)])
+    split = trainer.evaluate([(x[:4], y[:4]), (x[4:], y[4:])])
+    assert split == pytest.approx(whole, rel=1e-3)
+    assert whole[1] * 7 == pytest.approx(round(whole[1] * 7))
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def loaders(seed: int = 0) -> tuple[DeviceLoader, DeviceLoader]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (96,), generator=generator)
+    train = DeviceLoader(
+        images[:64], labels[:64], 16, CPU, AugmentConfig(), shuffle=True, drop_last=True
+    )
+    return train, DeviceLoader(images[64:], labels[64:], 32, CPU)
+
+
+def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run() -> None:
+    cfg = TrainConfig(lr=0.01, epochs=2, batch_size=16, scheduler="onecycle")
+    train, val = loaders()
+    straight = trainer_for(cfg, steps=len(train))
+    expected = list(straight.fit(train, val))[-1]
+
+    train, val = loaders()
+    first = trainer_for(cfg, steps=len(train))
+    next(first.fit(train, val))
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)  # through bytes, as a checkpoint file would go
+    saved.seek(0)
+    torch.manual_seed(123)  # a resumed run starts from another RNG state and other weights
+    resumed = trainer_for(cfg, steps=len(train), seed=7)
+    resumed.load_state_dict(torch.load(saved, weights_only=False))
+    train.epoch = resumed.epoch  # the loader replays its epochs from a seed
+    got = next(resumed.fit(train, val))
+
+    assert (got.epoch, got.lr) == (2, expected.lr)
+    assert (got.train_loss, got.val_loss, got.val_acc) == (
+        expected.train_loss,
+        expected.val_loss,
+        expected.val_acc,
+    )
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_checkpoint_of_the_fast_path_loads_into_a_plain_model() -> None:
+    trainer = trainer_for(TrainConfig(epochs=1), fused_blocks=True)
+    assert trainer.model.fused
+    list(trainer.fit(batches(3), None))
+    state = trainer.state_dict()["model"]
+    plain = BackboneNet(TINY)  # separate blocks, fp32, contiguous
+    assert list(state) == list(plain.state_dict())
+    plain.load_state_dict(state)
+    plain.eval()
+    trainer.model.eval()
+    x = batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trainer.model(x).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_older_checkpoints_without_rng_state_still_load() -> None:
+    trainer = trainer_for(TrainConfig(epochs=2))
+    next(trainer.fit(batches(3), None))
+    state = trainer.state_dict()
+    del state["rng"]
+    other = trainer_for(TrainConfig(epochs=2), seed=1)
+    other.load_state_dict(state)
+    assert other.epoch == 1
+
+
+# --- compile and block forms ------------------------------------------------------------------
+
+
+def test_compile_mode_is_checked_and_auto_stays_eager_on_cpu() -> None:
+    with pytest.raises(ValueError, match="compile_mode"):
+        trainer_for(TrainConfig(), compile_mode="yes")
+    trainer = trainer_for(TrainConfig(epochs=1), compile_mode="auto")
+    assert not trainer.compiled
+    assert all(s.compile_seconds == 0.0 for s in trainer.fit(batches(2), batches(1)))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_both_block_forms_train_alike(fused: bool) -> None:
+    cfg = TrainConfig(epochs=1, grad_clip=0.0)
+    base = replace(TINY, dropout=0.0)
+    torch.manual_seed(0)
+    reference = Trainer(build_model(base), cfg, 3, CPU, fused_blocks=False)
+    torch.manual_seed(0)
+    trainer = Trainer(build_model(base), cfg, 3, CPU, fused_blocks=fused)
+    assert trainer.model.fused is fused
+    want = next(reference.fit(batches(3), batches(1)))
+    got = next(trainer.fit(batches(3), batches(1)))
+    # bf16 where the CPU has it: the forms sum in different orders, so close, not equal.
+    assert got.train_loss == pytest.approx(want.train_loss, rel=2e-2)
+    assert got.val_loss == pytest.approx(want.val_loss, rel=2e-2)
+
+
+def test_compiled_training_matches_eager() -> None:
+    # 30-45 s on a 2-core CPU with inductor's cache cold (gcc builds each kernel), ~5 s warm.
+    cfg = TrainConfig(epochs=2, grad_clip=0.0, scheduler="constant")
+    base = replace(TINY, dropout=0.0)
+    torch.manual_seed(0)
+    eager = Trainer(build_model(base), cfg, 3, CPU, compile_mode="off")
+    torch.manual_seed(0)
+    compiled = Trainer(build_model(base), cfg, 3, CPU, compile_mode="on")
+    val = batches(1, size=5) + batches(1, size=3)  # a partial last batch runs eagerly
+    want = list(eager.fit(batches(3), val))
+    got = list(compiled.fit(batches(3), val))
+    assert got[0].compile_seconds > 0 and got[1].compile_seconds == 0
+    assert compiled.compile_seconds == got[0].compile_seconds
+    for g, w in zip(got, want, strict=True):
+        assert g.train_loss == pytest.approx(w.train_loss, rel=2e-2)
+        assert g.val_loss == pytest.approx(w.val_loss, rel=2e-2)
+    assert list(compiled.state_dict()["model"]) == list(eager.state_dict()["model"])
+
+    # The next trial of the same architecture reuses the compiled code: no new graphs.
+    graphs = counters["stats"]["unique_graphs"]
+    again = Trainer(build_model(base), replace(cfg, epochs=1), 3, CPU, compile_mode="on")
+    next(again.fit(batches(3), val))
+    assert counters["stats"]["unique_graphs"] == graphs
