@@ -99,16 +99,8 @@ def make_loaders(
     """
     train_idx, val_idx = stratified_split(imageset.train_labels, val_fraction, split_seed)
     images, labels = imageset.train_images, imageset.train_labels
-    train = DeviceLoader(
-        images[train_idx],
-        labels[train_idx],
-        batch_size,
-        device,
-        augment,
-        shuffle=True,
-        drop_last=True,
-        seed=seed,
-        channels_last=channels_last,
+    train = _shuffled(
+        images[train_idx], labels[train_idx], batch_size, device, augment, seed, channels_last
     )
     val = DeviceLoader(
         images[val_idx], labels[val_idx], eval_batch_size, device, channels_last=channels_last
@@ -125,9 +117,23 @@ def full_train_loader(
     channels_last: bool = False,
 ) -> DeviceLoader:
     """All training images (train + validation), for the final training run."""
+    images, labels = imageset.train_images, imageset.train_labels
+    return _shuffled(images, labels, batch_size, device, augment, seed, channels_last)
+
+
+def _shuffled(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    augment: AugmentConfig | None,
+    seed: int,
+    channels_last: bool,
+) -> DeviceLoader:
+    """A training loader: reshuffled and augmented every epoch, partial last batch dropped."""
     return DeviceLoader(
-        imageset.train_images,
-        imageset.train_labels,
+        images,
+        labels,
         batch_size,
         device,
         augment,

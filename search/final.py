@@ -29,11 +29,11 @@ def train_final(
         cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    channels_last = device.type == "cuda"
-    train = full_train_loader(
-        images, cfg.train.batch_size, device, cfg.augment, channels_last=channels_last
-    )
+    train = full_train_loader(images, cfg.train.batch_size, device, cfg.augment)
     trainer = Trainer(model, cfg.train, len(train), device)
+    # Batches arrive in the layout the trainer picked for this device.
+    channels_last = trainer.memory_format == torch.channels_last
+    train.channels_last = channels_last
     history = []
     for stats in trainer.fit(train, None):
         history.append(stats)

@@ -52,10 +52,13 @@ class TrialRunner:
             self.device,
             cfg.augment,
             seed=self.settings.seed + trial.number,
-            channels_last=self.device.type == "cuda",
         )
         trainer = Trainer(model, cfg.train, len(train), self.device, self.compile_mode)
+        # Batches arrive in the layout the trainer picked for this device.
+        train.channels_last = val.channels_last = trainer.memory_format == torch.channels_last
         self._resume(trial, trainer)
+        # A resumed trial's next epoch sees the batches it would have seen without the crash.
+        train.epoch = trainer.epoch
         best = float("inf")
         for stats in trainer.fit(train, val):
             best = min(best, stats.val_loss)
