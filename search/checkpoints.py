@@ -11,8 +11,20 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from sqlalchemy.engine import make_url
+
+from storage import backend_of
 
 CHECKPOINT_ATTR = "checkpoint"
+
+
+def artifact_dir(given: Path | None, storage_url: str) -> Path:
+    """Artifacts (checkpoints, final weights) go beside a SQLite file, else in ./hpo-artifacts."""
+    if given is not None:
+        return given
+    if backend_of(storage_url) == "sqlite":
+        return Path(make_url(storage_url).database or ".").parent / "hpo-artifacts"
+    return Path("hpo-artifacts")
 
 
 class CheckpointStore:

@@ -15,10 +15,11 @@ from rich.console import Console
 
 from data import DatasetMissingError, default_data_dir, download_cifar10, load_dataset
 from model import ModelConfigError
+from search.checkpoints import artifact_dir as resolve_artifact_dir
 from search.config import ConfigError, load_config_file
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
 from search.export import best_document, to_yaml
-from search.final import train_final
+from search.final import attach_to_study, train_final
 from search.fleet import GpuSpecError, parse_gpus, plan_slots, run_fleet
 from search.launch import (
     StudyRequest,
@@ -28,14 +29,13 @@ from search.launch import (
     run_local_worker,
     stored_settings,
 )
-from search.launch import artifact_dir as resolve_artifact_dir
 from search.progress import SearchProgress, format_epoch
 from search.report import ReportError, write_report
 from search.settings import SettingsConflict
 from search.space import SpaceError
 from search.status import studies_table, study_status
 from search.study import StudyError, join
-from storage import DEFAULT_STORAGE_URL, StorageURLError, open_storage
+from storage import DEFAULT_STORAGE_URL, StorageURLError, backend_of, open_storage
 
 app = typer.Typer(
     help="Hyperparameter search for the Backbone CIFAR-10 CNN, on Optuna.",
@@ -133,7 +133,8 @@ ArtifactDirOption = Annotated[
     Path | None,
     typer.Option(
         envvar="HPO_ARTIFACT_DIR",
-        help="Epoch checkpoints (Optuna artifact store); shared by all workers of a study. "
+        help="Optuna artifact store for epoch checkpoints and final weights; shared by all "
+        "workers of a study. "
         "[default: hpo-artifacts beside a SQLite file, else ./hpo-artifacts]",
     ),
 ]
@@ -299,10 +300,17 @@ def train(
     output_dir: Annotated[
         Path, typer.Option(help="Where model.pt and metrics.json are written.")
     ] = Path("runs/final"),
+    storage: StorageOption = DEFAULT_STORAGE_URL,
+    artifact_dir: ArtifactDirOption = None,
 ) -> None:
-    """Train a config from scratch on train+validation, then report test accuracy."""
+    """Train a config from scratch on train+validation, then report test accuracy.
+
+    The weights and metrics are also attached to the study the config came from, when that
+    study is in --storage, so the dashboard lists them beside the search.
+    """
     with user_errors():
-        cfg, _ = load_config_file(config)
+        cfg, document = load_config_file(config)
+        backend_of(storage)  # a malformed URL fails now, not after the training
         images = load_dataset(dataset.value, data_dir)
     progress = SearchProgress(console)
     total = epochs or cfg.train.epochs
@@ -316,6 +324,9 @@ def train(
     )
     console.print(f"test accuracy {metrics['test_acc']:.2%} (test loss {metrics['test_loss']:.4f})")
     console.print(f"wrote {output_dir / 'model.pt'} and {output_dir / 'metrics.json'}")
+    artifacts = resolve_artifact_dir(artifact_dir, storage)
+    source = document.get("source") or {}
+    console.print(attach_to_study(storage, artifacts, source, output_dir), highlight=False)
 
 
 @app.command()

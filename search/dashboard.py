@@ -13,10 +13,9 @@ import optuna
 import optuna_dashboard
 import yaml
 from optuna.artifacts import FileSystemArtifactStore
-from sqlalchemy.engine import make_url
 
 from search.settings import StudySettings
-from storage import backend_of, open_storage, redact_url
+from storage import open_storage, redact_url
 
 # The user attrs every trial carries (search/objective.py), listed in the study note.
 TRIAL_ATTRS = ("val_acc", "images_per_s", "params", "architecture", "config", "gpu", "host")
@@ -65,7 +64,6 @@ def open_dashboard(storage_url: str, host: str, port: int, artifacts: Path) -> D
     On SQLite it only reads beside running workers: open_storage puts the file in WAL mode,
     where readers never block a writer, and gives every connection a long busy timeout.
     """
-    _require_existing_sqlite(storage_url)
     storage = open_storage(storage_url, reader=True)
     artifacts.mkdir(parents=True, exist_ok=True)
     app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
@@ -94,17 +92,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # any other host name may resolve to a public address
-
-
-def _require_existing_sqlite(storage_url: str) -> None:
-    """A mistyped path would otherwise create an empty database and show no study."""
-    if backend_of(storage_url) != "sqlite":
-        return
-    database = make_url(storage_url).database
-    if database and database != ":memory:" and not Path(database).exists():
-        raise DashboardError(
-            f"no SQLite file at {database}: run `hpo start` first or pass --storage"
-        )
 
 
 def write_study_note(study: optuna.Study, settings: StudySettings, target: int) -> None:

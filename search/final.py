@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from data import ImageSet, full_train_loader, test_loader
 from model import build_model, count_parameters
 from search.config import TrialConfig
+from search.study import StudyError, join
 from search.trainer import EpochStats, Trainer
+from storage import StorageURLError, open_storage
+
+# Study user attribute: the latest `hpo train` of a config exported from this study.
+FINAL_ATTR = "hpo:final"
+FINAL_FILES = ("model.pt", "metrics.json")
 
 
 def train_final(
@@ -59,3 +66,38 @@ def _save(output_dir: Path, cfg: TrialConfig, trainer: Trainer, metrics: dict[st
         {"config": cfg.to_dict(), "state_dict": trainer.model.state_dict()}, output_dir / "model.pt"
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def attach_to_study(
+    storage_url: str, artifacts: Path, source: dict[str, Any], output_dir: Path
+) -> str:
+    """Keep the final weights and metrics as artifacts of the study the config came from,
+    where the dashboard lists them. Returns one line saying where, or why not."""
+    name = source.get("study")
+    if not name:
+        return "not attached to a study: the config names none"
+    try:
+        # The reader open refuses a missing SQLite file instead of creating an empty one.
+        join(open_storage(storage_url, reader=True), name)
+        study = join(open_storage(storage_url), name)
+    except (StorageURLError, StudyError) as err:
+        return f"not attached to study {name!r}: {err}"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifacts))
+    ids = {
+        file: upload_artifact(
+            artifact_store=store, file_path=str(output_dir / file), study_or_trial=study
+        )
+        for file in FINAL_FILES
+    }
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    study.set_user_attr(
+        FINAL_ATTR,
+        {
+            "trial": source.get("trial"),
+            "test_acc": metrics["test_acc"],
+            "epochs": metrics["epochs"],
+            "artifacts": ids,
+        },
+    )
+    return f"attached {' and '.join(FINAL_FILES)} to study {name!r} (artifacts in {artifacts})"

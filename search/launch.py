@@ -11,10 +11,9 @@ from pathlib import Path
 
 import optuna
 import torch
-from sqlalchemy.engine import make_url
 
 from data import load_dataset
-from search.checkpoints import CheckpointStore
+from search.checkpoints import CheckpointStore, artifact_dir
 from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress, best_summary
 from search.settings import StudySettings
@@ -155,15 +154,6 @@ def _worker_storage(url: str, settings: StudySettings) -> optuna.storages.BaseSt
     if backend_of(url) in ("sqlite", "postgresql", "mysql"):
         return open_storage(url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
     return open_storage(url)
-
-
-def artifact_dir(given: Path | None, storage_url: str) -> Path:
-    """Checkpoints live beside a SQLite file by default, else in ./hpo-artifacts."""
-    if given is not None:
-        return given
-    if backend_of(storage_url) == "sqlite":
-        return Path(make_url(storage_url).database or ".").parent / "hpo-artifacts"
-    return Path("hpo-artifacts")
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:

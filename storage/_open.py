@@ -72,6 +72,8 @@ def _open_rdb(
     url: str, backend: str, heartbeat: HeartbeatPolicy | None, reader: bool
 ) -> RDBStorage:
     if backend == "sqlite":
+        if reader:
+            _require_sqlite_file(url)
         _enable_sqlite_wal(url)
         # isolation_level=None: pysqlite leaves BEGIN to us (see _begin_immediate).
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
@@ -123,6 +125,15 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
     read transaction later tries to write after another process committed.
     """
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _require_sqlite_file(url: str) -> None:
+    """A tool that only looks must not leave an empty database where the user mistyped."""
+    database = sqlalchemy.engine.make_url(url).database
+    if database and database != ":memory:" and not Path(database).exists():
+        raise StorageURLError(
+            f"no SQLite database at {database}; `hpo start` or `hpo create` makes one"
+        )
 
 
 def _enable_sqlite_wal(url: str) -> None:

@@ -10,8 +10,11 @@ from pathlib import Path
 import optuna
 import yaml
 from conftest import HPO, run_hpo, tiny_start
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
+from search.checkpoints import artifact_dir
+from search.final import FINAL_ATTR
 from search.study import budget
 from storage import open_storage
 
@@ -49,7 +52,16 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     assert "test accuracy" in trained.stdout
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["epochs"] == 1
-    assert (tmp_path / "final" / "model.pt").stat().st_size > 0
+    weights = (tmp_path / "final" / "model.pt").read_bytes()
+    assert weights
+
+    # The weights and metrics are artifacts of the study the config came from.
+    assert "attached model.pt and metrics.json to study 'demo'" in trained.stdout
+    final = load(hpo_env, "demo").user_attrs[FINAL_ATTR]
+    assert final["trial"] == study.best_trial.number and final["test_acc"] == metrics["test_acc"]
+    store = FileSystemArtifactStore(str(artifact_dir(None, hpo_env["HPO_STORAGE"])))
+    with store.open_reader(final["artifacts"]["model.pt"]) as stored:
+        assert stored.read() == weights
 
 
 def test_two_starts_on_one_sqlite_file_stop_at_exactly_n(
@@ -98,14 +110,17 @@ def test_bad_input_is_one_line_and_exit_2(hpo_env: dict[str, str], tmp_path: Pat
     def hpo(*args: str) -> subprocess.CompletedProcess:
         return run_hpo(*args, env=hpo_env, cwd=tmp_path)
 
-    expect_user_error(hpo("status", "--study", "nope"), "no study named 'nope'")
-    expect_user_error(hpo("best", "--study", "nope"), "no study named 'nope'")
     expect_user_error(hpo("status", "--storage", "sqlite:/x.db"), "storage URL")
     expect_user_error(hpo("status", "--storage", "oracle://u:secret@h/db"), "u:***@h")
+    missing = tmp_path / "elsewhere" / "hpo.db"
+    expect_user_error(hpo("status", "--storage", f"sqlite:///{missing}"), "no SQLite database")
+    assert not missing.parent.exists()
 
     # A study with no finished trial: created, then stopped before its first trial.
     assert hpo(*tiny_start("empty", 2, "--timeout", "0")).returncode == 0
     expect_user_error(hpo("best", "--study", "empty"), "no completed trial")
+    expect_user_error(hpo("status", "--study", "nope"), "no study named 'nope'")
+    expect_user_error(hpo("best", "--study", "nope"), "no study named 'nope'")
 
     (tmp_path / "space.yaml").write_text("width: [64]\n")
     expect_user_error(hpo(*tiny_start("s", 2, "--space", "space.yaml")), "width")

@@ -27,10 +27,9 @@ from optuna_dashboard import get_note
 from typer.testing import CliRunner
 
 from model import build_model, count_parameters
-from search.checkpoints import CheckpointStore
+from search.checkpoints import CheckpointStore, artifact_dir
 from search.cli import app
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
-from search.launch import artifact_dir
 from search.objective import describe_architecture
 from search.settings import StudySettings
 from search.space import load_space, sample_config
@@ -281,7 +280,7 @@ def test_dashboard_refuses_a_missing_file_and_a_busy_port(
     typo = f"sqlite:///{tmp_path / 'typo.db'}"
     missing = CliRunner().invoke(app, ["dashboard", "--storage", typo])
     assert missing.exit_code == 2
-    assert missing.stderr.startswith("error: no SQLite file at")
+    assert missing.stderr.startswith("error: no SQLite database at")
     assert missing.stderr.count("\n") == 1
     assert not (tmp_path / "typo.db").exists()
 

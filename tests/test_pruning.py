@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from optuna.trial import TrialState
 
@@ -22,6 +23,8 @@ GOOD = {
 }  # fmt: skip
 
 
+# The bad trial fixes lr below the space on purpose.
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr")
 def test_a_bad_trial_is_pruned_after_its_first_epoch(data_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     storage = open_storage(f"sqlite:///{tmp_path / 'p.db'}")

@@ -52,6 +52,7 @@ def test_default_configs_build_and_run_a_forward_pass_on_the_meta_device() -> No
     assert {cfg.model.n_backbones for cfg in configs} == {1, 2, 3}
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter width_1_2 with value 1028")
 def test_the_first_trial_of_a_default_study_is_table1() -> None:
     study = optuna.create_study()
     study.enqueue_trial(report_table1_params())
