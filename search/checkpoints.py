@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
@@ -76,3 +78,17 @@ class CheckpointStore:
                 # Written on a machine that does not share this artifact directory.
                 return None
             return torch.load(path, map_location="cpu", weights_only=False)
+
+    def discard(self, trial: optuna.Trial) -> None:
+        """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for good).
+
+        Removed as the dashboard removes an artifact: the file, and its listing set to null.
+        A checkpoint inherited from a failed trial stays: that trial's record still names it.
+        """
+        record = trial.user_attrs.get(CHECKPOINT_ATTR)
+        if not record or record["owner"] != trial.number:
+            return
+        self.artifacts.remove(record["artifact_id"])
+        listing = ARTIFACTS_ATTR_PREFIX + record["artifact_id"]
+        trial.storage.set_trial_system_attr(trial._trial_id, listing, json.dumps(None))
+        trial.set_user_attr(CHECKPOINT_ATTR, None)

@@ -320,7 +320,7 @@ def train(
         pick_device(progress),
         output_dir,
         epochs=epochs,
-        on_epoch=lambda stats: console.print(format_epoch(0, stats, total), highlight=False),
+        on_epoch=lambda stats: console.print(format_epoch("final", stats, total), highlight=False),
     )
     console.print(f"test accuracy {metrics['test_acc']:.2%} (test loss {metrics['test_loss']:.4f})")
     console.print(f"wrote {output_dir / 'model.pt'} and {output_dir / 'metrics.json'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -49,7 +50,10 @@ class Dashboard:
         )
 
     def serve(self) -> None:
-        """Serve until Ctrl-C (or SIGTERM's default exit)."""
+        """Serve until Ctrl-C or SIGTERM, then exit 0."""
+        # Set, not assumed: a process started in the background inherits SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             self.server.serve_forever()
         except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from data import ImageSet, make_loaders
+from data import DeviceLoader, ImageSet, make_loaders
 from model import build_model, count_parameters
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
@@ -59,6 +59,19 @@ class TrialRunner:
         self._resume(trial, trainer)
         # A resumed trial's next epoch sees the batches it would have seen without the crash.
         train.epoch = trainer.epoch
+        try:
+            return self._train(trial, trainer, train, val)
+        except TrialInterrupted:
+            raise  # its retry resumes from the checkpoint
+        except Exception:
+            # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
+            if self.checkpoints is not None:
+                self.checkpoints.discard(trial)
+            raise
+
+    def _train(
+        self, trial: optuna.Trial, trainer: Trainer, train: DeviceLoader, val: DeviceLoader
+    ) -> float:
         best = float("inf")
         for stats in trainer.fit(train, val):
             best = min(best, stats.val_loss)

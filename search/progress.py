@@ -52,7 +52,7 @@ class SearchProgress:
         )
 
     def epoch(self, trial: optuna.Trial, stats: EpochStats, epochs: int) -> None:
-        self.console.print(format_epoch(trial.number, stats, epochs), highlight=False)
+        self.console.print(format_epoch(f"trial {trial.number:>4}", stats, epochs), highlight=False)
 
     def trial_end(self, trial: FrozenTrial, state: Budget, best: str) -> None:
         self.console.print(
@@ -64,13 +64,13 @@ class SearchProgress:
         self.console.print(message, highlight=False)
 
 
-def format_epoch(number: int, stats: EpochStats, epochs: int) -> str:
+def format_epoch(label: str, stats: EpochStats, epochs: int) -> str:
     val = (
         f"val {stats.val_loss:.4f}  acc {stats.val_acc:6.2%}" if stats.val_loss is not None else ""
     )
     compiled = f"  (compile {stats.compile_seconds:.1f}s)" if stats.compile_seconds else ""
     return (
-        f"trial {number:>4} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
+        f"{label} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
         f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
     )
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from search.checkpoints import CheckpointStore
 from search.worker import requeue
@@ -39,3 +41,29 @@ def test_a_checkpoint_from_another_machine_means_starting_over(tmp_path: Path) -
     trial = study.ask()
     CheckpointStore(tmp_path / "machine-a").save(trial, {"epoch": 1})
     assert CheckpointStore(tmp_path / "machine-b").load(trial) is None
+
+
+def test_a_pruned_trial_drops_its_checkpoint_but_not_an_inherited_one(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    store = CheckpointStore(tmp_path / "artifacts")
+    crashed = study.ask()
+    store.save(crashed, {"epoch": 2})
+    requeue(study, study.tell(crashed, state=TrialState.FAIL))
+    retry = study.ask()
+    inherited = retry.user_attrs["checkpoint"]["artifact_id"]
+    store.discard(retry)  # failed before its own first save: the file is the crashed trial's
+    assert store.load(retry)["epoch"] == 2
+
+    store.save(retry, {"epoch": 3})
+    own = retry.user_attrs["checkpoint"]["artifact_id"]
+    store.discard(retry)
+    study.tell(retry, state=TrialState.PRUNED)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [inherited]
+    pruned = study.trials[retry.number]
+    assert pruned.user_attrs["checkpoint"] is None
+    # The dashboard's own deletion mark: a listing set to null is not shown.
+    assert json.loads(pruned.system_attrs[f"artifacts:{own}"]) is None
+
+
+def checkpoint_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "artifacts").iterdir() if p.is_file()]

@@ -31,6 +31,11 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     assert "CUDA is not available" in started.stdout
     assert "4/4 trials finished" in started.stdout
 
+    # Pruned trials drop their checkpoints; complete ones keep theirs for the dashboard.
+    checkpoints = artifact_dir(None, hpo_env["HPO_STORAGE"])
+    complete = [t for t in load(hpo_env, "demo").trials if t.state == TrialState.COMPLETE]
+    assert len([p for p in checkpoints.iterdir() if p.is_file()]) == len(complete)
+
     status = run_hpo("status", "--study", "demo", env=hpo_env, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert "4 / 4" in status.stdout

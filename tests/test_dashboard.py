@@ -158,13 +158,20 @@ class Served:
 
 
 @contextmanager
-def dashboard(env: dict[str, str], cwd: Path, *args: str) -> Iterator[Served]:
-    """`hpo dashboard --port 0 ARGS` until the block ends, then Ctrl-C, which must exit 0."""
+def dashboard(
+    env: dict[str, str], cwd: Path, *args: str, background: bool = False
+) -> Iterator[Served]:
+    """`hpo dashboard --port 0 ARGS` until the block ends, then Ctrl-C, which must exit 0.
+
+    background: start it as a script's `cmd &` does, with SIGINT ignored.
+    """
     out, err = cwd / "dashboard.out", cwd / "dashboard.err"
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
     with out.open("w") as stdout, err.open("w") as stderr:
         process = subprocess.Popen(
-            [HPO, "dashboard", "--port", "0", *args], env=env, cwd=cwd, stdout=stdout, stderr=stderr
-        )
+            [HPO, "dashboard", "--port", "0", *args],
+            env=env, cwd=cwd, stdout=stdout, stderr=stderr, preexec_fn=ignore_sigint,
+        )  # fmt: skip
     try:
         port = _wait_for_port(process, out, err)
         yield Served(base=f"http://127.0.0.1:{port}", stderr=err)
@@ -272,6 +279,15 @@ class Poller(threading.Thread):
         time.sleep(2.5)
         self.halt.set()
         self.join(timeout=60)
+
+
+def test_ctrl_c_stops_a_dashboard_started_in_the_background(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    make_study(hpo_env["HPO_STORAGE"], "s", complete=1, pruned=0, failed=0)
+    with dashboard(hpo_env, tmp_path, background=True) as served:
+        assert served.get("/api/studies")["study_summaries"]
+    # Leaving the block sent SIGINT and asserted exit code 0.
 
 
 def test_dashboard_refuses_a_missing_file_and_a_busy_port(
