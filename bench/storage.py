@@ -1,10 +1,11 @@
 """How much bookkeeping each Optuna storage adds per trial, early and late in a study.
 
 W worker processes share one study per storage. The study is created as `hpo` creates one
-(search.study.create_or_join: N WAITING tickets) and each worker runs the project's own loop,
-search.worker.run_worker: fail stale trials, claim_trial, run_trial (heartbeat, objective,
-tell), then the per-trial progress reads of `hpo` (budget and best trial). The objective
-computes nothing: two suggest_float calls, then E trial.report + trial.should_prune calls
+(search.study.create_or_join: a window of WAITING tickets, topped up by claims) and each
+worker runs the project's own loop, search.worker.run_worker: fail stale trials,
+claim_trial, run_trial (heartbeat, objective, tell), then the per-trial progress reads of
+`hpo` (budget and best trial). The objective computes nothing: two suggest_float calls,
+then E trial.report + trial.should_prune calls
 (the pruner is asked but not obeyed, so every trial does the same work). A trial's time,
 from the end of the previous one to its own end, is therefore bookkeeping: the storage's,
 plus the sampler's and the pruner's.
@@ -28,10 +29,9 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import datetime
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -41,8 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optuna
 import redis
-import sqlalchemy
-from optuna.storages._rdb.models import TrialModel
 from optuna.trial import FrozenTrial, TrialState
 
 import search.worker
@@ -50,10 +48,8 @@ from search.progress import best_summary
 from search.settings import StudySettings
 from search.space import load_space
 from search.study import (
-    TARGET_ATTR,
     budget,
     build_pruner,
-    claim_trial,
     create_or_join,
     join,
     join_as_worker,
@@ -68,10 +64,6 @@ PHASES = ("claim", "suggest", "report", "prune", "tell", "progress")
 HEARTBEAT_S = 60
 # Seconds the parent waits for all workers to finish one storage's run.
 RUN_TIMEOUT_S = 3600.0
-# The prototype SQL claim tries the lowest this many WAITING trials per query.
-CLAIM_CANDIDATES = 8
-
-Claim = Callable[[optuna.Study], "optuna.Trial | None"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +76,6 @@ class Job:
     reports: int
     sampler: str
     target: int
-    claim: str  # "project": search.study.claim_trial; "update": the prototype SQL claim
-    queue_size: int  # 0: the project's queue of all tickets; else the prototype's window
 
 
 @dataclass(frozen=True)
@@ -149,9 +139,6 @@ def worker_main(job: Job, index: int, start: Barrier, results: Queue) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         study = open_worker_study(job, index)
-        if job.claim != "project" or job.queue_size:
-            # Prototypes only: run_worker looks claim_trial up in its module on each claim.
-            search.worker.claim_trial = make_claim(job)
         start.wait()
         results.put(("ok", run_until_empty(study, job.reports)))
     except BaseException:  # the parent must hear of it, or it waits for ever
@@ -205,73 +192,6 @@ def run_until_empty(study: optuna.Study, reports: int) -> list[TrialTiming]:
     return timings
 
 
-# --- prototypes: a claim by SQL UPDATE, a bounded ticket queue ------------------------------
-
-
-def make_claim(job: Job) -> Claim:
-    take = claim_trial if job.claim == "project" else claim_by_update
-    if job.queue_size == 0:
-        return take
-    return lambda study: claim_from_window(study, job.target, job.queue_size, take)
-
-
-def claim_by_update(study: optuna.Study) -> optuna.Trial | None:
-    """claim_trial for RDB storages without reading every unfinished trial.
-
-    Asks the database for the lowest few WAITING trials, then takes one with
-    `UPDATE trials SET state=RUNNING WHERE trial_id=? AND state=WAITING` (atomic on every
-    RDB, SQLite included). Retries (claimed first by claim_trial) are not ordered first here.
-    """
-    backend = getattr(study._storage, "_backend", None)
-    if not isinstance(backend, optuna.storages.RDBStorage):
-        return claim_trial(study)  # a journal's claim reads its in-memory replay: cheap
-    table = TrialModel.__table__
-    lowest = (
-        sqlalchemy.select(table.c.trial_id)
-        .where(table.c.study_id == study._study_id, table.c.state == TrialState.WAITING)
-        .order_by(table.c.number)
-        .limit(CLAIM_CANDIDATES)
-    )
-    while True:
-        with backend.engine.connect() as connection:
-            candidates = list(connection.execute(lowest).scalars())
-        if not candidates:
-            return None
-        for trial_id in candidates:
-            take = (
-                sqlalchemy.update(table)
-                .where(table.c.trial_id == trial_id, table.c.state == TrialState.WAITING)
-                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
-            )
-            with backend.engine.begin() as connection:
-                won = connection.execute(take).rowcount == 1
-            if won:  # committed: SQLite's write lock is free again
-                known = study._storage._trial_id_to_study_id_and_number  # type: ignore[attr-defined]
-                if trial_id not in known:  # Optuna's cache must know a trial to set its params
-                    study.get_trials(deepcopy=False)
-                return optuna.Trial(study, trial_id)
-
-
-def claim_from_window(
-    study: optuna.Study, target: int, size: int, take: Claim
-) -> optuna.Trial | None:
-    """Claim from a queue kept at `size` tickets instead of all `target` made up front.
-
-    Optuna's cache re-reads every unfinished trial on each get_trials (claims, pruners,
-    samplers, budget), so a full queue costs O(tickets left) per call. Each claim here first
-    tops the queue up by one. Two workers topping up at once can overshoot the target by a
-    few trials (the bench reports them); a real fix would leave such a ticket waiting.
-    """
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
-        if len(trials) < target and waiting < size:
-            study.enqueue_trial({}, skip_if_exists=False)
-        trial = take(study)
-        if trial is not None or len(trials) >= target:
-            return trial
-
-
 # --- one storage ----------------------------------------------------------------------------
 
 
@@ -281,6 +201,7 @@ class RunResult:
     target: int
     setup_s: float
     elapsed_s: float
+    extra: int  # tickets made past the target by racing top-ups; never run
     load: str  # load average when the run ended
     timings: list[TrialTiming]
 
@@ -313,31 +234,15 @@ def run_storage(kind: str, args: argparse.Namespace, workdir: Path) -> RunResult
     url = storage_url(kind, workdir, args)
     name = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
     settings = bench_settings(args)
-    queue_size = 0 if args.queue == "full" else min(args.trials, 2 * args.workers)
-    job = Job(url, name, settings, args.reports, args.sampler, args.trials, args.claim, queue_size)
+    job = Job(url, name, settings, args.reports, args.sampler, args.trials)
     with cleanup(kind, url, name):
         t0 = time.perf_counter()
-        create_study(open_storage(url), name, settings, args.trials, queue_size)
+        create_or_join(open_storage(url), name, settings, args.trials)
         setup_s = time.perf_counter() - t0
         started, timings = run_workers(job, args.workers)
         elapsed = max(t.end for t in timings) - started
-        check_study(open_storage(url), name, args.trials, timings)
-    return RunResult(kind, args.trials, setup_s, elapsed, load_average(), timings)
-
-
-def create_study(
-    storage: optuna.storages.BaseStorage,
-    name: str,
-    settings: StudySettings,
-    target: int,
-    queue_size: int,
-) -> None:
-    """The project's study with `target` tickets, or the prototype's first `queue_size`."""
-    if queue_size == 0:
-        create_or_join(storage, name, settings, target)
-        return
-    create_or_join(storage, name, settings, queue_size)
-    join(storage, name).set_user_attr(TARGET_ATTR, target)
+        extra = check_study(open_storage(url), name, args.trials, timings)
+    return RunResult(kind, args.trials, setup_s, elapsed, extra, load_average(), timings)
 
 
 def run_workers(job: Job, workers: int) -> tuple[float, list[TrialTiming]]:
@@ -371,18 +276,18 @@ def run_workers(job: Job, workers: int) -> tuple[float, list[TrialTiming]]:
 
 def check_study(
     storage: optuna.storages.BaseStorage, name: str, target: int, timings: list[TrialTiming]
-) -> None:
-    """Each ticket ran once and completed (the window prototype may run a few extra)."""
-    numbers = [t.number for t in timings]
-    if len(set(numbers)) != len(numbers):
-        raise RuntimeError(f"{name}: {len(numbers) - len(set(numbers))} tickets ran twice")
-    if not set(range(target)) <= set(numbers):
-        raise RuntimeError(f"{name}: {target - len(set(numbers))} of {target} tickets never ran")
+) -> int:
+    """Each of the first `target` tickets ran once and completed; returns the tickets made
+    past the target by racing top-ups (left waiting, never run)."""
+    numbers = sorted(t.number for t in timings)
+    if numbers != list(range(target)):
+        raise RuntimeError(f"{name}: ran trials {numbers[:5]}..., not each of 0-{target - 1} once")
     trials = optuna.load_study(study_name=name, storage=storage).trials
-    states = {t.state for t in trials}
+    states = {t.state for t in trials[:target]}
     if states != {TrialState.COMPLETE}:
         reasons = {t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL}
         raise RuntimeError(f"{name}: trials ended in states {states}; failures: {reasons}")
+    return len(trials) - target
 
 
 @contextmanager
@@ -442,7 +347,7 @@ def summary_row(result: RunResult) -> str:
         [
             result.storage,
             result.target,
-            len(trials) - result.target,
+            result.extra,
             f"{result.setup_s:.1f}",
             f"{result.elapsed_s:.1f}",
             f"{len(trials) / result.elapsed_s:.1f}",
@@ -464,7 +369,7 @@ def print_tables(results: list[RunResult], args: argparse.Namespace) -> None:
     size = window(args.trials)
     print(
         f"\n{args.workers} workers, {args.reports} reports/trial, sampler {args.sampler}, "
-        f"pruner {args.pruner}, claim {args.claim}, queue {args.queue}\n"
+        f"pruner {args.pruner}\n"
     )
     header = ["storage", "trials", "extra", "setup s", "run s", "trials/s", "ms/trial"]
     header += [f"first {size}", f"last {size}", "growth", "load avg at end"]
@@ -495,8 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Per-trial bookkeeping of each storage, through the project's worker loop.",
         epilog="ms/trial: one trial's time in one worker, from the end of its previous trial "
         "to the end of its own, less the objective's compute; first/last: that mean over the "
-        "lowest/highest trial numbers; growth = last / first; extra: trials run past the "
-        "target (window prototype only).",
+        "lowest/highest trial numbers; growth = last / first; extra: tickets made past the "
+        "target by racing top-ups (queued, never run).",
     )
     parser.add_argument("--workers", type=int, default=8, help="worker processes (default 8)")
     parser.add_argument("--reports", type=int, default=30, help="reports per trial (default 30)")
@@ -517,20 +422,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("hyperband", "median", "none"),
         default="hyperband",
         help="the study's pruner, as `hpo --pruner` (default hyperband)",
-    )
-    parser.add_argument(
-        "--claim",
-        choices=("project", "update"),
-        default="project",
-        help="project: search.study.claim_trial; update: prototype claiming the lowest WAITING "
-        "trial with a conditional SQL UPDATE on RDB storages (default project)",
-    )
-    parser.add_argument(
-        "--queue",
-        choices=("full", "window"),
-        default="full",
-        help="full: the project's queue of all N tickets; window: prototype keeping "
-        "2 x workers tickets queued, topped up at each claim (default full)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 workers, 5 reports, 40")
     parser.add_argument(

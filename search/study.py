@@ -1,9 +1,12 @@
 """Create or join a study, and keep its trial budget.
 
-The budget is a queue of WAITING trials ("tickets"): a study with target N holds N trials
-that are not retries of a failed one. A worker only runs a trial it claimed from the queue
-(claiming is atomic in every Optuna storage), so workers together never run more than N,
-and a retry of a crashed trial takes its place in the queue instead of adding one.
+The budget is a queue of WAITING trials ("tickets"). A worker only runs a trial it claimed
+from the queue (claiming is atomic in every Optuna storage). Tickets are ranked by trial
+number; only the first N (the target) count, so workers together never run more than N,
+and a retry of a crashed trial takes its place instead of adding one. The queue is kept
+TICKET_WINDOW tickets ahead of the workers rather than filled with all N at once: Optuna
+re-reads every unfinished trial on each get_trials, so N waiting tickets would make every
+claim, pruner call and progress line cost O(N) (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from search.settings import SETTINGS_ATTR, StudySettings
 from search.space import report_table1_params
 
 TARGET_ATTR = "hpo:target"
+# Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
+TICKET_WINDOW = 16
 # A joining process waits this long for the creator to finish writing the settings.
 SETTINGS_WAIT_S = 60.0
 
@@ -52,7 +57,7 @@ def create_or_join(
         return load_settings(storage, name), False
     study.set_user_attr(TARGET_ATTR, target)
     first = [report_table1_params()] if settings.space_name == "default" else []
-    _add_tickets(study, target, first)
+    _add_tickets(study, min(target, TICKET_WINDOW), first)
     write_study_note(study, settings, target)
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(SETTINGS_ATTR, settings.to_dict())
@@ -114,42 +119,35 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def budget(study: optuna.Study) -> Budget:
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    counted = [t for t in trials if t.number not in retried]
-    return Budget(
-        target=int(study.user_attrs.get(TARGET_ATTR, 0)),
-        finished=sum(t.state.is_finished() for t in counted),
-        running=sum(t.state == TrialState.RUNNING for t in counted),
-        waiting=sum(t.state == TrialState.WAITING for t in counted),
-    )
+    target = _target(study)
+    counted = _counted(study.get_trials(deepcopy=False), target)
+    finished = sum(t.state.is_finished() for t in counted)
+    running = sum(t.state == TrialState.RUNNING for t in counted)
+    # Queued or not yet made: the queue holds only the next few tickets.
+    return Budget(target, finished, running, waiting=target - finished - running)
 
 
 def move_target(study: optuna.Study, target: int) -> Budget:
     """Raise the study's target to `target` trials; a target is never lowered."""
-    current = budget(study)
-    if target < current.target:
+    current = _target(study)
+    if target < current:
         raise StudyError(
-            f"--trials {target} is below the study's target {current.target}; "
+            f"--trials {target} is below the study's target {current}; "
             "a search is extended, never shortened"
         )
-    if target > current.target:
-        study.set_user_attr(TARGET_ATTR, target)
-        _add_tickets(study, target - current.target, [])
+    if target > current:
+        study.set_user_attr(TARGET_ATTR, target)  # claims add the tickets as they go
     return budget(study)
 
 
-def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
-    for i in range(count):
-        params = first[i] if i < len(first) else {}
-        study.enqueue_trial(params, skip_if_exists=False)
-
-
 def claim_trial(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically take one WAITING trial, retries first; None when the queue is empty."""
-    queue = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    """Atomically take one WAITING ticket, retries first; None when none is left to start."""
+    target = _target(study)
+    _top_up(study, study.get_trials(deepcopy=False), target)
+    trials = study.get_trials(deepcopy=False)
+    queue = [t for t in _counted(trials, target) if t.state == TrialState.WAITING]
     # A retry resumes from a checkpoint: run it before fresh trials.
-    queue.sort(key=lambda trial: "failed_trial" not in trial.system_attrs)
+    queue.sort(key=lambda trial: not _is_retry(trial))
     for waiting in queue:
         try:
             # False when another worker claimed it first (the storage compares and sets).
@@ -158,6 +156,41 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
         except UpdateFinishedTrialError:
             continue
     return None
+
+
+def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> None:
+    """Keep TICKET_WINDOW tickets queued until the target's worth exist.
+
+    Workers topping up at once may make a few too many: those rank past the target, are
+    never claimed or counted, and wait in case the target is raised.
+    """
+    fresh = [t for t in trials if not _is_retry(t)]
+    queued = sum(t.state == TrialState.WAITING for t in fresh)
+    _add_tickets(study, min(TICKET_WINDOW - queued, target - len(fresh)), [])
+
+
+def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
+    for i in range(count):
+        params = first[i] if i < len(first) else {}
+        study.enqueue_trial(params, skip_if_exists=False)
+
+
+def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
+    """The trials that fill the budget: each of the first `target` tickets, or its retry."""
+    retried = _retried_numbers(trials)
+    fresh = sorted(t.number for t in trials if not _is_retry(t))
+    in_budget = set(fresh[:target])
+    return [
+        t for t in trials if t.number not in retried and (_is_retry(t) or t.number in in_budget)
+    ]
+
+
+def _is_retry(trial: FrozenTrial) -> bool:
+    return "failed_trial" in trial.system_attrs
+
+
+def _target(study: optuna.Study) -> int:
+    return int(study.user_attrs.get(TARGET_ATTR, 0))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

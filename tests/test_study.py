@@ -14,6 +14,7 @@ from search.launch import StudyRequest
 from search.settings import SettingsConflict
 from search.space import report_table1_params
 from search.study import (
+    TICKET_WINDOW,
     StudyError,
     budget,
     claim_trial,
@@ -54,6 +55,37 @@ def test_target_moves_up_never_down(tmp_path: Path) -> None:
     with pytest.raises(StudyError, match="below the study's target 5"):
         move_target(study, 4)
     assert budget(study).target == 5
+
+
+def test_only_a_window_of_tickets_is_queued_and_claims_top_it_up(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    create_or_join(storage, "s", tiny_settings(), TICKET_WINDOW + 5)
+    study = join(storage, "s")
+    assert len(study.trials) == TICKET_WINDOW
+    assert budget(study).waiting == TICKET_WINDOW + 5
+    for _ in range(TICKET_WINDOW + 5):
+        study.tell(claim_trial(study), 1.0)
+        assert len(study.get_trials(states=(TrialState.WAITING,))) <= TICKET_WINDOW
+    assert claim_trial(study) is None
+    assert len(study.trials) == TICKET_WINDOW + 5 and budget(study).done
+
+    move_target(study, TICKET_WINDOW + 7)  # a raised target: claims make the new tickets
+    assert len(study.trials) == TICKET_WINDOW + 5
+    study.tell(claim_trial(study), 1.0)
+    study.tell(claim_trial(study), 1.0)
+    assert claim_trial(study) is None and budget(study).finished == TICKET_WINDOW + 7
+
+
+def test_tickets_past_the_target_are_never_claimed(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    create_or_join(storage, "s", tiny_settings(), 2)
+    study = join(storage, "s")
+    study.enqueue_trial({})  # as a top-up racing another would leave
+    assert [claim_trial(study).number, claim_trial(study).number] == [0, 1]
+    assert claim_trial(study) is None
+    assert budget(study).running == 2
+    move_target(study, 3)
+    assert claim_trial(study).number == 2  # the extra ticket counts once the target grows
 
 
 def test_conflicting_flag_names_both_values() -> None:
@@ -109,5 +141,7 @@ def test_concurrent_claims_never_hand_out_a_trial_twice(backend: str, tmp_path: 
         worker.join(timeout=60)
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
     assert sorted(numbers) == list(range(40))
-    trials = join(open_storage(url), name).trials
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    study = join(open_storage(url), name)
+    assert budget(study).finished == 40
+    # Racing top-ups may leave a few tickets past the target: queued, never run.
+    assert all(t.state == TrialState.WAITING for t in study.trials[40:])

@@ -56,7 +56,9 @@ def finish(workers: list[subprocess.Popen]) -> list[str]:
 
 
 def assert_exactly(study: optuna.Study, n: int) -> list[FrozenTrial]:
-    trials = study.get_trials()
+    # Racing top-ups may leave a few tickets past the target: queued, never run.
+    trials = [t for t in study.get_trials() if t.state != TrialState.WAITING]
+    assert all(t.number >= n for t in study.get_trials(states=(TrialState.WAITING,)))
     assert sorted(t.number for t in trials) == list(range(n))
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, [
         (t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials
@@ -68,7 +70,7 @@ def assert_exactly(study: optuna.Study, n: int) -> list[FrozenTrial]:
 
 @pytest.mark.parametrize(
     ("backend", "workers", "trials"),
-    [("postgresql", 4, 8), ("mysql", 2, 6), ("journal", 2, 6)],
+    [("postgresql", 4, 20), ("mysql", 2, 6), ("journal", 2, 6)],
 )
 def test_workers_on_one_study_stop_at_exactly_n(
     backend: str, workers: int, trials: int, hpo_env: dict, tmp_path: Path, micro_space: Path
