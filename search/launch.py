@@ -101,7 +101,7 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
 
 def stored_settings(study_name: str, storage_url: str) -> StudySettings:
     """The settings of an existing study; StudyError if there is none."""
-    return load_settings(open_storage(storage_url), study_name)
+    return load_settings(open_storage(storage_url, reader=True), study_name)
 
 
 def run_local_worker(

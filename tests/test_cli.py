@@ -118,7 +118,9 @@ def test_bad_input_is_one_line_and_exit_2(hpo_env: dict[str, str], tmp_path: Pat
     expect_user_error(hpo("status", "--storage", "sqlite:/x.db"), "storage URL")
     expect_user_error(hpo("status", "--storage", "oracle://u:secret@h/db"), "u:***@h")
     missing = tmp_path / "elsewhere" / "hpo.db"
-    expect_user_error(hpo("status", "--storage", f"sqlite:///{missing}"), "no SQLite database")
+    elsewhere = f"sqlite:///{missing}"
+    expect_user_error(hpo("status", "--storage", elsewhere), "no SQLite database")
+    expect_user_error(hpo("worker", "--study", "s", "--storage", elsewhere), "no SQLite database")
     assert not missing.parent.exists()
 
     # A study with no finished trial: created, then stopped before its first trial.
@@ -126,6 +128,7 @@ def test_bad_input_is_one_line_and_exit_2(hpo_env: dict[str, str], tmp_path: Pat
     expect_user_error(hpo("best", "--study", "empty"), "no completed trial")
     expect_user_error(hpo("status", "--study", "nope"), "no study named 'nope'")
     expect_user_error(hpo("best", "--study", "nope"), "no study named 'nope'")
+    expect_user_error(hpo("worker", "--study", "nope"), "no study named 'nope'")
 
     (tmp_path / "space.yaml").write_text("width: [64]\n")
     expect_user_error(hpo(*tiny_start("s", 2, "--space", "space.yaml")), "width")
