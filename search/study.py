@@ -40,7 +40,7 @@ class Budget:
     target: int
     finished: int  # complete + pruned + failed and not retried
     running: int
-    waiting: int
+    waiting: int  # not started yet: queued, or not yet made
 
     @property
     def done(self) -> bool:
@@ -123,7 +123,6 @@ def budget(study: optuna.Study) -> Budget:
     counted = _counted(study.get_trials(deepcopy=False), target)
     finished = sum(t.state.is_finished() for t in counted)
     running = sum(t.state == TrialState.RUNNING for t in counted)
-    # Queued or not yet made: the queue holds only the next few tickets.
     return Budget(target, finished, running, waiting=target - finished - running)
 
 
@@ -143,8 +142,9 @@ def move_target(study: optuna.Study, target: int) -> Budget:
 def claim_trial(study: optuna.Study) -> optuna.Trial | None:
     """Atomically take one WAITING ticket, retries first; None when none is left to start."""
     target = _target(study)
-    _top_up(study, study.get_trials(deepcopy=False), target)
     trials = study.get_trials(deepcopy=False)
+    if _top_up(study, trials, target):
+        trials = study.get_trials(deepcopy=False)
     queue = [t for t in _counted(trials, target) if t.state == TrialState.WAITING]
     # A retry resumes from a checkpoint: run it before fresh trials.
     queue.sort(key=lambda trial: not _is_retry(trial))
@@ -158,15 +158,18 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
     return None
 
 
-def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> None:
-    """Keep TICKET_WINDOW tickets queued until the target's worth exist.
+def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
+    """Keep TICKET_WINDOW tickets queued until the target's worth exist; returns how many
+    it added.
 
     Workers topping up at once may make a few too many: those rank past the target, are
     never claimed or counted, and wait in case the target is raised.
     """
     fresh = [t for t in trials if not _is_retry(t)]
     queued = sum(t.state == TrialState.WAITING for t in fresh)
-    _add_tickets(study, min(TICKET_WINDOW - queued, target - len(fresh)), [])
+    count = max(0, min(TICKET_WINDOW - queued, target - len(fresh)))
+    _add_tickets(study, count, [])
+    return count
 
 
 def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
