@@ -326,7 +326,7 @@ def train(
     console.print(f"wrote {output_dir / 'model.pt'} and {output_dir / 'metrics.json'}")
     artifacts = resolve_artifact_dir(artifact_dir, storage)
     source = document.get("source") or {}
-    console.print(attach_to_study(storage, artifacts, source, output_dir), highlight=False)
+    console.print(attach_to_study(storage, artifacts, source, output_dir, metrics), highlight=False)
 
 
 @app.command()

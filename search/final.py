@@ -69,7 +69,11 @@ def _save(output_dir: Path, cfg: TrialConfig, trainer: Trainer, metrics: dict[st
 
 
 def attach_to_study(
-    storage_url: str, artifacts: Path, source: dict[str, Any], output_dir: Path
+    storage_url: str,
+    artifacts: Path,
+    source: dict[str, Any],
+    output_dir: Path,
+    metrics: dict[str, Any],
 ) -> str:
     """Keep the final weights and metrics as artifacts of the study the config came from,
     where the dashboard lists them. Returns one line saying where, or why not."""
@@ -90,7 +94,6 @@ def attach_to_study(
         )
         for file in FINAL_FILES
     }
-    metrics = json.loads((output_dir / "metrics.json").read_text())
     study.set_user_attr(
         FINAL_ATTR,
         {

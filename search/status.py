@@ -46,7 +46,7 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
             for name in ("complete", "pruned", "fail", "running", "waiting")
         ),
     )
-    summary.add_row("not started", f"{state.waiting} ({counts.get('waiting', 0)} queued)")
+    summary.add_row("not started", str(state.waiting))
     summary.add_row("best", best_summary(study))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
