@@ -45,23 +45,19 @@ from optuna.trial import FrozenTrial, TrialState
 
 import search.worker
 from search.progress import best_summary
+from search.pruners import build_pruner
 from search.settings import StudySettings
-from search.space import load_space
 from search.study import (
     budget,
-    build_pruner,
     create_or_join,
     join,
     join_as_worker,
 )
-from storage import HeartbeatPolicy, StorageURLError, backend_of, open_storage
+from storage import HeartbeatPolicy, StorageURLError, has_heartbeat, open_storage
 
 STORAGES = ("sqlite", "journal", "postgresql", "mysql", "redis")
 DEFAULT_STORAGES = "sqlite,journal,postgresql,mysql"
-RDB_BACKENDS = ("sqlite", "postgresql", "mysql")
 PHASES = ("claim", "suggest", "report", "prune", "tell", "progress")
-# `hpo`'s default heartbeat interval (seconds) on RDB storages.
-HEARTBEAT_S = 60
 # Seconds the parent waits for all workers to finish one storage's run.
 RUN_TIMEOUT_S = 3600.0
 
@@ -148,9 +144,7 @@ def worker_main(job: Job, index: int, start: Barrier, results: Queue) -> None:
 
 def open_worker_study(job: Job, index: int) -> optuna.Study:
     """The study as `hpo` opens it: heartbeats on RDB storages, the study's pruner."""
-    heartbeat = None
-    if backend_of(job.url) in RDB_BACKENDS:
-        heartbeat = HeartbeatPolicy(interval_s=job.settings.heartbeat_s)
+    heartbeat = HeartbeatPolicy(job.settings.heartbeat_s) if has_heartbeat(job.url) else None
     storage = open_storage(job.url, heartbeat)
     if job.sampler == "tpe":
         return join_as_worker(storage, job.study_name, job.settings, f"bench/slot{index}")
@@ -219,15 +213,7 @@ def storage_url(kind: str, workdir: Path, args: argparse.Namespace) -> str:
 
 def bench_settings(args: argparse.Namespace) -> StudySettings:
     """Settings as `hpo` builds them from its defaults; epochs = reports, for the pruner."""
-    return StudySettings(
-        space_name="default",
-        space=load_space("default").to_dict(),
-        epochs=args.reports,
-        dataset="synthetic",
-        pruner=args.pruner,
-        seed=0,
-        heartbeat_s=HEARTBEAT_S,
-    )
+    return StudySettings.for_space(epochs=args.reports, dataset="synthetic", pruner=args.pruner)
 
 
 def run_storage(kind: str, args: argparse.Namespace, workdir: Path) -> RunResult:

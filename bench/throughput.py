@@ -50,13 +50,13 @@ from data import (
     AugmentConfig,
     ImageSet,
     load_dataset,
-    make_loaders,
+    search_data,
     stratified_split,
 )
 from data.synthetic import synthetic_folder, write_synthetic
 from model import REPORT_TABLE1, ModelConfig, build_model, train_step_flops
 from search.config import TrainConfig
-from search.trainer import Trainer
+from search.trainer import DeviceRecipe, Trainer
 
 CONFIGS = {
     "table1": REPORT_TABLE1,
@@ -166,9 +166,10 @@ def torch_defaults() -> Iterator[None]:
 
 class ProjectPipeline:
     def __init__(self, opts: Options, imageset: ImageSet, epochs: int):
-        self.device = torch.device(opts.device)
-        self.train, self.val = make_loaders(
-            imageset, opts.batch_size, self.device, AUGMENT, VAL_FRACTION, channels_last=True
+        recipe = DeviceRecipe.for_device(opts.device)
+        # Batches arrive in the layout the trainer computes in, so it never converts them.
+        self.train, self.val = search_data(imageset, recipe.device, VAL_FRACTION).loaders(
+            opts.batch_size, AUGMENT, channels_last=recipe.channels_last
         )
         torch.manual_seed(0)
         model = build_model(opts.model)
@@ -176,13 +177,9 @@ class ProjectPipeline:
             model,
             opts.train_config(epochs),
             len(self.train),
-            self.device,
+            recipe,
             compile_mode=opts.compile,
             fused_blocks=opts.fused,
-        )
-        # Batches in the layout the trainer computes in, so it never converts them.
-        self.train.channels_last = self.val.channels_last = self.trainer.memory_format == (
-            torch.channels_last
         )
         self.epochs = self.trainer.fit(self.train, self.val)
 

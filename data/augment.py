@@ -42,9 +42,14 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> AugmentConfig:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if not isinstance(values, dict):
+            raise ValueError(f"augment: must be a mapping, got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(key) for key in values if key not in known)
         if unknown:
-            raise ValueError(f"unknown augmentation keys: {', '.join(unknown)}")
+            raise ValueError(
+                f"augment: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
         return cls(**values)
 
 

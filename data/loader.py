@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +38,7 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         channels_last: bool = False,
+        epoch: int = 0,
     ) -> None:
         _check(images, labels, batch_size, drop_last)
         self.device = torch.device(device)
@@ -49,7 +51,7 @@ class DeviceLoader:
         self.seed = seed
         self.channels_last = channels_last
         self.num_samples = len(labels)
-        self.epoch = 0
+        self.epoch = epoch  # the next epoch to yield
         self._mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(CIFAR10_STD, device=self.device).view(1, -1, 1, 1)
 
@@ -81,82 +83,85 @@ class DeviceLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def make_loaders(
-    imageset: ImageSet,
-    batch_size: int,
-    device: torch.device | str,
-    augment: AugmentConfig | None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    eval_batch_size: int = 1024,
-    split_seed: int = 0,
-    channels_last: bool = False,
-) -> tuple[DeviceLoader, DeviceLoader]:
-    """(train, validation) loaders from a stratified split of the training images.
+@dataclass(frozen=True)
+class Labelled:
+    """Images (uint8, N x C x H x W) and their labels, on one device."""
 
-    `split_seed` is separate from `seed` (shuffling, augmentation) so every trial of a study
-    is scored on the same validation images whatever its own seed.
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What one run reads, on its device: training images and a held-out part.
+
+    Made once per worker process and shared by its trials; a loader over it copies nothing.
+    For the search the held-out part is the validation split; for the final run, the test set.
+    """
+
+    train: Labelled
+    held_out: Labelled
+
+    def loaders(
+        self,
+        batch_size: int,
+        augment: AugmentConfig | None,
+        seed: int = 0,
+        epoch: int = 0,
+        channels_last: bool = False,
+        eval_batch_size: int = 1024,
+    ) -> tuple[DeviceLoader, DeviceLoader]:
+        """(train, held-out) loaders. The training loader is reshuffled and augmented every
+        epoch from (seed, epoch) and drops its partial last batch; `epoch` is where a resumed
+        run picks up."""
+        train = DeviceLoader(
+            self.train.images,
+            self.train.labels,
+            batch_size,
+            self.train.images.device,
+            augment,
+            shuffle=True,
+            drop_last=True,
+            seed=seed,
+            channels_last=channels_last,
+            epoch=epoch,
+        )
+        held_out = DeviceLoader(
+            self.held_out.images,
+            self.held_out.labels,
+            eval_batch_size,
+            self.held_out.images.device,
+            channels_last=channels_last,
+        )
+        return train, held_out
+
+
+def search_data(
+    imageset: ImageSet, device: torch.device | str, val_fraction: float = 0.1, split_seed: int = 0
+) -> RunData:
+    """A stratified train/validation split of the training images, on the device.
+
+    `split_seed` is fixed per study, so every trial is scored on the same validation images
+    whatever its own seed. The test images are not read.
     """
     train_idx, val_idx = stratified_split(imageset.train_labels, val_fraction, split_seed)
     images, labels = imageset.train_images, imageset.train_labels
-    train = _shuffled(
-        images[train_idx], labels[train_idx], batch_size, device, augment, seed, channels_last
-    )
-    val = DeviceLoader(
-        images[val_idx], labels[val_idx], eval_batch_size, device, channels_last=channels_last
-    )
-    return train, val
-
-
-def full_train_loader(
-    imageset: ImageSet,
-    batch_size: int,
-    device: torch.device | str,
-    augment: AugmentConfig | None,
-    seed: int = 0,
-    channels_last: bool = False,
-) -> DeviceLoader:
-    """All training images (train + validation), for the final training run."""
-    images, labels = imageset.train_images, imageset.train_labels
-    return _shuffled(images, labels, batch_size, device, augment, seed, channels_last)
-
-
-def _shuffled(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    device: torch.device | str,
-    augment: AugmentConfig | None,
-    seed: int,
-    channels_last: bool,
-) -> DeviceLoader:
-    """A training loader: reshuffled and augmented every epoch, partial last batch dropped."""
-    return DeviceLoader(
-        images,
-        labels,
-        batch_size,
-        device,
-        augment,
-        shuffle=True,
-        drop_last=True,
-        seed=seed,
-        channels_last=channels_last,
+    return RunData(
+        train=_on(device, images[train_idx], labels[train_idx]),
+        held_out=_on(device, images[val_idx], labels[val_idx]),
     )
 
 
-def test_loader(
-    imageset: ImageSet,
-    device: torch.device | str,
-    batch_size: int = 1024,
-    channels_last: bool = False,
-) -> DeviceLoader:
-    """The test images in order, without augmentation."""
-    return DeviceLoader(
-        imageset.test_images, imageset.test_labels, batch_size, device, channels_last=channels_last
+def final_data(imageset: ImageSet, device: torch.device | str) -> RunData:
+    """All training images (train + validation), and the test set held out."""
+    return RunData(
+        train=_on(device, imageset.train_images, imageset.train_labels),
+        held_out=_on(device, imageset.test_images, imageset.test_labels),
     )
 
 
-test_loader.__test__ = False  # a loader, not a pytest test, when imported into a test module
+def _on(device: torch.device | str, images: torch.Tensor, labels: torch.Tensor) -> Labelled:
+    return Labelled(images.to(device), labels.to(device))
 
 
 def _check(images: torch.Tensor, labels: torch.Tensor, batch_size: int, drop_last: bool) -> None:

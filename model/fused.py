@@ -13,14 +13,12 @@ next to the convolutions, and autograd routes the gradients back to each block's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from model.network import ConvBlock, ConvLayer
+from model.layers import ConvBlock, ConvLayer
 
 
 def fused_blocks(blocks: Sequence[ConvBlock], x: Tensor) -> Tensor:

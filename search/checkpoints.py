@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,22 +9,16 @@ from typing import Any
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
-from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.artifacts.exceptions import ArtifactNotFound
-from sqlalchemy.engine import make_url
 
-from storage import backend_of
-
-CHECKPOINT_ATTR = "checkpoint"
+from search import attrs
+from search.optuna_private import forget_artifact, replace_artifact
+from storage import default_artifact_dir
 
 
 def artifact_dir(given: Path | None, storage_url: str) -> Path:
-    """Artifacts (checkpoints, final weights) go beside a SQLite file, else in ./hpo-artifacts."""
-    if given is not None:
-        return given
-    if backend_of(storage_url) == "sqlite":
-        return Path(make_url(storage_url).database or ".").parent / "hpo-artifacts"
-    return Path("hpo-artifacts")
+    """The --artifact-dir given, else the storage's default (beside a SQLite file)."""
+    return given if given is not None else default_artifact_dir(storage_url)
 
 
 class CheckpointStore:
@@ -42,15 +34,14 @@ class CheckpointStore:
         self.artifacts = FileSystemArtifactStore(str(directory))
 
     def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
-        record = trial.user_attrs.get(CHECKPOINT_ATTR)
+        record = trial.user_attrs.get(attrs.CHECKPOINT)
         with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
             path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
             torch.save(state, path)
             # An inherited record points at the failed trial's file: this trial needs its own.
             if record and record["owner"] == trial.number:
                 artifact_id = record["artifact_id"]
-                # FileSystemArtifactStore keeps an artifact at <directory>/<artifact_id>.
-                os.replace(path, self.directory / artifact_id)
+                replace_artifact(self.artifacts, artifact_id, path)
             else:
                 artifact_id = upload_artifact(
                     artifact_store=self.artifacts,
@@ -59,11 +50,11 @@ class CheckpointStore:
                     mimetype="application/octet-stream",
                 )
         record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
-        trial.set_user_attr(CHECKPOINT_ATTR, record)
+        trial.set_user_attr(attrs.CHECKPOINT, record)
 
     def load(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """The checkpoint a retried trial inherited from the trial it replaces, if any."""
-        record = trial.user_attrs.get(CHECKPOINT_ATTR)
+        record = trial.user_attrs.get(attrs.CHECKPOINT)
         if not record:
             return None
         with tempfile.TemporaryDirectory() as scratch:
@@ -85,10 +76,9 @@ class CheckpointStore:
         Removed as the dashboard removes an artifact: the file, and its listing set to null.
         A checkpoint inherited from a failed trial stays: that trial's record still names it.
         """
-        record = trial.user_attrs.get(CHECKPOINT_ATTR)
+        record = trial.user_attrs.get(attrs.CHECKPOINT)
         if not record or record["owner"] != trial.number:
             return
         self.artifacts.remove(record["artifact_id"])
-        listing = ARTIFACTS_ATTR_PREFIX + record["artifact_id"]
-        trial.storage.set_trial_system_attr(trial._trial_id, listing, json.dumps(None))
-        trial.set_user_attr(CHECKPOINT_ATTR, None)
+        forget_artifact(trial, record["artifact_id"])
+        trial.set_user_attr(attrs.CHECKPOINT, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -13,29 +13,24 @@ import optuna
 import typer
 from rich.console import Console
 
-from data import DatasetMissingError, default_data_dir, download_cifar10, load_dataset
+from data import DATASETS, DatasetMissingError, default_data_dir, download_cifar10
 from model import ModelConfigError
 from search.checkpoints import artifact_dir as resolve_artifact_dir
-from search.config import ConfigError, load_config_file
+from search.config import DEFAULT_EPOCHS, ConfigError
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
 from search.export import best_document, to_yaml
-from search.final import attach_to_study, train_final
-from search.fleet import GpuSpecError, parse_gpus, plan_slots, run_fleet
-from search.launch import (
-    StudyRequest,
-    WorkerOptions,
-    create_study,
-    pick_device,
-    run_local_worker,
-    stored_settings,
-)
-from search.progress import SearchProgress, format_epoch
+from search.final import FinalRequest, run_final
+from search.fleet import GpuSpecError, WorkerOptions
+from search.launch import StudyRequest, create_study, join_search, start_search
+from search.progress import SearchProgress
+from search.pruners import PRUNERS
 from search.report import ReportError, write_report
-from search.settings import SettingsConflict
-from search.space import SpaceError
+from search.settings import DEFAULT_SEED, SettingsConflict
+from search.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
 from search.status import studies_table, study_status
 from search.study import StudyError, join
-from storage import DEFAULT_STORAGE_URL, StorageURLError, backend_of, open_storage
+from search.trainer import COMPILE_MODES, DEFAULT_COMPILE_MODE
+from storage import DEFAULT_HEARTBEAT_S, DEFAULT_STORAGE_URL, StorageURLError, open_storage
 
 app = typer.Typer(
     help="Hyperparameter search for the Backbone CIFAR-10 CNN, on Optuna.",
@@ -62,21 +57,16 @@ USER_ERRORS = (
 )
 
 
-class Dataset(str, Enum):
-    cifar10 = "cifar10"
-    synthetic = "synthetic"
+def choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """A typer choice type for a list of choices owned by another module."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
 
 
-class Compile(str, Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
-class Pruner(str, Enum):
-    hyperband = "hyperband"
-    median = "median"
-    none = "none"
+Dataset = choices("Dataset", DATASETS)
+Compile = choices("Compile", COMPILE_MODES)
+Pruner = choices("Pruner", PRUNERS)
+DEFAULT_COMPILE = Compile(DEFAULT_COMPILE_MODE)
+DEFAULT_DATASET = Dataset(DATASETS[0])
 
 
 StorageOption = Annotated[
@@ -93,7 +83,8 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         envvar="HPO_DATA_DIR",
-        help="Where CIFAR-10 is (or is downloaded to). [default: ~/.cache/backbone-hpo/data]",
+        help="Where CIFAR-10 is (or is downloaded to).",
+        show_default=str(default_data_dir()),
     ),
 ]
 
@@ -113,20 +104,28 @@ def user_errors() -> Iterator[None]:
 
 StudyOption = Annotated[str, typer.Option(help="Study name.")]
 SpaceOption = Annotated[
-    str | None, typer.Option(help="Search space: default, tiny, or a YAML file of overrides.")
+    str | None,
+    typer.Option(
+        help=f"Search space: {', '.join(BUILTIN_SPACES)}, or a YAML file of overrides.",
+        show_default=DEFAULT_SPACE_NAME,
+    ),
 ]
-EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs per trial. [default: 20]")]
-DatasetOption = Annotated[Dataset | None, typer.Option(help="[default: cifar10]")]
+EpochsOption = Annotated[
+    int | None, typer.Option(min=1, help="Epochs per trial.", show_default=str(DEFAULT_EPOCHS))
+]
+DatasetOption = Annotated[Dataset | None, typer.Option(show_default=DATASETS[0])]
 PrunerOption = Annotated[
-    Pruner | None, typer.Option(help="Prune on validation loss. [default: hyperband]")
+    Pruner | None,
+    typer.Option(help="Prune on validation loss.", show_default=next(iter(PRUNERS))),
 ]
-SeedOption = Annotated[int | None, typer.Option(help="Study seed. [default: 0]")]
+SeedOption = Annotated[int | None, typer.Option(help="Study seed.", show_default=str(DEFAULT_SEED))]
 HeartbeatOption = Annotated[
     int | None,
     typer.Option(
         min=1,
         help="Seconds between trial heartbeats; a trial silent for twice that is failed and "
-        "retried. [default: 60]",
+        "retried.",
+        show_default=str(DEFAULT_HEARTBEAT_S),
     ),
 ]
 ArtifactDirOption = Annotated[
@@ -134,8 +133,8 @@ ArtifactDirOption = Annotated[
     typer.Option(
         envvar="HPO_ARTIFACT_DIR",
         help="Optuna artifact store for epoch checkpoints and final weights; shared by all "
-        "workers of a study. "
-        "[default: hpo-artifacts beside a SQLite file, else ./hpo-artifacts]",
+        "workers of a study.",
+        show_default="hpo-artifacts beside a SQLite file, else ./hpo-artifacts",
     ),
 ]
 TimeoutOption = Annotated[
@@ -197,7 +196,7 @@ def start(
     timeout: TimeoutOption = None,
     gpus: GpusOption = None,
     jobs_per_gpu: JobsOption = 1,
-    compile: CompileOption = Compile.auto,
+    compile: CompileOption = DEFAULT_COMPILE,
 ) -> None:
     """Search: create the study (or join it) and run trials until it holds --trials.
 
@@ -209,15 +208,10 @@ def start(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat,
     )  # fmt: skip
-    options = WorkerOptions(data_dir, artifact_dir, timeout, compile.value)
-    progress = SearchProgress(console)
+    options = WorkerOptions(data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu)
     with user_errors():
-        slots = plan_slots(parse_gpus(gpus), jobs_per_gpu)
-        settings = create_study(request, progress)
-        if len(slots) == 1 and gpus is None:
-            run_local_worker(study, storage, settings, options, progress)
-            return
-    raise typer.Exit(run_fleet(study, storage, slots, options, progress))
+        code = start_search(request, options, SearchProgress(console))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -229,22 +223,19 @@ def worker(
     timeout: TimeoutOption = None,
     gpus: GpusOption = None,
     jobs_per_gpu: JobsOption = 1,
-    compile: CompileOption = Compile.auto,
+    compile: CompileOption = DEFAULT_COMPILE,
     slot: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Join an existing study from any machine and run trials toward its stored target.
 
     Everything but the per-machine options comes from the study's stored settings.
     """
-    options = WorkerOptions(data_dir, artifact_dir, timeout, compile.value, slot)
-    progress = SearchProgress(console)
+    options = WorkerOptions(
+        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, slot
+    )
     with user_errors():
-        settings = stored_settings(study, storage)
-        slots = plan_slots(parse_gpus(gpus), jobs_per_gpu)
-        if len(slots) == 1 and gpus is None:
-            run_local_worker(study, storage, settings, options, progress)
-            return
-    raise typer.Exit(run_fleet(study, storage, slots, options, progress))
+        code = join_search(study, storage, options, SearchProgress(console))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -295,7 +286,7 @@ def train(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Epochs; the config's own if left out.")
     ] = None,
-    dataset: Annotated[Dataset, typer.Option()] = Dataset.cifar10,
+    dataset: Annotated[Dataset, typer.Option()] = DEFAULT_DATASET,
     data_dir: DataDirOption = None,
     output_dir: Annotated[
         Path, typer.Option(help="Where model.pt and metrics.json are written.")
@@ -308,25 +299,11 @@ def train(
     The weights and metrics are also attached to the study the config came from, when that
     study is in --storage, so the dashboard lists them beside the search.
     """
-    with user_errors():
-        cfg, document = load_config_file(config)
-        backend_of(storage)  # a malformed URL fails now, not after the training
-        images = load_dataset(dataset.value, data_dir)
-    progress = SearchProgress(console)
-    total = epochs or cfg.train.epochs
-    metrics = train_final(
-        cfg,
-        images,
-        pick_device(progress),
-        output_dir,
-        epochs=epochs,
-        on_epoch=lambda stats: console.print(format_epoch("final", stats, total), highlight=False),
+    request = FinalRequest(
+        config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir
     )
-    console.print(f"test accuracy {metrics['test_acc']:.2%} (test loss {metrics['test_loss']:.4f})")
-    console.print(f"wrote {output_dir / 'model.pt'} and {output_dir / 'metrics.json'}")
-    artifacts = resolve_artifact_dir(artifact_dir, storage)
-    source = document.get("source") or {}
-    console.print(attach_to_study(storage, artifacts, source, output_dir, metrics), highlight=False)
+    with user_errors():
+        run_final(request, SearchProgress(console))
 
 
 @app.command()

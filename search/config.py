@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -12,12 +12,34 @@ from data import AugmentConfig
 from model import ModelConfig
 
 SCHEDULERS = ("plateau", "onecycle", "cosine", "step", "constant")
+# Epochs of a trial (and of a config that names none).
+DEFAULT_EPOCHS = 20
 # Sections `hpo best` writes beside the config; `hpo train` reads past them.
 REPORT_SECTIONS = ("metrics", "source", "versions")
 
 
 class ConfigError(ValueError):
     """A config file or section that cannot be trained; the message names the field."""
+
+
+Config = TypeVar("Config")
+
+
+def from_mapping(
+    cls: type[Config], raw: Any, section: str, error: type[ValueError] = ConfigError
+) -> Config:
+    """`cls(**raw)` for a dataclass, refusing a non-mapping and naming unknown keys.
+
+    The one way this room reads a mapping into a config; model/ and data/ apply the same
+    rule to their own configs.
+    """
+    if not isinstance(raw, dict):
+        raise error(f"{section}: must be a mapping, got {type(raw).__name__}")
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(str(key) for key in raw if key not in known)
+    if unknown:
+        raise error(f"{section}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -28,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
     batch_size: int = 256
-    epochs: int = 10
+    epochs: int = DEFAULT_EPOCHS
     scheduler: str = "plateau"
     scheduler_args: dict[str, float] = field(default_factory=dict)
 
@@ -55,6 +77,9 @@ class TrialConfig:
     train: TrainConfig
     augment: AugmentConfig
 
+    def with_epochs(self, epochs: int) -> TrialConfig:
+        return replace(self, train=replace(self.train, epochs=epochs))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),
@@ -74,23 +99,13 @@ class TrialConfig:
         try:
             return cls(
                 model=ModelConfig.from_dict(raw["model"]),
-                train=_train_from_dict(raw.get("train") or {}),
+                train=from_mapping(TrainConfig, raw.get("train") or {}, "train"),
                 augment=AugmentConfig.from_dict(raw.get("augment") or {}),
             )
         except ConfigError:
             raise
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from err
-
-
-def _train_from_dict(raw: Any) -> TrainConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError("train: must be a mapping")
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"train: unknown key(s) {', '.join(sorted(unknown))}")
-    return TrainConfig(**raw)
 
 
 def load_config_file(path: Path) -> tuple[TrialConfig, dict[str, Any]]:

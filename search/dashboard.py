@@ -15,11 +15,9 @@ import optuna_dashboard
 import yaml
 from optuna.artifacts import FileSystemArtifactStore
 
+from search import attrs
 from search.settings import StudySettings
 from storage import open_storage, redact_url
-
-# The user attrs every trial carries (search/objective.py), listed in the study note.
-TRIAL_ATTRS = ("val_acc", "images_per_s", "params", "architecture", "config", "gpu", "host")
 
 
 class DashboardError(ValueError):
@@ -115,7 +113,7 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         ("heartbeat", f"{settings.heartbeat_s} s"),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    attrs = ", ".join(f"`{attr}`" for attr in TRIAL_ATTRS)
+    described = ", ".join(f"`{attr}`" for attr in attrs.DESCRIBED)
     space = yaml.safe_dump(settings.space, sort_keys=False, default_flow_style=None)
     return (
         f"## Backbone search `{name}`\n\n"
@@ -123,6 +121,6 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         "used.\n\n"
         f"| setting | value |\n|---|---|\n{table}\n\n"
         "Each trial reports its validation loss per epoch as intermediate values, carries "
-        f"{attrs} as user attributes and keeps its latest epoch checkpoint as an artifact.\n\n"
+        f"{described} as user attributes and keeps its latest epoch checkpoint as an artifact.\n\n"
         f"### Search space\n\n```yaml\n{space}```\n"
     )

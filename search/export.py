@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 import yaml
 
+from search import attrs
 from search.config import TrialConfig
 from search.study import StudyError
 from storage import redact_url
@@ -21,25 +22,25 @@ def best_document(study: optuna.Study, storage_url: str) -> dict[str, Any]:
         best = study.best_trial
     except ValueError:
         raise StudyError(f"study {study.study_name!r} has no completed trial yet") from None
-    if "config" not in best.user_attrs:
+    stored = best.user_attrs
+    if attrs.CONFIG not in stored:
         raise StudyError(f"trial {best.number} of {study.study_name!r} has no stored config")
-    config = TrialConfig.from_dict(best.user_attrs["config"])
-    attrs = best.user_attrs
+    config = TrialConfig.from_dict(stored[attrs.CONFIG])
     return {
         **config.to_dict(),
         "metrics": {
             "val_loss": best.value,
-            "val_acc": attrs.get("val_acc"),
+            "val_acc": stored.get(attrs.VAL_ACC),
             "epochs_trained": best.last_step,
-            "images_per_s": attrs.get("images_per_s"),
-            "params": attrs.get("params"),
-            "device": attrs.get("device"),
+            "images_per_s": stored.get(attrs.IMAGES_PER_S),
+            "params": stored.get(attrs.PARAMS),
+            "device": stored.get(attrs.DEVICE),
         },
         "source": {
             "study": study.study_name,
             "trial": best.number,
             "storage": redact_url(storage_url),
-            "architecture": attrs.get("architecture"),
+            "architecture": stored.get(attrs.ARCHITECTURE),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "versions": package_versions(),

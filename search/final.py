@@ -4,59 +4,91 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from data import ImageSet, full_train_loader, test_loader
-from model import build_model, count_parameters
-from search.config import TrialConfig
+from data import ImageSet, final_data, load_dataset
+from model import count_parameters
+from search import attrs
+from search.checkpoints import artifact_dir
+from search.config import TrialConfig, load_config_file
+from search.progress import SearchProgress, format_epoch
+from search.run import pick_device, start_run
 from search.study import StudyError, join
-from search.trainer import EpochStats, Trainer
-from storage import StorageURLError, open_storage
+from search.trainer import DeviceRecipe, EpochStats, Trainer
+from storage import StorageURLError, backend_of, open_storage
 
-# Study user attribute: the latest `hpo train` of a config exported from this study.
-FINAL_ATTR = "hpo:final"
 FINAL_FILES = ("model.pt", "metrics.json")
+
+
+@dataclass(frozen=True)
+class FinalRequest:
+    """What `hpo train` was asked: a config file, and where to train and write it."""
+
+    config: Path
+    dataset: str
+    output_dir: Path
+    storage: str
+    epochs: int | None = None  # the config's own if None
+    data_dir: Path | None = None
+    artifact_dir: Path | None = None
+
+
+def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
+    """`hpo train`: train the config, test it, write and attach the weights and metrics."""
+    cfg, document = load_config_file(request.config)
+    if request.epochs is not None:
+        cfg = cfg.with_epochs(request.epochs)
+    backend_of(request.storage)  # a malformed URL fails now, not after the training
+    images = load_dataset(request.dataset, request.data_dir)
+    recipe = DeviceRecipe.for_device(pick_device(progress.say))
+    epochs = cfg.train.epochs
+    metrics = train_final(
+        cfg,
+        images,
+        recipe,
+        request.output_dir,
+        on_epoch=lambda stats: progress.say(format_epoch("final", stats, epochs)),
+    )
+    progress.say(f"test accuracy {metrics['test_acc']:.2%} (test loss {metrics['test_loss']:.4f})")
+    progress.say(
+        f"wrote {request.output_dir / 'model.pt'} and {request.output_dir / 'metrics.json'}"
+    )
+    artifacts = artifact_dir(request.artifact_dir, request.storage)
+    source = document.get("source") or {}
+    progress.say(attach_to_study(request.storage, artifacts, source, request.output_dir, metrics))
+    return metrics
 
 
 def train_final(
     cfg: TrialConfig,
     images: ImageSet,
-    device: torch.device,
+    recipe: DeviceRecipe,
     output_dir: Path,
-    epochs: int | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate on the test set, save weights and metrics; returns the metrics."""
-    if epochs is not None:
-        cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    train = full_train_loader(images, cfg.train.batch_size, device, cfg.augment)
-    trainer = Trainer(model, cfg.train, len(train), device)
-    # Batches arrive in the layout the trainer picked for this device.
-    channels_last = trainer.memory_format == torch.channels_last
-    train.channels_last = channels_last
+    run = start_run(cfg, final_data(images, recipe.device), recipe, seed=0)
     history = []
-    for stats in trainer.fit(train, None):
+    for stats in run.trainer.fit(run.train, None):
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-    test_loss, test_acc = trainer.evaluate(test_loader(images, device, channels_last=channels_last))
+    test_loss, test_acc = run.trainer.evaluate(run.held_out)
     metrics = {
         "test_acc": test_acc,
         "test_loss": test_loss,
         "epochs": cfg.train.epochs,
-        "train_images": train.num_samples,
-        "params": count_parameters(model),
+        "train_images": run.train.num_samples,
+        "params": count_parameters(run.trainer.model),
         "train_loss": [round(s.train_loss, 5) for s in history],
         "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
     }
-    _save(output_dir, cfg, trainer, metrics)
+    _save(output_dir, cfg, run.trainer, metrics)
     return metrics
 
 
@@ -95,7 +127,7 @@ def attach_to_study(
         for file in FINAL_FILES
     }
     study.set_user_attr(
-        FINAL_ATTR,
+        attrs.FINAL,
         {
             "trial": source.get("trial"),
             "test_acc": metrics["test_acc"],

@@ -12,12 +12,25 @@ from pathlib import Path
 
 import torch
 
-from search.launch import WorkerOptions
 from search.progress import SearchProgress
+from search.trainer import DEFAULT_COMPILE_MODE
 
 
 class GpuSpecError(ValueError):
     """A --gpus value that names no usable GPU."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Per-machine options: where data and checkpoints are, and how to use the hardware."""
+
+    data_dir: Path | None = None
+    artifact_dir: Path | None = None
+    timeout_s: float | None = None
+    compile: str = DEFAULT_COMPILE_MODE
+    gpus: str | None = None  # 'all' or '0,1': one worker process per GPU (and job)
+    jobs_per_gpu: int = 1
+    slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,18 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 import torch
 
-from data import load_dataset
+from data import load_dataset, search_data
 from search.checkpoints import CheckpointStore, artifact_dir
+from search.dashboard import write_study_note
+from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
 from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress, best_summary
+from search.run import pick_device
 from search.settings import StudySettings
-from search.space import load_space
 from search.study import (
     budget,
     create_or_join,
@@ -26,12 +27,9 @@ from search.study import (
     load_settings,
     move_target,
 )
+from search.trainer import DeviceRecipe
 from search.worker import WorkerSummary, run_worker
-from storage import HeartbeatPolicy, backend_of, open_storage
-
-DEFAULTS = {"space": "default", "epochs": 20, "dataset": "cifar10", "pruner": "hyperband"}
-DEFAULT_SEED = 0
-DEFAULT_HEARTBEAT_S = 60
+from storage import HeartbeatPolicy, has_heartbeat, open_storage
 
 
 @dataclass(frozen=True)
@@ -59,27 +57,40 @@ class StudyRequest:
         }
 
     def new_settings(self) -> StudySettings:
-        space_name = self.space or DEFAULTS["space"]
-        return StudySettings(
-            space_name=space_name,
-            space=load_space(space_name).to_dict(),
-            epochs=self.epochs or DEFAULTS["epochs"],
-            dataset=self.dataset or DEFAULTS["dataset"],
-            pruner=self.pruner or DEFAULTS["pruner"],
-            seed=DEFAULT_SEED if self.seed is None else self.seed,
-            heartbeat_s=self.heartbeat or DEFAULT_HEARTBEAT_S,
-        )
+        flags = {key: value for key, value in self.flags().items() if key != "space"}
+        if self.space is None:
+            return StudySettings.for_space(**flags)
+        return StudySettings.for_space(self.space, **flags)
 
 
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Per-machine options: where data and checkpoints are, and how to use the hardware."""
+def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
+    """`hpo start`: create or join the study, then run this machine's workers on it."""
+    parse_gpus(options.gpus)  # a bad --gpus is refused before anything is stored
+    settings = create_study(request, progress)
+    return run_workers(request.study, request.storage, settings, options, progress)
 
-    data_dir: Path | None = None
-    artifact_dir: Path | None = None
-    timeout_s: float | None = None
-    compile: str = "auto"
-    slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
+
+def join_search(
+    study_name: str, storage_url: str, options: WorkerOptions, progress: SearchProgress
+) -> int:
+    """`hpo worker`: run this machine's workers on an existing study."""
+    settings = stored_settings(study_name, storage_url)
+    return run_workers(study_name, storage_url, settings, options, progress)
+
+
+def run_workers(
+    study_name: str,
+    storage_url: str,
+    settings: StudySettings,
+    options: WorkerOptions,
+    progress: SearchProgress,
+) -> int:
+    """Run trials in this process, or one worker process per GPU slot with --gpus."""
+    slots = plan_slots(parse_gpus(options.gpus), options.jobs_per_gpu)
+    if len(slots) == 1 and options.gpus is None:
+        run_local_worker(study_name, storage_url, settings, options, progress)
+        return 0
+    return run_fleet(study_name, storage_url, slots, options, progress)
 
 
 def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
@@ -88,7 +99,9 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
     settings, created = create_or_join(
         storage, request.study, request.new_settings(), request.trials
     )
-    if not created:
+    if created:
+        write_study_note(join(storage, request.study), settings, request.trials)
+    else:
         settings.check_flags(request.flags())
         move_target(join(storage, request.study), request.trials)
     verb = "created" if created else "joined"
@@ -123,10 +136,12 @@ def run_local_worker(
         )
         return None
     stop = install_stop_handlers(progress)
+    recipe = DeviceRecipe.for_device(pick_device(progress.say))
+    images = load_dataset(settings.dataset, options.data_dir)
     runner = TrialRunner(
         settings=settings,
-        images=load_dataset(settings.dataset, options.data_dir),
-        device=pick_device(progress),
+        data=search_data(images, recipe.device),
+        recipe=recipe,
         worker=worker,
         checkpoints=CheckpointStore(artifact_dir(options.artifact_dir, storage_url)),
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
@@ -150,8 +165,8 @@ def run_local_worker(
 
 
 def _worker_storage(url: str, settings: StudySettings) -> optuna.storages.BaseStorage:
-    """RDB storages get heartbeats, so a dead worker's trial is failed and retried."""
-    if backend_of(url) in ("sqlite", "postgresql", "mysql"):
+    """Storages with heartbeats send them, so a dead worker's trial is failed and retried."""
+    if has_heartbeat(url):
         return open_storage(url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
     return open_storage(url)
 
@@ -162,13 +177,6 @@ def this_worker(slot: int | None = None) -> WorkerInfo:
     suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"
     device = "cpu" if gpu == "cpu" else f"gpu{gpu}"
     return WorkerInfo(name=f"{host}/{device}/{suffix}", host=host, gpu=gpu)
-
-
-def pick_device(progress: SearchProgress) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    progress.say("CUDA is not available: training on the CPU (slow)")
-    return torch.device("cpu")
 
 
 def install_stop_handlers(progress: SearchProgress) -> threading.Event:

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from data import DeviceLoader, ImageSet, make_loaders
-from model import build_model, count_parameters
+from data import RunData
+from model import count_parameters
+from search import attrs
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
+from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
-from search.trainer import EpochStats, Trainer
+from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, EpochStats
 
 
 class TrialInterrupted(Exception):
@@ -34,33 +36,28 @@ class TrialRunner:
     """Callable objective holding what a worker keeps between trials."""
 
     settings: StudySettings
-    images: ImageSet
-    device: torch.device
+    data: RunData  # the train/validation split on the device, made once per worker
+    recipe: DeviceRecipe
     worker: WorkerInfo
     checkpoints: CheckpointStore | None = None
     on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None
     stop: threading.Event | None = None
-    compile_mode: str = "auto"
+    compile_mode: str = DEFAULT_COMPILE_MODE
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
-        model = build_model(cfg.model)
-        self._describe(trial, cfg, count_parameters(model))
-        train, val = make_loaders(
-            self.images,
-            cfg.train.batch_size,
-            self.device,
-            cfg.augment,
+        run = start_run(
+            cfg,
+            self.data,
+            self.recipe,
             seed=self.settings.seed + trial.number,
+            compile_mode=self.compile_mode,
+            state=self._checkpoint(trial),
         )
-        trainer = Trainer(model, cfg.train, len(train), self.device, self.compile_mode)
-        # Batches arrive in the layout the trainer picked for this device.
-        train.channels_last = val.channels_last = trainer.memory_format == torch.channels_last
-        self._resume(trial, trainer)
-        # A resumed trial's next epoch sees the batches it would have seen without the crash.
-        train.epoch = trainer.epoch
+        self._describe(trial, cfg, count_parameters(run.trainer.model))
+        self._forget_epochs_past(trial, run.trainer.epoch)
         try:
-            return self._train(trial, trainer, train, val)
+            return self._train(trial, run)
         except TrialInterrupted:
             raise  # its retry resumes from the checkpoint
         except Exception:
@@ -69,45 +66,45 @@ class TrialRunner:
                 self.checkpoints.discard(trial)
             raise
 
-    def _train(
-        self, trial: optuna.Trial, trainer: Trainer, train: DeviceLoader, val: DeviceLoader
-    ) -> float:
+    def _train(self, trial: optuna.Trial, run: Run) -> float:
         best = float("inf")
-        for stats in trainer.fit(train, val):
+        for stats in run.trainer.fit(run.train, run.held_out):
             best = min(best, stats.val_loss)
             self._record_epoch(trial, stats, best)
             if self.checkpoints is not None:
-                self.checkpoints.save(trial, trainer.state_dict())
+                self.checkpoints.save(trial, run.trainer.state_dict())
             if self.stop is not None and self.stop.is_set():
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
             # After the last epoch there is nothing left to save by pruning.
-            if stats.epoch < trainer.cfg.epochs and trial.should_prune():
+            if stats.epoch < run.trainer.cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
         return best
 
     def _describe(self, trial: optuna.Trial, cfg: TrialConfig, params: int) -> None:
-        trial.set_user_attr("config", cfg.to_dict())
-        trial.set_user_attr("architecture", describe_architecture(cfg))
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("device", device_name(self.device))
-        trial.set_user_attr("host", self.worker.host)
-        trial.set_user_attr("gpu", self.worker.gpu)
-        trial.set_user_attr("worker", self.worker.name)
+        trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
+        trial.set_user_attr(attrs.ARCHITECTURE, describe_architecture(cfg))
+        trial.set_user_attr(attrs.PARAMS, params)
+        trial.set_user_attr(attrs.DEVICE, device_name(self.recipe.device))
+        trial.set_user_attr(attrs.HOST, self.worker.host)
+        trial.set_user_attr(attrs.GPU, self.worker.gpu)
+        trial.set_user_attr(attrs.WORKER, self.worker.name)
 
-    def _resume(self, trial: optuna.Trial, trainer: Trainer) -> None:
-        """Continue a retried trial from its checkpoint; epoch 1 when it has none here."""
+    def _checkpoint(self, trial: optuna.Trial) -> dict | None:
+        """A retried trial's checkpoint; None (start at epoch 1) when it has none here."""
         state = self.checkpoints.load(trial) if self.checkpoints is not None else None
         if state is not None:
-            trainer.load_state_dict(state)
-            trial.set_user_attr("resumed_from_epoch", trainer.epoch)
-        # Epochs the failed trial ran past its checkpoint are run (and logged) again.
-        done = trial.user_attrs.get("epochs", [])
-        if len(done) > trainer.epoch:
-            trial.set_user_attr("epochs", done[: trainer.epoch])
+            trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, state["epoch"])
+        return state
+
+    def _forget_epochs_past(self, trial: optuna.Trial, epoch: int) -> None:
+        """Epochs the failed trial ran past its checkpoint are run (and logged) again."""
+        done = trial.user_attrs.get(attrs.EPOCHS, [])
+        if len(done) > epoch:
+            trial.set_user_attr(attrs.EPOCHS, done[:epoch])
 
     def _record_epoch(self, trial: optuna.Trial, stats: EpochStats, best: float) -> None:
         trial.report(stats.val_loss, stats.epoch)
-        epochs = trial.user_attrs.get("epochs", [])
+        epochs = trial.user_attrs.get(attrs.EPOCHS, [])
         epochs.append(
             {
                 "epoch": stats.epoch,
@@ -119,10 +116,10 @@ class TrialRunner:
                 "compile_seconds": round(stats.compile_seconds, 2),
             }
         )
-        trial.set_user_attr("epochs", epochs)
-        trial.set_user_attr("best_val_loss", best)
-        trial.set_user_attr("val_acc", max(e["val_acc"] for e in epochs))
-        trial.set_user_attr("images_per_s", round(stats.images_per_s, 1))
+        trial.set_user_attr(attrs.EPOCHS, epochs)
+        trial.set_user_attr(attrs.BEST_VAL_LOSS, best)
+        trial.set_user_attr(attrs.VAL_ACC, max(e["val_acc"] for e in epochs))
+        trial.set_user_attr(attrs.IMAGES_PER_S, round(stats.images_per_s, 1))
         if self.on_epoch is not None:
             self.on_epoch(trial, stats)
 

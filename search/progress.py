@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from search import attrs
 from search.study import Budget
 from search.trainer import EpochStats
 
@@ -85,11 +84,8 @@ def best_summary(study: optuna.Study) -> str:
 
 def _ending(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
-        return f"complete  val_loss {trial.value:.4f}  acc {trial.user_attrs.get('val_acc', 0):.2%}"
+        acc = trial.user_attrs.get(attrs.VAL_ACC, 0)
+        return f"complete  val_loss {trial.value:.4f}  acc {acc:.2%}"
     if trial.state == TrialState.PRUNED:
         return f"pruned after epoch {trial.last_step}"
-    return f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
-
-
-def stderr_console() -> Console:
-    return Console(file=sys.stderr)
+    return f"failed: {trial.user_attrs.get(attrs.FAIL_REASON, 'unknown')}"

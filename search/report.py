@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from optuna.trial import FrozenTrial, TrialState
 from plotly.graph_objects import Figure
 
-from search.settings import SETTINGS_ATTR
+from search import attrs
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -241,7 +241,7 @@ def _page(
 def _summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     counts = Counter(t.state.name.lower() for t in trials)
     states = ", ".join(f"{counts[state]} {state}" for state in sorted(counts))
-    settings = study.user_attrs.get(SETTINGS_ATTR)
+    settings = study.user_attrs.get(attrs.SETTINGS)
     how = (
         f"space {settings['space_name']}, {settings['epochs']} epochs per trial, "
         f"{settings['dataset']}, pruner {settings['pruner']}; "
@@ -263,17 +263,17 @@ def _top_table(best: list[FrozenTrial]) -> str:
 
 
 def _top_row(rank: int, trial: FrozenTrial) -> str:
-    attrs = trial.user_attrs
-    config = attrs.get("config")
+    stored = trial.user_attrs
+    config = stored.get(attrs.CONFIG)
     cells = [
         str(rank),
         str(trial.number),
         f"{trial.value:.4f}",
-        f"{attrs['val_acc']:.2%}" if "val_acc" in attrs else "-",
-        f"{attrs['params']:,}" if "params" in attrs else "-",
-        f"{attrs['images_per_s']:,.0f}" if "images_per_s" in attrs else "-",
+        f"{stored[attrs.VAL_ACC]:.2%}" if attrs.VAL_ACC in stored else "-",
+        f"{stored[attrs.PARAMS]:,}" if attrs.PARAMS in stored else "-",
+        f"{stored[attrs.IMAGES_PER_S]:,.0f}" if attrs.IMAGES_PER_S in stored else "-",
         str(len(trial.intermediate_values)),
-        html.escape(str(attrs.get("architecture", "-"))),
+        html.escape(str(stored.get(attrs.ARCHITECTURE, "-"))),
         html.escape(_recipe(config)),
         _config_details(config),
     ]

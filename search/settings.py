@@ -1,15 +1,22 @@
-"""Study settings: chosen once when a study is created, stored in it, used by every worker."""
+"""Study settings: chosen once when a study is created, stored in it, used by every worker.
+
+Each default is written once, here or in the room that owns it (epochs: search/config.py,
+datasets: data/, heartbeat: storage/, pruners: search/pruners.py); the CLI derives its
+help and choices from these.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from search.space import SearchSpace
+from data import DATASETS
+from search.config import DEFAULT_EPOCHS, from_mapping
+from search.pruners import PRUNERS
+from search.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
+from storage import DEFAULT_HEARTBEAT_S
 
-PRUNERS = ("hyperband", "median", "none")
-DATASETS = ("cifar10", "synthetic")
-SETTINGS_ATTR = "hpo:settings"
+DEFAULT_SEED = 0
 
 
 class SettingsConflict(ValueError):
@@ -18,14 +25,20 @@ class SettingsConflict(ValueError):
 
 @dataclass(frozen=True)
 class StudySettings:
-    space_name: str
     space: dict[str, Any]  # the whole space, so a worker elsewhere needs no file
-    epochs: int
-    dataset: str
-    pruner: str
-    seed: int
-    heartbeat_s: int
+    space_name: str = DEFAULT_SPACE_NAME
+    epochs: int = DEFAULT_EPOCHS
+    dataset: str = DATASETS[0]
+    pruner: str = next(iter(PRUNERS))
+    seed: int = DEFAULT_SEED
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
     direction: str = "minimize"  # validation loss
+
+    @classmethod
+    def for_space(cls, space_name: str = DEFAULT_SPACE_NAME, **chosen: Any) -> StudySettings:
+        """Settings of a new study: the named space, defaults for everything not chosen."""
+        given = {key: value for key, value in chosen.items() if value is not None}
+        return cls(space=load_space(space_name).to_dict(), space_name=space_name, **given)
 
     def search_space(self) -> SearchSpace:
         return SearchSpace.from_dict(self.space)
@@ -35,8 +48,7 @@ class StudySettings:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StudySettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in raw.items() if key in known})
+        return from_mapping(cls, raw, "study settings")
 
     def check_flags(self, flags: dict[str, Any]) -> None:
         """Refuse any flag the user gave that differs from the stored value."""

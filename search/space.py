@@ -87,7 +87,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchSpace:
-        return _override(BUILTIN_SPACES["default"], raw)
+        return _override(DEFAULT_SPACE, raw)
 
 
 DEFAULT_SPACE = SearchSpace(
@@ -120,7 +120,8 @@ TINY_SPACE = replace(
     augment=AugmentConfig(crop_padding=2, flip=True, rotation_degrees=0.0),
 )
 
-BUILTIN_SPACES = {"default": DEFAULT_SPACE, "tiny": TINY_SPACE}
+DEFAULT_SPACE_NAME = "default"
+BUILTIN_SPACES = {DEFAULT_SPACE_NAME: DEFAULT_SPACE, "tiny": TINY_SPACE}
 
 
 def load_space(name_or_path: str) -> SearchSpace:
@@ -142,7 +143,7 @@ def load_space(name_or_path: str) -> SearchSpace:
         ) from err
     if not isinstance(raw, dict):
         raise SpaceError(f"space file {path}: must be a mapping of ranges")
-    base = raw.pop("base", "default")
+    base = raw.pop("base", DEFAULT_SPACE_NAME)
     if base not in BUILTIN_SPACES:
         raise SpaceError(f"base: must be one of {', '.join(BUILTIN_SPACES)}, got {base!r}")
     return _override(BUILTIN_SPACES[base], raw)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
 
+from search import attrs
+from search.optuna_private import stale_trial_numbers
 from search.progress import best_summary
 from search.study import budget, join, load_settings
 from storage import HeartbeatPolicy, open_storage
@@ -22,15 +23,6 @@ def study_status(storage_url: str, name: str) -> Group:
     storage = open_storage(storage_url, policy, reader=True)
     study = join(storage, name)
     return study_table(study, stale_trial_numbers(study))
-
-
-def stale_trial_numbers(study: optuna.Study) -> set[int]:
-    """RUNNING trials whose worker stopped sending heartbeats (failed at the next start)."""
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
-        return set()
-    stale_ids = set(backend._get_stale_trial_ids(study._study_id))
-    return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
 
 
 def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozenset()) -> Group:
@@ -66,8 +58,8 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
             label,
             str(trial.last_step or 0),
             f"{last:.4f}" if last is not None else "-",
-            str(trial.user_attrs.get("worker", "-")),
-            str(trial.user_attrs.get("architecture", "-")),
+            str(trial.user_attrs.get(attrs.WORKER, "-")),
+            str(trial.user_attrs.get(attrs.ARCHITECTURE, "-")),
         )
     return Group(summary, table)
 

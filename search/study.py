@@ -17,14 +17,15 @@ import zlib
 from dataclasses import dataclass
 
 import optuna
-from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
+from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
-from search.dashboard import write_study_note
-from search.settings import SETTINGS_ATTR, StudySettings
-from search.space import report_table1_params
+from search import attrs
+from search.optuna_private import claim_waiting_trial, retried_numbers, retry_of
+from search.pruners import build_pruner
+from search.settings import StudySettings
+from search.space import DEFAULT_SPACE_NAME, report_table1_params
 
-TARGET_ATTR = "hpo:target"
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16
 # A joining process waits this long for the creator to finish writing the settings.
@@ -55,12 +56,11 @@ def create_or_join(
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
         return load_settings(storage, name), False
-    study.set_user_attr(TARGET_ATTR, target)
-    first = [report_table1_params()] if settings.space_name == "default" else []
+    study.set_user_attr(attrs.TARGET, target)
+    first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else []
     _add_tickets(study, min(target, TICKET_WINDOW), first)
-    write_study_note(study, settings, target)
     # Written last: a study with settings is ready for joining workers.
-    study.set_user_attr(SETTINGS_ATTR, settings.to_dict())
+    study.set_user_attr(attrs.SETTINGS, settings.to_dict())
     return settings, True
 
 
@@ -94,28 +94,16 @@ def join_as_worker(
     )
 
 
-def build_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
-
-
 def load_settings(storage: optuna.storages.BaseStorage, name: str) -> StudySettings:
     """The stored settings, waiting briefly for a creator that is still writing them."""
     deadline = time.monotonic() + SETTINGS_WAIT_S
     while True:
-        attrs = join(storage, name).user_attrs
-        if SETTINGS_ATTR in attrs:
-            return StudySettings.from_dict(attrs[SETTINGS_ATTR])
+        stored = join(storage, name).user_attrs
+        if attrs.SETTINGS in stored:
+            return StudySettings.from_dict(stored[attrs.SETTINGS])
         if time.monotonic() > deadline:
             raise StudyError(f"study {name!r} was not created by hpo (it has no stored settings)")
         time.sleep(0.5)
-
-
-def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
-    return [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
 
 
 def budget(study: optuna.Study) -> Budget:
@@ -135,7 +123,7 @@ def move_target(study: optuna.Study, target: int) -> Budget:
             "a search is extended, never shortened"
         )
     if target > current:
-        study.set_user_attr(TARGET_ATTR, target)  # claims add the tickets as they go
+        study.set_user_attr(attrs.TARGET, target)  # claims add the tickets as they go
     return budget(study)
 
 
@@ -149,12 +137,9 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
     # A retry resumes from a checkpoint: run it before fresh trials.
     queue.sort(key=lambda trial: not _is_retry(trial))
     for waiting in queue:
-        try:
-            # False when another worker claimed it first (the storage compares and sets).
-            if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-                return optuna.Trial(study, waiting._trial_id)
-        except UpdateFinishedTrialError:
-            continue
+        trial = claim_waiting_trial(study, waiting)
+        if trial is not None:
+            return trial
     return None
 
 
@@ -180,7 +165,7 @@ def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
 
 def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
     """The trials that fill the budget: each of the first `target` tickets, or its retry."""
-    retried = _retried_numbers(trials)
+    retried = retried_numbers(trials)
     fresh = sorted(t.number for t in trials if not _is_retry(t))
     in_budget = set(fresh[:target])
     return [
@@ -189,11 +174,11 @@ def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
 
 
 def _is_retry(trial: FrozenTrial) -> bool:
-    return "failed_trial" in trial.system_attrs
+    return retry_of(trial) is not None
 
 
 def _target(study: optuna.Study) -> int:
-    return int(study.user_attrs.get(TARGET_ATTR, 0))
+    return int(study.user_attrs.get(attrs.TARGET, 0))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -206,10 +191,3 @@ def fail_stale_trials(study: optuna.Study) -> None:
 def worker_seed(study_seed: int, worker_name: str) -> int:
     """Distinct, reproducible sampler seeds per worker, so no two replay the same proposals."""
     return (study_seed * 1_000_003 + zlib.crc32(worker_name.encode())) % 2**32
-
-
-def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    retried: set[int] = set()
-    for trial in trials:
-        retried.update(trial.system_attrs.get("retry_history", []))
-    return retried

@@ -31,7 +31,9 @@ from search.config import TrainConfig
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # Schedules that move every step; the others move once per epoch.
 PER_STEP_SCHEDULERS = ("onecycle", "cosine")
+# --compile: the first is the default.
 COMPILE_MODES = ("auto", "on", "off")
+DEFAULT_COMPILE_MODE = COMPILE_MODES[0]
 # A training step under this many FLOPs is launch-bound on a GPU (under ~5 ms at 100 TFLOP/s,
 # against hundreds of kernel launches): CUDA graphs replay the whole step as one launch.
 CUDA_GRAPH_MAX_STEP_FLOPS = 5e11
@@ -53,8 +55,32 @@ class EpochStats:
     compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
 
 
+@dataclass(frozen=True)
+class DeviceRecipe:
+    """How a device trains, decided once and handed to the loaders and the Trainer: bf16
+    autocast in channels_last where bf16 is computed in hardware, fp32 contiguous elsewhere."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> DeviceRecipe:
+        device = torch.device(device)
+        fast = _has_native_bf16(device)
+        return cls(
+            device=device,
+            autocast_dtype=torch.bfloat16 if fast else None,
+            memory_format=torch.channels_last if fast else torch.contiguous_format,
+        )
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == torch.channels_last
+
+
 class Trainer:
-    """Trains ``model`` with ``cfg``.
+    """Trains ``model`` with ``cfg`` on ``recipe``'s device.
 
     compile_mode: "auto" compiles on CUDA and runs eagerly elsewhere (a cold compile costs
     a CPU as much time as tens of thousands of training images); "on" compiles anywhere;
@@ -68,17 +94,16 @@ class Trainer:
         model: nn.Module,
         cfg: TrainConfig,
         steps_per_epoch: int,
-        device: torch.device,
-        compile_mode: str = "auto",
+        recipe: DeviceRecipe,
+        compile_mode: str = DEFAULT_COMPILE_MODE,
         fused_blocks: bool | None = None,
     ):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.cfg = cfg
-        self.device = torch.device(device)
-        fast = _has_native_bf16(self.device)
-        self.autocast_dtype = torch.bfloat16 if fast else None
-        self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        self.device = recipe.device
+        self.autocast_dtype = recipe.autocast_dtype
+        self.memory_format = recipe.memory_format
         if self.device.type == "cuda":
             _tune_cuda()
         self.model = model.to(self.device, memory_format=self.memory_format)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from search import attrs
 from search.objective import TrialInterrupted, TrialRunner
+from search.optuna_private import has_heartbeat, heartbeat
 from search.study import budget, claim_trial, fail_stale_trials
 
 # How often an idle worker looks for new, retried or stale trials.
@@ -43,7 +44,7 @@ def run_worker(
     """
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    retries_possible = is_heartbeat_enabled(study._storage)
+    retries_possible = has_heartbeat(study)
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
         fail_stale_trials(study)
@@ -65,18 +66,18 @@ def run_worker(
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> FrozenTrial:
     """Run one claimed trial to a final state; only a bug in this loop escapes."""
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeat(study, trial):
         try:
             value = runner(trial)
         except optuna.TrialPruned:
             return study.tell(trial, state=TrialState.PRUNED)
         except TrialInterrupted as stop:
-            trial.set_user_attr("fail_reason", f"interrupted: {stop}")
+            trial.set_user_attr(attrs.FAIL_REASON, f"interrupted: {stop}")
             failed = study.tell(trial, state=TrialState.FAIL)
             requeue(study, failed)
             return failed
         except Exception as err:  # one bad config (OOM, NaN, bug in it) must not stop the worker
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+            trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
             _free_memory()
             return study.tell(trial, state=TrialState.FAIL)
     return study.tell(trial, value)

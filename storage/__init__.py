@@ -1,13 +1,29 @@
-"""Storage URL -> Optuna storage: SQLite tuned for local processes, pooled servers, journals."""
+"""Storage URL -> Optuna storage: SQLite tuned for local processes, pooled servers, journals.
 
-from storage._open import HeartbeatPolicy, open_storage
-from storage._urls import DEFAULT_STORAGE_URL, StorageURLError, backend_of, redact_url
+This room answers every storage fact: which backend a URL names, which file a SQLite URL
+names, where artifacts go by default, which backends have heartbeats, the heartbeat default.
+"""
+
+from storage._open import DEFAULT_HEARTBEAT_S, HeartbeatPolicy, open_storage
+from storage._urls import (
+    DEFAULT_STORAGE_URL,
+    StorageURLError,
+    backend_of,
+    default_artifact_dir,
+    has_heartbeat,
+    redact_url,
+    sqlite_file,
+)
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_S",
     "DEFAULT_STORAGE_URL",
     "HeartbeatPolicy",
     "StorageURLError",
     "backend_of",
+    "default_artifact_dir",
+    "has_heartbeat",
     "open_storage",
     "redact_url",
+    "sqlite_file",
 ]

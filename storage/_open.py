@@ -7,7 +7,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 import sqlalchemy.engine
@@ -16,7 +15,13 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
 
-from storage._urls import StorageURLError, backend_of, journal_file_path, redact_url
+from storage._urls import (
+    StorageURLError,
+    backend_of,
+    journal_file_path,
+    redact_url,
+    sqlite_file,
+)
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -24,13 +29,15 @@ SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+# Seconds between a running trial's heartbeats, unless a study sets its own.
+DEFAULT_HEARTBEAT_S = 60
 
 
 @dataclass(frozen=True)
 class HeartbeatPolicy:
     """Heartbeat of running trials; a trial silent for `grace_s` is failed and retried."""
 
-    interval_s: int = 60
+    interval_s: int = DEFAULT_HEARTBEAT_S
     max_retry: int = 3
 
     @property
@@ -129,8 +136,8 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
 
 def _require_sqlite_file(url: str) -> None:
     """A tool that only looks must not leave an empty database where the user mistyped."""
-    database = sqlalchemy.engine.make_url(url).database
-    if database and database != ":memory:" and not Path(database).exists():
+    database = sqlite_file(url)
+    if database is not None and not database.exists():
         raise StorageURLError(
             f"no SQLite database at {database}; `hpo start` or `hpo create` makes one"
         )
@@ -138,9 +145,9 @@ def _require_sqlite_file(url: str) -> None:
 
 def _enable_sqlite_wal(url: str) -> None:
     """WAL lets readers (status, dashboard) run beside a writer; it persists in the file."""
-    database = sqlalchemy.engine.make_url(url).database
-    if not database or database == ":memory:":
+    database = sqlite_file(url)
+    if database is None:
         return
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    database.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
         connection.execute("PRAGMA journal_mode=WAL")

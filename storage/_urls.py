@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy.engine
@@ -10,6 +11,9 @@ import sqlalchemy.exc
 DEFAULT_STORAGE_URL = "sqlite:///hpo.db"
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+# Optuna's heartbeat (and so crash recovery) exists on its RDB storage only.
+HEARTBEAT_BACKENDS = RDB_SCHEMES
+ARTIFACT_DIR_NAME = "hpo-artifacts"
 JOURNAL_FILE_PREFIX = "journal://"
 REDIS_SCHEMES = ("redis", "rediss")
 
@@ -56,3 +60,22 @@ def backend_of(url: str) -> str:
 
 def journal_file_path(url: str) -> str:
     return url[len(JOURNAL_FILE_PREFIX) :]
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names; None for in-memory SQLite and other backends."""
+    if backend_of(url) != "sqlite":
+        return None
+    database = sqlalchemy.engine.make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def default_artifact_dir(url: str) -> Path:
+    """Where checkpoints and final weights go by default: beside a SQLite file, else ./."""
+    database = sqlite_file(url)
+    return (database.parent if database else Path(".")) / ARTIFACT_DIR_NAME
+
+
+def has_heartbeat(url: str) -> bool:
+    """Whether a worker on this storage sends heartbeats, so a dead worker's trial is retried."""
+    return backend_of(url) in HEARTBEAT_BACKENDS

@@ -13,8 +13,8 @@ from conftest import HPO, run_hpo, tiny_start
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
+from search import attrs
 from search.checkpoints import artifact_dir
-from search.final import FINAL_ATTR
 from search.study import budget
 from storage import open_storage
 
@@ -62,7 +62,7 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
 
     # The weights and metrics are artifacts of the study the config came from.
     assert "attached model.pt and metrics.json to study 'demo'" in trained.stdout
-    final = load(hpo_env, "demo").user_attrs[FINAL_ATTR]
+    final = load(hpo_env, "demo").user_attrs[attrs.FINAL]
     assert final["trial"] == study.best_trial.number and final["test_acc"] == metrics["test_acc"]
     store = FileSystemArtifactStore(str(artifact_dir(None, hpo_env["HPO_STORAGE"])))
     with store.open_reader(final["artifacts"]["model.pt"]) as stored:

@@ -29,11 +29,11 @@ from typer.testing import CliRunner
 from model import build_model, count_parameters
 from search.checkpoints import CheckpointStore, artifact_dir
 from search.cli import app
-from search.dashboard import DashboardError, exposure_warning, open_dashboard
+from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
 from search.objective import describe_architecture
 from search.settings import StudySettings
 from search.space import load_space, sample_config
-from search.study import budget, create_or_join
+from search.study import budget, create_or_join, join
 from storage import open_storage
 
 EPOCHS = 3
@@ -73,6 +73,7 @@ def make_study(
     states = [TrialState.COMPLETE] * complete
     states[1:1] = [TrialState.PRUNED] * pruned + [TrialState.FAIL] * failed
     create_or_join(storage, name, settings, len(states))
+    write_study_note(join(storage, name), settings, len(states))
     study = optuna.load_study(study_name=name, storage=storage)
     checkpoints = CheckpointStore(artifact_dir(None, url))
     for state in states:

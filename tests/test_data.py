@@ -165,7 +165,7 @@ def test_synthetic_is_deterministic_for_a_seed(tmp_path: Path) -> None:
 def test_synthetic_set_is_learnable(synthetic: data.ImageSet) -> None:
     torch.manual_seed(0)
     cfg = AugmentConfig(crop_padding=2)
-    train, val = data.make_loaders(synthetic, 64, "cpu", cfg, eval_batch_size=500)
+    train, val = data.search_data(synthetic, "cpu").loaders(64, cfg, eval_batch_size=500)
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -352,8 +352,8 @@ def test_loader_channels_last() -> None:
 
 
 def test_loaders_for_train_val_test_and_final_training(synthetic: data.ImageSet) -> None:
-    train, val = data.make_loaders(synthetic, 100, "cpu", AugmentConfig())
+    train, val = data.search_data(synthetic, "cpu").loaders(100, AugmentConfig())
     assert (train.num_samples, val.num_samples, len(train)) == (4500, 500, 45)
     assert torch.bincount(val.labels).tolist() == [50] * 10
-    assert data.full_train_loader(synthetic, 100, "cpu", None).num_samples == 5000
-    assert data.test_loader(synthetic, "cpu").num_samples == 1000
+    full, test = data.final_data(synthetic, "cpu").loaders(100, None)
+    assert (full.num_samples, test.num_samples) == (5000, 1000)

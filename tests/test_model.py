@@ -20,7 +20,8 @@ from model import (
     count_parameters,
     train_step_flops,
 )
-from model.network import Backbone, ConvLayer
+from model.layers import ConvLayer
+from model.network import Backbone
 
 SMALL = ModelConfig(channels=((3, 8, 16), (16, 24, 32, 8)), blocks=(3, 2))
 

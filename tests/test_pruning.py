@@ -9,10 +9,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from data import load_dataset
+from data import load_dataset, search_data
+from search import attrs
 from search.launch import StudyRequest
 from search.objective import TrialRunner, WorkerInfo
-from search.study import TARGET_ATTR, create_or_join, join_as_worker
+from search.study import create_or_join, join_as_worker
+from search.trainer import DeviceRecipe
 from search.worker import run_worker
 from storage import open_storage
 
@@ -34,12 +36,12 @@ def test_a_bad_trial_is_pruned_after_its_first_epoch(data_dir: Path, tmp_path: P
     for _ in range(4):
         study.enqueue_trial(GOOD)
     study.enqueue_trial({**GOOD, "lr": 1e-6})  # learns next to nothing
-    study.set_user_attr(TARGET_ATTR, 5)
+    study.set_user_attr(attrs.TARGET, 5)
 
     runner = TrialRunner(
         settings,
-        load_dataset("synthetic", data_dir),
-        torch.device("cpu"),
+        search_data(load_dataset("synthetic", data_dir), "cpu"),
+        DeviceRecipe.for_device("cpu"),
         WorkerInfo("t", "h", "cpu"),
     )
     run_worker(study, runner, threading.Event())

@@ -12,9 +12,10 @@ from torch._dynamo.utils import counters
 from data import AugmentConfig, DeviceLoader
 from model import BackboneNet, ModelConfig, build_model
 from search.config import TrainConfig
-from search.trainer import DivergedError, Trainer
+from search.trainer import DeviceRecipe, DivergedError, Trainer
 
 CPU = torch.device("cpu")
+RECIPE = DeviceRecipe.for_device(CPU)
 TINY = ModelConfig(channels=[[3, 8, 16]], blocks=[2], dropout=0.3, image_size=16)
 
 
@@ -32,7 +33,7 @@ def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, to
 
 def trainer_for(cfg: TrainConfig, steps: int = 3, seed: int = 0, **options: object) -> Trainer:
     torch.manual_seed(seed)
-    return Trainer(build_model(TINY), cfg, steps, CPU, **options)
+    return Trainer(build_model(TINY), cfg, steps, RECIPE, **options)
 
 
 def reference_lrs(cfg: TrainConfig, steps: int) -> list[float]:
@@ -230,9 +231,9 @@ def test_both_block_forms_train_alike(fused: bool) -> None:
     cfg = TrainConfig(epochs=1, grad_clip=0.0)
     base = replace(TINY, dropout=0.0)
     torch.manual_seed(0)
-    reference = Trainer(build_model(base), cfg, 3, CPU, fused_blocks=False)
+    reference = Trainer(build_model(base), cfg, 3, RECIPE, fused_blocks=False)
     torch.manual_seed(0)
-    trainer = Trainer(build_model(base), cfg, 3, CPU, fused_blocks=fused)
+    trainer = Trainer(build_model(base), cfg, 3, RECIPE, fused_blocks=fused)
     assert trainer.model.fused is fused
     want = next(reference.fit(batches(3), batches(1)))
     got = next(trainer.fit(batches(3), batches(1)))
@@ -246,9 +247,9 @@ def test_compiled_training_matches_eager() -> None:
     cfg = TrainConfig(epochs=2, grad_clip=0.0, scheduler="constant")
     base = replace(TINY, dropout=0.0)
     torch.manual_seed(0)
-    eager = Trainer(build_model(base), cfg, 3, CPU, compile_mode="off")
+    eager = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="off")
     torch.manual_seed(0)
-    compiled = Trainer(build_model(base), cfg, 3, CPU, compile_mode="on")
+    compiled = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="on")
     val = batches(1, size=5) + batches(1, size=3)  # a partial last batch runs eagerly
     want = list(eager.fit(batches(3), val))
     got = list(compiled.fit(batches(3), val))
@@ -261,6 +262,6 @@ def test_compiled_training_matches_eager() -> None:
 
     # The next trial of the same architecture reuses the compiled code: no new graphs.
     graphs = counters["stats"]["unique_graphs"]
-    again = Trainer(build_model(base), replace(cfg, epochs=1), 3, CPU, compile_mode="on")
+    again = Trainer(build_model(base), replace(cfg, epochs=1), 3, RECIPE, compile_mode="on")
     next(again.fit(batches(3), val))
     assert counters["stats"]["unique_graphs"] == graphs

@@ -14,7 +14,8 @@ from conftest import HPO, run_hpo
 from optuna.trial import FrozenTrial, TrialState
 from servers import PASSWORD, server_url
 
-from search.study import TARGET_ATTR, budget, move_target
+from search import attrs
+from search.study import budget, move_target
 from storage import open_storage
 
 # One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.
@@ -184,7 +185,7 @@ def test_a_config_that_raises_does_not_stop_its_worker(
     study = optuna.load_study(study_name="raises", storage=open_storage(hpo_env["HPO_STORAGE"]))
     # Ticket 2 holds a config that raises inside the trial, like an OOM would; 3 more follow it.
     study.enqueue_trial({"dropout": 1.5})
-    study.set_user_attr(TARGET_ATTR, 3)
+    study.set_user_attr(attrs.TARGET, 3)
     move_target(study, 6)
     finish([spawn_worker(hpo_env, tmp_path, "raises")])
     trials = study.get_trials()

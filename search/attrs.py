@@ -1,0 +1,29 @@
+"""Names of the attributes this project stores on studies and trials, written once.
+
+The objective writes the trial attributes; status, export, report and the dashboard note
+read them through these names.
+"""
+
+# Study user attributes.
+SETTINGS = "hpo:settings"  # StudySettings.to_dict(), written last when a study is created
+TARGET = "hpo:target"  # finished trials the study should hold
+FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
+
+# Trial user attributes.
+CONFIG = "config"  # TrialConfig.to_dict()
+ARCHITECTURE = "architecture"  # one line: N, K, channels, kernel, dropout
+PARAMS = "params"
+DEVICE = "device"
+HOST = "host"
+GPU = "gpu"
+WORKER = "worker"
+EPOCHS = "epochs"  # one record per epoch trained
+BEST_VAL_LOSS = "best_val_loss"
+VAL_ACC = "val_acc"
+IMAGES_PER_S = "images_per_s"
+RESUMED_FROM_EPOCH = "resumed_from_epoch"
+CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
+FAIL_REASON = "fail_reason"
+
+# What every trial carries, as listed in the dashboard's study note.
+DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, ARCHITECTURE, CONFIG, GPU, HOST)

@@ -1,0 +1,100 @@
+"""Every use of a private Optuna name, in this one module.
+
+Each function stands in for a public API Optuna lacks; its comment names the gap. An Optuna
+upgrade that moves one of these names fails tests/test_optuna_private.py first, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+# System attributes RetryHeartbeatStaleTrialCallback writes on a retry. Its public readers
+# (retried_trial_number, retry_history) are experimental and warn on every call, and every
+# claim reads them for every trial of the study.
+RETRY_OF_KEY = "failed_trial"
+RETRY_HISTORY_KEY = "retry_history"
+
+
+def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
+    """Move this WAITING trial to RUNNING if no one else did first; the Trial, or None.
+
+    Missing API: `study.ask()` pops whichever WAITING trial the storage likes; there is no
+    public way to claim a chosen one (a retry before fresh tickets, only tickets in budget).
+    """
+    try:
+        # The storage compares and sets: False when another worker claimed it first.
+        if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            return optuna.Trial(study, waiting._trial_id)
+    except UpdateFinishedTrialError:
+        pass
+    return None
+
+
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
+    """Send the trial's heartbeats while the block runs (a no-op without heartbeats).
+
+    Missing API: Optuna starts this thread only inside `study.optimize`.
+    """
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage was opened with heartbeats.
+
+    Missing API: a study's storage is not public, nor is this check.
+    """
+    return is_heartbeat_enabled(study._storage)
+
+
+def stale_trial_numbers(study: optuna.Study) -> set[int]:
+    """RUNNING trials whose heartbeat stopped, without failing them (`hpo status` only looks).
+
+    Missing API: `optuna.storages.fail_stale_trials` fails them; nothing public lists them.
+    """
+    storage = getattr(study._storage, "_backend", study._storage)  # _CachedStorage wraps RDB
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        return set()
+    stale_ids = set(storage._get_stale_trial_ids(study._study_id))
+    return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
+
+
+def retry_of(trial: FrozenTrial) -> int | None:
+    """The number of the original trial this one retries; None for a fresh trial."""
+    return trial.system_attrs.get(RETRY_OF_KEY)
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials that a later trial retries."""
+    retried: set[int] = set()
+    for trial in trials:
+        retried.update(trial.system_attrs.get(RETRY_HISTORY_KEY, []))
+    return retried
+
+
+def forget_artifact(trial: optuna.Trial, artifact_id: str) -> None:
+    """Drop a removed artifact from the trial's artifact listing, as the dashboard does.
+
+    Missing API: Optuna can upload an artifact to a trial but not unlist one.
+    """
+    listing = ARTIFACTS_ATTR_PREFIX + artifact_id
+    trial.storage.set_trial_system_attr(trial._trial_id, listing, json.dumps(None))
+
+
+def replace_artifact(store: FileSystemArtifactStore, artifact_id: str, path: Path) -> None:
+    """Replace the artifact's content with the file at `path`, atomically.
+
+    Missing API: `ArtifactStore.write` truncates and then copies, so a crash mid-write
+    leaves half a file. FileSystemArtifactStore keeps an artifact at <base_path>/<id>.
+    """
+    os.replace(path, Path(store._base_path) / artifact_id)

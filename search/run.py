@@ -1,0 +1,58 @@
+"""One training run, set up the same way for a search trial and for the final training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data import DeviceLoader, RunData
+from model import build_model
+from search.config import TrialConfig
+from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, Trainer
+
+
+@dataclass
+class Run:
+    trainer: Trainer
+    train: DeviceLoader
+    held_out: DeviceLoader  # validation in a trial, test in the final run
+
+
+def start_run(
+    cfg: TrialConfig,
+    data: RunData,
+    recipe: DeviceRecipe,
+    seed: int,
+    compile_mode: str = DEFAULT_COMPILE_MODE,
+    state: dict[str, Any] | None = None,
+) -> Run:
+    """Model, loaders and Trainer for `cfg`; resumed from `state` (a checkpoint) if given.
+
+    The loaders follow the recipe's memory format and start at the checkpoint's epoch, so a
+    resumed run sees the batches the uninterrupted one would have.
+    """
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    epoch = state["epoch"] if state is not None else 0
+    train, held_out = data.loaders(
+        cfg.train.batch_size,
+        cfg.augment,
+        seed=seed,
+        epoch=epoch,
+        channels_last=recipe.channels_last,
+    )
+    trainer = Trainer(model, cfg.train, len(train), recipe, compile_mode)
+    if state is not None:
+        trainer.load_state_dict(state)
+    return Run(trainer=trainer, train=train, held_out=held_out)
+
+
+def pick_device(say: Callable[[str], None]) -> torch.device:
+    """CUDA where there is one (CUDA_VISIBLE_DEVICES picks which), else the CPU, said once."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    say("CUDA is not available: training on the CPU (slow)")
+    return torch.device("cpu")

@@ -1,0 +1,86 @@
+"""Every private Optuna name this project uses, imported and exercised here, so an Optuna
+upgrade that moves one fails this file first, by name (search/optuna_private.py uses them)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX  # noqa: F401  (the import is the test)
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
+from optuna.trial import TrialState
+
+from search import optuna_private
+from storage import HeartbeatPolicy, open_storage
+
+HEARTBEAT_OUTSIDE_OPTIMIZE = "ignore:Heartbeat of storage is supposed to be used"
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_the_private_attributes_exist(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(1))
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    assert isinstance(study._study_id, int) and isinstance(trial._trial_id, int)
+    assert trial.storage is study._storage
+    assert study._storage._backend is storage  # Optuna caches an RDBStorage in _CachedStorage
+    assert callable(RDBStorage._get_stale_trial_ids)
+    assert FileSystemArtifactStore(tmp_path)._base_path == tmp_path
+
+
+def test_claiming_a_chosen_waiting_trial_happens_once(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    study.enqueue_trial({})
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
+    claimed = optuna_private.claim_waiting_trial(study, waiting)
+    assert claimed is not None and claimed.number == waiting.number
+    assert optuna_private.claim_waiting_trial(study, waiting) is None
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_heartbeats_and_stale_trials_are_seen(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
+    assert optuna_private.has_heartbeat(study)
+    assert not optuna_private.has_heartbeat(optuna.create_study(storage=open_storage(url)))
+    trial = study.ask()
+    with optuna_private.heartbeat(study, trial):
+        pass  # one heartbeat, then silence
+    assert optuna_private.stale_trial_numbers(study) == set()  # within its 2 s grace
+    # Stale once the grace has passed with no heartbeat: polled for, not slept through.
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+
+
+def test_retry_bookkeeping_keys(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    failed = study.tell(study.ask(), state=TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback()(study, failed)
+    retry = study.get_trials()[-1]
+    assert optuna_private.retry_of(retry) == failed.number
+    assert optuna_private.retried_numbers(study.get_trials()) == {failed.number}
+    assert optuna_private.retry_of(failed) is None
+
+
+def test_forgetting_and_replacing_an_artifact(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    trial = study.ask()
+    store = FileSystemArtifactStore(tmp_path)
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"one")
+    artifact_id = upload_artifact(artifact_store=store, file_path=str(source), study_or_trial=trial)
+    source.write_bytes(b"two")
+    optuna_private.replace_artifact(store, artifact_id, source)
+    assert store.open_reader(artifact_id).read() == b"two" and not source.exists()
+    optuna_private.forget_artifact(trial, artifact_id)
+    listing = study.get_trials()[0].system_attrs[ARTIFACTS_ATTR_PREFIX + artifact_id]
+    assert listing == "null"
