@@ -45,7 +45,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 import search.worker
 from search.progress import best_summary
-from search.pruners import build_pruner
 from search.settings import StudySettings
 from search.study import (
     budget,
@@ -149,7 +148,7 @@ def open_worker_study(job: Job, index: int) -> optuna.Study:
     if job.sampler == "tpe":
         return join_as_worker(storage, job.study_name, job.settings, f"bench/slot{index}")
     sampler = optuna.samplers.RandomSampler(seed=index)
-    pruner = build_pruner(job.settings.pruner, job.settings.epochs)
+    pruner = job.settings.build_pruner()
     return join(storage, job.study_name, sampler=sampler, pruner=pruner)
 
 

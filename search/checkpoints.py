@@ -13,7 +13,11 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search import attrs
 from search.optuna_private import forget_artifact, replace_artifact
-from storage import default_artifact_dir
+from storage import DEFAULT_HEARTBEAT_S, default_artifact_dir
+
+# Seconds of training between two checkpoints of a trial: what a crash can lose at most.
+# No longer than the heartbeat interval, so a retried trial loses less than its grace.
+DEFAULT_CHECKPOINT_INTERVAL_S = DEFAULT_HEARTBEAT_S
 
 
 def artifact_dir(given: Path | None, storage_url: str) -> Path:

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from data import DATASETS, DatasetMissingError, default_data_dir, download_cifar10
 from model import ModelConfigError
+from search.checkpoints import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.checkpoints import artifact_dir as resolve_artifact_dir
 from search.config import DEFAULT_EPOCHS, ConfigError
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
@@ -23,14 +24,20 @@ from search.final import FinalRequest, run_final
 from search.fleet import GpuSpecError, WorkerOptions
 from search.launch import StudyRequest, create_study, join_search, start_search
 from search.progress import SearchProgress
-from search.pruners import PRUNERS
+from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
 from search.report import ReportError, write_report
 from search.settings import DEFAULT_SEED, SettingsConflict
 from search.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
 from search.status import studies_table, study_status
 from search.study import StudyError, join
 from search.trainer import COMPILE_MODES, DEFAULT_COMPILE_MODE
-from storage import DEFAULT_HEARTBEAT_S, DEFAULT_STORAGE_URL, StorageURLError, open_storage
+from storage import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_STORAGE_RETRY_S,
+    DEFAULT_STORAGE_URL,
+    StorageURLError,
+    open_storage,
+)
 
 app = typer.Typer(
     help="Hyperparameter search for the Backbone CIFAR-10 CNN, on Optuna.",
@@ -128,6 +135,32 @@ HeartbeatOption = Annotated[
         show_default=str(DEFAULT_HEARTBEAT_S),
     ),
 ]
+MinEpochsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Epochs every trial trains before the pruner may stop it (Hyperband's minimum "
+        "resource): a warm-up or a slow start is not judged on epoch 1.",
+        show_default=str(DEFAULT_MIN_EPOCHS),
+    ),
+]
+CheckpointIntervalOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Seconds of training between a trial's checkpoints (and always on a graceful "
+        "stop): the most a crash can lose.",
+        show_default=str(DEFAULT_CHECKPOINT_INTERVAL_S),
+    ),
+]
+StorageRetryOption = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        help="Seconds a worker waits out a lost database (retrying with backoff) before it "
+        "exits; its trial is then recovered by the heartbeat.",
+    ),
+]
 ArtifactDirOption = Annotated[
     Path | None,
     typer.Option(
@@ -168,11 +201,14 @@ def create(
     pruner: PrunerOption = None,
     seed: SeedOption = None,
     heartbeat: HeartbeatOption = None,
+    min_epochs: MinEpochsOption = None,
+    checkpoint_interval: CheckpointIntervalOption = None,
 ) -> None:
     """Create a study with its settings and target, and run nothing (for init jobs)."""
     request = study_request(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
-        seed=seed, heartbeat=heartbeat,
+        seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
+        checkpoint_interval=checkpoint_interval,
     )  # fmt: skip
     with user_errors():
         create_study(request, SearchProgress(console))
@@ -192,11 +228,14 @@ def start(
     pruner: PrunerOption = None,
     seed: SeedOption = None,
     heartbeat: HeartbeatOption = None,
+    min_epochs: MinEpochsOption = None,
+    checkpoint_interval: CheckpointIntervalOption = None,
     artifact_dir: ArtifactDirOption = None,
     timeout: TimeoutOption = None,
     gpus: GpusOption = None,
     jobs_per_gpu: JobsOption = 1,
     compile: CompileOption = DEFAULT_COMPILE,
+    storage_retry_s: StorageRetryOption = DEFAULT_STORAGE_RETRY_S,
 ) -> None:
     """Search: create the study (or join it) and run trials until it holds --trials.
 
@@ -206,9 +245,12 @@ def start(
     """
     request = study_request(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
-        seed=seed, heartbeat=heartbeat,
+        seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
+        checkpoint_interval=checkpoint_interval,
     )  # fmt: skip
-    options = WorkerOptions(data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu)
+    options = WorkerOptions(
+        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s
+    )
     with user_errors():
         code = start_search(request, options, SearchProgress(console))
     raise typer.Exit(code)
@@ -224,6 +266,7 @@ def worker(
     gpus: GpusOption = None,
     jobs_per_gpu: JobsOption = 1,
     compile: CompileOption = DEFAULT_COMPILE,
+    storage_retry_s: StorageRetryOption = DEFAULT_STORAGE_RETRY_S,
     slot: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Join an existing study from any machine and run trials toward its stored target.
@@ -231,7 +274,7 @@ def worker(
     Everything but the per-machine options comes from the study's stored settings.
     """
     options = WorkerOptions(
-        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, slot
+        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s, slot
     )
     with user_errors():
         code = join_search(study, storage, options, SearchProgress(console))

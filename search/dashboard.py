@@ -108,9 +108,14 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         ("search space", f"`{settings.space_name}`"),
         ("epochs per trial", str(settings.epochs)),
         ("dataset", settings.dataset),
-        ("pruner", f"{settings.pruner}, on validation loss after each epoch"),
+        (
+            "pruner",
+            f"{settings.pruner}, on validation loss after each epoch from epoch "
+            f"{settings.min_epochs}",
+        ),
         ("seed", str(settings.seed)),
         ("heartbeat", f"{settings.heartbeat_s} s"),
+        ("checkpoints", f"every {settings.checkpoint_interval_s} s of training"),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     described = ", ".join(f"`{attr}`" for attr in attrs.DESCRIBED)

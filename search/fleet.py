@@ -14,6 +14,7 @@ import torch
 
 from search.progress import SearchProgress
 from search.trainer import DEFAULT_COMPILE_MODE
+from storage import DEFAULT_STORAGE_RETRY_S
 
 
 class GpuSpecError(ValueError):
@@ -30,6 +31,7 @@ class WorkerOptions:
     compile: str = DEFAULT_COMPILE_MODE
     gpus: str | None = None  # 'all' or '0,1': one worker process per GPU (and job)
     jobs_per_gpu: int = 1
+    storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # waiting out a database outage
     slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
 
 
@@ -98,6 +100,7 @@ def run_fleet(
 def _spawn(study: str, storage_url: str, slot: Slot, options: WorkerOptions) -> subprocess.Popen:
     command = [*_hpo_command(), "worker", "--study", study]
     command += ["--slot", str(slot.index), "--compile", options.compile]
+    command += ["--storage-retry-s", str(options.storage_retry_s)]
     if options.data_dir is not None:
         command += ["--data-dir", str(options.data_dir)]
     if options.artifact_dir is not None:

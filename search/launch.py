@@ -45,6 +45,8 @@ class StudyRequest:
     pruner: str | None = None
     seed: int | None = None
     heartbeat: int | None = None
+    min_epochs: int | None = None
+    checkpoint_interval: int | None = None
 
     def flags(self) -> dict[str, object]:
         return {
@@ -54,6 +56,8 @@ class StudyRequest:
             "pruner": self.pruner,
             "seed": self.seed,
             "heartbeat_s": self.heartbeat,
+            "min_epochs": self.min_epochs,
+            "checkpoint_interval_s": self.checkpoint_interval,
         }
 
     def new_settings(self) -> StudySettings:

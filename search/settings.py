@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import optuna
+
 from data import DATASETS
+from search.checkpoints import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.config import DEFAULT_EPOCHS, from_mapping
-from search.pruners import PRUNERS
+from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner
 from search.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
 from storage import DEFAULT_HEARTBEAT_S
 
@@ -32,6 +35,8 @@ class StudySettings:
     pruner: str = next(iter(PRUNERS))
     seed: int = DEFAULT_SEED
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    min_epochs: int = DEFAULT_MIN_EPOCHS  # before the pruner may stop a trial
+    checkpoint_interval_s: int = DEFAULT_CHECKPOINT_INTERVAL_S
     direction: str = "minimize"  # validation loss
 
     @classmethod
@@ -39,6 +44,9 @@ class StudySettings:
         """Settings of a new study: the named space, defaults for everything not chosen."""
         given = {key: value for key, value in chosen.items() if value is not None}
         return cls(space=load_space(space_name).to_dict(), space_name=space_name, **given)
+
+    def build_pruner(self) -> optuna.pruners.BasePruner:
+        return build_pruner(self.pruner, self.epochs, self.min_epochs)
 
     def search_space(self) -> SearchSpace:
         return SearchSpace.from_dict(self.space)

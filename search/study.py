@@ -22,7 +22,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.optuna_private import claim_waiting_trial, retried_numbers, retry_of
-from search.pruners import build_pruner
 from search.settings import StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
 
@@ -89,9 +88,7 @@ def join_as_worker(
             # Running trials count as bad guesses, so parallel workers spread out.
             constant_liar=True,
         )
-    return join(
-        storage, name, sampler=sampler, pruner=build_pruner(settings.pruner, settings.epochs)
-    )
+    return join(storage, name, sampler=sampler, pruner=settings.build_pruner())
 
 
 def load_settings(storage: optuna.storages.BaseStorage, name: str) -> StudySettings:

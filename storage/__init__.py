@@ -4,7 +4,12 @@ This room answers every storage fact: which backend a URL names, which file a SQ
 names, where artifacts go by default, which backends have heartbeats, the heartbeat default.
 """
 
-from storage._open import DEFAULT_HEARTBEAT_S, HeartbeatPolicy, open_storage
+from storage._open import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_STORAGE_RETRY_S,
+    HeartbeatPolicy,
+    open_storage,
+)
 from storage._urls import (
     DEFAULT_STORAGE_URL,
     StorageURLError,
@@ -17,6 +22,7 @@ from storage._urls import (
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
+    "DEFAULT_STORAGE_RETRY_S",
     "DEFAULT_STORAGE_URL",
     "HeartbeatPolicy",
     "StorageURLError",

@@ -31,6 +31,8 @@ SCHEMA_ATTEMPTS = 3
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
 # Seconds between a running trial's heartbeats, unless a study sets its own.
 DEFAULT_HEARTBEAT_S = 60
+# Seconds a worker waits out a database it lost (a restart, a fail-over) before giving up.
+DEFAULT_STORAGE_RETRY_S = 300.0
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ GOOD = {
 def test_a_bad_trial_is_pruned_after_its_first_epoch(data_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     storage = open_storage(f"sqlite:///{tmp_path / 'p.db'}")
-    request = StudyRequest("p", 0, "", space="tiny", epochs=4, dataset="synthetic", pruner="median")
+    request = StudyRequest(
+        "p", 0, "", space="tiny", epochs=4, dataset="synthetic", pruner="median", min_epochs=1
+    )
     settings, _ = create_or_join(storage, "p", request.new_settings(), 0)
     study = join_as_worker(storage, "p", settings, "test")
     for _ in range(4):
