@@ -8,11 +8,13 @@ read them through these names.
 SETTINGS = "hpo:settings"  # StudySettings.to_dict(), written last when a study is created
 TARGET = "hpo:target"  # finished trials the study should hold
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
+COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/compare.py)
 
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()
 ARCHITECTURE = "architecture"  # one line: N, K, channels, kernel, dropout
 PARAMS = "params"
+TRAIN_GFLOP = "train_gflop_per_image"  # forward + backward, per training image
 DEVICE = "device"
 HOST = "host"
 GPU = "gpu"
@@ -26,4 +28,4 @@ CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch check
 FAIL_REASON = "fail_reason"
 
 # What every trial carries, as listed in the dashboard's study note.
-DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, ARCHITECTURE, CONFIG, GPU, HOST)
+DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, TRAIN_GFLOP, ARCHITECTURE, CONFIG, GPU, HOST)

@@ -17,10 +17,11 @@ from data import DATASETS, DatasetMissingError, default_data_dir, download_cifar
 from model import ModelConfigError
 from search.checkpoints import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.checkpoints import artifact_dir as resolve_artifact_dir
+from search.compare import CompareRequest, run_compare
 from search.config import DEFAULT_EPOCHS, ConfigError
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
-from search.export import best_document, to_yaml
-from search.final import FinalRequest, run_final
+from search.export import best_document, pareto_documents, to_yaml, to_yaml_documents
+from search.final import FINAL_EPOCHS, FinalRequest, run_final
 from search.fleet import GpuSpecError, WorkerOptions
 from search.launch import StudyRequest, create_study, join_search, start_search
 from search.progress import SearchProgress
@@ -312,10 +313,23 @@ def best(
         Path | None, typer.Option("--output", "-o", help="YAML file to write; stdout if left out.")
     ] = None,
     storage: StorageOption = DEFAULT_STORAGE_URL,
+    pareto: Annotated[
+        bool,
+        typer.Option(
+            "--pareto",
+            help="Export every config on the accuracy-versus-cost front (validation accuracy "
+            "against train GFLOP per image), cheapest first, one YAML document each.",
+        ),
+    ] = False,
 ) -> None:
     """Export the best trial's config (with its metrics) as YAML for `hpo train`."""
     with user_errors():
-        document = to_yaml(best_document(join(open_storage(storage, reader=True), study), storage))
+        found = join(open_storage(storage, reader=True), study)
+        document = (
+            to_yaml_documents(pareto_documents(found, storage))
+            if pareto
+            else to_yaml(best_document(found, storage))
+        )
     if output is None:
         sys.stdout.write(document)
         return
@@ -323,30 +337,81 @@ def best(
     console.print(f"wrote {output}")
 
 
+FinalEpochsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Epochs of every seed, on all training images (the report's); the config's "
+        "recipe is kept.",
+        show_default=str(FINAL_EPOCHS),
+    ),
+]
+SeedsOption = Annotated[int, typer.Option(min=1, help="Seeds to train, 0 .. N-1.")]
+SeedGpusOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Train seeds side by side, one process per GPU: 'all' or a list like 0,1. "
+        "Left out, seeds run one after another on this process's device."
+    ),
+]
+
+
 @app.command()
 def train(
     config: Annotated[Path, typer.Option(help="YAML config written by `hpo best`.")],
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs; the config's own if left out.")
-    ] = None,
+    epochs: FinalEpochsOption = None,
+    seeds: SeedsOption = 1,
+    gpus: SeedGpusOption = None,
     dataset: Annotated[Dataset, typer.Option()] = DEFAULT_DATASET,
     data_dir: DataDirOption = None,
     output_dir: Annotated[
-        Path, typer.Option(help="Where model.pt and metrics.json are written.")
+        Path,
+        typer.Option(help="Where model-seedN.pt (one per seed) and metrics.json are written."),
     ] = Path("runs/final"),
     storage: StorageOption = DEFAULT_STORAGE_URL,
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
-    """Train a config from scratch on train+validation, then report test accuracy.
+    """Train a config from scratch on all training images per seed, then test each seed.
 
-    The weights and metrics are also attached to the study the config came from, when that
-    study is in --storage, so the dashboard lists them beside the search.
+    Prints every seed's test accuracy and the mean ± standard deviation. The weights and
+    metrics are also attached to the study the config came from, when that study is in
+    --storage, so the dashboard lists them beside the search.
     """
     request = FinalRequest(
-        config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir
+        config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
     )
     with user_errors():
         run_final(request, SearchProgress(console))
+
+
+@app.command()
+def compare(
+    study: Annotated[str, typer.Option(help="Study whose best configs face the report's.")],
+    seeds: SeedsOption = 3,
+    epochs: FinalEpochsOption = None,
+    top: Annotated[
+        int, typer.Option(min=1, help="The study's best trials to train (by validation loss).")
+    ] = 1,
+    gpus: SeedGpusOption = None,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where compare.md, compare.json and every seed's weights go.")
+    ] = Path("runs/compare"),
+    storage: StorageOption = DEFAULT_STORAGE_URL,
+    artifact_dir: ArtifactDirOption = None,
+) -> None:
+    """Did the search beat the report? Train the best configs and the report's Table 1/2
+    config alike, on the study's dataset with the same seeds, and test each.
+
+    Prints one table (test accuracy per config, the paired difference to the report with a
+    95% interval, parameters, GFLOP, time), writes it as Markdown and JSON and attaches both
+    to the study, where `hpo status`, `hpo report` and the dashboard show it.
+    """
+    request = CompareRequest(
+        study, storage, output_dir, seeds, epochs, top, data_dir, artifact_dir, gpus
+    )
+    with user_errors():
+        run_compare(request, SearchProgress(console))
 
 
 @app.command()

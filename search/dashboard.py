@@ -17,6 +17,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from search import attrs
 from search.settings import StudySettings
+from search.study import join, name_objective
 from storage import open_storage, redact_url
 
 
@@ -67,6 +68,7 @@ def open_dashboard(storage_url: str, host: str, port: int, artifacts: Path) -> D
     where readers never block a writer, and gives every connection a long busy timeout.
     """
     storage = open_storage(storage_url, reader=True)
+    name_objectives(storage)
     artifacts.mkdir(parents=True, exist_ok=True)
     app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
     try:
@@ -76,6 +78,13 @@ def open_dashboard(storage_url: str, host: str, port: int, artifacts: Path) -> D
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{server.server_port}/dashboard"
     return Dashboard(server=server, url=url, storage_url=storage_url, artifacts=artifacts)
+
+
+def name_objectives(storage: optuna.storages.BaseStorage) -> None:
+    """Name the objective of this project's studies made before it was named at creation."""
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if attrs.SETTINGS in summary.user_attrs:
+            name_objective(join(storage, summary.study_name))
 
 
 def exposure_warning(host: str) -> str | None:
@@ -96,9 +105,12 @@ def _is_loopback(host: str) -> bool:
         return False  # any other host name may resolve to a public address
 
 
-def write_study_note(study: optuna.Study, settings: StudySettings, target: int) -> None:
-    """The dashboard's note for a new study: what it searches and with which settings."""
-    optuna_dashboard.save_note(study, study_note(study.study_name, settings, target))
+def write_study_note(
+    study: optuna.Study, settings: StudySettings, target: int, appendix: str = ""
+) -> None:
+    """The dashboard's note for a study: what it searches and with which settings, then
+    `appendix` (the `hpo compare` table, once there is one)."""
+    optuna_dashboard.save_note(study, study_note(study.study_name, settings, target) + appendix)
 
 
 def study_note(name: str, settings: StudySettings, target: int) -> str:

@@ -9,17 +9,22 @@ from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import FrozenTrial
 
 from search import attrs
 from search.config import TrialConfig
+from search.cost import pareto_front, trial_gflop
 from search.study import StudyError
 from storage import redact_url
 
 
-def best_document(study: optuna.Study, storage_url: str) -> dict[str, Any]:
-    """Config (model, train, augment) of the best trial, with its metrics and provenance."""
+def best_document(
+    study: optuna.Study, storage_url: str, trial: FrozenTrial | None = None
+) -> dict[str, Any]:
+    """Config (model, train, augment) of the best trial (or of `trial`), with its metrics and
+    provenance."""
     try:
-        best = study.best_trial
+        best = trial or study.best_trial
     except ValueError:
         raise StudyError(f"study {study.study_name!r} has no completed trial yet") from None
     stored = best.user_attrs
@@ -47,8 +52,24 @@ def best_document(study: optuna.Study, storage_url: str) -> dict[str, Any]:
     }
 
 
+def pareto_documents(study: optuna.Study, storage_url: str) -> list[dict[str, Any]]:
+    """One document per trial on the accuracy-versus-cost front, cheapest first."""
+    front = pareto_front(study.get_trials(deepcopy=False))
+    if not front:
+        raise StudyError(f"study {study.study_name!r} has no completed trial yet")
+    documents = [best_document(study, storage_url, trial) for trial in front]
+    for document, trial in zip(documents, front, strict=True):
+        document["metrics"][attrs.TRAIN_GFLOP] = trial_gflop(trial)  # what the front trades
+    return documents
+
+
 def to_yaml(document: dict[str, Any]) -> str:
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+
+
+def to_yaml_documents(documents: list[dict[str, Any]]) -> str:
+    """A YAML stream of documents separated by `---`; `hpo train` reads one of them."""
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=None)
 
 
 def package_versions() -> dict[str, str]:

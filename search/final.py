@@ -1,28 +1,38 @@
-"""`hpo train`: train one config from scratch on train+validation and test it once."""
+"""`hpo train`: train one config from scratch on all training images, once per seed, and
+test each seed once."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from data import ImageSet, final_data, load_dataset
-from model import count_parameters
 from search import attrs
 from search.checkpoints import artifact_dir
 from search.config import TrialConfig, load_config_file
+from search.cost import parameter_count, train_gflop_per_image
+from search.fleet import GpuSpecError, parse_gpus
 from search.progress import SearchProgress, format_epoch
 from search.run import pick_device, start_run
 from search.study import StudyError, join
-from search.trainer import DeviceRecipe, EpochStats, Trainer
+from search.trainer import DeviceRecipe
 from storage import StorageURLError, backend_of, open_storage
 
-FINAL_FILES = ("model.pt", "metrics.json")
+# The report's final run: 90 epochs on all 50,000 training images (train + validation).
+FINAL_EPOCHS = 90
+METRICS_FILE = "metrics.json"
+
+Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -33,106 +43,204 @@ class FinalRequest:
     dataset: str
     output_dir: Path
     storage: str
-    epochs: int | None = None  # the config's own if None
+    epochs: int | None = None  # FINAL_EPOCHS if None; the config's recipe is kept either way
     data_dir: Path | None = None
     artifact_dir: Path | None = None
+    seeds: int = 1  # seeds 0 .. seeds-1
+    gpus: str | None = None  # 'all' or '0,1': seeds side by side, one process per GPU
 
 
 def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
-    """`hpo train`: train the config, test it, write and attach the weights and metrics."""
+    """`hpo train`: train the config per seed, test it, write and attach weights and metrics."""
     cfg, document = load_config_file(request.config)
-    if request.epochs is not None:
-        cfg = cfg.with_epochs(request.epochs)
+    cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
+    devices = seed_devices(request.gpus, progress.say)
     images = load_dataset(request.dataset, request.data_dir)
-    recipe = DeviceRecipe.for_device(pick_device(progress.say))
-    epochs = cfg.train.epochs
-    metrics = train_final(
-        cfg,
-        images,
-        recipe,
-        request.output_dir,
-        on_epoch=lambda stats: progress.say(format_epoch("final", stats, epochs)),
-    )
-    progress.say(f"test accuracy {metrics['test_acc']:.2%} (test loss {metrics['test_loss']:.4f})")
+    output = request.output_dir
+    metrics = train_seeds(cfg, images, range(request.seeds), output, devices, progress.say)
+    for run in metrics["seeds"]:
+        progress.say(
+            f"seed {run['seed']}: test accuracy {run['test_acc']:.2%} "
+            f"(test loss {run['test_loss']:.4f})"
+        )
     progress.say(
-        f"wrote {request.output_dir / 'model.pt'} and {request.output_dir / 'metrics.json'}"
+        f"test accuracy {format_mean_std(metrics['test_acc'], percent=True)} over "
+        f"{len(metrics['seeds'])} seed(s) (test loss {format_mean_std(metrics['test_loss'])})"
     )
+    progress.say(f"wrote {', '.join(metrics_files(metrics))} in {output}")
     artifacts = artifact_dir(request.artifact_dir, request.storage)
     source = document.get("source") or {}
-    progress.say(attach_to_study(request.storage, artifacts, source, request.output_dir, metrics))
+    progress.say(attach_final(request.storage, artifacts, source, output, metrics))
     return metrics
 
 
-def train_final(
+def seed_devices(gpus: str | None, say: Say) -> list[torch.device]:
+    """The devices seeds train on: the listed GPUs, else this process's device."""
+    indices = parse_gpus(gpus)
+    if indices is None:
+        return [pick_device(say)]
+    if not torch.cuda.is_available():
+        raise GpuSpecError(f"--gpus {gpus}: no CUDA GPU is visible; leave out --gpus")
+    return [torch.device(f"cuda:{index}") for index in indices]
+
+
+def train_seeds(
     cfg: TrialConfig,
     images: ImageSet,
-    recipe: DeviceRecipe,
+    seeds: Iterable[int],
     output_dir: Path,
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    devices: list[torch.device],
+    say: Say = print,
 ) -> dict[str, Any]:
-    """Train, evaluate on the test set, save weights and metrics; returns the metrics."""
-    run = start_run(cfg, final_data(images, recipe.device), recipe, seed=0)
+    """Train and test `cfg` once per seed; write one weights file per seed and metrics.json
+    with every seed. One device: seeds one after another in this process; several: side by
+    side, one process per device."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    if len(devices) == 1:
+        recipe = DeviceRecipe.for_device(devices[0])
+        runs = [train_seed(cfg, images, recipe, seed, output_dir, say) for seed in seeds]
+    else:
+        runs = _side_by_side(cfg, images, seeds, output_dir, devices)
+    metrics = {
+        "epochs": cfg.train.epochs,
+        "train_images": len(images.train_labels),
+        "test_images": len(images.test_labels),
+        "params": parameter_count(cfg.model),
+        "train_gflop_per_image": train_gflop_per_image(cfg.model, cfg.train.batch_size),
+        "test_acc": mean_std([run["test_acc"] for run in runs]),
+        "test_loss": mean_std([run["test_loss"] for run in runs]),
+        "seeds": runs,
+        "config": cfg.to_dict(),
+    }
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def train_seed(
+    cfg: TrialConfig, images: ImageSet, recipe: DeviceRecipe, seed: int, output_dir: Path, say: Say
+) -> dict[str, Any]:
+    """One seed: train on all training images, test in full precision, save the weights."""
+    run = start_run(cfg, final_data(images, recipe.device), recipe, seed=seed)
     history = []
     for stats in run.trainer.fit(run.train, None):
         history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-    test_loss, test_acc = run.trainer.evaluate(run.held_out)
-    metrics = {
+        say(format_epoch(f"seed {seed}", stats, cfg.train.epochs))
+    # fp32, no autocast: the number that is reported is not rounded to bf16 on the way.
+    test_loss, test_acc = run.trainer.evaluate(run.held_out, full_precision=True)
+    weights = weights_file(seed)
+    state = {"config": cfg.to_dict(), "seed": seed, "state_dict": run.trainer.model.state_dict()}
+    torch.save(state, output_dir / weights)
+    return {
+        "seed": seed,
         "test_acc": test_acc,
         "test_loss": test_loss,
-        "epochs": cfg.train.epochs,
-        "train_images": run.train.num_samples,
-        "params": count_parameters(run.trainer.model),
+        "train_seconds": round(sum(s.seconds for s in history), 3),
+        "images_per_s": round(statistics.fmean(s.images_per_s for s in history), 1),
         "train_loss": [round(s.train_loss, 5) for s in history],
-        "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
+        "device": str(recipe.device),
+        "weights": weights,
     }
-    _save(output_dir, cfg, run.trainer, metrics)
-    return metrics
 
 
-def _save(output_dir: Path, cfg: TrialConfig, trainer: Trainer, metrics: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"config": cfg.to_dict(), "state_dict": trainer.model.state_dict()}, output_dir / "model.pt"
-    )
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+def weights_file(seed: int) -> str:
+    return f"model-seed{seed}.pt"
 
 
-def attach_to_study(
+def metrics_files(metrics: dict[str, Any]) -> list[str]:
+    """The files a run wrote: its weights, one per seed, then metrics.json."""
+    return [run["weights"] for run in metrics["seeds"]] + [METRICS_FILE]
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (n - 1); no standard deviation from one value."""
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std}
+
+
+def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str:
+    def show(value: float) -> str:
+        return f"{value:.2%}" if percent else f"{value:.4f}"
+
+    std = stat["std"]
+    return show(stat["mean"]) + (f" ± {show(std)}" if std is not None else "")
+
+
+def _side_by_side(
+    cfg: TrialConfig,
+    images: ImageSet,
+    seeds: list[int],
+    output_dir: Path,
+    devices: list[torch.device],
+) -> list[dict[str, Any]]:
+    """One process per device, each training its share of the seeds one after another."""
+    # Spawned, not forked: CUDA cannot run in a forked child. torch's multiprocessing
+    # hands the images over in shared memory instead of copying them through a pipe.
+    context = torch.multiprocessing.get_context("spawn")
+    with ExitStack() as stack:
+        pools = [stack.enter_context(ProcessPoolExecutor(1, mp_context=context)) for _ in devices]
+        futures = [
+            pools[i % len(pools)].submit(
+                _train_seed_in_child, cfg, images, devices[i % len(pools)], seed, output_dir
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        return [future.result() for future in futures]
+
+
+def _train_seed_in_child(
+    cfg: TrialConfig, images: ImageSet, device: torch.device, seed: int, output_dir: Path
+) -> dict[str, Any]:
+    def say(line: str) -> None:
+        print(f"{device}| {line}", flush=True)
+
+    return train_seed(cfg, images, DeviceRecipe.for_device(device), seed, output_dir, say)
+
+
+def attach_final(
     storage_url: str,
     artifacts: Path,
     source: dict[str, Any],
     output_dir: Path,
     metrics: dict[str, Any],
 ) -> str:
-    """Keep the final weights and metrics as artifacts of the study the config came from,
-    where the dashboard lists them. Returns one line saying where, or why not."""
+    """Keep every seed's weights and the metrics as artifacts of the study the config came
+    from, where the dashboard lists them. Returns one line saying where, or why not."""
     name = source.get("study")
     if not name:
         return "not attached to a study: the config names none"
     try:
-        # The reader open refuses a missing SQLite file instead of creating an empty one.
-        join(open_storage(storage_url, reader=True), name)
-        study = join(open_storage(storage_url), name)
+        study = open_for_writing(storage_url, name)
     except (StorageURLError, StudyError) as err:
         return f"not attached to study {name!r}: {err}"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(artifacts))
-    ids = {
-        file: upload_artifact(
-            artifact_store=store, file_path=str(output_dir / file), study_or_trial=study
-        )
-        for file in FINAL_FILES
-    }
+    files = metrics_files(metrics)
+    ids = attach_to_study(study, artifacts, [output_dir / file for file in files])
     study.set_user_attr(
         attrs.FINAL,
         {
             "trial": source.get("trial"),
-            "test_acc": metrics["test_acc"],
+            "test_acc": metrics["test_acc"]["mean"],
+            "test_acc_std": metrics["test_acc"]["std"],
+            "seeds": len(metrics["seeds"]),
             "epochs": metrics["epochs"],
             "artifacts": ids,
         },
     )
-    return f"attached {' and '.join(FINAL_FILES)} to study {name!r} (artifacts in {artifacts})"
+    return f"attached {', '.join(files)} to study {name!r} (artifacts in {artifacts})"
+
+
+def open_for_writing(storage_url: str, name: str) -> optuna.Study:
+    # The reader open refuses a missing SQLite file instead of creating an empty one.
+    join(open_storage(storage_url, reader=True), name)
+    return join(open_storage(storage_url), name)
+
+
+def attach_to_study(study: optuna.Study, artifacts: Path, files: list[Path]) -> dict[str, str]:
+    """Upload `files` as artifacts of `study`; returns file name -> artifact id."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifacts))
+    return {
+        file.name: upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study)
+        for file in files
+    }

@@ -14,6 +14,7 @@ from model import count_parameters
 from search import attrs
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
+from search.cost import train_gflop_per_image
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
@@ -84,6 +85,8 @@ class TrialRunner:
         trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
         trial.set_user_attr(attrs.ARCHITECTURE, describe_architecture(cfg))
         trial.set_user_attr(attrs.PARAMS, params)
+        gflop = train_gflop_per_image(cfg.model, cfg.train.batch_size)
+        trial.set_user_attr(attrs.TRAIN_GFLOP, gflop)
         trial.set_user_attr(attrs.DEVICE, device_name(self.recipe.device))
         trial.set_user_attr(attrs.HOST, self.worker.host)
         trial.set_user_attr(attrs.GPU, self.worker.gpu)

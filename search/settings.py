@@ -20,6 +20,8 @@ from search.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
 from storage import DEFAULT_HEARTBEAT_S
 
 DEFAULT_SEED = 0
+# The study's one objective, by name: what the dashboard and the report call it.
+METRIC_NAME = "validation loss"
 
 
 class SettingsConflict(ValueError):

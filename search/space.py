@@ -275,3 +275,33 @@ def report_table1_params() -> dict[str, Any]:
         plateau_patience=10,
     )
     return params
+
+
+def report_params_in(space: SearchSpace) -> dict[str, Any]:
+    """The report's Table 1/2 run as parameters of `space`: exactly report_table1_params
+    where the space's widest layer is the default space's. Elsewhere (the tiny space) every
+    width is scaled by the ratio of the widest layers, rounded to the space's step (at least
+    one step), and a batch size or kernel the space does not offer becomes its nearest
+    choice; depth, K, dropout and the rest of the recipe stay the report's."""
+    params = report_table1_params()
+    scale = space.width[1] / DEFAULT_SPACE.width[1]
+    if scale == 1:
+        return params
+    step = space.width_step
+    for name, value in params.items():
+        if name.startswith("width_"):
+            params[name] = max(step, round(value * scale / step) * step)
+    for name in ("batch_size", "kernel_size"):
+        params[name] = min(getattr(space, name), key=lambda choice: abs(choice - params[name]))
+    return params
+
+
+def config_from_params(params: dict[str, Any], space: SearchSpace, epochs: int) -> TrialConfig:
+    """The TrialConfig `sample_config` makes from fixed parameters, as for an enqueued trial;
+    values outside a range are kept, as Optuna keeps them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "out of the range": intended here
+            return sample_config(optuna.trial.FixedTrial(params), space, epochs)
+    except ValueError as err:  # a choice the space does not offer, such as its schedule
+        raise SpaceError(f"the report's config does not fit this search space: {err}") from err

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 
 from search import attrs
+from search.compare import rich_table
 from search.optuna_private import stale_trial_numbers
 from search.progress import best_summary
 from search.study import budget, join, load_settings
@@ -43,9 +44,12 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
+    shown = [summary]
+    if attrs.COMPARE in study.user_attrs:  # the latest `hpo compare`
+        shown.append(rich_table(study.user_attrs[attrs.COMPARE]))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
-        return Group(summary)
+        return Group(*shown)
     table = Table(title="running", title_justify="left")
     for column in ("trial", "epoch", "last val loss", "worker", "architecture"):
         table.add_column(column)
@@ -61,7 +65,7 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
             str(trial.user_attrs.get(attrs.WORKER, "-")),
             str(trial.user_attrs.get(attrs.ARCHITECTURE, "-")),
         )
-    return Group(summary, table)
+    return Group(*shown, table)
 
 
 def studies_table(storage: optuna.storages.BaseStorage) -> Table:

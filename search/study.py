@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.optuna_private import claim_waiting_trial, retried_numbers, retry_of
-from search.settings import StudySettings
+from search.settings import METRIC_NAME, StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
@@ -55,12 +55,22 @@ def create_or_join(
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
         return load_settings(storage, name), False
+    name_objective(study)
     study.set_user_attr(attrs.TARGET, target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else []
     _add_tickets(study, min(target, TICKET_WINDOW), first)
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(attrs.SETTINGS, settings.to_dict())
     return settings, True
+
+
+def name_objective(study: optuna.Study) -> None:
+    """Call the objective "validation loss" where the study has no name for it yet (studies
+    made before it was named), so the dashboard does not say "Objective 0"."""
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
 
 
 def join(

@@ -186,15 +186,20 @@ class Trainer:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, batches: Batches) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy over all batches."""
+    def evaluate(self, batches: Batches, full_precision: bool = False) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy over all batches.
+
+        full_precision: fp32 and eager, no autocast (the final test score, read once).
+        """
         self.model.eval()
+        dtype = None if full_precision else self.autocast_dtype
+        sums = _eval_sums if full_precision else self._eval_sums
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         images = 0
         for x, y in batches:
             with self._timing_first_call("eval", len(y)):
-                loss, right = self._eval_sums(self.model, self._format(x), y, self.autocast_dtype)
+                loss, right = sums(self.model, self._format(x), y, dtype)
             loss_sum += loss
             correct += right
             images += len(y)

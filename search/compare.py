@@ -1,0 +1,298 @@
+"""`hpo compare`: did the search beat the report? The study's best configs and the report's
+own Table 1/2 config, trained alike with the same seeds and tested once each, in one table.
+
+One config's test accuracy moves by a few tenths of a percent from seed to seed, the size of
+what a search gains, so every config is trained with the same seeds and the difference to the
+report is taken seed by seed (paired), with a Student-t interval over those differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from rich.table import Table
+
+from data import load_dataset
+from search import attrs
+from search.checkpoints import artifact_dir
+from search.config import TrialConfig
+from search.dashboard import write_study_note
+from search.final import (
+    FINAL_EPOCHS,
+    attach_to_study,
+    format_mean_std,
+    open_for_writing,
+    seed_devices,
+    train_seeds,
+)
+from search.objective import describe_architecture
+from search.progress import SearchProgress
+from search.settings import StudySettings
+from search.space import (
+    DEFAULT_SPACE_NAME,
+    config_from_params,
+    report_params_in,
+    report_table1_params,
+)
+from search.study import StudyError, budget, join, load_settings
+from storage import open_storage
+
+REPORT = "report"
+FILES = ("compare.md", "compare.json")
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (any statistics table).
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+COLUMNS = (
+    "config",
+    "test accuracy",
+    "vs report (95% CI)",
+    "params",
+    "train GFLOP/image",
+    "train time",
+    "images/s",
+)
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    study: str
+    storage: str
+    output_dir: Path
+    seeds: int = 3
+    epochs: int | None = None  # FINAL_EPOCHS if None
+    top: int = 1  # the study's best trials to train, by validation loss
+    data_dir: Path | None = None
+    artifact_dir: Path | None = None
+    gpus: str | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One config of the table: a trial's, or the report's."""
+
+    name: str
+    trial: int | None
+    cfg: TrialConfig
+    val_loss: float | None = None
+
+
+def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, Any]:
+    """Train the top trials and the report's config per seed; write, attach and show the table."""
+    storage = open_storage(request.storage, reader=True)
+    study = join(storage, request.study)
+    settings = load_settings(storage, request.study)
+    epochs = request.epochs or FINAL_EPOCHS
+    entries = [*top_entries(study, request.top, epochs), report_entry(settings, epochs)]
+    devices = seed_devices(request.gpus, progress.say)
+    images = load_dataset(settings.dataset, request.data_dir)
+    seeds = list(range(request.seeds))
+    trained: dict[str, dict[str, Any]] = {}  # the report's config may also be a top trial
+    runs = []
+    for entry in entries:
+        key = json.dumps(entry.cfg.to_dict(), sort_keys=True)
+        if key not in trained:
+            progress.say(f"{entry.name}: {describe_architecture(entry.cfg)}")
+            folder = request.output_dir / entry.name.split(" (")[0].replace(" ", "-")
+            say = _labelled(progress, entry.name)
+            trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say)
+        runs.append((entry, trained[key]))
+    table = comparison(study.study_name, settings, epochs, seeds, runs)
+    markdown = to_markdown(table)
+    request.output_dir.mkdir(parents=True, exist_ok=True)
+    (request.output_dir / FILES[0]).write_text(markdown)
+    (request.output_dir / FILES[1]).write_text(json.dumps(table, indent=2) + "\n")
+    progress.console.print(rich_table(table))
+    progress.say(explanation(table))
+    progress.say(f"wrote {', '.join(FILES)} in {request.output_dir}")
+    progress.say(_attach(request, settings, table, markdown))
+    return table
+
+
+def top_entries(study: optuna.Study, count: int, epochs: int) -> list[Entry]:
+    """The `count` complete trials with the lowest validation loss, best first."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise StudyError(f"study {study.study_name!r} has no completed trial yet")
+    entries = []
+    for rank, trial in enumerate(sorted(complete, key=lambda t: t.value)[:count], start=1):
+        if attrs.CONFIG not in trial.user_attrs:
+            raise StudyError(f"trial {trial.number} of {study.study_name!r} has no stored config")
+        cfg = TrialConfig.from_dict(trial.user_attrs[attrs.CONFIG]).with_epochs(epochs)
+        name = f"trial {trial.number} ({'best' if rank == 1 else f'#{rank}'})"
+        entries.append(Entry(name, trial.number, cfg, trial.value))
+    return entries
+
+
+def report_entry(settings: StudySettings, epochs: int) -> Entry:
+    """The report's Table 1/2 config as the study's space expresses it: in the default space
+    the study's first trial; elsewhere scaled to the space (see report_params_in)."""
+    params = report_params_in(settings.search_space())
+    cfg = config_from_params(params, settings.search_space(), epochs)
+    first = 0 if settings.space_name == DEFAULT_SPACE_NAME else None
+    return Entry(REPORT, first, cfg)
+
+
+def report_scaling(settings: StudySettings) -> str:
+    """How the report's config was fitted to the study's space, in words."""
+    exact, fitted = report_table1_params(), report_params_in(settings.search_space())
+    changed = [name for name in exact if fitted[name] != exact[name]]
+    if not changed:
+        return "the report's Table 1/2 config as published (the study's first trial)"
+    widths = [name for name in changed if name.startswith("width_")]
+    parts = [f"{name} {exact[name]} -> {fitted[name]}" for name in changed if name not in widths]
+    if widths:
+        before = ", ".join(str(exact[name]) for name in widths)
+        after = ", ".join(str(fitted[name]) for name in widths)
+        parts.insert(0, f"widths {before} -> {after}")
+    return (
+        f"the report's Table 1/2 config scaled to the study's `{settings.space_name}` space "
+        f"({'; '.join(parts)}); depth, K, dropout and the rest of the recipe as published"
+    )
+
+
+def comparison(
+    study: str,
+    settings: StudySettings,
+    epochs: int,
+    seeds: list[int],
+    runs: list[tuple[Entry, dict[str, Any]]],
+) -> dict[str, Any]:
+    """The table as data: per config its per-seed test scores, their mean and std, and the
+    paired difference to the report with its 95% interval."""
+    report = next(metrics for entry, metrics in runs if entry.name == REPORT)
+    baseline = [run["test_acc"] for run in report["seeds"]]
+    configs = []
+    for entry, metrics in runs:
+        acc = [run["test_acc"] for run in metrics["seeds"]]
+        configs.append(
+            {
+                "name": entry.name,
+                "trial": entry.trial,
+                "val_loss": entry.val_loss,
+                "architecture": describe_architecture(entry.cfg),
+                "params": metrics["params"],
+                "train_gflop_per_image": metrics["train_gflop_per_image"],
+                "test_acc": acc,
+                "test_loss": [run["test_loss"] for run in metrics["seeds"]],
+                "test_acc_mean": metrics["test_acc"]["mean"],
+                "test_acc_std": metrics["test_acc"]["std"],
+                "vs_report": None if entry.name == REPORT else paired_difference(acc, baseline),
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in metrics["seeds"]),
+                "images_per_s": statistics.fmean(r["images_per_s"] for r in metrics["seeds"]),
+            }
+        )
+    return {
+        "study": study,
+        "dataset": settings.dataset,
+        "epochs": epochs,
+        "seeds": seeds,
+        "train_images": report["train_images"],
+        "test_images": report["test_images"],
+        "report_config": report_scaling(settings),
+        "configs": configs,
+    }
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> dict[str, float | None]:
+    """Mean of the per-seed differences and its two-sided 95% Student-t interval (none from
+    one seed: one difference says nothing about the spread)."""
+    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "low": None, "high": None}
+    half = t_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def t_975(df: int) -> float:
+    if df <= len(T_975):
+        return T_975[df - 1]
+    # Past the table, Cornish-Fisher's expansion around the normal quantile: off by < 1e-4.
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def table_rows(table: dict[str, Any]) -> list[list[str]]:
+    """One row of text per config, under COLUMNS: what status, report and note show."""
+    return [
+        [
+            config["name"],
+            format_mean_std(
+                {"mean": config["test_acc_mean"], "std": config["test_acc_std"]}, percent=True
+            ),
+            _difference(config["vs_report"]),
+            f"{config['params']:,}",
+            f"{config['train_gflop_per_image']:.4g}",
+            f"{config['train_seconds']:,.1f} s",
+            f"{config['images_per_s']:,.0f}",
+        ]
+        for config in table["configs"]
+    ]
+
+
+def _difference(diff: dict[str, float | None] | None) -> str:
+    if diff is None:
+        return "baseline"
+    mean = f"{100 * diff['mean']:+.2f} pts"
+    if diff["low"] is None:
+        return f"{mean} (one seed: no interval)"
+    return f"{mean} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
+
+
+def rich_table(table: dict[str, Any]) -> Table:
+    shown = Table(title="best configs against the report's (test set)", title_justify="left")
+    for column in COLUMNS:
+        shown.add_column(column)
+    for row in table_rows(table):
+        shown.add_row(*row)
+    return shown
+
+
+def to_markdown(table: dict[str, Any]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    rows = "".join("| " + " | ".join(row) + " |\n" for row in table_rows(table))
+    return head + rows + "\n" + explanation(table) + "\n"
+
+
+def explanation(table: dict[str, Any]) -> str:
+    """What the table means, in a paragraph under it."""
+    seeds = table["seeds"]
+    return (
+        f"Each config trained {table['epochs']} epoch(s) on all {table['train_images']:,} "
+        f"training images of `{table['dataset']}` with seeds {', '.join(map(str, seeds))}, then "
+        f"tested once on the {table['test_images']:,} test images (fp32). Test accuracy is the "
+        "mean ± sample standard deviation over seeds. *vs report* is the mean of the per-seed "
+        "differences to the report's config (same seed, same data order), in percentage "
+        "points, with a 95% Student-t interval: an interval that excludes 0 is a difference "
+        "larger than seed-to-seed noise. *report* is "
+        f"{table['report_config']}. Train time is per seed; images/s is training throughput."
+    )
+
+
+def _attach(
+    request: CompareRequest, settings: StudySettings, table: dict[str, Any], markdown: str
+) -> str:
+    """The table as study artifacts, in a study attribute (for status and report) and in the
+    dashboard's study note."""
+    study = open_for_writing(request.storage, request.study)
+    artifacts = artifact_dir(request.artifact_dir, request.storage)
+    ids = attach_to_study(study, artifacts, [request.output_dir / file for file in FILES])
+    study.set_user_attr(attrs.COMPARE, {**table, "artifacts": ids})
+    note = f"\n### Best configs against the report's (`hpo compare`)\n\n{markdown}"
+    write_study_note(study, settings, budget(study).target, note)
+    return f"attached {' and '.join(FILES)} to study {request.study!r} (artifacts in {artifacts})"
+
+
+def _labelled(progress: SearchProgress, name: str) -> Callable[[str], None]:
+    return lambda line: progress.say(f"{name} | {line}")
