@@ -18,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 import optuna
+import plotly.graph_objects as go
 import plotly.offline
 import yaml
 from matplotlib.axes import Axes
@@ -25,6 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.graph_objects import Figure
 
 from search import attrs
+from search.compare import COLUMNS, explanation, table_rows
+from search.cost import pareto_front, trial_gflop
+from search.settings import METRIC_NAME
+from search.study import name_objective
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -62,6 +67,8 @@ def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ReportError(f"cannot write the report to {output}: {err.strerror or err}") from err
+    if attrs.SETTINGS in study.user_attrs:
+        name_objective(study)  # a study made before the objective was named
     trials = study.get_trials(deepcopy=False)
     params = common_params(trials)
     sections, images, skipped = [], [], []
@@ -76,7 +83,8 @@ def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
             images.append(_save_png(plot, plot.matplotlib(study, params), output))
         sections.append(_section(plot, _figure_html(figure) + _png_link(plot)))
     page = output / PAGE_NAME
-    page.write_text(_page(study, trials, sections, top_trials(trials, study, top)))
+    best = top_trials(trials, study, top)
+    page.write_text(_page(study, trials, sections, best, pareto_front(trials)))
     return Report(page=page, images=images, skipped=skipped)
 
 
@@ -116,24 +124,22 @@ def _needs_curves(trials: list[FrozenTrial]) -> str | None:
 
 
 def _history(study: optuna.Study, _params: list[str] | None) -> Figure:
-    return optuna.visualization.plot_optimization_history(study, target_name="validation loss")
+    return optuna.visualization.plot_optimization_history(study, target_name=METRIC_NAME)
 
 
 def _history_png(study: optuna.Study, _params: list[str] | None) -> Axes:
-    return optuna.visualization.matplotlib.plot_optimization_history(
-        study, target_name="validation loss"
-    )
+    return optuna.visualization.matplotlib.plot_optimization_history(study, target_name=METRIC_NAME)
 
 
 def _curves(study: optuna.Study, _params: list[str] | None) -> Figure:
     figure = optuna.visualization.plot_intermediate_values(study)
-    return figure.update_layout(xaxis_title="epoch", yaxis_title="validation loss")
+    return figure.update_layout(xaxis_title="epoch", yaxis_title=METRIC_NAME)
 
 
 def _curves_png(study: optuna.Study, _params: list[str] | None) -> Axes:
     ax = optuna.visualization.matplotlib.plot_intermediate_values(study)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel(METRIC_NAME)
     if len(ax.get_lines()) > MAX_LEGEND_TRIALS and ax.get_legend() is not None:
         ax.get_legend().remove()
     return ax
@@ -149,14 +155,70 @@ def _importances_png(study: optuna.Study, _params: list[str] | None) -> Axes:
 
 def _parallel(study: optuna.Study, params: list[str] | None) -> Figure:
     return optuna.visualization.plot_parallel_coordinate(
-        study, params=params, target_name="validation loss"
+        study, params=params, target_name=METRIC_NAME
     )
 
 
 def _parallel_png(study: optuna.Study, params: list[str] | None) -> Axes:
     return optuna.visualization.matplotlib.plot_parallel_coordinate(
-        study, params=params, target_name="validation loss"
+        study, params=params, target_name=METRIC_NAME
     )
+
+
+def _needs_costed(trials: list[FrozenTrial]) -> str | None:
+    if pareto_front(trials):
+        return None
+    return "no complete trial has a validation accuracy and a config yet"
+
+
+def _front_points(study: optuna.Study) -> tuple[list[tuple], list[tuple]]:
+    """(GFLOP per image, validation accuracy, trial number) of every complete trial that has
+    both, and of those on the Pareto front."""
+    trials = study.get_trials(deepcopy=False)
+    front = {t.number for t in pareto_front(trials)}
+    points = [
+        (trial_gflop(t), t.user_attrs[attrs.VAL_ACC], t.number)
+        for t in trials
+        if t.state == TrialState.COMPLETE and attrs.VAL_ACC in t.user_attrs
+    ]
+    points = sorted(p for p in points if p[0] is not None)
+    return points, [p for p in points if p[2] in front]
+
+
+def _pareto(study: optuna.Study, _params: list[str] | None) -> Figure:
+    points, front = _front_points(study)
+    figure = go.Figure()
+    for name, shown, style in (
+        ("complete trials", points, {"mode": "markers", "marker": {"color": "#9aa5b1"}}),
+        ("Pareto front", front, {"mode": "lines+markers", "line": {"shape": "hv"}}),
+    ):
+        x, y, numbers = (list(column) for column in zip(*shown, strict=True))
+        figure.add_trace(
+            go.Scatter(
+                x=x, y=y, customdata=numbers, name=name,
+                hovertemplate="trial %{customdata}<br>%{x:.4g} GFLOP/image<br>"
+                "val acc %{y:.2%}<extra></extra>",
+                **style,
+            )
+        )  # fmt: skip
+    return figure.update_layout(
+        xaxis={"title": "train GFLOP per image (log)", "type": "log"},
+        yaxis={"title": "validation accuracy", "tickformat": ".0%"},
+    )
+
+
+def _pareto_png(study: optuna.Study, _params: list[str] | None) -> Axes:
+    points, front = _front_points(study)
+    _figure, ax = plt.subplots()
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="#9aa5b1", label="trials")
+    ax.step([p[0] for p in front], [p[1] for p in front], "o-", where="post", label="Pareto front")
+    for x, y, number in front:
+        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("train GFLOP per image")
+    ax.set_ylabel("validation accuracy")
+    ax.legend()
+    return ax
 
 
 PLOTS = (
@@ -176,6 +238,7 @@ PLOTS = (
         _parallel_png,
         _needs_complete(2),
     ),
+    Plot("accuracy-vs-cost", "Accuracy against cost", _pareto, _pareto_png, _needs_costed),
 )
 
 
@@ -218,7 +281,11 @@ def _section(plot: Plot, body: str) -> str:
 
 
 def _page(
-    study: optuna.Study, trials: list[FrozenTrial], sections: list[str], best: list[FrozenTrial]
+    study: optuna.Study,
+    trials: list[FrozenTrial],
+    sections: list[str],
+    best: list[FrozenTrial],
+    front: list[FrozenTrial],
 ) -> str:
     name = html.escape(study.study_name)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -232,7 +299,11 @@ def _page(
 <h1>Study {name}</h1>
 <p class="summary">{html.escape(_summary(study, trials))}</p>
 <p class="summary">Generated {generated} by <code>hpo report</code>.</p>
+{_comparison(study)}
 {"".join(sections)}
+<section id="pareto-front"><h2>Pareto front: the most accurate trial at each cost</h2>
+<p class="summary">No other complete trial is as accurate for as few GFLOP per image; cheapest
+first. <code>hpo best --pareto</code> exports these configs.</p>{_top_table(front)}</section>
 <section id="top-trials"><h2>Top trials</h2>{_top_table(best)}</section>
 </body></html>
 """
@@ -251,12 +322,30 @@ def _summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     return f"{how}{len(trials)} trials: {states or 'none yet'}."
 
 
+def _comparison(study: optuna.Study) -> str:
+    """The latest `hpo compare` table, when there is one."""
+    table = study.user_attrs.get(attrs.COMPARE)
+    if table is None:
+        return ""
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table_rows(table)
+    )
+    return (
+        '<section id="compare"><h2>Best configs against the report\'s (test set)</h2>'
+        f'<table><tr>{head}</tr>{rows}</table><p class="summary">'
+        f"{html.escape(explanation(table))}</p></section>"
+    )
+
+
 def _top_table(best: list[FrozenTrial]) -> str:
     if not best:
         return '<p class="note">No complete trial yet.</p>'
     head = (
         "<tr><th>rank</th><th>trial</th><th>val loss</th><th>val acc</th><th>params</th>"
-        "<th>images/s</th><th>epochs</th><th>architecture</th><th>recipe</th><th>config</th></tr>"
+        "<th>GFLOP/image</th><th>images/s</th><th>epochs</th><th>architecture</th><th>recipe</th>"
+        "<th>config</th></tr>"
     )
     rows = "".join(_top_row(rank, trial) for rank, trial in enumerate(best, start=1))
     return f"<table>{head}{rows}</table>"
@@ -271,6 +360,7 @@ def _top_row(rank: int, trial: FrozenTrial) -> str:
         f"{trial.value:.4f}",
         f"{stored[attrs.VAL_ACC]:.2%}" if attrs.VAL_ACC in stored else "-",
         f"{stored[attrs.PARAMS]:,}" if attrs.PARAMS in stored else "-",
+        f"{gflop:.4g}" if (gflop := trial_gflop(trial)) is not None else "-",
         f"{stored[attrs.IMAGES_PER_S]:,.0f}" if attrs.IMAGES_PER_S in stored else "-",
         str(len(trial.intermediate_values)),
         html.escape(str(stored.get(attrs.ARCHITECTURE, "-"))),

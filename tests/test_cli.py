@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 
 from search import attrs
 from search.checkpoints import artifact_dir
+from search.config import TrialConfig
+from search.cost import train_gflop_per_image
 from search.study import budget
 from storage import open_storage
 
@@ -36,6 +38,13 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     complete = [t for t in load(hpo_env, "demo").trials if t.state == TrialState.COMPLETE]
     assert len([p for p in checkpoints.iterdir() if p.is_file()]) == len(complete)
 
+    # Every trial records what it costs to train, and the objective has its name.
+    for trial in complete:
+        cfg = TrialConfig.from_dict(trial.user_attrs[attrs.CONFIG])
+        gflop = train_gflop_per_image(cfg.model, cfg.train.batch_size)
+        assert trial.user_attrs[attrs.TRAIN_GFLOP] == gflop > 0
+    assert load(hpo_env, "demo").metric_names == ["validation loss"]
+
     status = run_hpo("status", "--study", "demo", env=hpo_env, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert "4 / 4" in status.stdout
@@ -56,16 +65,17 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     assert trained.returncode == 0, trained.stderr
     assert "test accuracy" in trained.stdout
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["epochs"] == 1
-    weights = (tmp_path / "final" / "model.pt").read_bytes()
+    assert 0.0 <= metrics["test_acc"]["mean"] <= 1.0 and metrics["epochs"] == 1
+    weights = (tmp_path / "final" / "model-seed0.pt").read_bytes()
     assert weights
 
     # The weights and metrics are artifacts of the study the config came from.
-    assert "attached model.pt and metrics.json to study 'demo'" in trained.stdout
+    assert "attached model-seed0.pt, metrics.json to study 'demo'" in trained.stdout
     final = load(hpo_env, "demo").user_attrs[attrs.FINAL]
-    assert final["trial"] == study.best_trial.number and final["test_acc"] == metrics["test_acc"]
+    assert final["trial"] == study.best_trial.number
+    assert final["test_acc"] == metrics["test_acc"]["mean"]
     store = FileSystemArtifactStore(str(artifact_dir(None, hpo_env["HPO_STORAGE"])))
-    with store.open_reader(final["artifacts"]["model.pt"]) as stored:
+    with store.open_reader(final["artifacts"]["model-seed0.pt"]) as stored:
         assert stored.read() == weights
 
 

@@ -29,11 +29,12 @@ from typer.testing import CliRunner
 from model import build_model, count_parameters
 from search.checkpoints import CheckpointStore, artifact_dir
 from search.cli import app
+from search.cost import train_gflop_per_image
 from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
 from search.objective import describe_architecture
 from search.settings import StudySettings
 from search.space import load_space, sample_config
-from search.study import budget, create_or_join, join
+from search.study import budget, create_or_join, join, load_settings
 from storage import open_storage
 
 EPOCHS = 3
@@ -89,6 +90,9 @@ def _tell_trial(
     trial.set_user_attr("config", cfg.to_dict())
     trial.set_user_attr("architecture", describe_architecture(cfg))
     trial.set_user_attr("params", count_parameters(build_model(cfg.model)))
+    trial.set_user_attr(
+        "train_gflop_per_image", train_gflop_per_image(cfg.model, cfg.train.batch_size)
+    )
     trial.set_user_attr("gpu", "cpu")
     trial.set_user_attr("host", "test")
     if state == TrialState.FAIL:
@@ -333,3 +337,27 @@ def test_a_new_study_carries_a_note_with_its_settings(tmp_path: Path) -> None:
     assert "| epochs per trial | 3 |" in note
     assert "| pruner | median" in note
     assert "schedulers:" in note  # the whole search space, as YAML
+
+
+def test_dashboard_calls_the_objective_validation_loss(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    chromium()  # skips (or fails, in CI) before any work
+    url = hpo_env["HPO_STORAGE"]
+    make_study(url, "named", complete=2, pruned=0, failed=0)
+    # A study made before `hpo` named the objective: the dashboard names it when it opens.
+    storage = open_storage(url)
+    older = optuna.create_study(study_name="older", storage=storage)
+    older.set_user_attr("hpo:settings", load_settings(storage, "named").to_dict())
+    older.add_trial(optuna.trial.create_trial(value=1.5, intermediate_values={1: 1.7, 2: 1.5}))
+    assert older.metric_names is None
+    with dashboard(hpo_env, tmp_path) as served:
+        ids = {name: served.study_id(name) for name in ("named", "older")}
+        for study_id in ids.values():
+            detail = served.get(f"/api/studies/{study_id}")
+            assert detail["objective_names"] == ["validation loss"]
+        page = f"{served.base}/dashboard/studies/{ids['older']}"
+        text = visible_text(render(page, tmp_path / "chromium", tmp_path / "older.png"))
+    # The history plot's axis and the trial table's column, as the user reads them.
+    assert "validation loss" in text
+    assert "Objective 0" not in text

@@ -1,0 +1,187 @@
+"""`hpo train --seeds` and `hpo compare`: several seeds, the head to head with the report's
+config, and the table's numbers checked against the per-seed metrics behind them."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import run_hpo
+from optuna.artifacts import FileSystemArtifactStore
+from optuna_dashboard import get_note
+from rich.console import Console
+from test_dashboard import make_study
+
+from data import load_dataset
+from search import attrs
+from search.checkpoints import artifact_dir
+from search.compare import paired_difference, t_975
+from search.config import TrialConfig
+from search.final import train_seeds
+from search.report import write_report
+from search.status import study_table
+from storage import open_storage
+
+# A config small enough to train an epoch of the test set in a second.
+TINY_CONFIG = {
+    "model": {"channels": [[3, 8, 8]], "blocks": [2], "dropout": 0.1},
+    "train": {"lr": 0.01, "batch_size": 64, "epochs": 5, "scheduler": "cosine"},
+    "augment": {"crop_padding": 2, "flip": True},
+}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread here and in spawned children, as `hpo` runs under hpo_env: the same seed
+    then sums in the same order wherever it trains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_seeds_keeps_every_seed_and_repeats_one(
+    hpo_env: dict[str, str], data_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    done = run_hpo(
+        "train", "--config", "tiny.yaml", "--dataset", "synthetic", "--epochs", "1",
+        "--seeds", "2", "--output-dir", "two", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert [run["seed"] for run in two["seeds"]] == [0, 1]
+    for run in two["seeds"]:
+        assert f"seed {run['seed']}: test accuracy {pct(run['test_acc'])}%" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "metrics.json",
+        "model-seed0.pt",
+        "model-seed1.pt",
+    ]
+    acc = [run["test_acc"] for run in two["seeds"]]
+    assert two["test_acc"] == {"mean": statistics.mean(acc), "std": statistics.stdev(acc)}
+    assert two["epochs"] == 1 and two["train_images"] == 600  # all of them: train + validation
+    assert two["config"]["train"]["scheduler"] == "cosine"  # the config's own recipe
+
+    def weights(folder: str, seed: int) -> dict[str, torch.Tensor]:
+        return torch.load(tmp_path / folder / f"model-seed{seed}.pt")["state_dict"]
+
+    # Seeds differ; seed 0 again (here, in this process) gives the same weights and scores.
+    first = weights("two", 0)
+    assert any(not torch.equal(first[k], v) for k, v in weights("two", 1).items())
+    cfg = TrialConfig.from_dict(TINY_CONFIG).with_epochs(1)
+    images = load_dataset("synthetic", data_dir)
+    again = train_seeds(cfg, images, [0], tmp_path / "again", [torch.device("cpu")])["seeds"][0]
+    assert (again["test_acc"], again["test_loss"]) == (acc[0], two["seeds"][0]["test_loss"])
+    assert all(torch.equal(first[k], v) for k, v in weights("again", 0).items())
+
+
+def test_seeds_side_by_side_train_as_one_after_another(
+    data_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """The --gpus path (one spawned process per device) on two CPU 'devices'."""
+    cfg = TrialConfig.from_dict(TINY_CONFIG).with_epochs(1)
+    images = load_dataset("synthetic", data_dir)
+    cpu = torch.device("cpu")
+    apart = train_seeds(cfg, images, [0, 1], tmp_path / "apart", [cpu, cpu])
+    alone = train_seeds(cfg, images, [0, 1], tmp_path / "alone", [cpu])
+    assert [run["seed"] for run in apart["seeds"]] == [0, 1]
+    for field in ("test_acc", "test_loss", "train_loss"):
+        assert [r[field] for r in apart["seeds"]] == [r[field] for r in alone["seeds"]]
+    assert {"model-seed0.pt", "model-seed1.pt"} < {p.name for p in (tmp_path / "apart").iterdir()}
+
+
+def test_paired_difference_and_its_interval() -> None:
+    # Differences 0.02, 0.04, 0.03: mean 0.03, sample sd 0.01, t(2) = 4.303.
+    diff = paired_difference([0.92, 0.94, 0.93], [0.90, 0.90, 0.90])
+    assert diff["mean"] == pytest.approx(0.03)
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert (diff["low"], diff["high"]) == (pytest.approx(0.03 - half), pytest.approx(0.03 + half))
+    # Paired: a shift shared by both configs in one seed does not widen the interval.
+    shared = paired_difference([0.92, 0.84, 0.93], [0.90, 0.80, 0.90])
+    assert shared["high"] - shared["low"] == pytest.approx(2 * half)
+    one = paired_difference([0.9], [0.8])
+    assert one == {"mean": pytest.approx(0.1), "low": None, "high": None}
+    assert t_975(1) == 12.706 and t_975(30) == 2.042
+    assert t_975(60) == pytest.approx(2.000, abs=1e-3)  # past the table: the expansion
+    assert t_975(1000) == pytest.approx(1.962, abs=1e-3)
+
+
+ROW = re.compile(r"^\| (?P<name>[^|]+?) \| (?P<acc>[^|]+?) \| (?P<diff>[^|]+?) \|", re.MULTILINE)
+
+
+def test_compare_table_matches_the_per_seed_metrics(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = hpo_env["HPO_STORAGE"]
+    study = make_study(url, "demo", complete=3)  # the tiny space, the synthetic set
+    done = run_hpo(
+        "compare", "--study", "demo", "--seeds", "2", "--epochs", "1", "--top", "2",
+        env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "runs" / "compare"
+    table = json.loads((out / "compare.json").read_text())
+    markdown = (out / "compare.md").read_text()
+    assert table["epochs"] == 1 and table["seeds"] == [0, 1] and table["dataset"] == "synthetic"
+    assert "widths 128, 256, 512, 1028 -> 4, 4, 8, 16" in table["report_config"]
+
+    best, second = sorted(
+        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda t: t.value,
+    )[:2]
+    folders = {
+        f"trial {best.number} (best)": f"trial-{best.number}",
+        f"trial {second.number} (#2)": f"trial-{second.number}",
+        "report": "report",
+    }
+    per_seed = {
+        name: json.loads((out / folder / "metrics.json").read_text())["seeds"]
+        for name, folder in folders.items()
+    }
+    rows = {m["name"]: m for m in ROW.finditer(markdown)}
+    assert set(rows) == {"config", *folders}
+    report_acc = [run["test_acc"] for run in per_seed["report"]]
+    for name, runs in per_seed.items():
+        acc = [run["test_acc"] for run in runs]
+        assert [run["seed"] for run in runs] == [0, 1]
+        expected = f"{pct(statistics.mean(acc))}% ± {pct(statistics.stdev(acc))}%"
+        assert rows[name]["acc"] == expected
+        assert expected in done.stdout  # the printed table
+        if name == "report":
+            assert rows[name]["diff"] == "baseline"
+            continue
+        diffs = [a - b for a, b in zip(acc, report_acc, strict=True)]
+        mean, half = statistics.mean(diffs), 12.706 * statistics.stdev(diffs) / math.sqrt(2)
+        assert rows[name]["diff"] == (
+            f"{100 * mean:+.2f} pts [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]"
+        )
+
+    # Both files are artifacts of the study; the table is in its attrs, note and report.
+    study = optuna.load_study(study_name="demo", storage=open_storage(url))
+    stored = study.user_attrs[attrs.COMPARE]
+    assert stored["configs"] == table["configs"]
+    store = FileSystemArtifactStore(str(artifact_dir(None, url)))
+    for file in ("compare.md", "compare.json"):
+        with store.open_reader(stored["artifacts"][file]) as artifact:
+            assert artifact.read() == (out / file).read_bytes()
+    best_row = markdown.splitlines()[2]
+    assert best_row in get_note(study)
+    assert "Backbone search `demo`" in get_note(study)  # the settings note is kept
+    shown = Console(width=200, record=True)
+    shown.print(study_table(study))  # what `hpo status --study demo` prints
+    assert rows[f"trial {best.number} (best)"]["diff"] in shown.export_text()
+    page = write_report(study, tmp_path / "report").page.read_text()
+    assert rows[f"trial {best.number} (best)"]["acc"] in page
