@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import run_hpo
 from test_dashboard import chromium, make_study, render, visible_text
 from typer.testing import CliRunner
 
 from search.cli import app
+from search.config import TrialConfig
 from search.report import PAGE_NAME, PLOTS, ReportError, write_report
 from search.study import create_or_join, load_settings
 from storage import open_storage
@@ -56,7 +59,11 @@ def test_a_small_study_skips_what_it_cannot_draw(tmp_path: Path) -> None:
         "Parallel coordinates",
     ]
     assert "needs at least 3 complete trials, the study has 1" in small.skipped[0]
-    assert [p.name for p in small.images] == ["history.png", "learning-curves.png"]
+    assert [p.name for p in small.images] == [
+        "history.png",
+        "learning-curves.png",
+        "accuracy-vs-cost.png",
+    ]
     assert not (tmp_path / "small" / "importances.png").exists()
     assert "Skipped: needs at least 3 complete trials" in small.page.read_text()
 
@@ -78,3 +85,54 @@ def test_report_errors_are_one_line(hpo_env: dict[str, str], tmp_path: Path) -> 
     study = optuna.load_study(study_name="s", storage=open_storage(hpo_env["HPO_STORAGE"]))
     with pytest.raises(ReportError, match="cannot write the report to"):
         write_report(study, tmp_path / "a-file")
+
+
+def plotly_data(page: str, section: str) -> list[dict]:
+    """The traces a section's plotly figure draws, as the page hands them to Plotly.newPlot."""
+    body = page[page.index(f'<section id="{section}">') :]
+    rest = body[body.index("Plotly.newPlot(") + len("Plotly.newPlot(") :]
+    decoder = json.JSONDecoder()
+    _div, end = decoder.raw_decode(rest.lstrip())
+    rest = rest.lstrip()[end:].lstrip().removeprefix(",").lstrip()
+    return decoder.raw_decode(rest)[0]
+
+
+def test_report_marks_the_pareto_front_and_best_exports_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = make_study(url, "costs", complete=8)  # one pruned and one failed trial too
+    page = write_report(study, tmp_path / "out").page.read_text()
+    traces = {trace["name"]: trace for trace in plotly_data(page, "accuracy-vs-cost")}
+
+    # The front, worked out here by its definition: no other complete trial is at least as
+    # accurate for at most the same GFLOP (an exact twin: the lower trial number stands).
+    def point(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        return t.user_attrs["train_gflop_per_image"], t.user_attrs["val_acc"]
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def beaten(t: optuna.trial.FrozenTrial) -> bool:
+        (g, a) = point(t)
+        return any(
+            point(u)[0] <= g and point(u)[1] >= a and (point(u) != (g, a) or u.number < t.number)
+            for u in complete
+            if u is not t
+        )
+
+    front = sorted((t for t in complete if not beaten(t)), key=point)
+    assert traces["Pareto front"]["customdata"] == [t.number for t in front]
+    assert traces["Pareto front"]["x"] == [point(t)[0] for t in front]
+    assert sorted(traces["complete trials"]["customdata"]) == [t.number for t in complete]
+    assert len(front) < len(complete)  # all 8 on the front: 1 chance in 8!
+
+    # The front's configs are listed under the plot...
+    listed = visible_text(page[page.index('<section id="pareto-front">') :].split("</section>")[0])
+    for t in front:
+        assert t.user_attrs["architecture"] in listed
+    # ... and `hpo best --pareto` exports them, cheapest first, one YAML document each.
+    done = CliRunner().invoke(app, ["best", "--study", "costs", "--pareto", "--storage", url])
+    assert done.exit_code == 0, done.output
+    documents = list(yaml.safe_load_all(done.stdout))
+    assert [d["source"]["trial"] for d in documents] == [t.number for t in front]
+    for document, trial in zip(documents, front, strict=True):
+        assert TrialConfig.from_dict(document).to_dict() == trial.user_attrs["config"]
+        assert document["metrics"]["train_gflop_per_image"] == point(trial)[0]
