@@ -25,6 +25,7 @@ from search import attrs
 from search.checkpoints import artifact_dir
 from search.config import TrialConfig
 from search.dashboard import write_study_note
+from search.export import best_document
 from search.final import (
     FINAL_EPOCHS,
     attach_to_study,
@@ -86,6 +87,11 @@ class Entry:
     cfg: TrialConfig
     val_loss: float | None = None
 
+    @property
+    def folder(self) -> str:
+        """Where its seeds' weights and metrics go, under the output folder."""
+        return REPORT if self.name == REPORT else f"trial-{self.trial}"
+
 
 def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, Any]:
     """Train the top trials and the report's config per seed; write, attach and show the table."""
@@ -93,7 +99,8 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     study = join(storage, request.study)
     settings = load_settings(storage, request.study)
     epochs = request.epochs or FINAL_EPOCHS
-    entries = [*top_entries(study, request.top, epochs), report_entry(settings, epochs)]
+    top = top_entries(study, request.storage, request.top, epochs)
+    entries = [*top, report_entry(settings, epochs)]
     devices = seed_devices(request.gpus, progress.say)
     images = load_dataset(settings.dataset, request.data_dir)
     seeds = list(range(request.seeds))
@@ -103,7 +110,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
         key = json.dumps(entry.cfg.to_dict(), sort_keys=True)
         if key not in trained:
             progress.say(f"{entry.name}: {describe_architecture(entry.cfg)}")
-            folder = request.output_dir / entry.name.split(" (")[0].replace(" ", "-")
+            folder = request.output_dir / entry.folder
             say = _labelled(progress, entry.name)
             trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say)
         runs.append((entry, trained[key]))
@@ -119,16 +126,16 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     return table
 
 
-def top_entries(study: optuna.Study, count: int, epochs: int) -> list[Entry]:
-    """The `count` complete trials with the lowest validation loss, best first."""
+def top_entries(study: optuna.Study, storage_url: str, count: int, epochs: int) -> list[Entry]:
+    """The `count` complete trials with the lowest validation loss, best first, each config
+    as `hpo best` exports it for `hpo train`."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         raise StudyError(f"study {study.study_name!r} has no completed trial yet")
     entries = []
     for rank, trial in enumerate(sorted(complete, key=lambda t: t.value)[:count], start=1):
-        if attrs.CONFIG not in trial.user_attrs:
-            raise StudyError(f"trial {trial.number} of {study.study_name!r} has no stored config")
-        cfg = TrialConfig.from_dict(trial.user_attrs[attrs.CONFIG]).with_epochs(epochs)
+        document = best_document(study, storage_url, trial)
+        cfg = TrialConfig.from_dict(document).with_epochs(epochs)
         name = f"trial {trial.number} ({'best' if rank == 1 else f'#{rank}'})"
         entries.append(Entry(name, trial.number, cfg, trial.value))
     return entries

@@ -18,15 +18,18 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna_dashboard import get_note
 from rich.console import Console
 from test_dashboard import make_study
+from typer.testing import CliRunner
 
 from data import load_dataset
 from search import attrs
 from search.checkpoints import artifact_dir
+from search.cli import app
 from search.compare import paired_difference, t_975
 from search.config import TrialConfig
 from search.final import train_seeds
 from search.report import write_report
 from search.status import study_table
+from search.study import create_or_join, load_settings
 from storage import open_storage
 
 # A config small enough to train an epoch of the test set in a second.
@@ -185,3 +188,29 @@ def test_compare_table_matches_the_per_seed_metrics(
     assert rows[f"trial {best.number} (best)"]["diff"] in shown.export_text()
     page = write_report(study, tmp_path / "report").page.read_text()
     assert rows[f"trial {best.number} (best)"]["acc"] in page
+
+
+def test_compare_train_and_pareto_refusals_are_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    make_study(url, "s", complete=1, pruned=0, failed=0)
+    storage = open_storage(url)
+    create_or_join(storage, "empty", load_settings(storage, "s"), 2)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+
+    def refused(*args: str) -> str:
+        done = CliRunner().invoke(app, [*args, "--storage", url])
+        assert done.exit_code == 2, done.output
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        return done.stderr.removeprefix("error: ").strip()
+
+    assert refused("compare", "--study", "nope") == "no study named 'nope' in this storage"
+    assert refused("compare", "--study", "empty") == "study 'empty' has no completed trial yet"
+    assert refused("best", "--study", "empty", "--pareto") == (
+        "study 'empty' has no completed trial yet"
+    )
+    if not torch.cuda.is_available():
+        config = str(tmp_path / "tiny.yaml")
+        assert refused("train", "--config", config, "--gpus", "0") == (
+            "--gpus 0: no CUDA GPU is visible; leave out --gpus"
+        )
+        assert refused("compare", "--study", "s", "--gpus", "all").startswith("--gpus all: no CUDA")
