@@ -280,7 +280,7 @@ def explanation(table: dict[str, Any]) -> str:
         f"training images of `{table['dataset']}` with seeds {', '.join(map(str, seeds))}, then "
         f"tested once on the {table['test_images']:,} test images (fp32). Test accuracy is the "
         "mean ± sample standard deviation over seeds. *vs report* is the mean of the per-seed "
-        "differences to the report's config (same seed, same data order), in percentage "
+        "differences to the report's config with the same seed, in percentage "
         "points, with a 95% Student-t interval: an interval that excludes 0 is a difference "
         "larger than seed-to-seed noise. *report* is "
         f"{table['report_config']}. Train time is per seed; images/s is training throughput."
