@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -25,13 +26,14 @@ def best_document(study: optuna.Study, storage_url: str) -> dict[str, Any]:
     stored = best.user_attrs
     if attrs.CONFIG not in stored:
         raise StudyError(f"trial {best.number} of {study.study_name!r} has no stored config")
-    config = TrialConfig.from_dict(stored[attrs.CONFIG])
+    config = with_lr_trace(TrialConfig.from_dict(stored[attrs.CONFIG]), stored)
     return {
         **config.to_dict(),
+        # All of the scored point: the trial's final epoch (search/objective.py `score`).
         "metrics": {
             "val_loss": best.value,
             "val_acc": stored.get(attrs.VAL_ACC),
-            "epochs_trained": best.last_step,
+            "epoch": best.last_step,
             "images_per_s": stored.get(attrs.IMAGES_PER_S),
             "params": stored.get(attrs.PARAMS),
             "device": stored.get(attrs.DEVICE),
@@ -45,6 +47,15 @@ def best_document(study: optuna.Study, storage_url: str) -> dict[str, Any]:
         },
         "versions": package_versions(),
     }
+
+
+def with_lr_trace(config: TrialConfig, stored: dict[str, Any]) -> TrialConfig:
+    """A plateau config with the LR its trial followed per epoch, for `hpo train` to replay:
+    the final run has no validation loss to watch, and its training loss rarely stalls."""
+    if config.train.scheduler != "plateau":
+        return config
+    trace = tuple(record["lr"] for record in stored.get(attrs.EPOCHS, []) if "lr" in record)
+    return replace(config, train=replace(config.train, lr_by_epoch=trace))
 
 
 def to_yaml(document: dict[str, Any]) -> str:

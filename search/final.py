@@ -44,6 +44,8 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     if request.epochs is not None:
         cfg = cfg.with_epochs(request.epochs)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
+    if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
+        progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
     images = load_dataset(request.dataset, request.data_dir)
     recipe = DeviceRecipe.for_device(pick_device(progress.say))
     epochs = cfg.train.epochs

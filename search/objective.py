@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from model import count_parameters
 from search import attrs
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
+from search.optuna_private import original_number
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
@@ -46,18 +48,19 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
+        state = self._checkpoint(trial)
         run = start_run(
             cfg,
             self.data,
             self.recipe,
-            seed=self.settings.seed + trial.number,
+            seed=self._seed(trial),
             compile_mode=self.compile_mode,
-            state=self._checkpoint(trial),
+            state=state,
         )
         self._describe(trial, cfg, count_parameters(run.trainer.model))
-        self._forget_epochs_past(trial, run.trainer.epoch)
+        history = self._resumed_history(trial, state)
         try:
-            return self._train(trial, run)
+            return self._train(trial, run, history)
         except TrialInterrupted:
             raise  # its retry resumes from the checkpoint
         except Exception:
@@ -66,19 +69,26 @@ class TrialRunner:
                 self.checkpoints.discard(trial)
             raise
 
-    def _train(self, trial: optuna.Trial, run: Run) -> float:
-        best = float("inf")
+    def _train(self, trial: optuna.Trial, run: Run, history: list[dict]) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
-            best = min(best, stats.val_loss)
-            self._record_epoch(trial, stats, best)
+            history.append(epoch_record(stats))
+            # Checkpoint first: a crash before the report leaves an epoch the retry reports.
             if self.checkpoints is not None:
-                self.checkpoints.save(trial, run.trainer.state_dict())
+                self.checkpoints.save(trial, {**run.trainer.state_dict(), "history": history})
+            self._record(trial, history)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, stats)
             if self.stop is not None and self.stop.is_set():
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
             # After the last epoch there is nothing left to save by pruning.
             if stats.epoch < run.trainer.cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
-        return best
+        return score(history)
+
+    def _seed(self, trial: optuna.Trial) -> int:
+        """Per trial, not per worker history; a retry replays the run it continues, so it is
+        seeded by the first trial of its chain (weights, batches, augmentation, dropout)."""
+        return self.settings.seed + original_number(trial)
 
     def _describe(self, trial: optuna.Trial, cfg: TrialConfig, params: int) -> None:
         trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
@@ -96,32 +106,49 @@ class TrialRunner:
             trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, state["epoch"])
         return state
 
-    def _forget_epochs_past(self, trial: optuna.Trial, epoch: int) -> None:
-        """Epochs the failed trial ran past its checkpoint are run (and logged) again."""
-        done = trial.user_attrs.get(attrs.EPOCHS, [])
-        if len(done) > epoch:
-            trial.set_user_attr(attrs.EPOCHS, done[:epoch])
+    def _resumed_history(self, trial: optuna.Trial, state: dict | None) -> list[dict]:
+        """The epochs up to the checkpoint, recorded and reported again where the crashed run
+        had not (epochs it ran past its checkpoint are run again)."""
+        if state is None:
+            return []
+        history = state.get("history") or trial.user_attrs.get(attrs.EPOCHS, [])
+        history = list(history[: state["epoch"]])
+        if history:
+            self._record(trial, history)
+        return history
 
-    def _record_epoch(self, trial: optuna.Trial, stats: EpochStats, best: float) -> None:
-        trial.report(stats.val_loss, stats.epoch)
-        epochs = trial.user_attrs.get(attrs.EPOCHS, [])
-        epochs.append(
-            {
-                "epoch": stats.epoch,
-                "train_loss": round(stats.train_loss, 5),
-                "val_loss": round(stats.val_loss, 5),
-                "val_acc": round(stats.val_acc, 5),
-                "seconds": round(stats.seconds, 3),
-                "images_per_s": round(stats.images_per_s, 1),
-                "compile_seconds": round(stats.compile_seconds, 2),
-            }
-        )
-        trial.set_user_attr(attrs.EPOCHS, epochs)
-        trial.set_user_attr(attrs.BEST_VAL_LOSS, best)
-        trial.set_user_attr(attrs.VAL_ACC, max(e["val_acc"] for e in epochs))
-        trial.set_user_attr(attrs.IMAGES_PER_S, round(stats.images_per_s, 1))
-        if self.on_epoch is not None:
-            self.on_epoch(trial, stats)
+    def _record(self, trial: optuna.Trial, history: list[dict]) -> None:
+        """Report the epochs to the pruner and keep them, and the scored epoch, as attrs."""
+        with warnings.catch_warnings():
+            # A retry inherits the epochs its original reported; Optuna keeps the first value.
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            for record in history:
+                trial.report(record["val_loss"], record["epoch"])
+        last = history[-1]
+        trial.set_user_attr(attrs.EPOCHS, history)
+        trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
+        trial.set_user_attr(attrs.VAL_ACC, last["val_acc"])
+        trial.set_user_attr(attrs.IMAGES_PER_S, last["images_per_s"])
+
+
+def epoch_record(stats: EpochStats) -> dict:
+    """One epoch as the trial keeps it (in its attrs and its checkpoint)."""
+    return {
+        "epoch": stats.epoch,
+        "train_loss": round(stats.train_loss, 5),
+        "val_loss": stats.val_loss,  # unrounded: the trial's score may be this value
+        "val_acc": round(stats.val_acc, 5),
+        "lr": stats.start_lr,  # what `hpo train` replays for a plateau schedule
+        "seconds": round(stats.seconds, 3),
+        "images_per_s": round(stats.images_per_s, 1),
+        "compile_seconds": round(stats.compile_seconds, 2),
+    }
+
+
+def score(history: list[dict]) -> float:
+    """A trial's value: the validation loss of its final epoch, the weights `hpo train`
+    reproduces; the lowest over epochs would favour a loss that dipped and then overfit."""
+    return history[-1]["val_loss"]
 
 
 def describe_architecture(cfg: TrialConfig) -> str:

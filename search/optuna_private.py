@@ -74,6 +74,15 @@ def retry_of(trial: FrozenTrial) -> int | None:
     return trial.system_attrs.get(RETRY_OF_KEY)
 
 
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the first trial of a retry chain; the trial's own for a fresh one.
+
+    Missing API: a running Trial has no public system_attrs (FrozenTrial's are public).
+    """
+    system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    return system_attrs.get(RETRY_OF_KEY, trial.number)
+
+
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that a later trial retries."""
     retried: set[int] = set()

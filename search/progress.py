@@ -69,7 +69,8 @@ def format_epoch(label: str, stats: EpochStats, epochs: int) -> str:
     )
     compiled = f"  (compile {stats.compile_seconds:.1f}s)" if stats.compile_seconds else ""
     return (
-        f"{label} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
+        f"{label} epoch {stats.epoch:>3}/{epochs}  lr {stats.start_lr:.2e}  "
+        f"train {stats.train_loss:.4f}  {val}  "
         f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
     )
 

@@ -51,7 +51,8 @@ class EpochStats:
     val_acc: float | None
     seconds: float
     images_per_s: float  # training images per second, less the step that compiled
-    lr: float
+    lr: float  # after the epoch's schedule step: the next epoch's (starting) LR
+    start_lr: float  # the LR the epoch started with
     compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
 
 
@@ -135,6 +136,7 @@ class Trainer:
         """Train up to cfg.epochs, yielding after each epoch (the caller may stop early)."""
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
+            start_lr = self.optimizer.param_groups[0]["lr"]
             compiled_before = set(self._first_calls)
             train_loss, images = self.train_epoch(train)
             train_seconds = time.perf_counter() - start
@@ -153,6 +155,7 @@ class Trainer:
                 seconds=time.perf_counter() - start,
                 images_per_s=images / train_seconds,
                 lr=self.optimizer.param_groups[0]["lr"],
+                start_lr=start_lr,
                 compile_seconds=sum(seconds for seconds, _ in compiled.values()),
             )
 
@@ -224,10 +227,10 @@ class Trainer:
 
     def _end_epoch(self, monitored_loss: float) -> None:
         self.epoch += 1
-        if self.cfg.scheduler == "plateau":
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(monitored_loss)
-        elif self.cfg.scheduler == "step":
-            self.scheduler.step()
+        elif self.scheduler is not None and self.cfg.scheduler not in PER_STEP_SCHEDULERS:
+            self.scheduler.step()  # step, or a replayed plateau
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -348,22 +351,34 @@ def _set_rng_state(device: torch.device, state: dict[str, torch.Tensor]) -> None
 def _build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> Any:
-    args = cfg.scheduler_args
+    args = cfg.schedule
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.scheduler == "plateau" and cfg.lr_by_epoch:
+        return _replay(optimizer, cfg)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=args.get("factor", 0.1), patience=int(args.get("patience", 10))
+            optimizer, factor=args.factor, patience=args.patience
         )
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=args.get("pct_start", 0.25)
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=args.pct_start
         )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total_steps, eta_min=cfg.lr * args.get("min_lr_ratio", 0.01)
+            optimizer, T_max=total_steps, eta_min=cfg.lr * args.min_lr_ratio
         )
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=int(args.get("step_size", 1)), gamma=args.get("gamma", 0.1)
+            optimizer, step_size=args.step_size, gamma=args.gamma
         )
     return None
+
+
+def _replay(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    """The LR a search trial followed, epoch by epoch, stretched over this run's epochs."""
+    trace = cfg.lr_by_epoch
+
+    def factor(epoch: int) -> float:
+        return trace[min(len(trace) - 1, epoch * len(trace) // cfg.epochs)] / cfg.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
