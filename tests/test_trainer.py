@@ -252,7 +252,10 @@ def test_compiled_training_matches_eager() -> None:
     compiled = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="on")
     val = batches(1, size=5) + batches(1, size=3)  # a partial last batch runs eagerly
     want = list(eager.fit(batches(3), val))
+    before = counters["stats"]["unique_graphs"]
     got = list(compiled.fit(batches(3), val))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # dynamo captured the steps: this run really compiled
     assert got[0].compile_seconds > 0 and got[1].compile_seconds == 0
     assert compiled.compile_seconds == got[0].compile_seconds
     for g, w in zip(got, want, strict=True):
@@ -261,7 +264,6 @@ def test_compiled_training_matches_eager() -> None:
     assert list(compiled.state_dict()["model"]) == list(eager.state_dict()["model"])
 
     # The next trial of the same architecture reuses the compiled code: no new graphs.
-    graphs = counters["stats"]["unique_graphs"]
     again = Trainer(build_model(base), replace(cfg, epochs=1), 3, RECIPE, compile_mode="on")
     next(again.fit(batches(3), val))
     assert counters["stats"]["unique_graphs"] == graphs
