@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,10 @@ class CheckpointStore:
     new file replaces the old one atomically, so a crash mid-write leaves the last epoch.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, say: Callable[[str], None] = print):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.say = say  # where a refused checkpoint is reported
         self.artifacts = FileSystemArtifactStore(str(directory))
 
     def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
@@ -72,7 +75,18 @@ class CheckpointStore:
             except ArtifactNotFound:
                 # Written on a machine that does not share this artifact directory.
                 return None
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return self._load_plain_state(path, self.directory / record["artifact_id"])
+
+    def _load_plain_state(self, path: Path, shown_as: Path) -> dict[str, Any] | None:
+        """The state in `path`, loaded with weights_only: tensors, numbers, strings and
+        containers only. Anyone who can write the (shared) artifact folder could otherwise
+        run code in every worker that resumes a trial; such a file is refused instead."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.say(f"refused checkpoint {shown_as}: not a plain state ({reason[:120]})")
+            return None
 
     def discard(self, trial: optuna.Trial) -> None:
         """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for good).

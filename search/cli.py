@@ -45,7 +45,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# One event, one line: a log file or a container's output (not a terminal) is not wrapped.
+console = Console(soft_wrap=not sys.stdout.isatty())
 # Optuna's INFO lines repeat what the progress lines already say.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -300,7 +301,7 @@ def status(
     with user_errors():
         console.print(
             study_status(storage, study)
-            if study
+            if study is not None
             else studies_table(open_storage(storage, reader=True))
         )
 

@@ -21,6 +21,7 @@ from search.run import pick_device
 from search.settings import StudySettings
 from search.study import (
     budget,
+    check_study_name,
     create_or_join,
     join,
     join_as_worker,
@@ -69,7 +70,9 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
-    parse_gpus(options.gpus)  # a bad --gpus is refused before anything is stored
+    # Refused before anything is stored.
+    parse_gpus(options.gpus)
+    check_study_name(request.study)
     settings = create_study(request, progress)
     return run_workers(request.study, request.storage, settings, options, progress)
 
@@ -99,6 +102,7 @@ def run_workers(
 
 def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
     """Create the study with the request's settings and target, or check and extend it."""
+    check_study_name(request.study)
     storage = open_storage(request.storage)
     settings, created = create_or_join(
         storage, request.study, request.new_settings(), request.trials
@@ -147,7 +151,9 @@ def run_local_worker(
         data=search_data(images, recipe.device),
         recipe=recipe,
         worker=worker,
-        checkpoints=CheckpointStore(artifact_dir(options.artifact_dir, storage_url)),
+        checkpoints=CheckpointStore(
+            artifact_dir(options.artifact_dir, storage_url), say=progress.say
+        ),
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
         stop=stop,
         compile_mode=options.compile,

@@ -47,10 +47,18 @@ class Budget:
         return self.finished >= self.target
 
 
+def check_study_name(name: str) -> str:
+    """A study name a user can type back and read in a log: non-empty and printable."""
+    if not name.strip() or not name.isprintable():
+        raise StudyError(f"study name {name!r}: must be non-empty and printable")
+    return name
+
+
 def create_or_join(
     storage: optuna.storages.BaseStorage, name: str, settings: StudySettings, target: int
 ) -> tuple[StudySettings, bool]:
     """Create study `name` with `settings` and `target` tickets, or read the existing one's."""
+    check_study_name(name)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
@@ -69,6 +77,7 @@ def join(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
+    check_study_name(name)
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:

@@ -20,6 +20,7 @@ from storage._urls import (
     backend_of,
     journal_file_path,
     redact_url,
+    scrub,
     sqlite_file,
 )
 
@@ -69,7 +70,7 @@ def open_storage(
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StorageURLError(
-            f"cannot open storage {redact_url(url)!r}: {reason.replace(url, redact_url(url))}"
+            f"cannot open storage {redact_url(url)!r}: {scrub(reason, url)}"
         ) from err
     except Exception as err:  # redis and DB drivers raise their own connection errors
         raise StorageURLError(
