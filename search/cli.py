@@ -369,8 +369,7 @@ def dashboard(
     warning = exposure_warning(host)
     if warning:
         print(warning, file=sys.stderr)
-    console.print(server.banner(), highlight=False, soft_wrap=True)
-    server.serve()
+    server.serve(on_ready=lambda: console.print(server.banner(), highlight=False, soft_wrap=True))
 
 
 @app.command()
