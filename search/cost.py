@@ -98,7 +98,11 @@ def expected_epochs(settings: StudySettings, trials: int) -> float:
     epoch, ask the pruner before the last). Parallel workers prune later: more epochs."""
     rng = np.random.default_rng(settings.seed)
     study = optuna.create_study(
-        pruner=settings.build_pruner(), sampler=optuna.samplers.RandomSampler(seed=0)
+        # Hyperband picks a trial's bracket from a hash of the study name: fix it, so the
+        # estimate is the same every time.
+        study_name="expected-epochs",
+        pruner=settings.build_pruner(),
+        sampler=optuna.samplers.RandomSampler(seed=0),
     )
     trained = 0
     for _ in range(trials):
@@ -149,23 +153,30 @@ def cost_lines(settings: StudySettings, trials: int) -> list[str]:
     """What `hpo create`/`hpo start` print about the study's cost before it runs."""
     cost = study_cost(settings, trials)
     cap = settings.search_space().max_gflops
-    lines = [
+    return [
         f"expected cost: {cost.mean_gflops:.3g} GFLOP per image on average "
         f"({cost.mean_gflops / TABLE1_GFLOPS:.3g}x Table 1); the {cost.over_cap:.0%} of draws "
         f"over max_gflops {cap:g} are skipped untrained",
         f"  {cost.epochs_per_trial:.1f} epochs per trial under {settings.pruner} (simulated) x "
         f"{cost.images_per_epoch:,} images x {trials} trials = {cost.pflop:.3g} PFLOP",
+        "  " + hours_line(cost),
     ]
+
+
+def hours_line(cost: StudyCost) -> str:
     if not torch.cuda.is_available():
-        return [*lines, "  no GPU here: hours not estimated (a probe of the GPU gives them)"]
+        return "no GPU here: hours not estimated (a probe of the GPU gives them)"
     device = torch.device("cuda")
-    rate = probe_flops_per_s(device)
+    try:
+        rate = probe_flops_per_s(device)
+    except RuntimeError as err:  # a GPU busy with other work (out of memory): say, go on
+        return f"GPU probe failed, hours not estimated: {str(err).splitlines()[0]}"
     hours = cost.pflop * 1e15 / rate / 3600
-    return [
-        *lines,
-        f"  {torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s on Table 1 (eager "
-        f"probe) -> about {hours:.1f} GPU-hours of training",
-    ]
+    return (
+        f"{torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s on Table 1 (eager "
+        f"probe) -> about {hours:.1f} GPU-hours of training steps (small networks use a GPU "
+        "less well; evaluation and overheads come on top)"
+    )
 
 
 @dataclass(frozen=True)
