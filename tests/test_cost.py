@@ -164,6 +164,6 @@ def test_create_prints_the_expected_cost(tmp_path: Path) -> None:
     cost = study_cost(settings, 4)  # the same figures again: the estimate is reproducible
     assert f"{cost.epochs_per_trial:.1f} epochs per trial under hyperband" in shown
     assert f"4,500 images x 4 trials = {cost.pflop:.3g} PFLOP" in shown
-    assert cost.pflop == pytest.approx(4 * settings.epochs * 4_500 * cost.mean_gflops / 1e6)
+    assert cost.pflop == pytest.approx(4 * cost.epochs_per_trial * 4_500 * cost.mean_gflops / 1e6)
     if not torch.cuda.is_available():
         assert "no GPU here: hours not estimated" in shown
