@@ -121,8 +121,8 @@ DEFAULT_SPACE = SearchSpace(
     batch_size=(128, 256, 512),
     schedulers=SCHEDULERS,
     augment=AugmentConfig(crop_padding=4, flip=True, rotation_degrees=5.0),
-    # ~6x Table 1 (4.1 GFLOP): skips the 5% of draws that would cost most of the GPU time,
-    # leaving a mean near Table 1's cost (docs/BENCHMARKS.md, "Search space cost").
+    # ~6x Table 1 (4.1 GFLOP): skips the ~4% of draws that would take a third of the GPU
+    # time, leaving a mean near Table 1's cost (docs/BENCHMARKS.md, "Search space cost").
     max_gflops=25.0,
 )
 

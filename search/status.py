@@ -69,9 +69,9 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
 
 
 def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int) -> str:
-    pace = study_pace(trials, finished, target, datetime.now())
     if not any(t.datetime_start for t in trials):
         return "no trial started yet"
+    pace = study_pace(trials, finished, target, datetime.now())
     if pace.per_hour is None:
         return f"elapsed {format_duration(pace.elapsed_s)}; no trial finished yet, no ETA"
     eta = "done" if finished >= target else f"ETA {format_duration(pace.eta_s or 0)}"
