@@ -46,7 +46,7 @@ def gflops_per_image(model: ModelConfig) -> float:
 
 def refuse_over_cap(trial: optuna.Trial, gflops: float, max_gflops: float) -> None:
     """Record the draw's cost; one over the cap raises TrialPruned before it trains."""
-    trial.set_user_attr(attrs.GFLOPS, round(gflops, 4))
+    trial.set_user_attr(attrs.GFLOPS, float(f"{gflops:.4g}"))  # 4 digits, tiny nets too
     if gflops > max_gflops:
         trial.set_user_attr(attrs.OVER_CAP, True)
         raise optuna.TrialPruned(f"{gflops:.3g} GFLOP per image is over max_gflops {max_gflops}")
