@@ -24,6 +24,8 @@ IMAGES_PER_S = "images_per_s"
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
+GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
+OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget
 
 # What every trial carries, as listed in the dashboard's study note.
 DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, ARCHITECTURE, CONFIG, GPU, HOST)

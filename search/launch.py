@@ -13,6 +13,7 @@ import torch
 
 from data import load_dataset, search_data
 from search.checkpoints import CheckpointStore, artifact_dir
+from search.cost import cost_lines
 from search.dashboard import write_study_note
 from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
 from search.objective import TrialRunner, WorkerInfo
@@ -117,6 +118,8 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         f"{verb} study {request.study!r}: space {settings.space_name}, {settings.epochs} epochs, "
         f"{settings.dataset}, pruner {settings.pruner}, target {request.trials} trials"
     )
+    for line in cost_lines(settings, request.trials):
+        progress.say(line)
     return settings
 
 

@@ -15,6 +15,7 @@ from model import count_parameters
 from search import attrs
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
+from search.cost import gflops_per_image, refuse_over_cap
 from search.optuna_private import original_number
 from search.run import Run, start_run
 from search.settings import StudySettings
@@ -47,7 +48,10 @@ class TrialRunner:
     compile_mode: str = DEFAULT_COMPILE_MODE
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
+        space = self.settings.search_space()
+        cfg = sample_config(trial, space, self.settings.epochs)
+        # An over-cap draw ends here, PRUNED, before anything is built (search/cost.py).
+        refuse_over_cap(trial, gflops_per_image(cfg.model), space.max_gflops)
         state = self._checkpoint(trial)
         run = start_run(
             cfg,

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from search import attrs
+from search.cost import is_over_cap
 from search.study import Budget
 from search.trainer import EpochStats
 
@@ -84,6 +85,9 @@ def best_summary(study: optuna.Study) -> str:
 
 
 def _ending(trial: FrozenTrial) -> str:
+    if is_over_cap(trial):
+        gflops = trial.user_attrs.get(attrs.GFLOPS, 0)
+        return f"skipped untrained: {gflops:.3g} GFLOP per image is over the space's max_gflops"
     if trial.state == TrialState.COMPLETE:
         acc = trial.user_attrs.get(attrs.VAL_ACC, 0)
         return f"complete  val_loss {trial.value:.4f}  acc {acc:.2%}"

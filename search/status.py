@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
 import optuna
 from optuna.trial import TrialState
@@ -10,6 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from search import attrs
+from search.cost import format_duration, is_over_cap, study_pace
 from search.optuna_private import stale_trial_numbers
 from search.progress import best_summary
 from search.study import budget, join, load_settings
@@ -39,6 +41,8 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
         ),
     )
     summary.add_row("not started", str(state.waiting))
+    summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
+    summary.add_row("pace", pace_line(trials, state.finished, state.target))
     summary.add_row("best", best_summary(study))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
@@ -62,6 +66,16 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
             str(trial.user_attrs.get(attrs.ARCHITECTURE, "-")),
         )
     return Group(summary, table)
+
+
+def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int) -> str:
+    if not any(t.datetime_start for t in trials):
+        return "no trial started yet"
+    pace = study_pace(trials, finished, target, datetime.now())
+    if pace.per_hour is None:
+        return f"elapsed {format_duration(pace.elapsed_s)}; no trial finished yet, no ETA"
+    eta = "done" if finished >= target else f"ETA {format_duration(pace.eta_s or 0)}"
+    return f"elapsed {format_duration(pace.elapsed_s)}, {pace.per_hour:.1f} trials/h, {eta}"
 
 
 def studies_table(storage: optuna.storages.BaseStorage) -> Table:
