@@ -1,0 +1,165 @@
+"""Database outages waited out, and crash recovery on the journal storages: real servers of the
+tests' own (stopped and started again), real worker processes, real kill -9."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import HPO, run_hpo
+from optuna.trial import TrialState
+from servers import OwnPostgres, OwnRedis, OwnServer
+from test_workers import MICRO_SPACE, wait_for_checkpoint
+
+from search.study import budget
+from storage import open_storage
+
+OUTAGE_S = 10
+TRIALS = 4
+
+
+@pytest.fixture
+def own_folder() -> Iterator[Path]:
+    # Not under pytest's tmp_path: the postgres user must reach it, and root's is private.
+    folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(server: OwnServer) -> Iterator[OwnServer]:
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@pytest.fixture
+def own_postgres(own_folder: Path) -> Iterator[OwnServer]:
+    with running(OwnPostgres(own_folder)) as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis(own_folder: Path) -> Iterator[OwnServer]:
+    with running(OwnRedis(own_folder)) as server:
+        yield server
+
+
+def create_study(env: dict, cwd: Path, name: str) -> optuna.Study:
+    """TRIALS trials of 8 epochs each, heartbeat 2 s: an outage lands mid-trial."""
+    space = cwd / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    result = run_hpo(
+        "create", "--study", name, "--trials", str(TRIALS), "--space", str(space),
+        "--dataset", "synthetic", "--epochs", "8", "--pruner", "none", "--heartbeat", "2",
+        env=env, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
+
+
+def spawn(env: dict, cwd: Path, log: str, *args: str) -> subprocess.Popen:
+    """`hpo ARGS` with stdout in cwd/LOG.out and stderr in cwd/LOG.err, read while it runs."""
+    return subprocess.Popen(
+        [HPO, *args], env=env, cwd=cwd,
+        stdout=(cwd / f"{log}.out").open("w"), stderr=(cwd / f"{log}.err").open("w"),
+    )  # fmt: skip
+
+
+def logs(cwd: Path, log: str) -> str:
+    return (cwd / f"{log}.out").read_text() + (cwd / f"{log}.err").read_text()
+
+
+def wait_for_line(cwd: Path, log: str, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in logs(cwd, log):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log} did not say {text!r} in {timeout} s:\n{logs(cwd, log)}")
+        time.sleep(0.1)
+
+
+def outage(server: OwnServer, seconds: float, cwd: Path, *noticed_by: str) -> None:
+    """Stop the server for `seconds`, and check each worker noticed while it was away."""
+    stopped_at = time.monotonic()
+    server.stop()
+    for log in noticed_by:
+        wait_for_line(cwd, log, "storage unreachable", timeout=seconds)
+    time.sleep(max(0.0, seconds - (time.monotonic() - stopped_at)))  # the outage itself
+    server.start()
+    server.wait_until_up()
+
+
+def assert_study_done(study: optuna.Study, n: int) -> None:
+    """Exactly n finished trials, none running; a trial failed by heartbeat has its retry."""
+    state = budget(study)
+    assert (state.finished, state.running, state.waiting) == (n, 0, 0), state
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.number in retried for t in failed), [t.user_attrs for t in failed]
+
+
+def two_workers_ride_out_an_outage(server: OwnServer, env: dict, cwd: Path) -> None:
+    env = {**env, "HPO_STORAGE": server.url}
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    study = create_study(env, cwd, name)
+    workers = [
+        spawn(env, cwd, "start", "start", "--study", name, "--trials", str(TRIALS)),
+        spawn(env, cwd, "worker", "worker", "--study", name),
+    ]
+    wait_for_checkpoint(study, epoch=1)
+    outage(server, OUTAGE_S, cwd, "start", "worker")
+    codes = [worker.wait(timeout=300) for worker in workers]
+    outputs = [logs(cwd, "start"), logs(cwd, "worker")]
+    assert codes == [0, 0], outputs
+    assert all("Traceback" not in output for output in outputs), outputs
+    assert all("storage reachable again" in output for output in outputs), outputs
+    assert_study_done(study, TRIALS)
+
+
+def test_a_postgresql_outage_is_waited_out(
+    own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
+) -> None:
+    two_workers_ride_out_an_outage(own_postgres, hpo_env, tmp_path)
+
+
+def test_a_redis_outage_is_waited_out(own_redis: OwnServer, hpo_env: dict, tmp_path: Path) -> None:
+    two_workers_ride_out_an_outage(own_redis, hpo_env, tmp_path)
+
+
+def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
+    own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
+) -> None:
+    env = {**hpo_env, "HPO_STORAGE": own_postgres.url}
+    study = create_study(env, tmp_path, "limit")
+    worker = spawn(env, tmp_path, "gave-up", "worker", "--study", "limit", "--storage-retry-s", "3")
+    running = wait_for_checkpoint(study, epoch=1)
+    own_postgres.stop()
+    assert worker.wait(timeout=120) == 75
+    error = (tmp_path / "gave-up.err").read_text()
+    assert error.startswith("error: storage unreachable for ") and error.count("\n") == 1, error
+    assert "--storage-retry-s 3" in error and "Traceback" not in logs(tmp_path, "gave-up")
+    own_postgres.start()
+    own_postgres.wait_until_up()
+
+    # The abandoned trial's heartbeat has stopped: the next worker fails it and resumes it.
+    later = spawn(env, tmp_path, "later", "worker", "--study", "limit")
+    assert later.wait(timeout=300) == 0, logs(tmp_path, "later")
+    assert "Traceback" not in logs(tmp_path, "later")
+    assert_study_done(study, TRIALS)
+    trials = study.get_trials()
+    assert trials[running.number].state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == running.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
