@@ -9,6 +9,7 @@ held in memory that a crash during the outage would lose.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ def describe(err: BaseException) -> str:
     while lost is not None and not isinstance(lost, CONNECTION_LOST):
         lost = lost.__cause__ or lost.__context__
     lost = lost or err
-    lines = str(lost).strip().splitlines()
+    # SQLAlchemy prefixes the driver's class, "(psycopg.OperationalError) ...": once is enough.
+    lines = re.sub(r"^\([\w.]+\) ", "", str(lost).strip()).splitlines()
     return f"{type(lost).__name__}: {lines[0]}"[:200] if lines else type(lost).__name__
 
 

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import HPO, run_hpo
-from optuna.trial import TrialState
+from conftest import HPO
+from optuna.trial import FrozenTrial, TrialState
 from servers import OwnPostgres, OwnRedis, OwnServer
-from test_workers import MICRO_SPACE, wait_for_checkpoint
+from test_workers import MICRO_SPACE
 
+from search.launch import StudyRequest
+from search.launch import create_study as create
+from search.progress import SearchProgress
 from search.study import budget
 from storage import open_storage
 
@@ -56,17 +59,29 @@ def own_redis(own_folder: Path) -> Iterator[OwnServer]:
         yield server
 
 
-def create_study(env: dict, cwd: Path, name: str) -> optuna.Study:
-    """TRIALS trials of 8 epochs each, heartbeat 2 s: an outage lands mid-trial."""
+def create_study(url: str, cwd: Path, name: str, trials: int = TRIALS) -> optuna.Study:
+    """Trials of 6 epochs, heartbeat 2 s: an outage lands mid-trial. Made in this process:
+    on two shared cores, each `hpo` process costs seconds to start."""
     space = cwd / "micro.yaml"
     space.write_text(MICRO_SPACE)
-    result = run_hpo(
-        "create", "--study", name, "--trials", str(TRIALS), "--space", str(space),
-        "--dataset", "synthetic", "--epochs", "8", "--pruner", "none", "--heartbeat", "2",
-        env=env, cwd=cwd,
+    request = StudyRequest(
+        study=name, trials=trials, storage=url, space=str(space), epochs=6,
+        dataset="synthetic", pruner="none", heartbeat=2,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
+    create(request, SearchProgress())
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def wait_for_running(study: optuna.Study, count: int, timeout: float = 120) -> list[FrozenTrial]:
+    """Once `count` trials run and have checkpointed an epoch (the workers are mid-trial)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = study.get_trials(states=(TrialState.RUNNING,))
+        started = [t for t in trials if t.user_attrs.get("checkpoint", {}).get("epoch", 0) >= 1]
+        if len(started) >= count:
+            return started
+        time.sleep(0.1)
+    raise AssertionError(f"{count} trials were not running within {timeout} s")
 
 
 def spawn(env: dict, cwd: Path, log: str, *args: str) -> subprocess.Popen:
@@ -114,12 +129,12 @@ def assert_study_done(study: optuna.Study, n: int) -> None:
 def two_workers_ride_out_an_outage(server: OwnServer, env: dict, cwd: Path) -> None:
     env = {**env, "HPO_STORAGE": server.url}
     name = f"outage-{uuid.uuid4().hex[:8]}"
-    study = create_study(env, cwd, name)
+    study = create_study(server.url, cwd, name)
     workers = [
         spawn(env, cwd, "start", "start", "--study", name, "--trials", str(TRIALS)),
         spawn(env, cwd, "worker", "worker", "--study", name),
     ]
-    wait_for_checkpoint(study, epoch=1)
+    wait_for_running(study, count=2)
     outage(server, OUTAGE_S, cwd, "start", "worker")
     codes = [worker.wait(timeout=300) for worker in workers]
     outputs = [logs(cwd, "start"), logs(cwd, "worker")]
@@ -143,9 +158,9 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
     env = {**hpo_env, "HPO_STORAGE": own_postgres.url}
-    study = create_study(env, tmp_path, "limit")
+    study = create_study(own_postgres.url, tmp_path, "limit", trials=2)
     worker = spawn(env, tmp_path, "gave-up", "worker", "--study", "limit", "--storage-retry-s", "3")
-    running = wait_for_checkpoint(study, epoch=1)
+    running = wait_for_running(study, count=1)[0]
     own_postgres.stop()
     assert worker.wait(timeout=120) == 75
     error = (tmp_path / "gave-up.err").read_text()
@@ -158,7 +173,7 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     later = spawn(env, tmp_path, "later", "worker", "--study", "limit")
     assert later.wait(timeout=300) == 0, logs(tmp_path, "later")
     assert "Traceback" not in logs(tmp_path, "later")
-    assert_study_done(study, TRIALS)
+    assert_study_done(study, 2)
     trials = study.get_trials()
     assert trials[running.number].state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == running.number)
