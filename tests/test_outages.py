@@ -9,15 +9,17 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import HPO
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from servers import OwnPostgres, OwnRedis, OwnServer
-from test_workers import MICRO_SPACE
+from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
 from search.launch import StudyRequest
 from search.launch import create_study as create
@@ -178,3 +180,26 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     assert trials[running.number].state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == running.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
+
+
+def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    """What another worker does to a trial whose heartbeat stopped in a long outage, done here
+    while its own worker still trains it: that worker drops its copy with one line and then
+    runs the retry, from the checkpoint its copy left."""
+    space = tmp_path / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    study = long_trials_study(hpo_env, tmp_path, space, "taken")
+    worker = spawn(hpo_env, tmp_path, "worker", "worker", "--study", "taken")
+    running = wait_for_checkpoint(study, epoch=2)
+    failed = study.tell(running.number, state=TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, failed)
+    assert worker.wait(timeout=300) == 0, logs(tmp_path, "worker")
+    output = logs(tmp_path, "worker")
+    assert "Traceback" not in output
+    assert output.count("dropping this copy") == 1, output
+    retry = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None)
+    assert_resumed(study, running.number, retry.user_attrs["resumed_from_epoch"], output)
