@@ -14,8 +14,7 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX  # noqa: F401  (the import is the test)
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages import _CachedStorage
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, _CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat as OptunaBaseHeartbeat
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
 from optuna.trial import TrialState
