@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy.exc
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
 from storage._optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS
 
@@ -146,10 +147,31 @@ def with_retries(storage_class: StorageClass) -> StorageClass:
         stale = getattr(storage_class, STALE_TRIAL_IDS)
         return self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
 
+    def set_trial_state_values(
+        self: Any, trial_id: int, state: TrialState, values: Any = None
+    ) -> bool:
+        losses = []
+
+        def lost() -> None:
+            self._lost()
+            losses.append(1)
+
+        def attempt() -> bool:
+            return storage_class.set_trial_state_values(self, trial_id, state, values)
+
+        updated = self._retry.call("set_trial_state_values", attempt, lost)
+        if state == TrialState.RUNNING and not updated and losses:
+            # The first attempt may have claimed the trial with its answer lost, leaving it
+            # RUNNING with no worker. One heartbeat makes it go stale, and so be retried,
+            # unless a worker really runs it (then this beat is one among its own).
+            self.record_heartbeat(trial_id)
+        return updated
+
     namespace: dict[str, Any] = {name: retried(name) for name in names}
     namespace.update(__init__=__init__, _lost=_lost)
     if hasattr(storage_class, STALE_TRIAL_IDS):
         namespace.update({STALE_TRIAL_IDS: stale_trial_ids, "record_heartbeat": record_heartbeat})
+        namespace["set_trial_state_values"] = set_trial_state_values
     return type(f"Retrying{storage_class.__name__}", (storage_class,), namespace)
 
 
