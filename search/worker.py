@@ -85,8 +85,8 @@ def run_trial(
             return _run_and_tell(study, trial, runner)
     except UpdateFinishedTrialError:
         say(
-            f"trial {trial.number} was failed and re-queued by another worker while the "
-            "storage was away; dropping this copy"
+            f"trial {trial.number} was failed and re-queued by another worker (its heartbeat "
+            "looked stale, as after a long storage outage); dropping this copy"
         )
         return None
 
