@@ -15,17 +15,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+import redis
+import sqlalchemy
 from conftest import HPO
+from optuna.exceptions import DuplicatedStudyError, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from servers import OwnPostgres, OwnRedis, OwnServer
+from servers import OwnPostgres, OwnRedis, OwnServer, free_port
 from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
 from search.launch import StudyRequest
 from search.launch import create_study as create
 from search.progress import SearchProgress
 from search.study import budget
-from storage import open_storage
+from storage import RetryPolicy, StorageUnavailable, open_storage
 
 OUTAGE_S = 10
 TRIALS = 4
@@ -203,3 +206,56 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
     assert output.count("dropping this copy") == 1, output
     retry = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None)
     assert_resumed(study, running.number, retry.user_attrs["resumed_from_epoch"], output)
+
+
+def refused_by(kind: str) -> Exception:
+    """The error each real driver raises for a server that is not there (a closed port)."""
+    port = free_port()
+    urls = {
+        "postgresql": f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+        "mysql": f"mysql+pymysql://root@127.0.0.1:{port}/hpo",
+    }
+    try:
+        if kind == "redis":
+            redis.Redis(port=port).ping()
+        else:
+            sqlalchemy.create_engine(urls[kind]).connect()
+    except Exception as err:
+        return err
+    raise AssertionError(f"something answers on port {port}")
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql", "redis"])
+def test_a_lost_connection_is_retried_until_it_comes_back_or_the_limit(kind: str) -> None:
+    said: list[str] = []
+    policy = RetryPolicy(limit_s=1, say=said.append, first_delay_s=0.05)
+    outcomes = iter([refused_by(kind), refused_by(kind), "answer"])
+
+    def flaky() -> str:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise StorageInternalError("as Optuna re-raises it") from outcome
+        return outcome
+
+    assert policy.call("get_trial", flaky, on_loss=lambda: None) == "answer"
+    assert said[0].startswith("storage unreachable (") and said[1].startswith("storage reachable")
+
+    def down() -> None:
+        raise refused_by(kind)
+
+    with pytest.raises(StorageUnavailable) as gave_up:
+        policy.call("get_trial", down, on_loss=lambda: None)
+    assert "--storage-retry-s 1" in str(gave_up.value) and "\n" not in str(gave_up.value)
+
+
+def test_a_rejected_request_is_not_retried() -> None:
+    said: list[str] = []
+    policy = RetryPolicy(limit_s=60, say=said.append)
+    for error in (UpdateFinishedTrialError("finished"), DuplicatedStudyError("exists")):
+
+        def rejected(error: Exception = error) -> None:
+            raise error
+
+        with pytest.raises(type(error)):
+            policy.call("set_trial_user_attr", rejected, on_loss=lambda: None)
+    assert said == []
