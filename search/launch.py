@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -31,7 +32,10 @@ from search.study import (
 )
 from search.trainer import DeviceRecipe
 from search.worker import WorkerSummary, run_worker
-from storage import HeartbeatPolicy, has_heartbeat, open_storage
+from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage
+
+# Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
+EXIT_STORAGE_UNAVAILABLE = 75
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,16 @@ def run_workers(
 ) -> int:
     """Run trials in this process, or one worker process per GPU slot with --gpus."""
     slots = plan_slots(parse_gpus(options.gpus), options.jobs_per_gpu)
-    if len(slots) == 1 and options.gpus is None:
+    if len(slots) > 1 or options.gpus is not None:
+        return run_fleet(study_name, storage_url, slots, options, progress)
+    try:
         run_local_worker(study_name, storage_url, settings, options, progress)
-        return 0
-    return run_fleet(study_name, storage_url, slots, options, progress)
+    except StorageUnavailable as err:
+        # Its running trial stays RUNNING: once the storage is back, its heartbeat is seen to
+        # have stopped and another worker retries it from its checkpoint.
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE_UNAVAILABLE
+    return 0
 
 
 def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
@@ -137,7 +147,10 @@ def run_local_worker(
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
     worker = this_worker(options.slot)
-    storage = _worker_storage(storage_url, settings)
+    heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)
+    retry = RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
+    # Heartbeats on every storage, so a dead worker's trial is failed and retried.
+    storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, worker.name)
     state = budget(study)
     if state.done and state.running == 0:
@@ -160,6 +173,7 @@ def run_local_worker(
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
         stop=stop,
         compile_mode=options.compile,
+        say=progress.say,
     )
 
     def on_trial_end(trial: optuna.trial.FrozenTrial) -> None:
@@ -169,19 +183,12 @@ def run_local_worker(
 
     with progress:
         progress.show_budget(study_name, budget(study), best_summary(study))
-        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s)
+        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)
     final = budget(study)
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
     progress.say(f"{verb}: {final.finished}/{final.target} trials finished; best {best}")
     return summary
-
-
-def _worker_storage(url: str, settings: StudySettings) -> optuna.storages.BaseStorage:
-    """Storages with heartbeats send them, so a dead worker's trial is failed and retried."""
-    if has_heartbeat(url):
-        return open_storage(url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
-    return open_storage(url)
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 
 from data import RunData
 from model import count_parameters
@@ -21,6 +22,7 @@ from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
 from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, EpochStats
+from storage import StorageUnavailable
 
 
 class TrialInterrupted(Exception):
@@ -46,6 +48,7 @@ class TrialRunner:
     on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None
     stop: threading.Event | None = None
     compile_mode: str = DEFAULT_COMPILE_MODE
+    say: Callable[[str], None] = print  # warnings for the worker's log
 
     def __call__(self, trial: optuna.Trial) -> float:
         space = self.settings.search_space()
@@ -65,13 +68,21 @@ class TrialRunner:
         history = self._resumed_history(trial, state)
         try:
             return self._train(trial, run, history)
-        except TrialInterrupted:
-            raise  # its retry resumes from the checkpoint
+        except (TrialInterrupted, StorageUnavailable, UpdateFinishedTrialError):
+            raise  # stopped, storage gone, or taken over: its retry resumes from the checkpoint
         except Exception:
             # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
-            if self.checkpoints is not None:
-                self.checkpoints.discard(trial)
+            self._discard_checkpoint(trial)
             raise
+
+    def _discard_checkpoint(self, trial: optuna.Trial) -> None:
+        """Best effort: a failure here (an outage) must not hide why the trial ended."""
+        if self.checkpoints is None:
+            return
+        try:
+            self.checkpoints.discard(trial)
+        except Exception as err:
+            self.say(f"trial {trial.number}: checkpoint not discarded ({type(err).__name__})")
 
     def _train(self, trial: optuna.Trial, run: Run, history: list[dict]) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):

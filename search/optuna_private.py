@@ -15,7 +15,6 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
@@ -62,8 +61,8 @@ def stale_trial_numbers(study: optuna.Study) -> set[int]:
 
     Missing API: `optuna.storages.fail_stale_trials` fails them; nothing public lists them.
     """
-    storage = getattr(study._storage, "_backend", study._storage)  # _CachedStorage wraps RDB
-    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+    storage = study._storage  # RDB behind Optuna's cache, or a journal (storage/_heartbeat.py)
+    if not is_heartbeat_enabled(storage):
         return set()
     stale_ids = set(storage._get_stale_trial_ids(study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}

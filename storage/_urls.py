@@ -11,8 +11,9 @@ import sqlalchemy.exc
 DEFAULT_STORAGE_URL = "sqlite:///hpo.db"
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-# Optuna's heartbeat (and so crash recovery) exists on its RDB storage only.
-HEARTBEAT_BACKENDS = RDB_SCHEMES
+# Every backend has heartbeats (so crash recovery): Optuna's on RDB, storage/_heartbeat.py's
+# on the journals.
+HEARTBEAT_BACKENDS = (*RDB_SCHEMES, "journal-file", "journal-redis")
 ARTIFACT_DIR_NAME = "hpo-artifacts"
 JOURNAL_FILE_PREFIX = "journal://"
 REDIS_SCHEMES = ("redis", "rediss")

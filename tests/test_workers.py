@@ -121,15 +121,15 @@ def wait_for_checkpoint(study: optuna.Study, epoch: int, timeout: float = 120) -
     raise AssertionError(f"no trial checkpointed epoch {epoch} within {timeout} s")
 
 
-def long_trials_study(env: dict, cwd: Path, micro_space: Path) -> optuna.Study:
+def long_trials_study(env: dict, cwd: Path, micro_space: Path, name: str = "long") -> optuna.Study:
     """Two trials of 12 epochs, heartbeat 1 s: long enough to interrupt one mid-way."""
     result = run_hpo(
-        "create", "--study", "long", "--trials", "2", "--space", str(micro_space),
+        "create", "--study", name, "--trials", "2", "--space", str(micro_space),
         "--dataset", "synthetic", "--epochs", "12", "--pruner", "none", "--heartbeat", "1",
         env=env, cwd=cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    return optuna.load_study(study_name="long", storage=open_storage(env["HPO_STORAGE"]))
+    return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
 
 
 def assert_resumed(study: optuna.Study, failed_number: int, seen_epoch: int, output: str) -> None:
@@ -150,17 +150,22 @@ def assert_resumed(study: optuna.Study, failed_number: int, seen_epoch: int, out
     assert (state.finished, state.target, state.running, state.waiting) == (2, 2, 0, 0)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "redis"])
 def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
-    hpo_env: dict, tmp_path: Path, micro_space: Path
+    backend: str, hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
-    study = long_trials_study(hpo_env, tmp_path, micro_space)
-    victim = spawn_worker(hpo_env, tmp_path, "long")
+    if backend != "sqlite":
+        url = f"journal://{tmp_path / 'hpo.log'}" if backend == "journal" else server_url("redis")
+        hpo_env = {**hpo_env, "HPO_STORAGE": url}
+    name = f"long-{uuid.uuid4().hex[:8]}"  # the shared Redis outlives the test
+    study = long_trials_study(hpo_env, tmp_path, micro_space, name)
+    victim = spawn_worker(hpo_env, tmp_path, name)
     running = wait_for_checkpoint(study, epoch=2)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
 
-    survivor = spawn_worker(hpo_env, tmp_path, "long")
+    survivor = spawn_worker(hpo_env, tmp_path, name)
     output = finish([survivor])[0]
     assert_resumed(study, running.number, epoch, output)
 
