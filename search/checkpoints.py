@@ -14,8 +14,8 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search import attrs
-from search.optuna_private import forget_artifact, replace_artifact
 from storage import DEFAULT_HEARTBEAT_S, default_artifact_dir
+from storage.optuna_private import forget_artifact, replace_artifact
 
 # Seconds of training between two checkpoints of a trial: what a crash can lose at most.
 # No longer than the heartbeat interval, so a retried trial loses less than its grace.

@@ -17,12 +17,12 @@ from search import attrs
 from search.checkpoints import CheckpointStore
 from search.config import TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
-from search.optuna_private import original_number
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
 from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, EpochStats
 from storage import StorageUnavailable
+from storage.optuna_private import original_number
 
 
 class TrialInterrupted(Exception):

@@ -12,10 +12,10 @@ from rich.table import Table
 
 from search import attrs
 from search.cost import format_duration, is_over_cap, study_pace
-from search.optuna_private import stale_trial_numbers
 from search.progress import best_summary
 from search.study import budget, join, load_settings
 from storage import HeartbeatPolicy, open_storage
+from storage.optuna_private import stale_trial_numbers
 
 
 def study_status(storage_url: str, name: str) -> Group:

@@ -24,9 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.cost import is_over_cap
-from search.optuna_private import claim_waiting_trial, retried_numbers, retry_of
 from search.settings import StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
+from storage.optuna_private import claim_waiting_trial, retried_numbers, retry_of
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16

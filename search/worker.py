@@ -17,9 +17,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.objective import TrialInterrupted, TrialRunner
-from search.optuna_private import has_heartbeat, heartbeat
 from search.study import budget, claim_trial, fail_stale_trials
 from storage import StorageUnavailable
+from storage.optuna_private import has_heartbeat, heartbeat
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0

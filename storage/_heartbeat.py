@@ -20,7 +20,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from storage._optuna_private import BaseHeartbeat
+from storage.optuna_private import Heartbeat
 
 # Seconds between a running trial's heartbeats, unless a study sets its own.
 DEFAULT_HEARTBEAT_S = 60
@@ -48,7 +48,7 @@ class HeartbeatPolicy:
             )
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage, Heartbeat):
     """A journal storage whose running trials send heartbeats (none when `policy` is None).
 
     Heartbeats compare wall clocks of different machines: keep them in sync (NTP), well
@@ -66,7 +66,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         with contextlib.suppress(UpdateFinishedTrialError):
             JournalStorage.set_trial_system_attr(self, trial_id, HEARTBEAT_ATTR, time.time())
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.grace_period is not None
         now = time.time()
         return [

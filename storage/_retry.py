@@ -19,7 +19,7 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from storage._optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS
+from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS
 
 try:
     import redis.exceptions

@@ -1,6 +1,5 @@
 """Every private Optuna name this project uses, imported and exercised here, so an Optuna
-upgrade that moves one fails this file first, by name (search/optuna_private.py and
-storage/_optuna_private.py use them)."""
+upgrade that moves one fails this file first, by name (storage/optuna_private.py uses them)."""
 
 from __future__ import annotations
 
@@ -19,11 +18,10 @@ from optuna.storages._heartbeat import BaseHeartbeat as OptunaBaseHeartbeat
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
 from optuna.trial import TrialState
 
-from search import optuna_private
 from search.study import fail_stale_trials
-from storage import HeartbeatPolicy, open_storage
+from storage import HeartbeatPolicy, open_storage, optuna_private
 from storage import has_heartbeat as has_heartbeat_url
-from storage._optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, BaseHeartbeat
+from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, Heartbeat
 
 HEARTBEAT_OUTSIDE_OPTIMIZE = "ignore:Heartbeat of storage is supposed to be used"
 
@@ -94,10 +92,11 @@ def test_forgetting_and_replacing_an_artifact(tmp_path: Path) -> None:
 
 
 def test_the_private_names_storage_uses(tmp_path: Path) -> None:
-    """storage/_optuna_private.py: the heartbeat base class, its stale-trial query, and the
-    RDBStorage methods Optuna's cache calls (a retry that missed one would not cover it)."""
-    assert BaseHeartbeat is OptunaBaseHeartbeat
-    assert STALE_TRIAL_IDS in BaseHeartbeat.__abstractmethods__
+    """The heartbeat base class, its stale-trial query, and the RDBStorage methods Optuna's
+    cache calls (a retry that missed one would not cover it)."""
+    assert issubclass(Heartbeat, OptunaBaseHeartbeat)
+    assert STALE_TRIAL_IDS in OptunaBaseHeartbeat.__abstractmethods__
+    assert STALE_TRIAL_IDS in vars(Heartbeat)  # answered through stale_trial_ids
     cache_calls = set(re.findall(r"self\._backend\.(_\w+)\(", inspect.getsource(_CachedStorage)))
     assert cache_calls == {*RDB_CACHE_CALLS, STALE_TRIAL_IDS}
     assert all(callable(getattr(RDBStorage, name)) for name in RDB_CACHE_CALLS)
