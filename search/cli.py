@@ -147,9 +147,9 @@ MinEpochsOption = Annotated[
 CheckpointIntervalOption = Annotated[
     int | None,
     typer.Option(
-        min=1,
-        help="Seconds of training between a trial's checkpoints (and always on a graceful "
-        "stop): the most a crash can lose.",
+        min=0,
+        help="Seconds of training between a trial's checkpoints (and always after its last "
+        "epoch and on a graceful stop): the most a crash can lose; 0 checkpoints every epoch.",
         show_default=str(DEFAULT_CHECKPOINT_INTERVAL_S),
     ),
 ]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import optuna
@@ -13,9 +16,11 @@ import torch
 from data import RunData
 from model import count_parameters
 from search import attrs
-from search.checkpoints import CheckpointStore
+from search.checkpoints import CheckpointStore, TrialCheckpoints
+from search.compile_policy import CompilePolicy
 from search.config import TrialConfig
 from search.optuna_private import original_number
+from search.pruners import next_rung
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
@@ -45,22 +50,39 @@ class TrialRunner:
     on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None
     stop: threading.Event | None = None
     compile_mode: str = DEFAULT_COMPILE_MODE
+    # --compile auto: when a trial switches to compiled; learns from this worker's trials.
+    compile_policy: CompilePolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.compile_policy is None:
+            s = self.settings
+            self.compile_policy = CompilePolicy.for_device(
+                self.recipe.device.type,
+                lambda epoch: next_rung(s.pruner, epoch, s.epochs, s.min_epochs),
+            )
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
-        state = self._checkpoint(trial)
-        run = start_run(
-            cfg,
-            self.data,
-            self.recipe,
-            seed=self._seed(trial),
-            compile_mode=self.compile_mode,
-            state=state,
-        )
-        self._describe(trial, cfg, count_parameters(run.trainer.model))
-        history = self._resumed_history(trial, state)
+        clock = PhaseClock()
+        with clock("sample"):
+            cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
+        with clock("build"):
+            state = self._checkpoint(trial)
+            run = start_run(
+                cfg,
+                self.data,
+                self.recipe,
+                seed=self._seed(trial),
+                compile_mode=self.compile_mode,
+                state=state,
+                compile_policy=self.compile_policy,
+            )
+        with clock("report"):
+            self._describe(trial, cfg, count_parameters(run.trainer.model))
+            history = self._resumed_history(trial, state)
+        checkpoints = TrialCheckpoints(self.checkpoints, trial, self.settings.checkpoint_interval_s)
         try:
-            return self._train(trial, run, history)
+            with checkpoints:  # leaving it waits for the write in flight
+                return self._train(trial, run, history, checkpoints, clock)
         except TrialInterrupted:
             raise  # its retry resumes from the checkpoint
         except Exception:
@@ -68,21 +90,42 @@ class TrialRunner:
             if self.checkpoints is not None:
                 self.checkpoints.discard(trial)
             raise
+        finally:
+            clock.seconds["checkpoint"] += checkpoints.seconds
+            # Diagnostics only: never hides why the trial ended (a storage outage, say).
+            with suppress(Exception):
+                trial.set_user_attr(attrs.SECONDS, clock.rounded())
 
-    def _train(self, trial: optuna.Trial, run: Run, history: list[dict]) -> float:
+    def _train(
+        self,
+        trial: optuna.Trial,
+        run: Run,
+        history: list[dict],
+        checkpoints: TrialCheckpoints,
+        clock: PhaseClock,
+    ) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
+            clock.add_epoch(stats)
             history.append(epoch_record(stats))
-            # Checkpoint first: a crash before the report leaves an epoch the retry reports.
-            if self.checkpoints is not None:
-                self.checkpoints.save(trial, {**run.trainer.state_dict(), "history": history})
-            self._record(trial, history)
+            last = stats.epoch == run.trainer.cfg.epochs
+            stopping = self.stop is not None and self.stop.is_set()
+            # Checkpoint (when due) before the report: a crash after the report leaves the
+            # retry its last checkpoint; it reports that, and re-runs the epochs after it.
+            checkpoints.offer(
+                lambda: {**run.trainer.state_dict(), "history": history}, force=last or stopping
+            )
+            with clock("report"):
+                self._record(trial, history)
             if self.on_epoch is not None:
                 self.on_epoch(trial, stats)
-            if self.stop is not None and self.stop.is_set():
+            if stopping:
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
             # After the last epoch there is nothing left to save by pruning.
-            if stats.epoch < run.trainer.cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            if not last:
+                with clock("prune"):
+                    pruned = trial.should_prune()
+                if pruned:
+                    raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
         return score(history)
 
     def _seed(self, trial: optuna.Trial) -> int:
@@ -129,6 +172,30 @@ class TrialRunner:
         trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
         trial.set_user_attr(attrs.VAL_ACC, last["val_acc"])
         trial.set_user_attr(attrs.IMAGES_PER_S, last["images_per_s"])
+
+
+class PhaseClock:
+    """Seconds a trial spends in each phase (attrs.TRIAL_PHASES), kept as an attribute so
+    `hpo status`, the dashboard and bench/study.py see where a study's time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def add_epoch(self, stats: EpochStats) -> None:
+        self.seconds["train"] += stats.train_seconds
+        self.seconds["eval"] += stats.eval_seconds
+        self.seconds["compile"] += stats.compile_seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(self.seconds[phase], 4) for phase in attrs.TRIAL_PHASES}
 
 
 def epoch_record(stats: EpochStats) -> dict:
