@@ -54,6 +54,10 @@ class TrialRunner:
     compile_policy: CompilePolicy | None = None
 
     def __post_init__(self) -> None:
+        # torch imports its compiler on the first optimizer built (seconds): pay that once at
+        # worker start-up, not inside the first trial.
+        import torch._dynamo  # noqa: F401
+
         if self.compile_policy is None:
             s = self.settings
             self.compile_policy = CompilePolicy.for_device(
@@ -115,7 +119,7 @@ class TrialRunner:
                 lambda: {**run.trainer.state_dict(), "history": history}, force=last or stopping
             )
             with clock("report"):
-                self._record(trial, history)
+                self._record(trial, history, new=1)
             if self.on_epoch is not None:
                 self.on_epoch(trial, stats)
             if stopping:
@@ -160,12 +164,13 @@ class TrialRunner:
             self._record(trial, history)
         return history
 
-    def _record(self, trial: optuna.Trial, history: list[dict]) -> None:
-        """Report the epochs to the pruner and keep them, and the scored epoch, as attrs."""
+    def _record(self, trial: optuna.Trial, history: list[dict], new: int | None = None) -> None:
+        """Report the last `new` epochs (all if None) to the pruner; keep all, and the scored
+        epoch, as attrs. One report is one storage transaction: each epoch is reported once."""
         with warnings.catch_warnings():
             # A retry inherits the epochs its original reported; Optuna keeps the first value.
             warnings.filterwarnings("ignore", message="The reported value is ignored")
-            for record in history:
+            for record in history[-new if new else 0 :]:
                 trial.report(record["val_loss"], record["epoch"])
         last = history[-1]
         trial.set_user_attr(attrs.EPOCHS, history)
