@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,10 +60,12 @@ from search.progress import SearchProgress  # noqa: E402
 OBJECTIVE_PHASES = ("sample", "build", "compile", "train", "eval", "checkpoint", "report", "prune")
 WORKER_PHASES = ("claim", "tell", "progress", "idle")
 STARTUP_PHASES = ("process", "data", "other")
+# After --timeout, the seconds running trials get to finish before the workers are stopped.
+STOP_GRACE_S = 60.0
 MODES = {
-    # device: space, trials, epochs, synthetic images per class (train, test)
-    "cpu": ("tiny", 12, 9, (250, 50)),
-    "cuda": ("default", 24, 20, (5000, 1000)),
+    # device: space, trials, epochs, synthetic training images (10% of them held out)
+    "cpu": ("tiny", 12, 9, 2_500),
+    "cuda": ("default", 24, 20, 50_000),
 }
 
 
@@ -158,6 +161,7 @@ def run_worker(spec: dict[str, Any]) -> None:
         data_dir=Path(spec["data_dir"]),
         artifact_dir=Path(spec["artifact_dir"]),
         compile=spec["compile"],
+        timeout_s=spec["timeout"],
     )
     with open(spec["log"], "a") as log:
         search.launch.join_search(
@@ -183,13 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker_spec:
         run_worker(json.loads(args.worker_spec))
         return
-    space, trials, epochs, (train_per_class, test_per_class) = MODES[args.device]
+    space, trials, epochs, n_images = MODES[args.device]
     space, trials, epochs = args.space or space, args.trials or trials, args.epochs or epochs
     work = Path(tempfile.mkdtemp(prefix="bench-study-"))
     data_dir = args.data_dir or work / "data"
-    if not (synthetic_folder(data_dir) / "data_batch_1").exists():
-        write_synthetic(data_dir, train_per_class=train_per_class, test_per_class=test_per_class)
-    images = load_dataset("synthetic", data_dir)
+    images = synthetic_set(data_dir, args.images or n_images)
     storage = f"sqlite:///{work / 'hpo.db'}"
     print_header(args, space, trials, epochs, len(images.train_labels))
 
@@ -207,12 +209,13 @@ def main(argv: list[str] | None = None) -> None:
         spec = {
             "study": "bench", "storage": storage, "data_dir": str(data_dir),
             "artifact_dir": str(work / "artifacts"), "compile": args.compile,
+            "timeout": args.timeout,
             "out": str(work / f"worker-{index}.json"), "log": str(work / f"worker-{index}.log"),
             "spawned": time.time(),
         }  # fmt: skip
         command = [sys.executable, __file__, "--worker-spec", json.dumps(spec)]
         workers.append((subprocess.Popen(command, env=env), spec))
-    codes = [process.wait() for process, _ in workers]
+    codes = wait_or_stop([process for process, _ in workers], args.timeout)
     ended = time.time()
     if any(codes):
         sys.exit(f"a worker failed ({codes}); logs in {work}")
@@ -220,6 +223,33 @@ def main(argv: list[str] | None = None) -> None:
     study = optuna.load_study(study_name="bench", storage=storage)
     report(study, records, wall_s=ended - start, create_s=created - start)
     print(f"threads per worker: {threads}; logs and database: {work}")
+
+
+def wait_or_stop(processes: list[subprocess.Popen], timeout: float | None) -> list[int]:
+    """Their exit codes. With a timeout the workers start no new trial after it; a minute
+    later they are stopped as Ctrl-C stops them (finish the epoch, re-queue the trial)."""
+    deadline = None if timeout is None else time.monotonic() + timeout + STOP_GRACE_S
+    for process in processes:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.1)
+        try:
+            process.wait(left)
+        except subprocess.TimeoutExpired:
+            for other in processes:  # once: a second stop would make them exit at once
+                if other.poll() is None:
+                    other.send_signal(signal.SIGTERM)
+            break
+    return [process.wait() for process in processes]
+
+
+def synthetic_set(data_dir: Path, n_images: int) -> Any:
+    """The synthetic set with `n_images` training images, written if not there yet (the same
+    files bench/throughput.py writes, so a --data-dir serves both)."""
+    if synthetic_folder(data_dir).exists():
+        images = load_dataset("synthetic", data_dir)
+        if len(images.train_labels) == n_images:
+            return images
+    write_synthetic(data_dir, train_per_class=n_images // 10, test_per_class=10)
+    return load_dataset("synthetic", data_dir)
 
 
 def trial_phases(trial: optuna.trial.FrozenTrial, timed: dict[str, float]) -> dict[str, float]:
@@ -322,6 +352,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pruner", default="hyperband")
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--checkpoint-interval", type=int, help="default: the study's")
+    parser.add_argument("--images", type=int, help="default: 2,500 on cpu, 50,000 on cuda")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds after which workers start no new trial; a minute later they are stopped",
+    )
     parser.add_argument("--data-dir", type=Path, help="keeps the synthetic set between runs")
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
