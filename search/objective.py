@@ -96,9 +96,9 @@ class TrialRunner:
             raise
         finally:
             clock.seconds["checkpoint"] += checkpoints.seconds
-            # Diagnostics only: never hides why the trial ended (a storage outage, say).
+            # Never hides why the trial ended (a storage outage, say).
             with suppress(Exception):
-                trial.set_user_attr(attrs.SECONDS, clock.rounded())
+                self._summarize(trial, history, clock)
 
     def _train(
         self,
@@ -165,18 +165,23 @@ class TrialRunner:
         return history
 
     def _record(self, trial: optuna.Trial, history: list[dict], new: int | None = None) -> None:
-        """Report the last `new` epochs (all if None) to the pruner; keep all, and the scored
-        epoch, as attrs. One report is one storage transaction: each epoch is reported once."""
+        """Report the last `new` epochs (all if None) to the pruner and keep all as an attr.
+        Each report and attr is a storage transaction: each epoch is reported once."""
         with warnings.catch_warnings():
             # A retry inherits the epochs its original reported; Optuna keeps the first value.
             warnings.filterwarnings("ignore", message="The reported value is ignored")
             for record in history[-new if new else 0 :]:
                 trial.report(record["val_loss"], record["epoch"])
-        last = history[-1]
         trial.set_user_attr(attrs.EPOCHS, history)
-        trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
-        trial.set_user_attr(attrs.VAL_ACC, last["val_acc"])
-        trial.set_user_attr(attrs.IMAGES_PER_S, last["images_per_s"])
+
+    def _summarize(self, trial: optuna.Trial, history: list[dict], clock: PhaseClock) -> None:
+        """The attrs read once a trial has ended, written once (each is a transaction)."""
+        with clock("report"):
+            if history:
+                trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
+                trial.set_user_attr(attrs.VAL_ACC, history[-1]["val_acc"])
+                trial.set_user_attr(attrs.IMAGES_PER_S, history[-1]["images_per_s"])
+        trial.set_user_attr(attrs.SECONDS, clock.rounded())
 
 
 class PhaseClock:
