@@ -82,17 +82,21 @@ class Timers:
         self.current: int | None = None  # the trial whose objective runs now
         self.first_claim: float | None = None
         self.idle_since: float | None = None
+        self.inside = False  # in a timed call
 
     def wrap(self, owner: Any, name: str, phase: str, after: Callable | None = None) -> None:
         original = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is not threading.main_thread():
+            # The outermost timed call counts (a checkpoint's set_user_attr is checkpoint).
+            if self.inside or threading.current_thread() is not threading.main_thread():
                 return original(*args, **kwargs)
             start = time.perf_counter()
+            self.inside = True
             try:
                 result = original(*args, **kwargs)
             finally:
+                self.inside = False
                 self.add(phase, time.perf_counter() - start)
             if after is not None:
                 after(result)
