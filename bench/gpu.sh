@@ -36,7 +36,7 @@ step() {
       --trials 200 --workers 2 --timeout "${STUDY_S:-240}"
   else
     step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --config table1 \
-      --batch-size 64 --images 500 --rounds 1
+      --batch-size 32 --images 200 --rounds 1
     step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --rounds 1
     step "$PYTHON" bench/study.py --device cpu --trials 4 --epochs 3 --images 1000
   fi
