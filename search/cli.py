@@ -120,10 +120,10 @@ SpaceOption = Annotated[
 ]
 
 
-def study_setting(help: str, default: object) -> Any:
-    """An optional positive-int study setting: left out, the study's stored value holds
-    (or, for a new study, `default`)."""
-    return Annotated[int | None, typer.Option(min=1, help=help, show_default=str(default))]
+def study_setting(help: str, default: object, least: int = 1) -> Any:
+    """An optional int study setting: left out, the study's stored value holds (or, for a
+    new study, `default`)."""
+    return Annotated[int | None, typer.Option(min=least, help=help, show_default=str(default))]
 
 
 EpochsOption = study_setting("Epochs per trial.", DEFAULT_EPOCHS)
@@ -143,9 +143,10 @@ MinEpochsOption = study_setting(
     DEFAULT_MIN_EPOCHS,
 )
 CheckpointIntervalOption = study_setting(
-    "Seconds of training between a trial's checkpoints (and always on a graceful stop): "
-    "the most a crash can lose.",
+    "Seconds of training between a trial's checkpoints (and always after its last epoch and "
+    "on a graceful stop): the most a crash can lose; 0 checkpoints every epoch.",
     DEFAULT_CHECKPOINT_INTERVAL_S,
+    least=0,
 )
 StorageRetryOption = Annotated[
     float,

@@ -14,6 +14,7 @@ import torch
 
 from data import load_dataset, search_data
 from search.checkpoints import CheckpointStore, artifact_dir
+from search.compile_policy import share_compile_caches
 from search.cost import cost_lines
 from search.dashboard import write_study_note
 from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
@@ -160,6 +161,7 @@ def run_local_worker(
         )
         return None
     stop = install_stop_handlers(progress)
+    share_compile_caches()  # before anything compiles: every worker here reuses the kernels
     recipe = DeviceRecipe.for_device(pick_device(progress.say))
     images = load_dataset(settings.dataset, options.data_dir)
     runner = TrialRunner(

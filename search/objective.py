@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import optuna
@@ -14,9 +17,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from data import RunData
 from model import count_parameters
 from search import attrs
-from search.checkpoints import CheckpointStore
+from search.checkpoints import CheckpointStore, TrialCheckpoints
+from search.compile_policy import CompilePolicy
 from search.config import TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
+from search.pruners import next_rung
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
@@ -49,31 +54,57 @@ class TrialRunner:
     stop: threading.Event | None = None
     compile_mode: str = DEFAULT_COMPILE_MODE
     say: Callable[[str], None] = print  # warnings for the worker's log
+    # --compile auto: when a trial switches to compiled; learns from this worker's trials.
+    compile_policy: CompilePolicy | None = None
+
+    def __post_init__(self) -> None:
+        # torch imports its compiler on the first optimizer built (seconds): pay that once at
+        # worker start-up, not inside the first trial.
+        import torch._dynamo  # noqa: F401
+
+        if self.compile_policy is None:
+            s = self.settings
+            self.compile_policy = CompilePolicy.for_device(
+                self.recipe.device.type,
+                lambda epoch: next_rung(s.pruner, epoch, s.epochs, s.min_epochs),
+            )
 
     def __call__(self, trial: optuna.Trial) -> float:
-        space = self.settings.search_space()
-        cfg = sample_config(trial, space, self.settings.epochs)
+        clock = PhaseClock()
+        with clock("sample"):
+            space = self.settings.search_space()
+            cfg = sample_config(trial, space, self.settings.epochs)
         # An over-cap draw ends here, PRUNED, before anything is built (search/cost.py).
         refuse_over_cap(trial, gflops_per_image(cfg.model), space.max_gflops)
-        state = self._checkpoint(trial)
-        run = start_run(
-            cfg,
-            self.data,
-            self.recipe,
-            seed=self._seed(trial),
-            compile_mode=self.compile_mode,
-            state=state,
-        )
-        self._describe(trial, cfg, count_parameters(run.trainer.model))
-        history = self._resumed_history(trial, state)
+        with clock("build"):
+            state = self._checkpoint(trial)
+            run = start_run(
+                cfg,
+                self.data,
+                self.recipe,
+                seed=self._seed(trial),
+                compile_mode=self.compile_mode,
+                state=state,
+                compile_policy=self.compile_policy,
+            )
+        with clock("report"):
+            self._describe(trial, cfg, count_parameters(run.trainer.model))
+            history = self._resumed_history(trial, state)
+        checkpoints = TrialCheckpoints(self.checkpoints, trial, self.settings.checkpoint_interval_s)
         try:
-            return self._train(trial, run, history)
+            with checkpoints:  # leaving it waits for the write in flight
+                return self._train(trial, run, history, checkpoints, clock)
         except (TrialInterrupted, StorageUnavailable, UpdateFinishedTrialError):
             raise  # stopped, storage gone, or taken over: its retry resumes from the checkpoint
         except Exception:
             # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
             self._discard_checkpoint(trial)
             raise
+        finally:
+            clock.seconds["checkpoint"] += checkpoints.seconds
+            # Never hides why the trial ended (a storage outage, say).
+            with suppress(Exception):
+                self._summarize(trial, history, clock)
 
     def _discard_checkpoint(self, trial: optuna.Trial) -> None:
         """Best effort: a failure here (an outage) must not hide why the trial ended."""
@@ -84,20 +115,36 @@ class TrialRunner:
         except Exception as err:
             self.say(f"trial {trial.number}: checkpoint not discarded ({type(err).__name__})")
 
-    def _train(self, trial: optuna.Trial, run: Run, history: list[dict]) -> float:
+    def _train(
+        self,
+        trial: optuna.Trial,
+        run: Run,
+        history: list[dict],
+        checkpoints: TrialCheckpoints,
+        clock: PhaseClock,
+    ) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
+            clock.add_epoch(stats)
             history.append(epoch_record(stats))
-            # Checkpoint first: a crash before the report leaves an epoch the retry reports.
-            if self.checkpoints is not None:
-                self.checkpoints.save(trial, {**run.trainer.state_dict(), "history": history})
-            self._record(trial, history)
             if self.on_epoch is not None:
                 self.on_epoch(trial, stats)
-            if self.stop is not None and self.stop.is_set():
+            last = stats.epoch == run.trainer.cfg.epochs
+            stopping = self.stop is not None and self.stop.is_set()
+            # Checkpoint (when due) before the report: a crash after the report leaves the
+            # retry its last checkpoint; it reports that, and re-runs the epochs after it.
+            checkpoints.offer(
+                lambda: {**run.trainer.state_dict(), "history": history}, force=last or stopping
+            )
+            with clock("report"):
+                self._record(trial, history, new=1)
+            if stopping:
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
             # After the last epoch there is nothing left to save by pruning.
-            if stats.epoch < run.trainer.cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            if not last:
+                with clock("prune"):
+                    pruned = trial.should_prune()
+                if pruned:
+                    raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
         return score(history)
 
     def _seed(self, trial: optuna.Trial) -> int:
@@ -132,18 +179,48 @@ class TrialRunner:
             self._record(trial, history)
         return history
 
-    def _record(self, trial: optuna.Trial, history: list[dict]) -> None:
-        """Report the epochs to the pruner and keep them, and the scored epoch, as attrs."""
+    def _record(self, trial: optuna.Trial, history: list[dict], new: int | None = None) -> None:
+        """Report the last `new` epochs (all if None) to the pruner and keep all as an attr.
+        Each report and attr is a storage transaction: each epoch is reported once."""
         with warnings.catch_warnings():
             # A retry inherits the epochs its original reported; Optuna keeps the first value.
             warnings.filterwarnings("ignore", message="The reported value is ignored")
-            for record in history:
+            for record in history[-new if new else 0 :]:
                 trial.report(record["val_loss"], record["epoch"])
-        last = history[-1]
         trial.set_user_attr(attrs.EPOCHS, history)
-        trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
-        trial.set_user_attr(attrs.VAL_ACC, last["val_acc"])
-        trial.set_user_attr(attrs.IMAGES_PER_S, last["images_per_s"])
+
+    def _summarize(self, trial: optuna.Trial, history: list[dict], clock: PhaseClock) -> None:
+        """The attrs read once a trial has ended, written once (each is a transaction)."""
+        with clock("report"):
+            if history:
+                trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
+                trial.set_user_attr(attrs.VAL_ACC, history[-1]["val_acc"])
+                trial.set_user_attr(attrs.IMAGES_PER_S, history[-1]["images_per_s"])
+        trial.set_user_attr(attrs.SECONDS, clock.rounded())
+
+
+class PhaseClock:
+    """Seconds a trial spends in each phase (attrs.TRIAL_PHASES), kept as an attribute so
+    `hpo status`, the dashboard and bench/study.py see where a study's time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def add_epoch(self, stats: EpochStats) -> None:
+        self.seconds["train"] += stats.train_seconds
+        self.seconds["eval"] += stats.eval_seconds
+        self.seconds["compile"] += stats.compile_seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(self.seconds[phase], 4) for phase in attrs.TRIAL_PHASES}
 
 
 def epoch_record(stats: EpochStats) -> dict:

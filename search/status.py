@@ -44,6 +44,7 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
     summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
     summary.add_row("pace", pace_line(trials, state.finished, state.target))
     summary.add_row("best", best_summary(study))
+    summary.add_row("trial time", time_by_phase(trials))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
@@ -88,3 +89,16 @@ def studies_table(storage: optuna.storages.BaseStorage) -> Table:
             summary.study_name, str(summary.n_trials), f"{best.value:.4f}" if best else "-"
         )
     return table
+
+
+def time_by_phase(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """Where the finished trials' time went, from their `seconds` attribute (attrs.SECONDS)."""
+    totals = Counter()
+    for trial in trials:
+        if trial.state.is_finished():
+            totals.update(trial.user_attrs.get(attrs.SECONDS) or {})
+    whole = sum(totals.values())
+    if not whole:
+        return "-"
+    shares = ", ".join(f"{phase} {totals[phase] / whole:.1%}" for phase in attrs.TRIAL_PHASES)
+    return f"{whole:,.0f} s: {shares}"

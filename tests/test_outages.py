@@ -193,7 +193,7 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
     runs the retry, from the checkpoint its copy left."""
     space = tmp_path / "micro.yaml"
     space.write_text(MICRO_SPACE)
-    study = long_trials_study(hpo_env, tmp_path, space, "taken")
+    study = long_trials_study(hpo_env, tmp_path, space, "--checkpoint-interval", "0", name="taken")
     worker = spawn(hpo_env, tmp_path, "worker", "worker", "--study", "taken")
     running = wait_for_checkpoint(study, epoch=2)
     failed = study.tell(running.number, state=TrialState.FAIL)

@@ -121,12 +121,25 @@ def wait_for_checkpoint(study: optuna.Study, epoch: int, timeout: float = 120) -
     raise AssertionError(f"no trial checkpointed epoch {epoch} within {timeout} s")
 
 
-def long_trials_study(env: dict, cwd: Path, micro_space: Path, name: str = "long") -> optuna.Study:
+def wait_for_report(study: optuna.Study, epoch: int, timeout: float = 120) -> FrozenTrial:
+    """The running trial once it has reported `epoch`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            if epoch in trial.intermediate_values:
+                return trial
+        time.sleep(0.1)
+    raise AssertionError(f"no trial reported epoch {epoch} within {timeout} s")
+
+
+def long_trials_study(
+    env: dict, cwd: Path, micro_space: Path, *extra: str, name: str = "long"
+) -> optuna.Study:
     """Two trials of 12 epochs, heartbeat 1 s: long enough to interrupt one mid-way."""
     result = run_hpo(
         "create", "--study", name, "--trials", "2", "--space", str(micro_space),
         "--dataset", "synthetic", "--epochs", "12", "--pruner", "none", "--heartbeat", "1",
-        env=env, cwd=cwd,
+        *extra, env=env, cwd=cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
@@ -158,7 +171,9 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
         url = f"journal://{tmp_path / 'hpo.log'}" if backend == "journal" else server_url("redis")
         hpo_env = {**hpo_env, "HPO_STORAGE": url}
     name = f"long-{uuid.uuid4().hex[:8]}"  # the shared Redis outlives the test
-    study = long_trials_study(hpo_env, tmp_path, micro_space, name)
+    study = long_trials_study(
+        hpo_env, tmp_path, micro_space, "--checkpoint-interval", "0", name=name
+    )
     victim = spawn_worker(hpo_env, tmp_path, name)
     running = wait_for_checkpoint(study, epoch=2)
     victim.send_signal(signal.SIGKILL)
@@ -173,9 +188,11 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
 def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
+    # The default interval (60 s) writes no checkpoint before the stop: the stop writes one.
     study = long_trials_study(hpo_env, tmp_path, micro_space)
     worker = spawn_worker(hpo_env, tmp_path, "long")
-    running = wait_for_checkpoint(study, epoch=1)
+    running = wait_for_report(study, epoch=1)
+    assert running.user_attrs.get("checkpoint") is None
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=60)[0]
     assert worker.returncode == 0, output
