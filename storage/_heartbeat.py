@@ -2,7 +2,7 @@
 
 Optuna keeps heartbeats on its RDB storage only. On the journal storages (file and Redis) a
 running trial's last heartbeat is a system attribute written through the journal itself,
-and the stale check reads it back: the same contract (Optuna's BaseHeartbeat), so Optuna's
+and the stale check reads it back: the same contract as Optuna's heartbeat interface, so its
 heartbeat thread, `fail_stale_trials` and the retry callback work unchanged.
 """
 
