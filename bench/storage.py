@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import search.worker
 from search.progress import best_summary
+from search.pruners import PRUNERS
 from search.settings import StudySettings
 from search.study import (
     budget,
@@ -404,9 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--pruner",
-        choices=("hyperband", "median", "none"),
-        default="hyperband",
-        help="the study's pruner, as `hpo --pruner` (default hyperband)",
+        choices=tuple(PRUNERS),
+        default=next(iter(PRUNERS)),
+        help="the study's pruner, as `hpo --pruner` (default: hpo's)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 workers, 5 reports, 40")
     parser.add_argument(

@@ -14,7 +14,6 @@ COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/com
 CONFIG = "config"  # TrialConfig.to_dict()
 ARCHITECTURE = "architecture"  # one line: N, K, channels, kernel, dropout
 PARAMS = "params"
-TRAIN_GFLOP = "train_gflop_per_image"  # forward + backward, per training image
 DEVICE = "device"
 HOST = "host"
 GPU = "gpu"
@@ -26,6 +25,15 @@ IMAGES_PER_S = "images_per_s"
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
+GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
+OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget
+SECONDS = "seconds"  # the trial's time by phase, TRIAL_PHASES -> seconds
+
+# The phases of a trial, as SECONDS records them. sample: the sampler's suggest calls; build:
+# model, loaders, optimizer (and a retry's checkpoint load); compile: first calls of compiled
+# steps; train, eval: epochs less compiling; checkpoint: the training thread's part (copy to
+# host, waiting for the write); report: reports and attributes; prune: should_prune.
+TRIAL_PHASES = ("sample", "build", "compile", "train", "eval", "checkpoint", "report", "prune")
 
 # What every trial carries, as listed in the dashboard's study note.
-DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, TRAIN_GFLOP, ARCHITECTURE, CONFIG, GPU, HOST)
+DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, GFLOPS, ARCHITECTURE, CONFIG, GPU, HOST)

@@ -1,8 +1,18 @@
-"""Epoch checkpoints of a trial as Optuna artifacts, so a retried trial resumes, not restarts."""
+"""Epoch checkpoints of a trial as Optuna artifacts, so a retried trial resumes, not restarts.
+
+A trial checkpoints at most once per interval of training, and always after its last epoch
+and on a graceful stop; the training thread only copies the state to host memory, a
+background thread writes it (TrialCheckpoints).
+"""
 
 from __future__ import annotations
 
+import pickle
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +22,8 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search import attrs
-from search.optuna_private import forget_artifact, replace_artifact
 from storage import DEFAULT_HEARTBEAT_S, default_artifact_dir
+from storage.optuna_private import forget_artifact, replace_artifact
 
 # Seconds of training between two checkpoints of a trial: what a crash can lose at most.
 # No longer than the heartbeat interval, so a retried trial loses less than its grace.
@@ -32,9 +42,10 @@ class CheckpointStore:
     new file replaces the old one atomically, so a crash mid-write leaves the last epoch.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, say: Callable[[str], None] = print):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.say = say  # where a refused checkpoint is reported
         self.artifacts = FileSystemArtifactStore(str(directory))
 
     def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
@@ -72,7 +83,18 @@ class CheckpointStore:
             except ArtifactNotFound:
                 # Written on a machine that does not share this artifact directory.
                 return None
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return self._load_plain_state(path, self.directory / record["artifact_id"])
+
+    def _load_plain_state(self, path: Path, shown_as: Path) -> dict[str, Any] | None:
+        """The state in `path`, loaded with weights_only: tensors, numbers, strings and
+        containers only. Anyone who can write the (shared) artifact folder could otherwise
+        run code in every worker that resumes a trial; such a file is refused instead."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.say(f"refused checkpoint {shown_as}: not a plain state ({reason[:120]})")
+            return None
 
     def discard(self, trial: optuna.Trial) -> None:
         """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for good).
@@ -86,3 +108,74 @@ class CheckpointStore:
         self.artifacts.remove(record["artifact_id"])
         forget_artifact(trial, record["artifact_id"])
         trial.set_user_attr(attrs.CHECKPOINT, None)
+
+
+class TrialCheckpoints:
+    """The checkpoints of one running trial, written off the training thread.
+
+    `offer` after each epoch copies the state to host memory (so later steps cannot change
+    what is written) and hands it to a background thread, at most one write in flight; it
+    does so only once per `interval_s` seconds since the last one, unless forced. Leaving the
+    `with` block waits for the write in flight, so the trial is told, discarded or the process
+    exits only once its checkpoint is on disk. `seconds` is what the training thread spent.
+    """
+
+    def __init__(self, store: CheckpointStore | None, trial: optuna.Trial, interval_s: float):
+        self.store, self.trial, self.interval_s = store, trial, interval_s
+        self.seconds = 0.0
+        self.saved_epochs: list[int] = []
+        self._last = time.monotonic()
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def offer(self, state: Callable[[], dict[str, Any]], force: bool = False) -> bool:
+        """Checkpoint `state()` if forced or an interval has passed; True if it did."""
+        if self.store is None or not (force or time.monotonic() - self._last >= self.interval_s):
+            return False
+        start = time.perf_counter()
+        host_state = to_host(state())
+        self.wait()
+        self._writer = threading.Thread(target=self._write, args=(host_state,), name="checkpoint")
+        self._writer.start()
+        self._last = time.monotonic()
+        self.saved_epochs.append(host_state["epoch"])
+        self.seconds += time.perf_counter() - start
+        return True
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise what it raised."""
+        if self._writer is not None:
+            start = time.perf_counter()
+            self._writer.join()
+            self._writer = None
+            self.seconds += time.perf_counter() - start
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, state: dict[str, Any]) -> None:
+        try:
+            self.store.save(self.trial, state)
+        except BaseException as err:  # raised on the training thread by wait()
+            self._error = err
+
+    def __enter__(self) -> TrialCheckpoints:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.wait()
+            return
+        with suppress(Exception):  # the trial already ends with the first error
+            self.wait()
+
+
+def to_host(state: Any) -> Any:
+    """A copy of `state` in host memory sharing no tensor or list with the running trial."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: to_host(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_host(value) for value in state)
+    return state

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import optuna
 import typer
@@ -46,7 +46,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# One event, one line: a log file or a container's output (not a terminal) is not wrapped.
+console = Console(soft_wrap=not sys.stdout.isatty())
 # Optuna's INFO lines repeat what the progress lines already say.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -118,42 +119,36 @@ SpaceOption = Annotated[
         show_default=DEFAULT_SPACE_NAME,
     ),
 ]
-EpochsOption = Annotated[
-    int | None, typer.Option(min=1, help="Epochs per trial.", show_default=str(DEFAULT_EPOCHS))
-]
+
+
+def study_setting(help: str, default: object, least: int = 1) -> Any:
+    """An optional int study setting: left out, the study's stored value holds (or, for a
+    new study, `default`)."""
+    return Annotated[int | None, typer.Option(min=least, help=help, show_default=str(default))]
+
+
+EpochsOption = study_setting("Epochs per trial.", DEFAULT_EPOCHS)
 DatasetOption = Annotated[Dataset | None, typer.Option(show_default=DATASETS[0])]
 PrunerOption = Annotated[
     Pruner | None,
     typer.Option(help="Prune on validation loss.", show_default=next(iter(PRUNERS))),
 ]
 SeedOption = Annotated[int | None, typer.Option(help="Study seed.", show_default=str(DEFAULT_SEED))]
-HeartbeatOption = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="Seconds between trial heartbeats; a trial silent for twice that is failed and "
-        "retried.",
-        show_default=str(DEFAULT_HEARTBEAT_S),
-    ),
-]
-MinEpochsOption = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="Epochs every trial trains before the pruner may stop it (Hyperband's minimum "
-        "resource): a warm-up or a slow start is not judged on epoch 1.",
-        show_default=str(DEFAULT_MIN_EPOCHS),
-    ),
-]
-CheckpointIntervalOption = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="Seconds of training between a trial's checkpoints (and always on a graceful "
-        "stop): the most a crash can lose.",
-        show_default=str(DEFAULT_CHECKPOINT_INTERVAL_S),
-    ),
-]
+HeartbeatOption = study_setting(
+    "Seconds between trial heartbeats; a trial silent for twice that is failed and retried.",
+    DEFAULT_HEARTBEAT_S,
+)
+MinEpochsOption = study_setting(
+    "Epochs every trial trains before the pruner may stop it (Hyperband's minimum resource): "
+    "a warm-up or a slow start is not judged on epoch 1.",
+    DEFAULT_MIN_EPOCHS,
+)
+CheckpointIntervalOption = study_setting(
+    "Seconds of training between a trial's checkpoints (and always after its last epoch and "
+    "on a graceful stop): the most a crash can lose; 0 checkpoints every epoch.",
+    DEFAULT_CHECKPOINT_INTERVAL_S,
+    least=0,
+)
 StorageRetryOption = Annotated[
     float,
     typer.Option(
@@ -301,7 +296,7 @@ def status(
     with user_errors():
         console.print(
             study_status(storage, study)
-            if study
+            if study is not None
             else studies_table(open_storage(storage, reader=True))
         )
 
@@ -433,8 +428,7 @@ def dashboard(
     warning = exposure_warning(host)
     if warning:
         print(warning, file=sys.stderr)
-    console.print(server.banner(), highlight=False, soft_wrap=True)
-    server.serve()
+    server.serve(on_ready=lambda: console.print(server.banner(), highlight=False, soft_wrap=True))
 
 
 @app.command()

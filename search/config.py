@@ -11,7 +11,6 @@ import yaml
 from data import AugmentConfig
 from model import ModelConfig
 
-SCHEDULERS = ("plateau", "onecycle", "cosine", "step", "constant")
 # Epochs of a trial (and of a config that names none).
 DEFAULT_EPOCHS = 20
 # Sections `hpo best` writes beside the config; `hpo train` reads past them.
@@ -42,6 +41,63 @@ def from_mapping(
     return cls(**raw)
 
 
+# --- schedules: the arguments of each, typed, with their defaults ---------------------------
+
+
+@dataclass(frozen=True)
+class PlateauArgs:
+    """Cut the LR by `factor` after `patience` epochs without a better validation loss."""
+
+    factor: float = 0.1
+    patience: int = 10  # epochs: scales with the run's length
+
+
+@dataclass(frozen=True)
+class OneCycleArgs:
+    pct_start: float = 0.25  # share of the run spent warming up
+
+
+@dataclass(frozen=True)
+class CosineArgs:
+    min_lr_ratio: float = 0.01  # the final LR, as a share of lr
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    step_size: int = 1  # epochs: scales with the run's length
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class ConstantArgs:
+    pass
+
+
+SCHEDULE_ARGS: dict[str, type] = {
+    "plateau": PlateauArgs,
+    "onecycle": OneCycleArgs,
+    "cosine": CosineArgs,
+    "step": StepArgs,
+    "constant": ConstantArgs,
+}
+SCHEDULERS = tuple(SCHEDULE_ARGS)
+# Arguments counted in epochs, and the least each may be once scaled.
+EPOCH_COUNTED_ARGS = {"patience": 0, "step_size": 1}
+
+
+def schedule_args(scheduler: str, raw: Any) -> Any:
+    """The typed arguments of `scheduler` from a mapping; unknown or mistyped keys are errors."""
+    args = from_mapping(SCHEDULE_ARGS[scheduler], raw, f"train.scheduler_args ({scheduler})")
+    for name, value in asdict(args).items():
+        counted = name in EPOCH_COUNTED_ARGS
+        if isinstance(value, bool) or not isinstance(value, int if counted else (int, float)):
+            kind = "an integer" if counted else "a number"
+            raise ConfigError(f"train.scheduler_args.{name}: must be {kind}, got {value!r}")
+        if value < 0 or (not counted and value == 0):
+            raise ConfigError(f"train.scheduler_args.{name}: must be > 0, got {value!r}")
+    return args
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimizer (AdamW), schedule and batch size of one training run."""
@@ -51,8 +107,11 @@ class TrainConfig:
     grad_clip: float = 0.1
     batch_size: int = 256
     epochs: int = DEFAULT_EPOCHS
-    scheduler: str = "plateau"
+    scheduler: str = SCHEDULERS[0]
     scheduler_args: dict[str, float] = field(default_factory=dict)
+    # The LR each epoch of a search trial ran at, for `hpo train` to replay a plateau schedule
+    # (which has no validation loss to watch there); empty in the search itself.
+    lr_by_epoch: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -69,6 +128,35 @@ class TrainConfig:
             raise ConfigError(
                 f"train.scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
             )
+        # Stored complete, so a config file shows every argument its schedule runs with.
+        full = asdict(schedule_args(self.scheduler, self.scheduler_args))
+        object.__setattr__(self, "scheduler_args", full)
+        trace = tuple(self.lr_by_epoch)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in trace):
+            raise ConfigError("train.lr_by_epoch: must be a list of positive numbers")
+        object.__setattr__(self, "lr_by_epoch", tuple(float(v) for v in trace))
+
+    @property
+    def schedule(self) -> Any:
+        """The scheduler's typed arguments (PlateauArgs, StepArgs, ...)."""
+        return schedule_args(self.scheduler, self.scheduler_args)
+
+    def with_epochs(self, epochs: int) -> TrainConfig:
+        """This recipe over `epochs`: arguments counted in epochs scale with the run's length,
+        so a patience tuned over a 20-epoch trial means the same share of a 90-epoch run."""
+        ratio = epochs / self.epochs
+        args = {
+            name: max(EPOCH_COUNTED_ARGS[name], round(value * ratio))
+            if name in EPOCH_COUNTED_ARGS
+            else value
+            for name, value in self.scheduler_args.items()
+        }
+        return replace(self, epochs=epochs, scheduler_args=args)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["lr_by_epoch"] = list(self.lr_by_epoch)
+        return raw
 
 
 @dataclass(frozen=True)
@@ -78,12 +166,12 @@ class TrialConfig:
     augment: AugmentConfig
 
     def with_epochs(self, epochs: int) -> TrialConfig:
-        return replace(self, train=replace(self.train, epochs=epochs))
+        return replace(self, train=self.train.with_epochs(epochs))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),
-            "train": asdict(self.train),
+            "train": self.train.to_dict(),
             "augment": self.augment.to_dict(),
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -48,12 +49,14 @@ class Dashboard:
             f"(artifacts in {self.artifacts}); Ctrl-C stops it"
         )
 
-    def serve(self) -> None:
-        """Serve until Ctrl-C or SIGTERM, then exit 0."""
+    def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Serve until Ctrl-C or SIGTERM, then exit 0. `on_ready` runs once a stop is
+        handled, so whoever reads the banner may stop it at once."""
         # Set, not assumed: a process started in the background inherits SIGINT ignored.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
+            on_ready()
             self.server.serve_forever()
         except KeyboardInterrupt:
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,13 +31,14 @@ def best_document(
     stored = best.user_attrs
     if attrs.CONFIG not in stored:
         raise StudyError(f"trial {best.number} of {study.study_name!r} has no stored config")
-    config = TrialConfig.from_dict(stored[attrs.CONFIG])
+    config = with_lr_trace(TrialConfig.from_dict(stored[attrs.CONFIG]), stored)
     return {
         **config.to_dict(),
+        # All of the scored point: the trial's final epoch (search/objective.py `score`).
         "metrics": {
             "val_loss": best.value,
             "val_acc": stored.get(attrs.VAL_ACC),
-            "epochs_trained": best.last_step,
+            "epoch": best.last_step,
             "images_per_s": stored.get(attrs.IMAGES_PER_S),
             "params": stored.get(attrs.PARAMS),
             "device": stored.get(attrs.DEVICE),
@@ -52,6 +54,15 @@ def best_document(
     }
 
 
+def with_lr_trace(config: TrialConfig, stored: dict[str, Any]) -> TrialConfig:
+    """A plateau config with the LR its trial followed per epoch, for `hpo train` to replay:
+    the final run has no validation loss to watch, and its training loss rarely stalls."""
+    if config.train.scheduler != "plateau":
+        return config
+    trace = tuple(record["lr"] for record in stored.get(attrs.EPOCHS, []) if "lr" in record)
+    return replace(config, train=replace(config.train, lr_by_epoch=trace))
+
+
 def pareto_documents(study: optuna.Study, storage_url: str) -> list[dict[str, Any]]:
     """One document per trial on the accuracy-versus-cost front, cheapest first."""
     front = pareto_front(study.get_trials(deepcopy=False))
@@ -59,7 +70,7 @@ def pareto_documents(study: optuna.Study, storage_url: str) -> list[dict[str, An
         raise StudyError(f"study {study.study_name!r} has no completed trial yet")
     documents = [best_document(study, storage_url, trial) for trial in front]
     for document, trial in zip(documents, front, strict=True):
-        document["metrics"][attrs.TRAIN_GFLOP] = trial_gflop(trial)  # what the front trades
+        document["metrics"][attrs.GFLOPS] = trial_gflop(trial)  # what the front trades
     return documents
 
 

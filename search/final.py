@@ -20,7 +20,7 @@ from data import ImageSet, final_data, load_dataset
 from search import attrs
 from search.checkpoints import artifact_dir
 from search.config import TrialConfig, load_config_file
-from search.cost import parameter_count, train_gflop_per_image
+from search.cost import gflops_per_image, parameter_count
 from search.fleet import GpuSpecError, parse_gpus
 from search.progress import SearchProgress, format_epoch
 from search.run import pick_device, start_run
@@ -56,6 +56,8 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
     devices = seed_devices(request.gpus, progress.say)
+    if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
+        progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
     images = load_dataset(request.dataset, request.data_dir)
     output = request.output_dir
     metrics = train_seeds(cfg, images, range(request.seeds), output, devices, progress.say)
@@ -108,7 +110,7 @@ def train_seeds(
         "train_images": len(images.train_labels),
         "test_images": len(images.test_labels),
         "params": parameter_count(cfg.model),
-        "train_gflop_per_image": train_gflop_per_image(cfg.model, cfg.train.batch_size),
+        "train_gflop_per_image": gflops_per_image(cfg.model),
         "test_acc": mean_std([run["test_acc"] for run in runs]),
         "test_loss": mean_std([run["test_loss"] for run in runs]),
         "seeds": runs,

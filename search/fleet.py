@@ -50,15 +50,19 @@ def parse_gpus(spec: str | None) -> list[str] | None:
     if spec is None:
         return None
     visible = torch.cuda.device_count()
+    if visible == 0:
+        raise GpuSpecError(
+            f"--gpus {spec}: no CUDA GPU is visible here; leave out --gpus to train on the CPU"
+        )
     if spec == "all":
-        if visible == 0:
-            raise GpuSpecError("--gpus all: no CUDA GPU is visible; leave out --gpus for the CPU")
         return [str(i) for i in range(visible)]
     gpus = [part.strip() for part in spec.split(",") if part.strip()]
     if not gpus or not all(gpu.isdigit() for gpu in gpus):
         raise GpuSpecError(f"--gpus {spec!r}: expected 'all' or indices like 0,1,2")
-    if visible and any(int(gpu) >= visible for gpu in gpus):
-        raise GpuSpecError(f"--gpus {spec!r}: this machine has {visible} GPU(s), 0-{visible - 1}")
+    if any(int(gpu) >= visible for gpu in gpus):
+        raise GpuSpecError(
+            f"--gpus {spec}: this machine's GPUs are {', '.join(map(str, range(visible)))}"
+        )
     if len(set(gpus)) != len(gpus):
         raise GpuSpecError(f"--gpus {spec!r}: a GPU is listed twice; use --jobs-per-gpu instead")
     return gpus

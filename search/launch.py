@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ import torch
 
 from data import load_dataset, search_data
 from search.checkpoints import CheckpointStore, artifact_dir
+from search.compile_policy import share_compile_caches
+from search.cost import cost_lines
 from search.dashboard import write_study_note
 from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
 from search.objective import TrialRunner, WorkerInfo
@@ -21,6 +24,7 @@ from search.run import pick_device
 from search.settings import StudySettings
 from search.study import (
     budget,
+    check_study_name,
     create_or_join,
     join,
     join_as_worker,
@@ -29,7 +33,10 @@ from search.study import (
 )
 from search.trainer import DeviceRecipe
 from search.worker import WorkerSummary, run_worker
-from storage import HeartbeatPolicy, has_heartbeat, open_storage
+from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage
+
+# Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
+EXIT_STORAGE_UNAVAILABLE = 75
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,9 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
-    parse_gpus(options.gpus)  # a bad --gpus is refused before anything is stored
+    # Refused before anything is stored.
+    parse_gpus(options.gpus)
+    check_study_name(request.study)
     settings = create_study(request, progress)
     return run_workers(request.study, request.storage, settings, options, progress)
 
@@ -91,14 +100,21 @@ def run_workers(
 ) -> int:
     """Run trials in this process, or one worker process per GPU slot with --gpus."""
     slots = plan_slots(parse_gpus(options.gpus), options.jobs_per_gpu)
-    if len(slots) == 1 and options.gpus is None:
+    if len(slots) > 1 or options.gpus is not None:
+        return run_fleet(study_name, storage_url, slots, options, progress)
+    try:
         run_local_worker(study_name, storage_url, settings, options, progress)
-        return 0
-    return run_fleet(study_name, storage_url, slots, options, progress)
+    except StorageUnavailable as err:
+        # Its running trial stays RUNNING: once the storage is back, its heartbeat is seen to
+        # have stopped and another worker retries it from its checkpoint.
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE_UNAVAILABLE
+    return 0
 
 
 def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
     """Create the study with the request's settings and target, or check and extend it."""
+    check_study_name(request.study)
     storage = open_storage(request.storage)
     settings, created = create_or_join(
         storage, request.study, request.new_settings(), request.trials
@@ -113,6 +129,8 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         f"{verb} study {request.study!r}: space {settings.space_name}, {settings.epochs} epochs, "
         f"{settings.dataset}, pruner {settings.pruner}, target {request.trials} trials"
     )
+    for line in cost_lines(settings, request.trials):
+        progress.say(line)
     return settings
 
 
@@ -130,7 +148,10 @@ def run_local_worker(
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
     worker = this_worker(options.slot)
-    storage = _worker_storage(storage_url, settings)
+    heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)
+    retry = RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
+    # Heartbeats on every storage, so a dead worker's trial is failed and retried.
+    storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, worker.name)
     state = budget(study)
     if state.done and state.running == 0:
@@ -140,6 +161,7 @@ def run_local_worker(
         )
         return None
     stop = install_stop_handlers(progress)
+    share_compile_caches()  # before anything compiles: every worker here reuses the kernels
     recipe = DeviceRecipe.for_device(pick_device(progress.say))
     images = load_dataset(settings.dataset, options.data_dir)
     runner = TrialRunner(
@@ -147,10 +169,13 @@ def run_local_worker(
         data=search_data(images, recipe.device),
         recipe=recipe,
         worker=worker,
-        checkpoints=CheckpointStore(artifact_dir(options.artifact_dir, storage_url)),
+        checkpoints=CheckpointStore(
+            artifact_dir(options.artifact_dir, storage_url), say=progress.say
+        ),
         on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
         stop=stop,
         compile_mode=options.compile,
+        say=progress.say,
     )
 
     def on_trial_end(trial: optuna.trial.FrozenTrial) -> None:
@@ -160,19 +185,12 @@ def run_local_worker(
 
     with progress:
         progress.show_budget(study_name, budget(study), best_summary(study))
-        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s)
+        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)
     final = budget(study)
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
     progress.say(f"{verb}: {final.finished}/{final.target} trials finished; best {best}")
     return summary
-
-
-def _worker_storage(url: str, settings: StudySettings) -> optuna.storages.BaseStorage:
-    """Storages with heartbeats send them, so a dead worker's trial is failed and retried."""
-    if has_heartbeat(url):
-        return open_storage(url, HeartbeatPolicy(interval_s=settings.heartbeat_s))
-    return open_storage(url)
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 
 from data import RunData
 from model import count_parameters
 from search import attrs
-from search.checkpoints import CheckpointStore
+from search.checkpoints import CheckpointStore, TrialCheckpoints
+from search.compile_policy import CompilePolicy
 from search.config import TrialConfig
-from search.cost import train_gflop_per_image
+from search.cost import gflops_per_image, refuse_over_cap
+from search.pruners import next_rung
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
 from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, EpochStats
+from storage import StorageUnavailable
+from storage.optuna_private import original_number
 
 
 class TrialInterrupted(Exception):
@@ -44,49 +53,109 @@ class TrialRunner:
     on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None
     stop: threading.Event | None = None
     compile_mode: str = DEFAULT_COMPILE_MODE
+    say: Callable[[str], None] = print  # warnings for the worker's log
+    # --compile auto: when a trial switches to compiled; learns from this worker's trials.
+    compile_policy: CompilePolicy | None = None
+
+    def __post_init__(self) -> None:
+        # torch imports its compiler on the first optimizer built (seconds): pay that once at
+        # worker start-up, not inside the first trial.
+        import torch._dynamo  # noqa: F401
+
+        if self.compile_policy is None:
+            s = self.settings
+            self.compile_policy = CompilePolicy.for_device(
+                self.recipe.device.type,
+                lambda epoch: next_rung(s.pruner, epoch, s.epochs, s.min_epochs),
+            )
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = sample_config(trial, self.settings.search_space(), self.settings.epochs)
-        run = start_run(
-            cfg,
-            self.data,
-            self.recipe,
-            seed=self.settings.seed + trial.number,
-            compile_mode=self.compile_mode,
-            state=self._checkpoint(trial),
-        )
-        self._describe(trial, cfg, count_parameters(run.trainer.model))
-        self._forget_epochs_past(trial, run.trainer.epoch)
+        clock = PhaseClock()
+        with clock("sample"):
+            space = self.settings.search_space()
+            cfg = sample_config(trial, space, self.settings.epochs)
+        # An over-cap draw ends here, PRUNED, before anything is built (search/cost.py).
+        refuse_over_cap(trial, gflops_per_image(cfg.model), space.max_gflops)
+        with clock("build"):
+            state = self._checkpoint(trial)
+            run = start_run(
+                cfg,
+                self.data,
+                self.recipe,
+                seed=self._seed(trial),
+                compile_mode=self.compile_mode,
+                state=state,
+                compile_policy=self.compile_policy,
+            )
+        with clock("report"):
+            self._describe(trial, cfg, count_parameters(run.trainer.model))
+            history = self._resumed_history(trial, state)
+        checkpoints = TrialCheckpoints(self.checkpoints, trial, self.settings.checkpoint_interval_s)
         try:
-            return self._train(trial, run)
-        except TrialInterrupted:
-            raise  # its retry resumes from the checkpoint
+            with checkpoints:  # leaving it waits for the write in flight
+                return self._train(trial, run, history, checkpoints, clock)
+        except (TrialInterrupted, StorageUnavailable, UpdateFinishedTrialError):
+            raise  # stopped, storage gone, or taken over: its retry resumes from the checkpoint
         except Exception:
             # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
-            if self.checkpoints is not None:
-                self.checkpoints.discard(trial)
+            self._discard_checkpoint(trial)
             raise
+        finally:
+            clock.seconds["checkpoint"] += checkpoints.seconds
+            # Never hides why the trial ended (a storage outage, say).
+            with suppress(Exception):
+                self._summarize(trial, history, clock)
 
-    def _train(self, trial: optuna.Trial, run: Run) -> float:
-        best = float("inf")
+    def _discard_checkpoint(self, trial: optuna.Trial) -> None:
+        """Best effort: a failure here (an outage) must not hide why the trial ended."""
+        if self.checkpoints is None:
+            return
+        try:
+            self.checkpoints.discard(trial)
+        except Exception as err:
+            self.say(f"trial {trial.number}: checkpoint not discarded ({type(err).__name__})")
+
+    def _train(
+        self,
+        trial: optuna.Trial,
+        run: Run,
+        history: list[dict],
+        checkpoints: TrialCheckpoints,
+        clock: PhaseClock,
+    ) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
-            best = min(best, stats.val_loss)
-            self._record_epoch(trial, stats, best)
-            if self.checkpoints is not None:
-                self.checkpoints.save(trial, run.trainer.state_dict())
-            if self.stop is not None and self.stop.is_set():
+            clock.add_epoch(stats)
+            history.append(epoch_record(stats))
+            if self.on_epoch is not None:
+                self.on_epoch(trial, stats)
+            last = stats.epoch == run.trainer.cfg.epochs
+            stopping = self.stop is not None and self.stop.is_set()
+            # Checkpoint (when due) before the report: a crash after the report leaves the
+            # retry its last checkpoint; it reports that, and re-runs the epochs after it.
+            checkpoints.offer(
+                lambda: {**run.trainer.state_dict(), "history": history}, force=last or stopping
+            )
+            with clock("report"):
+                self._record(trial, history, new=1)
+            if stopping:
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
             # After the last epoch there is nothing left to save by pruning.
-            if stats.epoch < run.trainer.cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
-        return best
+            if not last:
+                with clock("prune"):
+                    pruned = trial.should_prune()
+                if pruned:
+                    raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+        return score(history)
+
+    def _seed(self, trial: optuna.Trial) -> int:
+        """Per trial, not per worker history; a retry replays the run it continues, so it is
+        seeded by the first trial of its chain (weights, batches, augmentation, dropout)."""
+        return self.settings.seed + original_number(trial)
 
     def _describe(self, trial: optuna.Trial, cfg: TrialConfig, params: int) -> None:
         trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
         trial.set_user_attr(attrs.ARCHITECTURE, describe_architecture(cfg))
         trial.set_user_attr(attrs.PARAMS, params)
-        gflop = train_gflop_per_image(cfg.model, cfg.train.batch_size)
-        trial.set_user_attr(attrs.TRAIN_GFLOP, gflop)
         trial.set_user_attr(attrs.DEVICE, device_name(self.recipe.device))
         trial.set_user_attr(attrs.HOST, self.worker.host)
         trial.set_user_attr(attrs.GPU, self.worker.gpu)
@@ -99,32 +168,79 @@ class TrialRunner:
             trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, state["epoch"])
         return state
 
-    def _forget_epochs_past(self, trial: optuna.Trial, epoch: int) -> None:
-        """Epochs the failed trial ran past its checkpoint are run (and logged) again."""
-        done = trial.user_attrs.get(attrs.EPOCHS, [])
-        if len(done) > epoch:
-            trial.set_user_attr(attrs.EPOCHS, done[:epoch])
+    def _resumed_history(self, trial: optuna.Trial, state: dict | None) -> list[dict]:
+        """The epochs up to the checkpoint, recorded and reported again where the crashed run
+        had not (epochs it ran past its checkpoint are run again)."""
+        if state is None:
+            return []
+        history = state.get("history") or trial.user_attrs.get(attrs.EPOCHS, [])
+        history = list(history[: state["epoch"]])
+        if history:
+            self._record(trial, history)
+        return history
 
-    def _record_epoch(self, trial: optuna.Trial, stats: EpochStats, best: float) -> None:
-        trial.report(stats.val_loss, stats.epoch)
-        epochs = trial.user_attrs.get(attrs.EPOCHS, [])
-        epochs.append(
-            {
-                "epoch": stats.epoch,
-                "train_loss": round(stats.train_loss, 5),
-                "val_loss": round(stats.val_loss, 5),
-                "val_acc": round(stats.val_acc, 5),
-                "seconds": round(stats.seconds, 3),
-                "images_per_s": round(stats.images_per_s, 1),
-                "compile_seconds": round(stats.compile_seconds, 2),
-            }
-        )
-        trial.set_user_attr(attrs.EPOCHS, epochs)
-        trial.set_user_attr(attrs.BEST_VAL_LOSS, best)
-        trial.set_user_attr(attrs.VAL_ACC, max(e["val_acc"] for e in epochs))
-        trial.set_user_attr(attrs.IMAGES_PER_S, round(stats.images_per_s, 1))
-        if self.on_epoch is not None:
-            self.on_epoch(trial, stats)
+    def _record(self, trial: optuna.Trial, history: list[dict], new: int | None = None) -> None:
+        """Report the last `new` epochs (all if None) to the pruner and keep all as an attr.
+        Each report and attr is a storage transaction: each epoch is reported once."""
+        with warnings.catch_warnings():
+            # A retry inherits the epochs its original reported; Optuna keeps the first value.
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            for record in history[-new if new else 0 :]:
+                trial.report(record["val_loss"], record["epoch"])
+        trial.set_user_attr(attrs.EPOCHS, history)
+
+    def _summarize(self, trial: optuna.Trial, history: list[dict], clock: PhaseClock) -> None:
+        """The attrs read once a trial has ended, written once (each is a transaction)."""
+        with clock("report"):
+            if history:
+                trial.set_user_attr(attrs.BEST_VAL_LOSS, min(r["val_loss"] for r in history))
+                trial.set_user_attr(attrs.VAL_ACC, history[-1]["val_acc"])
+                trial.set_user_attr(attrs.IMAGES_PER_S, history[-1]["images_per_s"])
+        trial.set_user_attr(attrs.SECONDS, clock.rounded())
+
+
+class PhaseClock:
+    """Seconds a trial spends in each phase (attrs.TRIAL_PHASES), kept as an attribute so
+    `hpo status`, the dashboard and bench/study.py see where a study's time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def add_epoch(self, stats: EpochStats) -> None:
+        self.seconds["train"] += stats.train_seconds
+        self.seconds["eval"] += stats.eval_seconds
+        self.seconds["compile"] += stats.compile_seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(self.seconds[phase], 4) for phase in attrs.TRIAL_PHASES}
+
+
+def epoch_record(stats: EpochStats) -> dict:
+    """One epoch as the trial keeps it (in its attrs and its checkpoint)."""
+    return {
+        "epoch": stats.epoch,
+        "train_loss": round(stats.train_loss, 5),
+        "val_loss": stats.val_loss,  # unrounded: the trial's score may be this value
+        "val_acc": round(stats.val_acc, 5),
+        "lr": stats.start_lr,  # what `hpo train` replays for a plateau schedule
+        "seconds": round(stats.seconds, 3),
+        "images_per_s": round(stats.images_per_s, 1),
+        "compile_seconds": round(stats.compile_seconds, 2),
+    }
+
+
+def score(history: list[dict]) -> float:
+    """A trial's value: the validation loss of its final epoch, the weights `hpo train`
+    reproduces; the lowest over epochs would favour a loss that dipped and then overfit."""
+    return history[-1]["val_loss"]
 
 
 def describe_architecture(cfg: TrialConfig) -> str:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from search import attrs
+from search.cost import is_over_cap
 from search.study import Budget
 from search.trainer import EpochStats
 
@@ -69,7 +70,8 @@ def format_epoch(label: str, stats: EpochStats, epochs: int) -> str:
     )
     compiled = f"  (compile {stats.compile_seconds:.1f}s)" if stats.compile_seconds else ""
     return (
-        f"{label} epoch {stats.epoch:>3}/{epochs}  train {stats.train_loss:.4f}  {val}  "
+        f"{label} epoch {stats.epoch:>3}/{epochs}  lr {stats.start_lr:.2e}  "
+        f"train {stats.train_loss:.4f}  {val}  "
         f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
     )
 
@@ -83,6 +85,9 @@ def best_summary(study: optuna.Study) -> str:
 
 
 def _ending(trial: FrozenTrial) -> str:
+    if is_over_cap(trial):
+        gflops = trial.user_attrs.get(attrs.GFLOPS, 0)
+        return f"skipped untrained: {gflops:.3g} GFLOP per image is over the space's max_gflops"
     if trial.state == TrialState.COMPLETE:
         acc = trial.user_attrs.get(attrs.VAL_ACC, 0)
         return f"complete  val_loss {trial.value:.4f}  acc {acc:.2%}"

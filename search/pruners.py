@@ -8,10 +8,14 @@ import optuna
 
 # Epochs every trial trains before a pruner may stop it (Hyperband's minimum resource).
 DEFAULT_MIN_EPOCHS = 3
+# Hyperband's rungs grow by this factor (Optuna's default, stated so next_rung can use it).
+HYPERBAND_REDUCTION_FACTOR = 3
 
 
 def _hyperband(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=min_epochs, max_resource=epochs, reduction_factor=HYPERBAND_REDUCTION_FACTOR
+    )
 
 
 def _median(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
@@ -35,3 +39,19 @@ def build_pruner(
     name: str, epochs: int, min_epochs: int = DEFAULT_MIN_EPOCHS
 ) -> optuna.pruners.BasePruner:
     return PRUNERS[name](epochs, min(min_epochs, epochs))
+
+
+def next_rung(name: str, epoch: int, epochs: int, min_epochs: int = DEFAULT_MIN_EPOCHS) -> int:
+    """The first epoch after `epoch` at which the named pruner may stop a trial; `epochs` if
+    none. Every Hyperband bracket judges only at min_epochs * 3**k; the median pruner judges
+    every epoch after its warm-up."""
+    min_epochs = min(min_epochs, epochs)
+    if name == "hyperband":
+        rung = min_epochs
+        while rung <= epoch:
+            rung *= HYPERBAND_REDUCTION_FACTOR
+    elif name == "median":
+        rung = max(min_epochs, epoch + 1)
+    else:
+        rung = epochs
+    return min(rung, epochs)

@@ -10,6 +10,7 @@ import torch
 
 from data import DeviceLoader, RunData
 from model import build_model
+from search.compile_policy import CompilePolicy
 from search.config import TrialConfig
 from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, Trainer
 
@@ -28,6 +29,7 @@ def start_run(
     seed: int,
     compile_mode: str = DEFAULT_COMPILE_MODE,
     state: dict[str, Any] | None = None,
+    compile_policy: CompilePolicy | None = None,
 ) -> Run:
     """Model, loaders and Trainer for `cfg`; resumed from `state` (a checkpoint) if given.
 
@@ -44,7 +46,9 @@ def start_run(
         epoch=epoch,
         channels_last=recipe.channels_last,
     )
-    trainer = Trainer(model, cfg.train, len(train), recipe, compile_mode)
+    trainer = Trainer(
+        model, cfg.train, len(train), recipe, compile_mode, compile_policy=compile_policy
+    )
     if state is not None:
         trainer.load_state_dict(state)
     return Run(trainer=trainer, train=train, held_out=held_out)

@@ -12,16 +12,12 @@ import optuna
 import yaml
 
 from data import AugmentConfig
-from model import REPORT_TABLE1, ModelConfig
+from model import REPORT_TABLE1, ModelConfig, train_flops_per_image
 from search.config import SCHEDULERS, TrainConfig, TrialConfig
 
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
 MAX_POOLINGS = int(math.log2(IMAGE_SIZE))
-
-
-# The report's 1028 channels lie off the default space's width step of 16; that is intended.
-warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
 
 class SpaceError(ValueError):
@@ -36,7 +32,7 @@ class SearchSpace:
     blocks: tuple[int, int]  # K, per backbone
     layers: tuple[int, int]  # M, ConvLayers per block, per backbone
     width: tuple[int, int]  # output channels of each ConvLayer
-    width_step: int
+    width_step: int | None  # None: log scale (Optuna allows no step there)
     kernel_size: tuple[int, ...]
     dropout: tuple[float, float]
     lr: tuple[float, float]  # log scale
@@ -45,16 +41,19 @@ class SearchSpace:
     batch_size: tuple[int, ...]
     schedulers: tuple[str, ...]
     augment: AugmentConfig
+    # Train FLOPs per image (GFLOP) above which a draw is skipped untrained (search/cost.py).
+    max_gflops: float
 
     def __post_init__(self) -> None:
         for name in ("backbones", "blocks", "layers", "width", "dropout", "lr"):
             low, high = getattr(self, name)
             if not low <= high:
                 raise SpaceError(f"{name}: low must be <= high, got [{low}, {high}]")
-        for name in ("backbones", "blocks", "layers", "width", "width_step"):
-            values = getattr(self, name)
-            if min(values if isinstance(values, tuple) else (values,)) < 1:
-                raise SpaceError(f"{name}: must be >= 1, got {values}")
+        for name in ("backbones", "blocks", "layers", "width"):
+            if min(getattr(self, name)) < 1:
+                raise SpaceError(f"{name}: must be >= 1, got {list(getattr(self, name))}")
+        if self.width_step is not None and self.width_step < 1:
+            raise SpaceError(f"width_step: must be >= 1 (null: log scale), got {self.width_step}")
         if self.backbones[0] * self.layers[0] > MAX_POOLINGS:
             raise SpaceError(
                 f"layers: {self.backbones[0]} backbones x {self.layers[0]} layers pool a "
@@ -77,6 +76,24 @@ class SearchSpace:
             raise SpaceError(
                 f"kernel_size: needs odd positive choices, got {list(self.kernel_size)}"
             )
+        cheapest = train_flops_per_image(self.cheapest_model()) / 1e9
+        if not self.max_gflops >= cheapest:  # also refuses NaN
+            raise SpaceError(
+                f"max_gflops: {self.max_gflops} is below the cheapest network of this space "
+                f"({cheapest:.3g} GFLOP per image): no draw could train"
+            )
+
+    def cheapest_model(self) -> ModelConfig:
+        """The network of every range's low end: cost grows with each range."""
+        chains, width_in = [], 3
+        for _ in range(self.backbones[0]):
+            chains.append([width_in] + [self.width[0]] * self.layers[0])
+            width_in = self.width[0]
+        return ModelConfig(
+            channels=chains,
+            blocks=[self.blocks[0]] * self.backbones[0],
+            kernel_size=min(self.kernel_size),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -94,8 +111,9 @@ DEFAULT_SPACE = SearchSpace(
     backbones=(1, 3),
     blocks=(1, 4),
     layers=(1, 3),
-    width=(16, 1024),
-    width_step=16,
+    # Log scale from 32; up to the report's widest layer, so Table 1 is inside the space.
+    width=(32, REPORT_TABLE1.channels[-1][-1]),
+    width_step=None,
     kernel_size=(3, 5),
     dropout=(0.0, 0.5),
     lr=(1e-4, 1e-2),
@@ -104,6 +122,9 @@ DEFAULT_SPACE = SearchSpace(
     batch_size=(128, 256, 512),
     schedulers=SCHEDULERS,
     augment=AugmentConfig(crop_padding=4, flip=True, rotation_degrees=5.0),
+    # ~6x Table 1 (4.1 GFLOP): skips the ~4% of draws that would take a third of the GPU
+    # time, leaving a mean near Table 1's cost (docs/BENCHMARKS.md, "Search space cost").
+    max_gflops=25.0,
 )
 
 TINY_SPACE = replace(
@@ -112,7 +133,6 @@ TINY_SPACE = replace(
     blocks=(1, 2),
     layers=(1, 2),
     width=(4, 16),
-    width_step=4,
     kernel_size=(3,),
     dropout=(0.0, 0.3),
     lr=(1e-3, 3e-2),
@@ -167,6 +187,8 @@ def _override(base: SearchSpace, raw: dict[str, Any]) -> SearchSpace:
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
+    if key == "width_step":  # null: log scale
+        return None if value is None else _as(int, value)
     if isinstance(current, AugmentConfig):
         return AugmentConfig.from_dict({**current.to_dict(), **(value or {})})
     if isinstance(current, tuple):
@@ -214,7 +236,7 @@ def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
         n_layers = trial.suggest_int(f"layers_{i}", space.layers[0], min(space.layers[1], room))
         chain = [in_width]
         for j in range(1, n_layers + 1):
-            chain.append(trial.suggest_int(f"width_{i}_{j}", *space.width, step=space.width_step))
+            chain.append(_suggest_width(trial, f"width_{i}_{j}", space))
         channels.append(chain)
         in_width, poolings = chain[-1], poolings + n_layers
     return ModelConfig(
@@ -223,6 +245,13 @@ def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
         kernel_size=trial.suggest_categorical("kernel_size", space.kernel_size),
         dropout=trial.suggest_float("dropout", *space.dropout),
     )
+
+
+def _suggest_width(trial: optuna.Trial, name: str, space: SearchSpace) -> int:
+    # A width is a scale parameter: 32 -> 64 matters as much as 512 -> 1024.
+    if space.width_step is None:
+        return trial.suggest_int(name, *space.width, log=True)
+    return trial.suggest_int(name, *space.width, step=space.width_step)
 
 
 def _sample_train(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrainConfig:

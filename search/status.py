@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
 import optuna
 from optuna.trial import TrialState
@@ -11,10 +12,11 @@ from rich.table import Table
 
 from search import attrs
 from search.compare import rich_table
-from search.optuna_private import stale_trial_numbers
+from search.cost import format_duration, is_over_cap, study_pace
 from search.progress import best_summary
 from search.study import budget, join, load_settings
 from storage import HeartbeatPolicy, open_storage
+from storage.optuna_private import stale_trial_numbers
 
 
 def study_status(storage_url: str, name: str) -> Group:
@@ -40,7 +42,10 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
         ),
     )
     summary.add_row("not started", str(state.waiting))
+    summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
+    summary.add_row("pace", pace_line(trials, state.finished, state.target))
     summary.add_row("best", best_summary(study))
+    summary.add_row("trial time", time_by_phase(trials))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
@@ -68,6 +73,16 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
     return Group(*shown, table)
 
 
+def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int) -> str:
+    if not any(t.datetime_start for t in trials):
+        return "no trial started yet"
+    pace = study_pace(trials, finished, target, datetime.now())
+    if pace.per_hour is None:
+        return f"elapsed {format_duration(pace.elapsed_s)}; no trial finished yet, no ETA"
+    eta = "done" if finished >= target else f"ETA {format_duration(pace.eta_s or 0)}"
+    return f"elapsed {format_duration(pace.elapsed_s)}, {pace.per_hour:.1f} trials/h, {eta}"
+
+
 def studies_table(storage: optuna.storages.BaseStorage) -> Table:
     table = Table(title="studies", title_justify="left")
     for column in ("study", "trials", "best value"):
@@ -78,3 +93,16 @@ def studies_table(storage: optuna.storages.BaseStorage) -> Table:
             summary.study_name, str(summary.n_trials), f"{best.value:.4f}" if best else "-"
         )
     return table
+
+
+def time_by_phase(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """Where the finished trials' time went, from their `seconds` attribute (attrs.SECONDS)."""
+    totals = Counter()
+    for trial in trials:
+        if trial.state.is_finished():
+            totals.update(trial.user_attrs.get(attrs.SECONDS) or {})
+    whole = sum(totals.values())
+    if not whole:
+        return "-"
+    shares = ", ".join(f"{phase} {totals[phase] / whole:.1%}" for phase in attrs.TRIAL_PHASES)
+    return f"{whole:,.0f} s: {shares}"

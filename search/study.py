@@ -3,10 +3,12 @@
 The budget is a queue of WAITING trials ("tickets"). A worker only runs a trial it claimed
 from the queue (claiming is atomic in every Optuna storage). Tickets are ranked by trial
 number; only the first N (the target) count, so workers together never run more than N,
-and a retry of a crashed trial takes its place instead of adding one. The queue is kept
-TICKET_WINDOW tickets ahead of the workers rather than filled with all N at once: Optuna
-re-reads every unfinished trial on each get_trials, so N waiting tickets would make every
-claim, pruner call and progress line cost O(N) (docs/BENCHMARKS.md).
+and a retry of a crashed trial takes its place instead of adding one. A draw over the
+space's cost cap (search/cost.py) is no trial of the budget: it leaves the ranking, and the
+next ticket, or a new one, takes its place. The queue is kept TICKET_WINDOW tickets ahead of
+the workers rather than filled with all N at once: Optuna re-reads every unfinished trial on
+each get_trials, so N waiting tickets would make every claim, pruner call and progress line
+cost O(N) (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
-from search.optuna_private import claim_waiting_trial, retried_numbers, retry_of
+from search.cost import is_over_cap
 from search.settings import METRIC_NAME, StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
+from storage.optuna_private import claim_waiting_trial, retried_numbers, retry_of
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16
@@ -38,7 +41,7 @@ class StudyError(ValueError):
 @dataclass(frozen=True)
 class Budget:
     target: int
-    finished: int  # complete + pruned + failed and not retried
+    finished: int  # complete + pruned + failed and not retried; over-cap draws are not trials
     running: int
     waiting: int  # not started yet: queued, or not yet made
 
@@ -47,10 +50,18 @@ class Budget:
         return self.finished >= self.target
 
 
+def check_study_name(name: str) -> str:
+    """A study name a user can type back and read in a log: non-empty and printable."""
+    if not name.strip() or not name.isprintable():
+        raise StudyError(f"study name {name!r}: must be non-empty and printable")
+    return name
+
+
 def create_or_join(
     storage: optuna.storages.BaseStorage, name: str, settings: StudySettings, target: int
 ) -> tuple[StudySettings, bool]:
     """Create study `name` with `settings` and `target` tickets, or read the existing one's."""
+    check_study_name(name)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
@@ -79,6 +90,7 @@ def join(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
+    check_study_name(name)
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -157,7 +169,7 @@ def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
     Workers topping up at once may make a few too many: those rank past the target, are
     never claimed or counted, and wait in case the target is raised.
     """
-    fresh = [t for t in trials if not _is_retry(t)]
+    fresh = [t for t in trials if _is_ticket(t)]
     queued = sum(t.state == TrialState.WAITING for t in fresh)
     count = max(0, min(TICKET_WINDOW - queued, target - len(fresh)))
     _add_tickets(study, count, [])
@@ -173,11 +185,20 @@ def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
 def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
     """The trials that fill the budget: each of the first `target` tickets, or its retry."""
     retried = retried_numbers(trials)
-    fresh = sorted(t.number for t in trials if not _is_retry(t))
+    fresh = sorted(t.number for t in trials if _is_ticket(t))
     in_budget = set(fresh[:target])
     return [
-        t for t in trials if t.number not in retried and (_is_retry(t) or t.number in in_budget)
+        t
+        for t in trials
+        if t.number not in retried
+        and not is_over_cap(t)
+        and (_is_retry(t) or t.number in in_budget)
     ]
+
+
+def _is_ticket(trial: FrozenTrial) -> bool:
+    """A fresh trial that holds a place in the budget: not a retry, not an over-cap draw."""
+    return not _is_retry(trial) and not is_over_cap(trial)
 
 
 def _is_retry(trial: FrozenTrial) -> bool:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import BackboneNet, train_step_flops
+from search.compile_policy import CompilePolicy
 from search.config import TrainConfig
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -51,8 +52,11 @@ class EpochStats:
     val_acc: float | None
     seconds: float
     images_per_s: float  # training images per second, less the step that compiled
-    lr: float
+    lr: float  # after the epoch's schedule step: the next epoch's (starting) LR
+    start_lr: float  # the LR the epoch started with
     compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
+    train_seconds: float = 0.0  # training steps, less compiling
+    eval_seconds: float = 0.0  # validation, less compiling
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,11 @@ class DeviceRecipe:
 class Trainer:
     """Trains ``model`` with ``cfg`` on ``recipe``'s device.
 
-    compile_mode: "auto" compiles on CUDA and runs eagerly elsewhere (a cold compile costs
-    a CPU as much time as tens of thousands of training images); "on" compiles anywhere;
-    "off" never. compile_seconds says how long compiling took.
+    compile_mode: "auto" with a ``compile_policy`` (a search trial) starts eager and switches
+    to compiled after the first epoch at which the policy says compiling pays; "auto" without
+    one (final training: long) compiles on CUDA from the start and runs eagerly elsewhere (a
+    cold compile costs a CPU as much time as tens of thousands of training images); "on"
+    compiles anywhere; "off" never. compile_seconds says how long compiling took.
     fused_blocks: run each backbone's K blocks as one grouped stack; None = yes (faster on
     GPUs, no slower on CPUs). Ignored for models without the option.
     """
@@ -97,6 +103,7 @@ class Trainer:
         recipe: DeviceRecipe,
         compile_mode: str = DEFAULT_COMPILE_MODE,
         fused_blocks: bool | None = None,
+        compile_policy: CompilePolicy | None = None,
     ):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -118,43 +125,74 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # the steps expect no gradients left over
         self.scheduler = _build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.epoch = 0
-        self.compiled = compile_mode == "on" or (
-            compile_mode == "auto" and self.device.type == "cuda"
-        )
+        # Decides, epoch by epoch, whether an eager run switches to compiled ("auto" only).
+        self.compile_policy = compile_policy if compile_mode == "auto" else None
+        self.compiled = False
         # Compiled function -> (seconds, images) of its first call, where torch compiles it.
         self._first_calls: dict[str, tuple[float, int]] = {}
         self._train_loss: Callable[..., torch.Tensor] = _train_loss
         self._eval_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _eval_sums
+        self._eager_images_per_s: float | None = None  # the last eager epoch's, to learn from
+        long_run = compile_mode == "auto" and compile_policy is None and self.device.type == "cuda"
+        if compile_mode == "on" or long_run:
+            self.start_compiling()
+
+    def start_compiling(self) -> None:
+        """Run the following steps compiled. The module, its parameters and the optimizer are
+        the same objects either way, so this may happen between any two epochs."""
         if self.compiled:
-            mode = _compile_mode(model, cfg.batch_size, self.device)
-            _forget_other_models(model, mode)
-            self._train_loss = _CompiledForOneShape(_train_loss, mode)
-            self._eval_sums = _CompiledForOneShape(_eval_sums, mode)
+            return
+        mode = _compile_mode(self.model, self.cfg.batch_size, self.device)
+        _forget_other_models(self.model, mode)
+        self._train_loss = _CompiledForOneShape(_train_loss, mode)
+        self._eval_sums = _CompiledForOneShape(_eval_sums, mode)
+        self.compiled = True
 
     def fit(self, train: Batches, val: Batches | None) -> Iterator[EpochStats]:
         """Train up to cfg.epochs, yielding after each epoch (the caller may stop early)."""
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
+            start_lr = self.optimizer.param_groups[0]["lr"]
             compiled_before = set(self._first_calls)
             train_loss, images = self.train_epoch(train)
             train_seconds = time.perf_counter() - start
             val_loss, val_acc = self.evaluate(val) if val is not None else (None, None)
+            eval_seconds = time.perf_counter() - start - train_seconds
             self._end_epoch(val_loss if val_loss is not None else train_loss)
             compiled = {k: v for k, v in self._first_calls.items() if k not in compiled_before}
             # The step that compiled says nothing about speed: leave it out where others ran.
             first_seconds, first_images = compiled.get("train", (0.0, 0))
+            rate_images, rate_seconds = images, train_seconds
             if images > first_images:
-                images, train_seconds = images - first_images, train_seconds - first_seconds
-            yield EpochStats(
+                rate_images, rate_seconds = images - first_images, train_seconds - first_seconds
+            stats = EpochStats(
                 epoch=self.epoch,
                 train_loss=train_loss,
                 val_loss=val_loss,
                 val_acc=val_acc,
                 seconds=time.perf_counter() - start,
-                images_per_s=images / train_seconds,
+                images_per_s=rate_images / rate_seconds,
                 lr=self.optimizer.param_groups[0]["lr"],
+                start_lr=start_lr,
                 compile_seconds=sum(seconds for seconds, _ in compiled.values()),
+                train_seconds=train_seconds - first_seconds,
+                eval_seconds=eval_seconds - compiled.get("eval", (0.0, 0))[0],
             )
+            self._consult_policy(stats, learn=images > first_images)
+            yield stats
+
+    def _consult_policy(self, stats: EpochStats, learn: bool) -> None:
+        """Switch to compiled once it pays; after the first compiled epoch, tell the policy
+        what compiling cost and gained, for this worker's later trials."""
+        policy = self.compile_policy
+        if policy is None:
+            return
+        if not self.compiled:
+            self._eager_images_per_s = stats.images_per_s
+            if policy.pays(stats.epoch, stats.seconds, self.cfg.epochs):
+                self.start_compiling()
+        elif stats.compile_seconds and learn and self._eager_images_per_s:
+            policy.learn(stats.compile_seconds, stats.images_per_s / self._eager_images_per_s)
 
     def train_epoch(self, batches: Batches) -> tuple[float, int]:
         """One pass over ``batches``; returns the mean training loss and the images seen."""
@@ -229,10 +267,10 @@ class Trainer:
 
     def _end_epoch(self, monitored_loss: float) -> None:
         self.epoch += 1
-        if self.cfg.scheduler == "plateau":
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(monitored_loss)
-        elif self.cfg.scheduler == "step":
-            self.scheduler.step()
+        elif self.scheduler is not None and self.cfg.scheduler not in PER_STEP_SCHEDULERS:
+            self.scheduler.step()  # step, or a replayed plateau
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -353,22 +391,34 @@ def _set_rng_state(device: torch.device, state: dict[str, torch.Tensor]) -> None
 def _build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> Any:
-    args = cfg.scheduler_args
+    args = cfg.schedule
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.scheduler == "plateau" and cfg.lr_by_epoch:
+        return _replay(optimizer, cfg)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=args.get("factor", 0.1), patience=int(args.get("patience", 10))
+            optimizer, factor=args.factor, patience=args.patience
         )
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=args.get("pct_start", 0.25)
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=args.pct_start
         )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total_steps, eta_min=cfg.lr * args.get("min_lr_ratio", 0.01)
+            optimizer, T_max=total_steps, eta_min=cfg.lr * args.min_lr_ratio
         )
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=int(args.get("step_size", 1)), gamma=args.get("gamma", 0.1)
+            optimizer, step_size=args.step_size, gamma=args.gamma
         )
     return None
+
+
+def _replay(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    """The LR a search trial followed, epoch by epoch, stretched over this run's epochs."""
+    trace = cfg.lr_by_epoch
+
+    def factor(epoch: int) -> float:
+        return trace[min(len(trace) - 1, epoch * len(trace) // cfg.epochs)] / cfg.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

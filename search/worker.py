@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.objective import TrialInterrupted, TrialRunner
-from search.optuna_private import has_heartbeat, heartbeat
 from search.study import budget, claim_trial, fail_stale_trials
+from storage import StorageUnavailable
+from storage.optuna_private import has_heartbeat, heartbeat
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
@@ -35,12 +37,14 @@ def run_worker(
     stop: threading.Event,
     on_trial_end: Callable[[FrozenTrial], None] | None = None,
     timeout_s: float | None = None,
+    say: Callable[[str], None] = print,
 ) -> WorkerSummary:
     """Run trials until the study's queue is empty and nothing is running, a stop, or timeout.
 
     A worker with nothing to claim while others still run waits for them: a trial whose
     worker dies is failed by its heartbeat and re-queued, and someone must run the retry.
-    Journal storages have no heartbeat, so there a worker with nothing to claim exits.
+    Every storage has heartbeats; a study opened without them exits when nothing is left
+    to claim. StorageUnavailable (an outage past the retry limit) is raised to the caller.
     """
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -56,31 +60,69 @@ def run_worker(
                 break
             stop.wait(IDLE_POLL_S)
             continue
-        finished = run_trial(study, trial, runner)
+        finished = run_trial(study, trial, runner, say)
         summary.ran += 1
-        if on_trial_end is not None:
+        if on_trial_end is not None and finished is not None:
             on_trial_end(finished)
     summary.interrupted = stop.is_set()
     return summary
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> FrozenTrial:
-    """Run one claimed trial to a final state; only a bug in this loop escapes."""
-    with heartbeat(study, trial):
-        try:
-            value = runner(trial)
-        except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
-        except TrialInterrupted as stop:
-            trial.set_user_attr(attrs.FAIL_REASON, f"interrupted: {stop}")
-            failed = study.tell(trial, state=TrialState.FAIL)
-            requeue(study, failed)
-            return failed
-        except Exception as err:  # one bad config (OOM, NaN, bug in it) must not stop the worker
-            trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
-            _free_memory()
-            return study.tell(trial, state=TrialState.FAIL)
-    return study.tell(trial, value)
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    runner: TrialRunner,
+    say: Callable[[str], None] = print,
+) -> FrozenTrial | None:
+    """Run one claimed trial to a final state; None if another worker took it over.
+
+    Only StorageUnavailable and a bug in this loop escape. After an outage longer than the
+    heartbeat grace, another worker may have failed and re-queued this trial: its retry
+    resumes from the checkpoint, and this copy is dropped.
+    """
+    try:
+        with heartbeat(study, trial):
+            return _run_and_tell(study, trial, runner)
+    except UpdateFinishedTrialError:
+        say(
+            f"trial {trial.number} was failed and re-queued by another worker (its heartbeat "
+            "looked stale, as after a long storage outage); dropping this copy"
+        )
+        return None
+
+
+def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> FrozenTrial:
+    try:
+        value = runner(trial)
+    except (StorageUnavailable, UpdateFinishedTrialError):
+        raise  # not the trial's fault: it stays as it is, for its retry
+    except optuna.TrialPruned:
+        return _tell(study, trial, state=TrialState.PRUNED)
+    except TrialInterrupted as stop:
+        trial.set_user_attr(attrs.FAIL_REASON, f"interrupted: {stop}")
+        failed = _tell(study, trial, state=TrialState.FAIL)
+        requeue(study, failed)
+        return failed
+    except Exception as err:  # one bad config (OOM, NaN, bug in it) must not stop the worker
+        trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
+        _free_memory()
+        return _tell(study, trial, state=TrialState.FAIL)
+    return _tell(study, trial, value)
+
+
+def _tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    value: float | None = None,
+    state: TrialState | None = None,
+) -> FrozenTrial:
+    """study.tell; UpdateFinishedTrialError when another worker finished the trial first."""
+    try:
+        return study.tell(trial, value, state=state)
+    except ValueError:  # "Cannot tell a FAIL trial", or a value Optuna refuses
+        if trial.number in {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}:
+            raise
+        raise UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere") from None
 
 
 def requeue(study: optuna.Study, failed: FrozenTrial) -> None:

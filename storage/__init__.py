@@ -1,15 +1,13 @@
 """Storage URL -> Optuna storage: SQLite tuned for local processes, pooled servers, journals.
 
 This room answers every storage fact: which backend a URL names, which file a SQLite URL
-names, where artifacts go by default, which backends have heartbeats, the heartbeat default.
+names, where artifacts go by default, which backends have heartbeats, the heartbeat default,
+how long a worker waits out an outage.
 """
 
-from storage._open import (
-    DEFAULT_HEARTBEAT_S,
-    DEFAULT_STORAGE_RETRY_S,
-    HeartbeatPolicy,
-    open_storage,
-)
+from storage._heartbeat import DEFAULT_HEARTBEAT_S, HeartbeatPolicy
+from storage._open import open_storage
+from storage._retry import DEFAULT_STORAGE_RETRY_S, RetryPolicy, StorageUnavailable
 from storage._urls import (
     DEFAULT_STORAGE_URL,
     StorageURLError,
@@ -25,7 +23,9 @@ __all__ = [
     "DEFAULT_STORAGE_RETRY_S",
     "DEFAULT_STORAGE_URL",
     "HeartbeatPolicy",
+    "RetryPolicy",
     "StorageURLError",
+    "StorageUnavailable",
     "backend_of",
     "default_artifact_dir",
     "has_heartbeat",

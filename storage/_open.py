@@ -6,20 +6,22 @@ import sqlite3
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import optuna
 import sqlalchemy.engine
 import sqlalchemy.event
 import sqlalchemy.exc
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
+from optuna.storages import RDBStorage
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
+from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
+from storage._retry import RetryPolicy, with_retries
 from storage._urls import (
     StorageURLError,
     backend_of,
     journal_file_path,
     redact_url,
+    scrub,
     sqlite_file,
 )
 
@@ -29,47 +31,35 @@ SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
-# Seconds between a running trial's heartbeats, unless a study sets its own.
-DEFAULT_HEARTBEAT_S = 60
-# Seconds a worker waits out a database it lost (a restart, a fail-over) before giving up.
-DEFAULT_STORAGE_RETRY_S = 300.0
-
-
-@dataclass(frozen=True)
-class HeartbeatPolicy:
-    """Heartbeat of running trials; a trial silent for `grace_s` is failed and retried."""
-
-    interval_s: int = DEFAULT_HEARTBEAT_S
-    max_retry: int = 3
-
-    @property
-    def grace_s(self) -> int:
-        return 2 * self.interval_s
+# Storage classes of a worker: every call waits out a lost connection (storage/_retry.py).
+RetryingRDBStorage = with_retries(RDBStorage)
+RetryingJournalStorage = with_retries(HeartbeatJournalStorage)
 
 
 def open_storage(
-    url: str, heartbeat: HeartbeatPolicy | None = None, reader: bool = False
+    url: str,
+    heartbeat: HeartbeatPolicy | None = None,
+    reader: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> optuna.storages.BaseStorage:
     """Open the storage a URL names. Raises StorageURLError with a printable message.
 
+    `heartbeat`: running trials send heartbeats, and silent ones are failed and retried.
     `reader` is for tools that only look (status, dashboard, report): on SQLite they do
-    not take the write lock, so they never make a worker wait.
+    not take the write lock, so they never make a worker wait. `retry`: every call waits
+    out a lost connection (workers); without it an outage raises at once.
     """
     backend = backend_of(url)
     try:
-        if backend == "journal-file":
-            return JournalStorage(JournalFileBackend(journal_file_path(url)))
-        if backend == "journal-redis":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return JournalStorage(JournalRedisBackend(url))
-        return _open_rdb(url, backend, heartbeat, reader)
+        if backend.startswith("journal"):
+            return _open_journal(url, backend, heartbeat, retry)
+        return _open_rdb(url, backend, heartbeat, reader, retry)
     except StorageURLError:
         raise
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StorageURLError(
-            f"cannot open storage {redact_url(url)!r}: {reason.replace(url, redact_url(url))}"
+            f"cannot open storage {redact_url(url)!r}: {scrub(reason, url)}"
         ) from err
     except Exception as err:  # redis and DB drivers raise their own connection errors
         raise StorageURLError(
@@ -77,8 +67,27 @@ def open_storage(
         ) from err
 
 
+def _open_journal(
+    url: str, backend: str, heartbeat: HeartbeatPolicy | None, retry: RetryPolicy | None
+) -> HeartbeatJournalStorage:
+    log: BaseJournalBackend
+    if backend == "journal-file":
+        log = JournalFileBackend(journal_file_path(url))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            log = JournalRedisBackend(url)
+    if retry is None:
+        return HeartbeatJournalStorage(log, heartbeat)
+    return RetryingJournalStorage(log, heartbeat, retry=retry)
+
+
 def _open_rdb(
-    url: str, backend: str, heartbeat: HeartbeatPolicy | None, reader: bool
+    url: str,
+    backend: str,
+    heartbeat: HeartbeatPolicy | None,
+    reader: bool,
+    retry: RetryPolicy | None,
 ) -> RDBStorage:
     if backend == "sqlite":
         if reader:
@@ -89,7 +98,7 @@ def _open_rdb(
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
         engine_kwargs = dict(SERVER_POOL)
-    storage = _create_schema_once(lambda: _rdb_storage(url, engine_kwargs, heartbeat))
+    storage = _create_schema_once(lambda: _rdb_storage(url, engine_kwargs, heartbeat, retry))
     if backend == "sqlite" and not reader:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage
@@ -109,20 +118,21 @@ def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
     return open_rdb()
 
 
-def _rdb_storage(url: str, engine_kwargs: dict, heartbeat: HeartbeatPolicy | None) -> RDBStorage:
-    if heartbeat is None:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
+def _rdb_storage(
+    url: str, engine_kwargs: dict, heartbeat: HeartbeatPolicy | None, retry: RetryPolicy | None
+) -> RDBStorage:
+    kwargs: dict = {"engine_kwargs": engine_kwargs}
+    if retry is not None:
+        kwargs["retry"] = retry
+    if heartbeat is not None:
+        kwargs.update(
             heartbeat_interval=heartbeat.interval_s,
             grace_period=heartbeat.grace_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=heartbeat.max_retry, inherit_intermediate_values=True
-            ),
+            heartbeat_stale_trial_callback=heartbeat.stale_trial_callback(),
         )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return (RDBStorage if retry is None else RetryingRDBStorage)(url, **kwargs)
 
 
 def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:

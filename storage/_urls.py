@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy.engine
 import sqlalchemy.exc
@@ -11,11 +11,14 @@ import sqlalchemy.exc
 DEFAULT_STORAGE_URL = "sqlite:///hpo.db"
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-# Optuna's heartbeat (and so crash recovery) exists on its RDB storage only.
-HEARTBEAT_BACKENDS = RDB_SCHEMES
+# Every backend has heartbeats (so crash recovery): Optuna's on RDB, storage/_heartbeat.py's
+# on the journals.
+HEARTBEAT_BACKENDS = (*RDB_SCHEMES, "journal-file", "journal-redis")
 ARTIFACT_DIR_NAME = "hpo-artifacts"
 JOURNAL_FILE_PREFIX = "journal://"
 REDIS_SCHEMES = ("redis", "rediss")
+# Query parameters that carry a secret in SQLAlchemy and redis URLs.
+SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword")
 
 
 class StorageURLError(ValueError):
@@ -23,15 +26,21 @@ class StorageURLError(ValueError):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs, errors and exports."""
+    """The URL with any password (user:PASSWORD@ or ?password=) replaced by ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(key.lower() in SECRET_QUERY_KEYS for key, _ in pairs)
+    if parts.password is None and not secret_query:
+        return url  # unparsed: urlunsplit would turn sqlite:/// into sqlite:/
+    if secret_query:
+        query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    return urlunsplit(parts)
 
 
 def backend_of(url: str) -> str:
@@ -79,3 +88,14 @@ def default_artifact_dir(url: str) -> Path:
 def has_heartbeat(url: str) -> bool:
     """Whether a worker on this storage sends heartbeats, so a dead worker's trial is retried."""
     return backend_of(url) in HEARTBEAT_BACKENDS
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message, a log line) with the URL's secrets replaced by ***."""
+    text = text.replace(url, redact_url(url))
+    parts = urlsplit(url)
+    secrets = [parts.password] if parts.password else []
+    secrets += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_QUERY_KEYS and v]
+    for secret in secrets:
+        text = text.replace(unquote(secret), "***").replace(secret, "***")
+    return text

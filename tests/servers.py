@@ -1,30 +1,45 @@
-"""The real servers the tests talk to; skipped where absent, required in CI."""
+"""The real servers the tests talk to: skipped only where a server does not answer (a
+failure in CI, where .ci/run starts them); the test database is created when missing."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import redis
 import sqlalchemy
 
 PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
+DATABASE = "hpo_test"
 SERVERS = {
-    "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/hpo_test",
-    "mysql": "mysql+pymysql://root@127.0.0.1:3306/hpo_test",
+    "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{DATABASE}",
+    "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{DATABASE}",
     "redis": "redis://127.0.0.1:6379/15",
 }
+# The database each server has before ours exists, to connect to while creating it.
+ADMIN_DATABASE = {"postgresql": "postgres", "mysql": ""}
+# Where the suite runs in CI (.ci/run sets it): a missing server is a failure there.
+IN_CI = os.environ.get("CI") == "true"
 
 
 def server_url(kind: str) -> str:
-    """The server's URL once it answers; a skip (a failure in CI) when it does not."""
+    """The server's URL, its test database created if needed; a skip when it does not answer."""
     url = SERVERS[kind]
     try:
         _ping(kind, url)
-    except Exception as err:
-        if os.environ.get("CI") == "true":
+    except (redis.ConnectionError, sqlalchemy.exc.OperationalError) as err:
+        if IN_CI:
             pytest.fail(f"{kind} must be running in CI: {type(err).__name__}: {err}")
         pytest.skip(f"no {kind} server at {url.split('@')[-1]}")
+    if kind != "redis":
+        _create_database(kind, url)
     return url
 
 
@@ -32,5 +47,129 @@ def _ping(kind: str, url: str) -> None:
     if kind == "redis":
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
         return
-    with sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2}).connect():
+    admin = sqlalchemy.engine.make_url(url).set(database=ADMIN_DATABASE[kind])
+    with sqlalchemy.create_engine(admin, connect_args={"connect_timeout": 2}).connect():
         pass
+
+
+def _create_database(kind: str, url: str) -> None:
+    admin = sqlalchemy.engine.make_url(url).set(database=ADMIN_DATABASE[kind])
+    # CREATE DATABASE cannot run inside a transaction on PostgreSQL.
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        if kind == "mysql":
+            connection.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+            return
+        exists = connection.exec_driver_sql(
+            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
+        ).scalar()
+        if not exists:
+            connection.exec_driver_sql(f"CREATE DATABASE {DATABASE}")
+    engine.dispose()
+
+
+class OwnServer:
+    """A server of the test's own on a free port, which the test may stop and start again.
+
+    Never the shared servers above: stopping those would break every other test running.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+
+    def wait_until_up(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_up():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{type(self).__name__} did not start on port {self.port}")
+            time.sleep(0.1)
+
+    def is_up(self) -> bool:
+        raise NotImplementedError
+
+
+class OwnPostgres(OwnServer):
+    """initdb in a temporary folder; as root, run as the `postgres` user (it refuses root)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            _missing("PostgreSQL binaries (initdb) in /usr/lib/postgresql/*/bin")
+        self.bin = Path(found[-1]).parent
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+        self._run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres",
+                  "--no-sync")  # fmt: skip
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "log"),
+                  "-o", options, "-w", "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+
+    def is_up(self) -> bool:
+        return _connects(self.url)
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120, cwd=self.folder)
+
+
+class OwnRedis(OwnServer):
+    """redis-server with an append-only file, so the journal survives a stop and start."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        if shutil.which("redis-server") is None:
+            _missing("redis-server")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--daemonize", "yes", "--logfile", str(self.folder / "log")],
+            check=True, timeout=60,
+        )  # fmt: skip
+        self.wait_until_up()
+
+    def stop(self) -> None:
+        # SHUTDOWN answers by closing the connection; the server is gone once it stops answering.
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            redis.Redis(port=self.port).shutdown()
+        deadline = time.monotonic() + 30
+        while self.is_up() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def is_up(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=1).ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _connects(url: str) -> bool:
+    try:
+        _ping("postgresql", url)
+    except Exception:
+        return False
+    return True
+
+
+def _missing(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} must be installed in CI")
+    pytest.skip(f"{what} not installed")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import optuna
+import pytest
 import torch
 from optuna.trial import TrialState
 
-from search.checkpoints import CheckpointStore
+from data import load_dataset, search_data
+from search.checkpoints import CheckpointStore, to_host
+from search.objective import TrialInterrupted, TrialRunner, WorkerInfo
+from search.settings import StudySettings
+from search.trainer import DeviceRecipe
 from search.worker import requeue
 from storage import open_storage
 
@@ -67,3 +75,64 @@ def test_a_pruned_trial_drops_its_checkpoint_but_not_an_inherited_one(tmp_path: 
 
 def checkpoint_files(tmp_path: Path) -> list[Path]:
     return [p for p in (tmp_path / "artifacts").iterdir() if p.is_file()]
+
+
+class RecordingStore(CheckpointStore):
+    """The real store, noting the epoch of every checkpoint it writes."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self.epochs: list[int] = []
+
+    def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
+        super().save(trial, state)
+        self.epochs.append(state["epoch"])
+
+
+def run_one_trial(tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int = 0) -> Any:
+    """A 3-epoch tiny trial through the objective; `stop_after` N: a stop after epoch N."""
+    settings = StudySettings.for_space(
+        "tiny", epochs=3, dataset="synthetic", pruner="none", checkpoint_interval_s=interval_s
+    )
+    stop = threading.Event()
+    recipe = DeviceRecipe.for_device("cpu")
+    runner = TrialRunner(
+        settings=settings,
+        data=search_data(load_dataset("synthetic", data_dir), recipe.device),
+        recipe=recipe,
+        worker=WorkerInfo("test", "host", "cpu"),
+        checkpoints=RecordingStore(tmp_path / "artifacts"),
+        on_epoch=lambda _, stats: stop.set() if stats.epoch == stop_after else None,
+        stop=stop,
+    )
+    trial = optuna.create_study().ask()
+    with suppress(TrialInterrupted):
+        runner(trial)
+    return runner.checkpoints.epochs, trial
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "stop_after", "written"),
+    [(3600, 0, [3]), (0, 0, [1, 2, 3]), (3600, 1, [2])],
+    ids=["interval-then-last-epoch", "every-epoch", "on-stop"],
+)
+def test_a_trial_checkpoints_once_per_interval_and_at_its_last_epoch_or_stop(
+    tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int, written: list[int]
+) -> None:
+    epochs, trial = run_one_trial(tmp_path, data_dir, interval_s, stop_after)
+    assert epochs == written
+    # Written (and recorded) before the objective returned: the trial may be told now.
+    assert trial.user_attrs["checkpoint"]["epoch"] == written[-1]
+    phases = trial.user_attrs["seconds"]
+    assert phases["train"] > 0 and phases["checkpoint"] > 0
+
+
+def test_the_host_copy_shares_nothing_with_the_training_state() -> None:
+    weights = torch.zeros(3)
+    history = [{"epoch": 1}]
+    state = {"model": {"w": weights}, "history": history, "rng": (torch.ones(2),)}
+    copy = to_host(state)
+    weights += 1  # the next optimizer step, in place
+    history.append({"epoch": 2})
+    assert torch.equal(copy["model"]["w"], torch.zeros(3))
+    assert copy["history"] == [{"epoch": 1}] and isinstance(copy["rng"], tuple)

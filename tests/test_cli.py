@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from search import attrs
 from search.checkpoints import artifact_dir
 from search.config import TrialConfig
-from search.cost import train_gflop_per_image
+from search.cost import gflops_per_image
 from search.study import budget
 from storage import open_storage
 
@@ -41,8 +41,8 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     # Every trial records what it costs to train, and the objective has its name.
     for trial in complete:
         cfg = TrialConfig.from_dict(trial.user_attrs[attrs.CONFIG])
-        gflop = train_gflop_per_image(cfg.model, cfg.train.batch_size)
-        assert trial.user_attrs[attrs.TRAIN_GFLOP] == gflop > 0
+        gflop = float(f"{gflops_per_image(cfg.model):.4g}")
+        assert trial.user_attrs[attrs.GFLOPS] == gflop > 0
     assert load(hpo_env, "demo").metric_names == ["validation loss"]
 
     status = run_hpo("status", "--study", "demo", env=hpo_env, cwd=tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -24,12 +23,14 @@ import pytest
 from conftest import HPO, run_hpo, tiny_start
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
+from servers import IN_CI
 from typer.testing import CliRunner
 
 from model import build_model, count_parameters
+from search import attrs
 from search.checkpoints import CheckpointStore, artifact_dir
 from search.cli import app
-from search.cost import train_gflop_per_image
+from search.cost import gflops_per_image
 from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
 from search.objective import describe_architecture
 from search.settings import StudySettings
@@ -90,9 +91,7 @@ def _tell_trial(
     trial.set_user_attr("config", cfg.to_dict())
     trial.set_user_attr("architecture", describe_architecture(cfg))
     trial.set_user_attr("params", count_parameters(build_model(cfg.model)))
-    trial.set_user_attr(
-        "train_gflop_per_image", train_gflop_per_image(cfg.model, cfg.train.batch_size)
-    )
+    trial.set_user_attr(attrs.GFLOPS, gflops_per_image(cfg.model))
     trial.set_user_attr("gpu", "cpu")
     trial.set_user_attr("host", "test")
     if state == TrialState.FAIL:
@@ -114,7 +113,7 @@ def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
-    if os.environ.get("CI"):
+    if IN_CI:
         pytest.fail("chromium is missing in CI (.ci/run installs Debian's chromium package)")
     pytest.skip("chromium is not installed (apt-get install -y chromium)")
 
@@ -241,7 +240,7 @@ def test_dashboard_polling_beside_a_running_worker_locks_nothing(
         poller = Poller(served, "live")
         poller.start()
         worker = run_hpo(*tiny_start("live", 2), env=hpo_env, cwd=tmp_path)
-        poller.stop()
+        poller.stop_once_finished(2)
     output = worker.stdout + worker.stderr
     assert worker.returncode == 0, output
     assert "database is locked" not in output and "Traceback" not in output
@@ -260,6 +259,7 @@ class Poller(threading.Thread):
         super().__init__(daemon=True)
         self.served, self.study = served, study
         self.halt = threading.Event()
+        self.target, self.reached = 0, threading.Event()
         self.reads, self.last_finished = 0, 0
         self.errors: list[str] = []
 
@@ -278,10 +278,13 @@ class Poller(threading.Thread):
             return
         trials = self.served.get(f"/api/studies/{study_id}")["trials"]
         self.last_finished = sum(t["state"] in ("Complete", "Pruned", "Fail") for t in trials)
+        if self.target and self.last_finished >= self.target:
+            self.reached.set()
 
-    def stop(self) -> None:
-        # The dashboard caches a study's trials for 2 s: one more read sees the last state.
-        time.sleep(2.5)
+    def stop_once_finished(self, trials: int) -> None:
+        """Stop after a read shows `trials` finished (the dashboard caches for 2 s)."""
+        self.target = trials
+        self.reached.wait(timeout=60)
         self.halt.set()
         self.join(timeout=60)
 

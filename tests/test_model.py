@@ -18,6 +18,7 @@ from model import (
     ModelConfigError,
     build_model,
     count_parameters,
+    train_flops_per_image,
     train_step_flops,
 )
 from model.layers import ConvLayer
@@ -321,3 +322,20 @@ def test_train_step_flops_leaves_the_model_alone() -> None:
     assert all(p.grad is None for p in model.parameters())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        REPORT_TABLE1,
+        SMALL,
+        ModelConfig(channels=[[3, 8]], blocks=[1]),  # K = 1: no batched gated sum
+        ModelConfig(channels=[[3, 8], [8, 8, 16], [16, 12]], blocks=[1, 2, 4], kernel_size=5),
+        ModelConfig(channels=[[3, 40, 7, 9, 11, 13]], blocks=[3], num_classes=7),  # to 1x1
+    ],
+    ids=["table1", "small", "N1K1", "N3K124", "M5"],
+)
+def test_closed_form_flops_per_image_match_the_traced_count(cfg: ModelConfig) -> None:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert train_flops_per_image(cfg) * 2 == train_step_flops(model, batch_size=2)

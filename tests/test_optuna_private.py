@@ -1,8 +1,10 @@
 """Every private Optuna name this project uses, imported and exercised here, so an Optuna
-upgrade that moves one fails this file first, by name (search/optuna_private.py uses them)."""
+upgrade that moves one fails this file first, by name (storage/optuna_private.py uses them)."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
 import warnings
 from pathlib import Path
@@ -11,12 +13,15 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX  # noqa: F401  (the import is the test)
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, _CachedStorage
+from optuna.storages._heartbeat import BaseHeartbeat as OptunaBaseHeartbeat
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
 from optuna.trial import TrialState
 
-from search import optuna_private
-from storage import HeartbeatPolicy, open_storage
+from search.study import fail_stale_trials
+from storage import HeartbeatPolicy, open_storage, optuna_private
+from storage import has_heartbeat as has_heartbeat_url
+from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, Heartbeat
 
 HEARTBEAT_OUTSIDE_OPTIMIZE = "ignore:Heartbeat of storage is supposed to be used"
 
@@ -84,3 +89,35 @@ def test_forgetting_and_replacing_an_artifact(tmp_path: Path) -> None:
     optuna_private.forget_artifact(trial, artifact_id)
     listing = study.get_trials()[0].system_attrs[ARTIFACTS_ATTR_PREFIX + artifact_id]
     assert listing == "null"
+
+
+def test_the_private_names_storage_uses(tmp_path: Path) -> None:
+    """The heartbeat base class, its stale-trial query, and the RDBStorage methods Optuna's
+    cache calls (a retry that missed one would not cover it)."""
+    assert issubclass(Heartbeat, OptunaBaseHeartbeat)
+    assert STALE_TRIAL_IDS in OptunaBaseHeartbeat.__abstractmethods__
+    assert STALE_TRIAL_IDS in vars(Heartbeat)  # answered through stale_trial_ids
+    cache_calls = set(re.findall(r"self\._backend\.(_\w+)\(", inspect.getsource(_CachedStorage)))
+    assert cache_calls == {*RDB_CACHE_CALLS, STALE_TRIAL_IDS}
+    assert all(callable(getattr(RDBStorage, name)) for name in RDB_CACHE_CALLS)
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_journal_trials_send_heartbeats_and_go_stale(tmp_path: Path) -> None:
+    url = f"journal://{tmp_path / 'j.log'}"
+    assert has_heartbeat_url(url)
+    study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
+    assert optuna_private.has_heartbeat(study)
+    trial = study.ask()
+    with optuna_private.heartbeat(study, trial):
+        pass  # one heartbeat, then silence
+    assert optuna_private.stale_trial_numbers(study) == set()  # within its 2 s grace
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+    # Failed and re-queued by the next stale check, as on the RDB storage.
+    fail_stale_trials(study)
+    retry = study.get_trials()[-1]
+    assert study.get_trials()[0].state == TrialState.FAIL
+    assert retry.state == TrialState.WAITING and optuna_private.retry_of(retry) == trial.number

@@ -13,6 +13,7 @@ from conftest import run_hpo
 from test_dashboard import chromium, make_study, render, visible_text
 from typer.testing import CliRunner
 
+from search import attrs
 from search.cli import app
 from search.config import TrialConfig
 from search.report import PAGE_NAME, PLOTS, ReportError, write_report
@@ -106,7 +107,7 @@ def test_report_marks_the_pareto_front_and_best_exports_it(tmp_path: Path) -> No
     # The front, worked out here by its definition: no other complete trial is at least as
     # accurate for at most the same GFLOP (an exact twin: the lower trial number stands).
     def point(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
-        return t.user_attrs["train_gflop_per_image"], t.user_attrs["val_acc"]
+        return t.user_attrs[attrs.GFLOPS], t.user_attrs["val_acc"]
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
@@ -135,4 +136,4 @@ def test_report_marks_the_pareto_front_and_best_exports_it(tmp_path: Path) -> No
     assert [d["source"]["trial"] for d in documents] == [t.number for t in front]
     for document, trial in zip(documents, front, strict=True):
         assert TrialConfig.from_dict(document).to_dict() == trial.user_attrs["config"]
-        assert document["metrics"]["train_gflop_per_image"] == point(trial)[0]
+        assert document["metrics"][attrs.GFLOPS] == point(trial)[0]

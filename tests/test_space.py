@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
@@ -9,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from model import REPORT_TABLE1, build_model
+from model import REPORT_TABLE1, build_model, train_flops_per_image
 from search.config import ConfigError, TrialConfig, load_config_file
 from search.space import (
     BUILTIN_SPACES,
@@ -46,18 +47,24 @@ def test_default_configs_build_and_run_a_forward_pass_on_the_meta_device() -> No
             logits = build_model(cfg.model)(torch.empty(2, 3, 32, 32))
         assert logits.shape == (2, 10)
         assert sum(len(chain) - 1 for chain in cfg.model.channels) <= MAX_POOLINGS
-        assert all(w % 16 == 0 for chain in cfg.model.channels for w in chain[1:])
+    widths = [w for cfg in configs for chain in cfg.model.channels for w in chain[1:]]
+    low, high = BUILTIN_SPACES["default"].width
+    assert low <= min(widths) and max(widths) <= high
+    # Log scale: about half the widths under the range's geometric middle (uniform: 15%).
+    assert 0.35 < sum(w < math.sqrt(low * high) for w in widths) / len(widths) < 0.65
     schedulers = {cfg.train.scheduler for cfg in configs}
     assert schedulers == {"plateau", "onecycle", "cosine", "step", "constant"}
     assert {cfg.model.n_backbones for cfg in configs} == {1, 2, 3}
 
 
-@pytest.mark.filterwarnings("ignore:Fixed parameter width_1_2 with value 1028")
-def test_the_first_trial_of_a_default_study_is_table1() -> None:
+@pytest.mark.filterwarnings("error")  # e.g. Optuna's "Fixed parameter ... is out of range"
+def test_the_first_trial_of_a_default_study_is_table1_inside_the_space() -> None:
     study = optuna.create_study()
     study.enqueue_trial(report_table1_params())
-    cfg = sample_config(study.ask(), BUILTIN_SPACES["default"], epochs=90)
+    space = BUILTIN_SPACES["default"]
+    cfg = sample_config(study.ask(), space, epochs=90)
     assert cfg.model == REPORT_TABLE1
+    assert train_flops_per_image(cfg.model) / 1e9 <= space.max_gflops
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-3, 1e-4, 0.1)
     assert cfg.train.scheduler == "plateau"
 
@@ -83,6 +90,10 @@ def test_a_space_file_overrides_ranges_of_its_base(tmp_path: Path) -> None:
         ("base: huge\n", "base"),
         ("colour: [1, 2]\n", "colour"),
         ("width: [a, b\n", "not valid YAML"),
+        ("max_gflops: 0.0001\n", "max_gflops: 0.0001 is below the cheapest network"),
+        ("max_gflops: -1\n", "max_gflops"),
+        ("max_gflops: [1]\n", "max_gflops"),
+        ("width_step: 0\n", "width_step"),
     ],
 )
 def test_a_bad_space_file_names_the_problem(tmp_path: Path, text: str, named: str) -> None:

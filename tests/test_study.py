@@ -6,10 +6,12 @@ import multiprocessing
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from servers import server_url
 
+from search.cost import refuse_over_cap
 from search.launch import StudyRequest
 from search.settings import SettingsConflict
 from search.space import report_table1_params
@@ -108,6 +110,26 @@ def test_a_retry_replaces_the_failed_trial_in_the_budget(tmp_path: Path) -> None
     retry = claim_trial(study)
     assert retry.params == failed.params
     assert study.get_trials()[retry.number].intermediate_values == {1: 0.5}
+
+
+def test_an_over_cap_draw_leaves_the_budget_and_a_new_ticket_takes_its_place(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'a.db'}")
+    create_or_join(storage, "s", tiny_settings(), 2)
+    study = join(storage, "s")
+    skipped = claim_trial(study)
+    with pytest.raises(optuna.TrialPruned):
+        refuse_over_cap(skipped, gflops=2.0, max_gflops=1.0)
+    study.tell(skipped, state=TrialState.PRUNED)  # as the worker tells it
+    state = budget(study)
+    assert (state.finished, state.running, state.waiting) == (0, 0, 2)
+    numbers = []
+    while (trial := claim_trial(study)) is not None:
+        numbers.append(trial.number)
+        study.tell(trial, 1.0)
+    assert numbers == [1, 2] and budget(study).done  # ticket 2 was made for the skipped one
+    assert len(study.trials) == 3
 
 
 def claim_all(url: str, name: str, claimed: multiprocessing.Queue) -> None:

@@ -11,7 +11,9 @@ from torch._dynamo.utils import counters
 
 from data import AugmentConfig, DeviceLoader
 from model import BackboneNet, ModelConfig, build_model
+from search.compile_policy import CompilePolicy
 from search.config import TrainConfig
+from search.pruners import next_rung
 from search.trainer import DeviceRecipe, DivergedError, Trainer
 
 CPU = torch.device("cpu")
@@ -252,7 +254,10 @@ def test_compiled_training_matches_eager() -> None:
     compiled = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="on")
     val = batches(1, size=5) + batches(1, size=3)  # a partial last batch runs eagerly
     want = list(eager.fit(batches(3), val))
+    before = counters["stats"]["unique_graphs"]
     got = list(compiled.fit(batches(3), val))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # dynamo captured the steps: this run really compiled
     assert got[0].compile_seconds > 0 and got[1].compile_seconds == 0
     assert compiled.compile_seconds == got[0].compile_seconds
     for g, w in zip(got, want, strict=True):
@@ -261,7 +266,49 @@ def test_compiled_training_matches_eager() -> None:
     assert list(compiled.state_dict()["model"]) == list(eager.state_dict()["model"])
 
     # The next trial of the same architecture reuses the compiled code: no new graphs.
-    graphs = counters["stats"]["unique_graphs"]
     again = Trainer(build_model(base), replace(cfg, epochs=1), 3, RECIPE, compile_mode="on")
     next(again.fit(batches(3), val))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+# --- compile auto: only when it pays ------------------------------------------------------------
+
+
+def test_auto_switches_to_compiled_mid_run_when_told_it_pays() -> None:
+    # The model, batches and shapes of test_compiled_training_matches_eager: its kernels are
+    # in inductor's cache by now. Told that compiling is free and doubles the speed, `auto`
+    # runs epoch 1 eagerly (it needs an eager epoch time) and compiles from epoch 2.
+    cfg = TrainConfig(epochs=2, grad_clip=0.0, scheduler="constant")
+    base = replace(TINY, dropout=0.0)
+    believer = CompilePolicy(next_rung=lambda epoch: 100, compile_s=0.0, speedup=2.0)
+    torch.manual_seed(0)
+    eager = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="off")
+    torch.manual_seed(0)
+    auto = Trainer(build_model(base), cfg, 3, RECIPE, compile_mode="auto", compile_policy=believer)
+    val = batches(1, size=5) + batches(1, size=3)
+    want = list(eager.fit(batches(3), val))
+    got = list(auto.fit(batches(3), val))
+    assert auto.compiled and got[0].compile_seconds == 0 and got[1].compile_seconds > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.train_loss == pytest.approx(w.train_loss, rel=2e-2)
+        assert g.val_loss == pytest.approx(w.val_loss, rel=2e-2)
+    # The worker's policy now holds what compiling cost and gained here, for its next trials.
+    assert believer.compile_s == got[1].compile_seconds and believer.speedup != 2.0
+
+
+def test_auto_never_compiles_a_trial_that_cannot_break_even() -> None:
+    # Hyperband from epoch 1, 6 epochs: rungs at 1, 3, 6 (the end); at most 3 sure epochs.
+    def rung(epoch: int) -> int:
+        return next_rung("hyperband", epoch, epochs=6, min_epochs=1)
+
+    assert [rung(epoch) for epoch in range(6)] == [1, 3, 3, 6, 6, 6]
+    policy = CompilePolicy(next_rung=rung, compile_s=10.0, speedup=2.0)
+    # Break-even after epoch 3: 3 sure epochs x t x (1 - 1/2) > 10 s needs t > 6.67 s.
+    assert not policy.pays(3, eager_epoch_s=6.6, epochs=6)
+    assert policy.pays(3, eager_epoch_s=6.7, epochs=6)
+    assert not policy.pays(6, eager_epoch_s=1e6, epochs=6)  # nothing left to speed up
+    # This trial's epochs take milliseconds: it never reaches 10 s of savings.
+    trainer = trainer_for(TrainConfig(epochs=6), compile_mode="auto", compile_policy=policy)
+    stats = list(trainer.fit(batches(2), batches(1)))
+    assert len(stats) == 6 and not trainer.compiled
+    assert all(s.compile_seconds == 0 for s in stats)

@@ -80,9 +80,12 @@ def test_workers_on_one_study_stop_at_exactly_n(
     env = {**hpo_env, "HPO_STORAGE": url}
     study = f"w-{uuid.uuid4().hex[:8]}"
     create(env, tmp_path, study, trials, micro_space)
-    outputs = finish([spawn_worker(env, tmp_path, study) for _ in range(workers)])
+    spawned = [spawn_worker(env, tmp_path, study) for _ in range(workers)]
+    outputs = finish(spawned)
     result = assert_exactly(optuna.load_study(study_name=study, storage=open_storage(url)), trials)
-    assert len({t.user_attrs["worker"] for t in result}) >= 2, "the workers did not share"
+    # Which worker wins which trial is the scheduler's business; each trial names its own.
+    names = {f"pid{worker.pid}" for worker in spawned}
+    assert {t.user_attrs["worker"].split("/")[-1] for t in result} <= names
     for extra in (["status", "--study", study], ["best", "--study", study]):
         shown = run_hpo(*extra, env=env, cwd=tmp_path)
         assert shown.returncode == 0, shown.stderr
@@ -102,8 +105,9 @@ def test_start_with_jobs_per_gpu_runs_four_workers_on_sqlite(
     assert "all workers done" in result.stdout
     study = optuna.load_study(study_name="fleet", storage=open_storage(hpo_env["HPO_STORAGE"]))
     trials = assert_exactly(study, 8)
-    assert len({t.user_attrs["worker"] for t in trials}) >= 2
-    assert all(t.user_attrs["worker"].split("/")[-1].startswith("slot") for t in trials)
+    slots = {f"slot{i}" for i in range(4)}
+    assert {t.user_attrs["worker"].split("/")[-1] for t in trials} <= slots
+    assert all(f"worker{i}| " in result.stdout for i in range(4))  # all four ran
 
 
 def wait_for_checkpoint(study: optuna.Study, epoch: int, timeout: float = 120) -> FrozenTrial:
@@ -117,25 +121,40 @@ def wait_for_checkpoint(study: optuna.Study, epoch: int, timeout: float = 120) -
     raise AssertionError(f"no trial checkpointed epoch {epoch} within {timeout} s")
 
 
-def long_trials_study(env: dict, cwd: Path, micro_space: Path) -> optuna.Study:
+def wait_for_report(study: optuna.Study, epoch: int, timeout: float = 120) -> FrozenTrial:
+    """The running trial once it has reported `epoch`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            if epoch in trial.intermediate_values:
+                return trial
+        time.sleep(0.1)
+    raise AssertionError(f"no trial reported epoch {epoch} within {timeout} s")
+
+
+def long_trials_study(
+    env: dict, cwd: Path, micro_space: Path, *extra: str, name: str = "long"
+) -> optuna.Study:
     """Two trials of 12 epochs, heartbeat 1 s: long enough to interrupt one mid-way."""
     result = run_hpo(
-        "create", "--study", "long", "--trials", "2", "--space", str(micro_space),
+        "create", "--study", name, "--trials", "2", "--space", str(micro_space),
         "--dataset", "synthetic", "--epochs", "12", "--pruner", "none", "--heartbeat", "1",
-        env=env, cwd=cwd,
+        *extra, env=env, cwd=cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    return optuna.load_study(study_name="long", storage=open_storage(env["HPO_STORAGE"]))
+    return optuna.load_study(study_name=name, storage=open_storage(env["HPO_STORAGE"]))
 
 
-def assert_resumed(study: optuna.Study, failed_number: int, epoch: int, output: str) -> None:
+def assert_resumed(study: optuna.Study, failed_number: int, seen_epoch: int, output: str) -> None:
     trials = study.get_trials()
     failed = trials[failed_number]
     assert failed.state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == failed_number)
     assert retry.state == TrialState.COMPLETE
     assert retry.params == failed.params
-    assert retry.user_attrs["resumed_from_epoch"] == epoch
+    # At least the checkpoint seen before the stop; a later one may have landed since.
+    epoch = retry.user_attrs["resumed_from_epoch"]
+    assert epoch >= seen_epoch
     assert sorted(retry.intermediate_values) == list(range(1, 13))
     # The retry trained only the epochs after the checkpoint.
     assert f"trial {retry.number:>4} epoch {epoch + 1:>3}/12" in output
@@ -144,17 +163,24 @@ def assert_resumed(study: optuna.Study, failed_number: int, epoch: int, output: 
     assert (state.finished, state.target, state.running, state.waiting) == (2, 2, 0, 0)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "redis"])
 def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
-    hpo_env: dict, tmp_path: Path, micro_space: Path
+    backend: str, hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
-    study = long_trials_study(hpo_env, tmp_path, micro_space)
-    victim = spawn_worker(hpo_env, tmp_path, "long")
+    if backend != "sqlite":
+        url = f"journal://{tmp_path / 'hpo.log'}" if backend == "journal" else server_url("redis")
+        hpo_env = {**hpo_env, "HPO_STORAGE": url}
+    name = f"long-{uuid.uuid4().hex[:8]}"  # the shared Redis outlives the test
+    study = long_trials_study(
+        hpo_env, tmp_path, micro_space, "--checkpoint-interval", "0", name=name
+    )
+    victim = spawn_worker(hpo_env, tmp_path, name)
     running = wait_for_checkpoint(study, epoch=2)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
 
-    survivor = spawn_worker(hpo_env, tmp_path, "long")
+    survivor = spawn_worker(hpo_env, tmp_path, name)
     output = finish([survivor])[0]
     assert_resumed(study, running.number, epoch, output)
 
@@ -162,9 +188,11 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
 def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
+    # The default interval (60 s) writes no checkpoint before the stop: the stop writes one.
     study = long_trials_study(hpo_env, tmp_path, micro_space)
     worker = spawn_worker(hpo_env, tmp_path, "long")
-    running = wait_for_checkpoint(study, epoch=1)
+    running = wait_for_report(study, epoch=1)
+    assert running.user_attrs.get("checkpoint") is None
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=60)[0]
     assert worker.returncode == 0, output

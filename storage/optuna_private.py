@@ -1,7 +1,9 @@
 """Every use of a private Optuna name, in this one module.
 
-Each function stands in for a public API Optuna lacks; its comment names the gap. An Optuna
-upgrade that moves one of these names fails tests/test_optuna_private.py first, by name.
+Each stands in for a public API Optuna lacks; its comment names the gap. It sits in storage/
+so that both storage/ (heartbeats, retries) and search/ (claims, stale trials, artifacts) can
+use it; tests/test_optuna_private.py imports and exercises every name, so an Optuna upgrade
+that moves one fails there first, by name.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 # System attributes RetryHeartbeatStaleTrialCallback writes on a retry. Its public readers
@@ -62,8 +63,8 @@ def stale_trial_numbers(study: optuna.Study) -> set[int]:
 
     Missing API: `optuna.storages.fail_stale_trials` fails them; nothing public lists them.
     """
-    storage = getattr(study._storage, "_backend", study._storage)  # _CachedStorage wraps RDB
-    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+    storage = study._storage  # RDB behind Optuna's cache, or a journal (storage/_heartbeat.py)
+    if not is_heartbeat_enabled(storage):
         return set()
     stale_ids = set(storage._get_stale_trial_ids(study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
@@ -72,6 +73,15 @@ def stale_trial_numbers(study: optuna.Study) -> set[int]:
 def retry_of(trial: FrozenTrial) -> int | None:
     """The number of the original trial this one retries; None for a fresh trial."""
     return trial.system_attrs.get(RETRY_OF_KEY)
+
+
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the first trial of a retry chain; the trial's own for a fresh one.
+
+    Missing API: a running Trial has no public system_attrs (FrozenTrial's are public).
+    """
+    system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    return system_attrs.get(RETRY_OF_KEY, trial.number)
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
@@ -98,3 +108,24 @@ def replace_artifact(store: FileSystemArtifactStore, artifact_id: str, path: Pat
     leaves half a file. FileSystemArtifactStore keeps an artifact at <base_path>/<id>.
     """
     os.replace(path, Path(store._base_path) / artifact_id)
+
+
+# Missing API: the cache Optuna puts in front of every RDBStorage (_CachedStorage) reads and
+# writes through these private RDBStorage methods, so waiting out an outage must cover them.
+RDB_CACHE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id")
+# Missing API: the stale-trial query of Optuna's heartbeat interface has only this private name.
+STALE_TRIAL_IDS = "_get_stale_trial_ids"
+
+
+class Heartbeat(BaseHeartbeat):
+    """Optuna's heartbeat interface, with its stale-trial query under a public name.
+
+    Missing API: `fail_stale_trials` and the heartbeat thread work with any storage that
+    inherits BaseHeartbeat, but only RDBStorage does, and the class is private.
+    """
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        raise NotImplementedError
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.stale_trial_ids(study_id)

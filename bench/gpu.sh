@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every figure issue 11 asks of a GPU, into one file, in at most 8 minutes on one H100:
+# throughput of Table 1 and of the small config (bench/throughput.py), then a whole
+# default-space study on 50,000 synthetic images for as many trials as fit in the time left
+# (bench/study.py; 2 workers on the one GPU, at least 24 trials asked for).
+#
+#   bench/gpu.sh                  # CUDA; figures in bench-cuda-<UTC time>.txt
+#   bench/gpu.sh --device cpu     # the same steps at CPU sizes (a few minutes), end to end
+#
+# Environment: PYTHON (default .venv/bin/python, else python), OUT (the figures file), DATA
+# (the synthetic set, kept between runs), STUDY_S (seconds after which the study's workers
+# start no new trial; default 240 on CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+if [[ "${1:-}" == "--device" ]]; then DEVICE=${2:?--device needs cpu or cuda}; fi
+if [[ -x .venv/bin/python ]]; then DEFAULT_PYTHON=.venv/bin/python; else DEFAULT_PYTHON=python; fi
+PYTHON=${PYTHON:-$DEFAULT_PYTHON}
+OUT=${OUT:-bench-$DEVICE-$(date -u +%Y%m%d-%H%M).txt}
+DATA=${DATA:-/tmp/hpo-bench-$DEVICE}
+
+step() {
+  echo "\$ $*  # $(date -u +%H:%M:%S)"
+  "$@"
+  echo
+}
+
+{
+  echo "bench/gpu.sh --device $DEVICE, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  if [[ "$DEVICE" == cuda ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --rounds 2
+    step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --config small --rounds 2
+    step timeout 420 "$PYTHON" bench/study.py --device cuda --data-dir "$DATA" \
+      --trials 200 --workers 2 --timeout "${STUDY_S:-240}"
+  else
+    step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --config table1 \
+      --batch-size 32 --images 200 --rounds 1
+    step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --rounds 1
+    step "$PYTHON" bench/study.py --device cpu --trials 4 --epochs 3 --images 1000
+  fi
+  echo "done $(date -u +%H:%M:%S)"
+} 2>&1 | tee "$OUT"
+echo "figures in $OUT"

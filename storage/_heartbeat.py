@@ -1,0 +1,91 @@
+"""Heartbeats of running trials on every storage, so a dead worker's trial is retried.
+
+Optuna keeps heartbeats on its RDB storage only. On the journal storages (file and Redis) a
+running trial's last heartbeat is a system attribute written through the journal itself,
+and the stale check reads it back: the same contract as Optuna's heartbeat interface, so its
+heartbeat thread, `fail_stale_trials` and the retry callback work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import BaseJournalBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from storage.optuna_private import Heartbeat
+
+# Seconds between a running trial's heartbeats, unless a study sets its own.
+DEFAULT_HEARTBEAT_S = 60
+# The trial system attribute that holds a journal trial's last heartbeat (Unix time).
+HEARTBEAT_ATTR = "hpo:heartbeat"
+
+
+@dataclass(frozen=True)
+class HeartbeatPolicy:
+    """Heartbeat of running trials; a trial silent for `grace_s` is failed and retried."""
+
+    interval_s: int = DEFAULT_HEARTBEAT_S
+    max_retry: int = 3
+
+    @property
+    def grace_s(self) -> int:
+        return 2 * self.interval_s
+
+    def stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
+        """Re-queue a failed trial with its parameters, checkpoint record and epochs."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RetryHeartbeatStaleTrialCallback(
+                max_retry=self.max_retry, inherit_intermediate_values=True
+            )
+
+
+class HeartbeatJournalStorage(JournalStorage, Heartbeat):
+    """A journal storage whose running trials send heartbeats (none when `policy` is None).
+
+    Heartbeats compare wall clocks of different machines: keep them in sync (NTP), well
+    within the grace. Each heartbeat is one journal entry, one per interval per running trial.
+    """
+
+    def __init__(self, backend: BaseJournalBackend, policy: HeartbeatPolicy | None) -> None:
+        super().__init__(backend)
+        self._policy = policy
+        self.grace_period = policy.grace_s if policy is not None else None
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # The trial may have ended (or another worker failed it) since the last beat. Written
+        # once, never retried (see storage/_retry.py): the next beat follows anyway.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            JournalStorage.set_trial_system_attr(self, trial_id, HEARTBEAT_ATTR, time.time())
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        assert self.grace_period is not None
+        now = time.time()
+        return [
+            self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+            if now - last_sign_of_life(trial) > self.grace_period
+        ]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._policy.interval_s if self._policy is not None else None
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self._policy.stale_trial_callback() if self._policy is not None else None
+
+
+def last_sign_of_life(trial: FrozenTrial) -> float:
+    """Its last heartbeat, or its claim: a retry inherits its failed trial's old heartbeat,
+    and a worker that died before its first heartbeat still leaves a trial to recover."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), started)

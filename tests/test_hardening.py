@@ -1,0 +1,91 @@
+"""What a long search meets besides good input: a checkpoint someone tampered with, inputs
+that must be refused before anything is stored, and logs read by machines, not terminals."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import torch
+from conftest import run_hpo, tiny_start
+from optuna.trial import TrialState
+from test_search_rules import EPOCHS, one_trial_study, runner
+
+from search import attrs
+from search.worker import run_worker
+
+
+class RunsCode:
+    """Unpickled without weights_only, this would run a command in the worker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_trial_starts_over(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    study, settings = one_trial_study(f"sqlite:///{tmp_path / 'h.db'}", "h")
+    stop = threading.Event()
+    stopping = runner(
+        settings, data_dir, tmp_path / "a", on_epoch=lambda t, s: stop.set(), stop=stop
+    )
+    run_worker(study, stopping, stop)  # one epoch, checkpointed, then re-queued
+    record = study.get_trials()[0].user_attrs[attrs.CHECKPOINT]
+    marker = tmp_path / "code-ran"
+    torch.save({"epoch": 1, "model": RunsCode(marker)}, tmp_path / "a" / record["artifact_id"])
+
+    said: list[str] = []
+    resuming = runner(settings, data_dir, tmp_path / "a")
+    resuming.checkpoints.say = said.append
+    run_worker(study, resuming, threading.Event())
+    assert not marker.exists()
+    assert len(said) == 1 and record["artifact_id"] in said[0] and "refused" in said[0]
+    retry = study.get_trials(states=(TrialState.COMPLETE,))[0]
+    assert attrs.RESUMED_FROM_EPOCH not in retry.user_attrs  # from epoch 1, not the file
+    assert [r["epoch"] for r in retry.user_attrs[attrs.EPOCHS]] == list(range(1, EPOCHS + 1))
+
+
+def expect_refused(result, *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_bad_gpus_and_study_names_are_refused_before_anything_is_stored(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    def hpo(*args: str):
+        return run_hpo(*args, env=hpo_env, cwd=tmp_path)
+
+    # This machine has no CUDA GPU: naming one is a mistake, not a CPU run as "gpu7".
+    expect_refused(hpo(*tiny_start("g", 1, "--gpus", "7")), "--gpus 7", "no CUDA GPU")
+    expect_refused(hpo(*tiny_start("g", 1, "--gpus", "all")), "no CUDA GPU")
+    for name in ("", "  ", "tab\there"):
+        expect_refused(hpo(*tiny_start(name, 1)), "study name", "printable")
+    assert not Path(hpo_env["HPO_STORAGE"].removeprefix("sqlite:///")).exists()
+
+
+def test_a_piped_worker_log_has_one_event_per_line(hpo_env: dict, tmp_path: Path) -> None:
+    env = {k: v for k, v in hpo_env.items() if k != "COLUMNS"}  # as under Docker or Slurm
+    result = run_hpo(
+        *tiny_start("a-study-with-a-rather-long-name-for-a-log", 2), env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    epochs = [line for line in lines if " epoch " in line]
+    ends = [line for line in lines if line.startswith("[")]
+    assert len(epochs) >= 2 and len(ends) == 2
+    epoch_line = r"trial +\d+ epoch +\d+/2  lr \S+  train \S+  val \S+  acc +\S+%  \S+ img/s  \S+s"
+    assert all(re.fullmatch(epoch_line, line) for line in epochs), epochs
+    trial_end = r"\[\d/2\] trial \d .*  best \S+ \(trial \d\)"
+    assert all(re.fullmatch(trial_end, line) for line in ends), ends
+    assert any(
+        line.startswith("created study 'a-study") and "target 2 trials" in line for line in lines
+    )

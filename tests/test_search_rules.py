@@ -1,0 +1,293 @@
+"""The rules that make a search's winner real: a resumed trial scores what it would have
+scored, the test split is never read, the last epoch is never pruned, `hpo best` picks the
+best complete trial, and `hpo train` trains (and replays) what was exported."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import HPO, run_hpo
+from optuna.trial import TrialState
+
+from data import load_dataset, search_data
+from data.batches import CACHE_FILE, TEST_FILE, write_batch
+from data.synthetic import synthetic_folder
+from model import ModelConfig
+from search import attrs
+from search.checkpoints import CheckpointStore
+from search.config import StepArgs, TrainConfig
+from search.objective import TrialRunner, WorkerInfo
+from search.settings import StudySettings
+from search.space import sample_config
+from search.study import create_or_join, join_as_worker
+from search.trainer import DeviceRecipe
+from search.worker import run_worker
+from storage import open_storage
+
+EPOCHS = 4
+# One fixed tiny config, so two studies train the same trial.
+PARAMS = {
+    "backbones": 1, "blocks_0": 1, "layers_0": 1, "width_0_1": 8, "kernel_size": 3,
+    "dropout": 0.2, "lr": 0.01, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64,
+    "scheduler": "onecycle", "onecycle_pct_start": 0.3,
+}  # fmt: skip
+
+
+def one_trial_study(
+    url: str, name: str, epochs: int = EPOCHS
+) -> tuple[optuna.Study, StudySettings]:
+    """A study whose one ticket is PARAMS, opened as a worker opens it."""
+    storage = open_storage(url)
+    settings = StudySettings.for_space(
+        "tiny", epochs=epochs, dataset="synthetic", pruner="none", heartbeat_s=60
+    )
+    create_or_join(storage, name, settings, 0)
+    study = join_as_worker(storage, name, settings, "test")
+    study.enqueue_trial(PARAMS)
+    study.set_user_attr(attrs.TARGET, 1)
+    return study, settings
+
+
+def runner(settings: StudySettings, data_dir: Path, artifacts: Path, **extra) -> TrialRunner:
+    return TrialRunner(
+        settings,
+        search_data(load_dataset("synthetic", data_dir), "cpu"),
+        DeviceRecipe.for_device("cpu"),
+        WorkerInfo("test", "host", "cpu"),
+        checkpoints=CheckpointStore(artifacts),
+        **extra,
+    )
+
+
+def scored(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    (done,) = study.get_trials(states=(TrialState.COMPLETE,))
+    return done
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_after", [2, EPOCHS])
+def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
+    stop_after: int, data_dir: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    straight, settings = one_trial_study(url, "straight")
+    run_worker(straight, runner(settings, data_dir, tmp_path / "a"), threading.Event())
+    want = scored(straight)
+
+    # The stop lands exactly after epoch `stop_after`, as a first Ctrl-C/SIGTERM does.
+    cut, _ = one_trial_study(url, "cut")
+    stop = threading.Event()
+
+    def stop_at(trial: optuna.Trial, stats) -> None:
+        if stats.epoch == stop_after:
+            stop.set()
+
+    run_worker(cut, runner(settings, data_dir, tmp_path / "b", on_epoch=stop_at, stop=stop), stop)
+    assert cut.get_trials()[0].state == TrialState.FAIL
+    run_worker(cut, runner(settings, data_dir, tmp_path / "b"), threading.Event())
+    got = scored(cut)
+
+    assert got.number != want.number == 0  # a retry, seeded by the trial it continues
+    assert got.user_attrs[attrs.RESUMED_FROM_EPOCH] == stop_after
+    assert got.value == pytest.approx(want.value, rel=1e-6)
+    assert got.intermediate_values == pytest.approx(want.intermediate_values, rel=1e-6)
+    assert got.user_attrs[attrs.BEST_VAL_LOSS] == pytest.approx(
+        min(want.intermediate_values.values())
+    )
+
+
+def test_a_sigterm_mid_trial_through_real_workers_resumes_to_the_same_score(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    url = hpo_env["HPO_STORAGE"]
+    one_trial_study(url, "straight")
+    cut, _ = one_trial_study(url, "cut")
+    straight = run_hpo("worker", "--study", "straight", env=hpo_env, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    worker = subprocess.Popen(
+        [HPO, "worker", "--study", "cut"], env=hpo_env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    for line in worker.stdout:  # the event: epoch 1 was trained (and checkpointed)
+        if "epoch   1/4" in line:
+            worker.send_signal(signal.SIGTERM)
+            break
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 0, output
+    failed = cut.get_trials()[0]
+    assert failed.state == TrialState.FAIL, output  # stopped after whichever epoch ran on
+    resumed = run_hpo("worker", "--study", "cut", env=hpo_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    want = scored(optuna.load_study(study_name="straight", storage=open_storage(url)))
+    got = scored(cut)
+    assert got.user_attrs[attrs.RESUMED_FROM_EPOCH] == failed.last_step
+    assert got.value == pytest.approx(want.value, rel=1e-6)
+    assert got.intermediate_values == pytest.approx(want.intermediate_values, rel=1e-6)
+
+
+# --- what a trial may read, and when it may be pruned --------------------------------------
+
+
+def with_noise_for_test_images(data_dir: Path, copy: Path) -> Path:
+    """The synthetic set with its test images replaced by noise (and random labels)."""
+    shutil.copytree(data_dir, copy)
+    folder = synthetic_folder(copy)
+    (folder / CACHE_FILE).unlink(missing_ok=True)
+    rng = np.random.default_rng(1)
+    n = len(load_dataset("synthetic", data_dir).test_labels)
+    fields = {
+        "batch_label": "noise",
+        "labels": rng.integers(0, 10, n).tolist(),
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+    }
+    write_batch(folder / TEST_FILE, fields, {"noise"})
+    return copy
+
+
+def test_the_search_never_reads_the_test_split(
+    hpo_env: dict, data_dir: Path, tmp_path: Path
+) -> None:
+    noisy = with_noise_for_test_images(data_dir, tmp_path / "noisy")
+    assert (load_dataset("synthetic", noisy).test_images != 0).any()
+    url = hpo_env["HPO_STORAGE"]
+    for study, folder in (("clean", data_dir), ("noisy", noisy)):
+        one_trial_study(url, study, epochs=2)
+        env = {**hpo_env, "HPO_DATA_DIR": str(folder)}
+        ran = run_hpo("worker", "--study", study, env=env, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    clean, noisy_run = (
+        scored(optuna.load_study(study_name=name, storage=open_storage(url)))
+        for name in ("clean", "noisy")
+    )
+    # Validation comes from the training images only: noise in the test set changes nothing.
+    assert noisy_run.intermediate_values == clean.intermediate_values
+    assert noisy_run.user_attrs[attrs.VAL_ACC] == clean.user_attrs[attrs.VAL_ACC]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_no_trial_is_pruned_at_its_last_epoch(epochs: int, data_dir: Path, tmp_path: Path) -> None:
+    study, settings = one_trial_study(f"sqlite:///{tmp_path / 'p.db'}", "p", epochs=epochs)
+    # A real Optuna pruner that says "prune" at every step where it is asked.
+    always = optuna.load_study(
+        study_name="p",
+        storage=open_storage(f"sqlite:///{tmp_path / 'p.db'}"),
+        pruner=optuna.pruners.ThresholdPruner(upper=0.0),
+    )
+    run_worker(always, runner(settings, data_dir, tmp_path / "a"), threading.Event())
+    (trial,) = always.get_trials()
+    if epochs == 1:
+        assert trial.state == TrialState.COMPLETE  # its only epoch is its last
+    else:
+        assert (trial.state, trial.last_step) == (TrialState.PRUNED, 1)
+
+
+# --- choosing and exporting the best -------------------------------------------------------
+
+
+def test_best_exports_the_best_complete_trial_not_a_lower_pruned_or_failed_one(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    url = hpo_env["HPO_STORAGE"]
+    storage = open_storage(url)
+    settings = StudySettings.for_space("tiny", epochs=3, dataset="synthetic")
+    create_or_join(storage, "b", settings, 0)
+    study = optuna.load_study(study_name="b", storage=storage)
+    told = [
+        (TrialState.COMPLETE, [1.0, 0.9, 0.8]),
+        (TrialState.PRUNED, [0.5, 0.1]),  # lower than any complete trial
+        (TrialState.FAIL, [0.05]),
+        (TrialState.COMPLETE, [0.9, 0.7, 0.6]),
+        (TrialState.COMPLETE, [0.95, 0.5, 0.65]),  # lowest point mid-run, higher at the end
+    ]
+    for state, losses in told:
+        trial = study.ask()
+        trial.set_user_attr(
+            attrs.CONFIG, sample_config(trial, settings.search_space(), 3).to_dict()
+        )
+        for epoch, loss in enumerate(losses, start=1):
+            trial.report(loss, epoch)
+        study.tell(trial, losses[-1] if state == TrialState.COMPLETE else None, state=state)
+
+    exported = run_hpo("best", "--study", "b", env=hpo_env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    document = yaml.safe_load(exported.stdout)
+    complete = [(losses[-1], n) for n, (s, losses) in enumerate(told) if s == TrialState.COMPLETE]
+    assert document["source"]["trial"] == min(complete)[1] == 3
+    assert document["metrics"]["val_loss"] == 0.6 and document["metrics"]["epoch"] == 3
+
+
+def final_config(tmp_path: Path, train: dict) -> Path:
+    """A config file as `hpo best` writes one (its extra sections included)."""
+    document = {
+        "model": {"channels": [[3, 8]], "blocks": [1], "kernel_size": 3, "dropout": 0.0},
+        "train": {"lr": 0.01, "batch_size": 64, **train},
+        "augment": {"crop_padding": 2, "flip": True, "rotation_degrees": 0.0},
+        "metrics": {"val_loss": 1.0},
+        "source": {"study": "nowhere", "trial": 0},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def lr_per_epoch(output: str) -> list[float]:
+    return [
+        float(line.split(" lr ")[1].split()[0]) for line in output.splitlines() if " lr " in line
+    ]
+
+
+def test_train_replays_the_plateau_lr_its_trial_followed_stretched_over_its_epochs(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    trace = [0.01, 0.01, 0.001, 0.0001]
+    config = final_config(tmp_path, {"epochs": 4, "scheduler": "plateau", "lr_by_epoch": trace})
+    trained = run_hpo(
+        "train", "--config", str(config), "--dataset", "synthetic", "--epochs", "8",
+        "--output-dir", "final", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert lr_per_epoch(trained.stdout) == pytest.approx([0.01] * 4 + [0.001] * 2 + [0.0001] * 2)
+    # What was trained is what the file says, over the epochs asked for.
+    saved = torch.load(tmp_path / "final" / "model.pt", weights_only=True)["config"]
+    written = yaml.safe_load(config.read_text())
+    assert saved["model"] == ModelConfig.from_dict(written["model"]).to_dict()
+    assert (saved["train"]["epochs"], saved["train"]["lr_by_epoch"]) == (8, trace)
+
+
+def test_epoch_counted_schedule_arguments_scale_with_the_run() -> None:
+    step = TrainConfig(epochs=4, scheduler="step", scheduler_args={"step_size": 2, "gamma": 0.5})
+    plateau = TrainConfig(epochs=20, scheduler="plateau", scheduler_args={"patience": 5})
+    assert step.with_epochs(8).schedule == StepArgs(step_size=4, gamma=0.5)
+    assert plateau.with_epochs(90).schedule.patience == 22
+    assert plateau.with_epochs(2).schedule.patience == 0
+    assert step.with_epochs(1).schedule.step_size == 1  # never below one epoch
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "misspelt"),
+    [("onecycle", "pct_strat"), ("plateau", "patiense"), ("plateau", "factr")],
+)
+def test_a_misspelt_scheduler_argument_is_refused(
+    scheduler: str, misspelt: str, hpo_env: dict, tmp_path: Path
+) -> None:
+    config = final_config(tmp_path, {"scheduler": scheduler, "scheduler_args": {misspelt: 1}})
+    refused = run_hpo(
+        "train", "--config", str(config), "--dataset", "synthetic", env=hpo_env, cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and misspelt in refused.stderr
+    assert "known:" in refused.stderr and not (tmp_path / "runs").exists()

@@ -1,0 +1,97 @@
+"""A database password never reaches a terminal, a log, an exported file or a report: in
+every form a URL carries one, through every command and the workers they start."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import yaml
+from conftest import HPO, run_hpo, tiny_start
+from servers import PASSWORD, server_url
+
+from storage import redact_url
+
+# Forms a URL carries a password in; trust auth (PostgreSQL) ignores it.
+POSTGRES_FORMS = {
+    "in the user info": "postgresql+psycopg://postgres:{pw}@127.0.0.1:5432/hpo_test",
+    "as a query parameter": "postgresql+psycopg://postgres@127.0.0.1:5432/hpo_test?password={pw}",
+}
+# Forms that fail to connect (wrong port, driver not installed, no such server).
+FAILING_FORMS = [
+    "postgresql+psycopg://postgres:{pw}@127.0.0.1:1/hpo_test",
+    "postgresql://postgres:{pw}@127.0.0.1:1/hpo_test",  # psycopg2: not installed
+    "mysql+pymysql://root:{pw}@127.0.0.1:1/hpo_test",
+    "redis://:{pw}@127.0.0.1:1/0",
+    "redis://user:{pw}@127.0.0.1:1/0",
+]
+# Characters a password may hold; in a URL they are percent-encoded.
+ODD_PASSWORD = "p@ss:w/rd%"
+
+
+def assert_hidden(*texts: str) -> None:
+    for text in texts:
+        assert PASSWORD not in text, text
+        assert ODD_PASSWORD not in text, text
+        assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("form", list(POSTGRES_FORMS))
+def test_no_command_or_worker_prints_the_password(form: str, hpo_env: dict, tmp_path: Path) -> None:
+    server_url("postgresql")  # skips (fails in CI) without the server
+    url = POSTGRES_FORMS[form].format(pw=PASSWORD)
+    study = f"secret-{abs(hash(form)) % 10**6}-{tmp_path.name[-6:]}"
+    env = {**hpo_env, "HPO_STORAGE": url, "HPO_ARTIFACT_DIR": str(tmp_path / "artifacts")}
+    outputs = []
+    for args in (
+        tiny_start(study, 2, "--jobs-per-gpu", "2"),  # two worker processes, relayed
+        ["status", "--study", study],
+        ["status"],
+        ["best", "--study", study, "-o", "best.yaml"],
+        ["report", "--study", study, "-o", "report"],
+        ["train", "--config", "best.yaml", "--dataset", "synthetic", "--epochs", "1"],
+    ):
+        done = run_hpo(*args, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs += [done.stdout, done.stderr]
+    written = [(tmp_path / "best.yaml").read_text(), (tmp_path / "report/report.html").read_text()]
+    assert yaml.safe_load(written[0])["source"]["storage"] == redact_url(url)
+    assert_hidden(*outputs, *written, dashboard_banner(env, tmp_path))
+
+
+def dashboard_banner(env: dict, cwd: Path) -> str:
+    """What `hpo dashboard` prints before it serves, read up to its banner line."""
+    process = subprocess.Popen(
+        [HPO, "dashboard", "--port", "0"], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(r"at http://\S+/dashboard", line):
+            break
+    process.send_signal(signal.SIGINT)
+    lines.append(process.communicate(timeout=60)[0])
+    assert process.returncode == 0, lines
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("template", FAILING_FORMS)
+def test_a_storage_that_fails_names_it_without_the_password(
+    template: str, hpo_env: dict, tmp_path: Path
+) -> None:
+    checks = [(ODD_PASSWORD, ["status"])]
+    if template == FAILING_FORMS[0]:  # the paths of the workers, once
+        checks += [(PASSWORD, ["worker", "--study", "s"]), (PASSWORD, tiny_start("s", 1))]
+    for password, args in checks:
+        url = template.format(pw=quote(password, safe=""))
+        done = run_hpo(*args, env={**hpo_env, "HPO_STORAGE": url}, cwd=tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+        assert_hidden(done.stdout, done.stderr)
+        assert quote(password, safe="") not in done.stderr
