@@ -316,10 +316,10 @@ def report_params_in(space: SearchSpace) -> dict[str, Any]:
     scale = space.width[1] / DEFAULT_SPACE.width[1]
     if scale == 1:
         return params
-    step = space.width_step
+    step = space.width_step or 1  # log-scale widths: any integer
     for name, value in params.items():
         if name.startswith("width_"):
-            params[name] = max(step, round(value * scale / step) * step)
+            params[name] = max(space.width[0], round(value * scale / step) * step)
     for name in ("batch_size", "kernel_size"):
         params[name] = min(getattr(space, name), key=lambda choice: abs(choice - params[name]))
     return params

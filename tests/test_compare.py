@@ -210,7 +210,7 @@ def test_compare_train_and_pareto_refusals_are_one_line(tmp_path: Path) -> None:
     )
     if not torch.cuda.is_available():
         config = str(tmp_path / "tiny.yaml")
-        assert refused("train", "--config", config, "--gpus", "0") == (
-            "--gpus 0: no CUDA GPU is visible; leave out --gpus"
+        assert refused("train", "--config", config, "--gpus", "0").startswith(
+            "--gpus 0: no CUDA GPU is visible"
         )
         assert refused("compare", "--study", "s", "--gpus", "all").startswith("--gpus all: no CUDA")

@@ -262,7 +262,7 @@ def test_train_replays_the_plateau_lr_its_trial_followed_stretched_over_its_epoc
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert lr_per_epoch(trained.stdout) == pytest.approx([0.01] * 4 + [0.001] * 2 + [0.0001] * 2)
     # What was trained is what the file says, over the epochs asked for.
-    saved = torch.load(tmp_path / "final" / "model.pt", weights_only=True)["config"]
+    saved = torch.load(tmp_path / "final" / "model-seed0.pt", weights_only=True)["config"]
     written = yaml.safe_load(config.read_text())
     assert saved["model"] == ModelConfig.from_dict(written["model"]).to_dict()
     assert (saved["train"]["epochs"], saved["train"]["lr_by_epoch"]) == (8, trace)
