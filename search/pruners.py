@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import optuna
 
@@ -27,31 +29,43 @@ def _none(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _hyperband_rung(epoch: int, min_epochs: int) -> int:
+    # Every Hyperband bracket judges only at min_epochs * reduction_factor**k.
+    rung = min_epochs
+    while rung <= epoch:
+        rung *= HYPERBAND_REDUCTION_FACTOR
+    return rung
+
+
+def _median_rung(epoch: int, min_epochs: int) -> int:
+    return max(min_epochs, epoch + 1)  # every epoch after its warm-up
+
+
+def _never(epoch: int, min_epochs: int) -> int:
+    return sys.maxsize
+
+
+@dataclass(frozen=True)
+class PrunerKind:
+    build: Callable[[int, int], optuna.pruners.BasePruner]  # (epochs, min_epochs)
+    next_rung: Callable[[int, int], int]  # (epoch, min_epochs) -> next epoch it may prune
+
+
 # The first is the default.
-PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
-    "hyperband": _hyperband,
-    "median": _median,
-    "none": _none,
+PRUNERS: dict[str, PrunerKind] = {
+    "hyperband": PrunerKind(_hyperband, _hyperband_rung),
+    "median": PrunerKind(_median, _median_rung),
+    "none": PrunerKind(_none, _never),
 }
 
 
 def build_pruner(
     name: str, epochs: int, min_epochs: int = DEFAULT_MIN_EPOCHS
 ) -> optuna.pruners.BasePruner:
-    return PRUNERS[name](epochs, min(min_epochs, epochs))
+    return PRUNERS[name].build(epochs, min(min_epochs, epochs))
 
 
 def next_rung(name: str, epoch: int, epochs: int, min_epochs: int = DEFAULT_MIN_EPOCHS) -> int:
     """The first epoch after `epoch` at which the named pruner may stop a trial; `epochs` if
-    none. Every Hyperband bracket judges only at min_epochs * 3**k; the median pruner judges
-    every epoch after its warm-up."""
-    min_epochs = min(min_epochs, epochs)
-    if name == "hyperband":
-        rung = min_epochs
-        while rung <= epoch:
-            rung *= HYPERBAND_REDUCTION_FACTOR
-    elif name == "median":
-        rung = max(min_epochs, epoch + 1)
-    else:
-        rung = epochs
-    return min(rung, epochs)
+    none comes before the trial's end."""
+    return min(PRUNERS[name].next_rung(epoch, min(min_epochs, epochs)), epochs)
