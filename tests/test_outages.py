@@ -65,13 +65,14 @@ def own_redis(own_folder: Path) -> Iterator[OwnServer]:
 
 
 def create_study(url: str, cwd: Path, name: str, trials: int = TRIALS) -> optuna.Study:
-    """Trials of 6 epochs, heartbeat 2 s: an outage lands mid-trial. Made in this process:
-    on two shared cores, each `hpo` process costs seconds to start."""
+    """Trials of 6 epochs, heartbeat 2 s, a checkpoint every epoch: an outage lands
+    mid-trial. Made in this process: on two shared cores, each `hpo` process costs seconds
+    to start."""
     space = cwd / "micro.yaml"
     space.write_text(MICRO_SPACE)
     request = StudyRequest(
         study=name, trials=trials, storage=url, space=str(space), epochs=6,
-        dataset="synthetic", pruner="none", heartbeat=2,
+        dataset="synthetic", pruner="none", heartbeat=2, checkpoint_interval=0,
     )  # fmt: skip
     create(request, SearchProgress())
     return optuna.load_study(study_name=name, storage=open_storage(url))
