@@ -47,21 +47,27 @@ def test_claiming_a_chosen_waiting_trial_happens_once(tmp_path: Path) -> None:
     assert optuna_private.claim_waiting_trial(study, waiting) is None
 
 
+def go_stale(study: optuna.Study) -> optuna.Trial:
+    """A trial that sends one heartbeat and falls silent: stale once its 2 s grace is past
+    (polled for, not slept through)."""
+    trial = study.ask()
+    with optuna_private.heartbeat(study, trial):
+        pass
+    assert optuna_private.stale_trial_numbers(study) == set()  # within its grace
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+    return trial
+
+
 @pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
 def test_heartbeats_and_stale_trials_are_seen(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
     assert optuna_private.has_heartbeat(study)
     assert not optuna_private.has_heartbeat(optuna.create_study(storage=open_storage(url)))
-    trial = study.ask()
-    with optuna_private.heartbeat(study, trial):
-        pass  # one heartbeat, then silence
-    assert optuna_private.stale_trial_numbers(study) == set()  # within its 2 s grace
-    # Stale once the grace has passed with no heartbeat: polled for, not slept through.
-    deadline = time.monotonic() + 30
-    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+    go_stale(study)
 
 
 def test_retry_bookkeeping_keys(tmp_path: Path) -> None:
@@ -108,14 +114,7 @@ def test_journal_trials_send_heartbeats_and_go_stale(tmp_path: Path) -> None:
     assert has_heartbeat_url(url)
     study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
     assert optuna_private.has_heartbeat(study)
-    trial = study.ask()
-    with optuna_private.heartbeat(study, trial):
-        pass  # one heartbeat, then silence
-    assert optuna_private.stale_trial_numbers(study) == set()  # within its 2 s grace
-    deadline = time.monotonic() + 30
-    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+    trial = go_stale(study)
     # Failed and re-queued by the next stale check, as on the RDB storage.
     fail_stale_trials(study)
     retry = study.get_trials()[-1]
