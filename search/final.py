@@ -21,7 +21,7 @@ from search import attrs
 from search.checkpoints import artifact_dir
 from search.config import TrialConfig, load_config_file
 from search.cost import gflops_per_image, parameter_count
-from search.fleet import GpuSpecError, parse_gpus
+from search.fleet import parse_gpus
 from search.progress import SearchProgress, format_epoch
 from search.run import pick_device, start_run
 from search.study import StudyError, join
@@ -79,11 +79,9 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
 
 def seed_devices(gpus: str | None, say: Say) -> list[torch.device]:
     """The devices seeds train on: the listed GPUs, else this process's device."""
-    indices = parse_gpus(gpus)
+    indices = parse_gpus(gpus)  # refuses --gpus where no CUDA GPU is visible
     if indices is None:
         return [pick_device(say)]
-    if not torch.cuda.is_available():
-        raise GpuSpecError(f"--gpus {gpus}: no CUDA GPU is visible; leave out --gpus")
     return [torch.device(f"cuda:{index}") for index in indices]
 
 

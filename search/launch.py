@@ -129,8 +129,9 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         f"{verb} study {request.study!r}: space {settings.space_name}, {settings.epochs} epochs, "
         f"{settings.dataset}, pruner {settings.pruner}, target {request.trials} trials"
     )
-    for line in cost_lines(settings, request.trials):
-        progress.say(line)
+    if created:  # priced once, for whoever creates the study (no GPU probe on a join)
+        for line in cost_lines(settings, request.trials):
+            progress.say(line)
     return settings
 
 
