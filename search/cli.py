@@ -20,7 +20,13 @@ from search.checkpoints import artifact_dir as resolve_artifact_dir
 from search.compare import CompareRequest, run_compare
 from search.config import DEFAULT_EPOCHS, ConfigError
 from search.dashboard import DashboardError, exposure_warning, open_dashboard
-from search.export import best_document, pareto_documents, to_yaml, to_yaml_documents
+from search.export import (
+    best_document,
+    pareto_documents,
+    to_yaml,
+    to_yaml_documents,
+    trial_document,
+)
 from search.final import FINAL_EPOCHS, FinalRequest, run_final
 from search.fleet import GpuSpecError, WorkerOptions
 from search.launch import StudyRequest, create_study, join_search, start_search
@@ -316,15 +322,25 @@ def best(
             "against train GFLOP per image), cheapest first, one YAML document each.",
         ),
     ] = False,
+    trial: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Export this complete trial instead of the best (e.g. one of the front).",
+        ),
+    ] = None,
 ) -> None:
     """Export the best trial's config (with its metrics) as YAML for `hpo train`."""
+    if pareto and trial is not None:
+        fail("--pareto exports the whole front and --trial one trial: give one of them")
     with user_errors():
         found = join(open_storage(storage, reader=True), study)
-        document = (
-            to_yaml_documents(pareto_documents(found, storage))
-            if pareto
-            else to_yaml(best_document(found, storage))
-        )
+        if pareto:
+            document = to_yaml_documents(pareto_documents(found, storage))
+        elif trial is not None:
+            document = to_yaml(trial_document(found, storage, trial))
+        else:
+            document = to_yaml(best_document(found, storage))
     if output is None:
         sys.stdout.write(document)
         return

@@ -199,9 +199,23 @@ class TrialConfig:
 def load_config_file(path: Path) -> tuple[TrialConfig, dict[str, Any]]:
     """The TrialConfig in a YAML file `hpo best` wrote, and the whole document."""
     try:
-        document = yaml.safe_load(Path(path).read_text())
+        documents = list(yaml.safe_load_all(Path(path).read_text()))
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if len(documents) > 1:
+        raise ConfigError(several_configs(path, documents))
+    document = documents[0] if documents else None
     return TrialConfig.from_dict(document), document
+
+
+def several_configs(path: Path, documents: list[Any]) -> str:
+    """What to do with a file of several configs (`hpo best --pareto` writes one)."""
+    sources = [d.get("source") or {} for d in documents if isinstance(d, dict)]
+    trials = ", ".join(str(s["trial"]) for s in sources if "trial" in s)
+    study = next((s["study"] for s in sources if "study" in s), "STUDY")
+    return (
+        f"config {path} holds {len(documents)} configs (trials {trials or '?'}): export one "
+        f"with `hpo best --study {study} --trial N -o FILE`"
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.config import TrialConfig
@@ -61,6 +61,19 @@ def with_lr_trace(config: TrialConfig, stored: dict[str, Any]) -> TrialConfig:
         return config
     trace = tuple(record["lr"] for record in stored.get(attrs.EPOCHS, []) if "lr" in record)
     return replace(config, train=replace(config.train, lr_by_epoch=trace))
+
+
+def trial_document(study: optuna.Study, storage_url: str, number: int) -> dict[str, Any]:
+    """The document of trial `number`, which must be complete: only it has a score."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None:
+        raise StudyError(f"study {study.study_name!r} has no trial {number}")
+    if trial.state != TrialState.COMPLETE:
+        raise StudyError(
+            f"trial {number} of {study.study_name!r} did not complete ({trial.state.name}): "
+            "it has no final score to export"
+        )
+    return best_document(study, storage_url, trial)
 
 
 def pareto_documents(study: optuna.Study, storage_url: str) -> list[dict[str, Any]]:

@@ -137,3 +137,38 @@ def test_report_marks_the_pareto_front_and_best_exports_it(tmp_path: Path) -> No
     for document, trial in zip(documents, front, strict=True):
         assert TrialConfig.from_dict(document).to_dict() == trial.user_attrs["config"]
         assert document["metrics"][attrs.GFLOPS] == point(trial)[0]
+
+
+def test_a_front_file_names_its_trials_and_best_exports_one_of_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    make_study(url, "costs", complete=8)  # trial 1 is pruned, trial 2 failed
+
+    def hpo(*args: str):
+        return CliRunner().invoke(app, list(args))
+
+    front = tmp_path / "front.yaml"
+    assert (
+        hpo("best", "--study", "costs", "--pareto", "--storage", url, "-o", str(front)).exit_code
+        == 0
+    )
+    documents = list(yaml.safe_load_all(front.read_text()))
+    numbers = [document["source"]["trial"] for document in documents]
+    assert len(numbers) > 1
+
+    # `hpo train` cannot guess which of them: it names them and how to export one.
+    refused = hpo("train", "--config", str(front))
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert f"trials {', '.join(map(str, numbers))}" in refused.stderr
+    assert "hpo best --study costs --trial N" in refused.stderr
+
+    one = hpo("best", "--study", "costs", "--trial", str(numbers[-1]), "--storage", url)
+    assert one.exit_code == 0, one.output
+    exported = yaml.safe_load(one.stdout)
+    assert exported["source"]["trial"] == numbers[-1]
+    assert TrialConfig.from_dict(exported) == TrialConfig.from_dict(documents[-1])
+
+    for number, reason in ((1, "PRUNED"), (2, "FAIL"), (99, "no trial 99")):
+        refused = hpo("best", "--study", "costs", "--trial", str(number), "--storage", url)
+        assert refused.exit_code == 2 and reason in refused.stderr, refused.output
+    both = hpo("best", "--study", "costs", "--trial", "0", "--pareto", "--storage", url)
+    assert both.exit_code == 2 and "one of them" in both.stderr
