@@ -144,8 +144,8 @@ def top_entries(study: optuna.Study, storage_url: str, count: int, epochs: int) 
 def report_entry(settings: StudySettings, epochs: int) -> Entry:
     """The report's Table 1/2 config as the study's space expresses it: in the default space
     the study's first trial; elsewhere scaled to the space (see report_params_in)."""
-    params = report_params_in(settings.search_space())
-    cfg = config_from_params(params, settings.search_space(), epochs)
+    space = settings.search_space()
+    cfg = config_from_params(report_params_in(space), space, epochs)
     first = 0 if settings.space_name == DEFAULT_SPACE_NAME else None
     return Entry(REPORT, first, cfg)
 
