@@ -21,8 +21,8 @@ def _hyperband(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def _median(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
-    # Steps are 1-based epochs: a warm-up of n steps first compares epoch n + 1.
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=min_epochs - 1)
+    # Steps are 1-based epochs; Optuna first prunes at step == n_warmup_steps.
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=min_epochs)
 
 
 def _none(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:

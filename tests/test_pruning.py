@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -13,6 +14,7 @@ from data import load_dataset, search_data
 from search import attrs
 from search.launch import StudyRequest
 from search.objective import TrialRunner, WorkerInfo
+from search.pruners import build_pruner, next_rung
 from search.study import create_or_join, join_as_worker
 from search.trainer import DeviceRecipe
 from search.worker import run_worker
@@ -52,3 +54,46 @@ def test_a_bad_trial_is_pruned_after_its_first_epoch(data_dir: Path, tmp_path: P
     assert trials[4].state == TrialState.PRUNED
     assert trials[4].last_step == 1
     assert trials[4].intermediate_values[1] > max(t.intermediate_values[1] for t in trials[:4])
+
+
+def _prune_steps(name: str, epochs: int, min_epochs: int) -> set[int]:
+    """Steps at which the real pruner stops a trial that is worse than every other at each
+    epoch: 12 good trials complete first, then 6 bad ones report every epoch and ask at each
+    (Hyperband puts trials in brackets by number; several bad ones reach each bracket)."""
+    study = optuna.create_study(
+        study_name=f"rungs-{name}-{min_epochs}", pruner=build_pruner(name, epochs, min_epochs)
+    )
+    for good in range(12):
+        trial = study.ask()
+        for step in range(1, epochs + 1):
+            trial.report(1.0 + good / 100, step)
+            trial.should_prune()  # Hyperband records the rungs a trial completes
+        study.tell(trial, 1.0 + good / 100)
+    steps = set()
+    for _ in range(6):
+        trial = study.ask()
+        for step in range(1, epochs + 1):
+            trial.report(10.0, step)
+            if trial.should_prune():
+                steps.add(step)
+        study.tell(trial, state=TrialState.PRUNED)
+    return steps
+
+
+@pytest.mark.parametrize("name", ["median", "hyperband"])
+@pytest.mark.parametrize("min_epochs", [1, 3, 5])
+def test_no_trial_is_pruned_before_min_epochs(name: str, min_epochs: int) -> None:
+    epochs = 3 * min_epochs + 1
+    steps = _prune_steps(name, epochs, min_epochs)
+    assert min(steps) == min_epochs  # judged at --min-epochs, never before
+    # next_rung names each epoch the pruner judges: from the one before it, it is the next.
+    assert all(next_rung(name, step - 1, epochs, min_epochs) == step for step in steps)
+    rungs = {next_rung(name, 0, epochs, min_epochs)}
+    while max(rungs) < epochs:
+        rungs.add(next_rung(name, max(rungs), epochs, min_epochs))
+    assert steps <= rungs and min(rungs) == min_epochs
+
+
+def test_no_pruner_never_prunes() -> None:
+    assert _prune_steps("none", 6, 3) == set()
+    assert next_rung("none", 0, 6, 3) == 6
