@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,8 +82,8 @@ SCHEDULE_ARGS: dict[str, type] = {
     "constant": ConstantArgs,
 }
 SCHEDULERS = tuple(SCHEDULE_ARGS)
-# Arguments counted in epochs, and the least each may be once scaled.
-EPOCH_COUNTED_ARGS = {"patience": 0, "step_size": 1}
+# Arguments counted in epochs (TrainConfig.with_epochs scales them).
+EPOCH_COUNTED_ARGS = ("patience", "step_size")
 
 
 def schedule_args(scheduler: str, raw: Any) -> Any:
@@ -142,21 +143,42 @@ class TrainConfig:
         return schedule_args(self.scheduler, self.scheduler_args)
 
     def with_epochs(self, epochs: int) -> TrainConfig:
-        """This recipe over `epochs`: arguments counted in epochs scale with the run's length,
-        so a patience tuned over a 20-epoch trial means the same share of a 90-epoch run."""
+        """This recipe over `epochs`, keeping its schedule: a step size keeps the number of LR
+        decays the trial had, a patience (and a replayed LR trace) the same share of the run."""
         ratio = epochs / self.epochs
-        args = {
-            name: max(EPOCH_COUNTED_ARGS[name], round(value * ratio))
-            if name in EPOCH_COUNTED_ARGS
-            else value
-            for name, value in self.scheduler_args.items()
-        }
+        args = dict(self.scheduler_args)
+        if "patience" in args:
+            args["patience"] = math.floor(args["patience"] * ratio + 0.5)  # half up
+        if "step_size" in args:
+            args["step_size"] = _step_size_for(args["step_size"], self.epochs, epochs)
         return replace(self, epochs=epochs, scheduler_args=args)
+
+    def replayed_lr(self, epoch: int) -> float:
+        """The LR of 0-based `epoch` when lr_by_epoch is replayed: the trace stretched over this
+        run's epochs, each LR the trial ran at held for the same share of the run."""
+        trace = self.lr_by_epoch
+        return trace[min(len(trace) - 1, epoch * len(trace) // self.epochs)]
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
         raw["lr_by_epoch"] = list(self.lr_by_epoch)
         return raw
+
+
+def lr_changes(step_size: int, epochs: int) -> int:
+    """LR decays a StepLR run of `epochs` makes (it steps after every epoch but the last)."""
+    return (epochs - 1) // step_size
+
+
+def _step_size_for(step_size: int, epochs: int, new_epochs: int) -> int:
+    """The step size that makes over `new_epochs` the number of decays nearest to what
+    `step_size` made over `epochs` (equal, where one can); of those, the nearest scaled one."""
+    decays = lr_changes(step_size, epochs)
+    scaled = step_size * new_epochs / epochs
+    return min(
+        range(1, new_epochs + 1),
+        key=lambda size: (abs(lr_changes(size, new_epochs) - decays), abs(size - scaled)),
+    )
 
 
 @dataclass(frozen=True)

@@ -416,9 +416,4 @@ def _build_scheduler(
 
 def _replay(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
     """The LR a search trial followed, epoch by epoch, stretched over this run's epochs."""
-    trace = cfg.lr_by_epoch
-
-    def factor(epoch: int) -> float:
-        return trace[min(len(trace) - 1, epoch * len(trace) // cfg.epochs)] / cfg.lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cfg.replayed_lr(e) / cfg.lr)

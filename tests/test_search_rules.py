@@ -4,6 +4,7 @@ best complete trial, and `hpo train` trains (and replays) what was exported."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import signal
 import subprocess
@@ -268,13 +269,51 @@ def test_train_replays_the_plateau_lr_its_trial_followed_stretched_over_its_epoc
     assert (saved["train"]["epochs"], saved["train"]["lr_by_epoch"]) == (8, trace)
 
 
-def test_epoch_counted_schedule_arguments_scale_with_the_run() -> None:
-    step = TrainConfig(epochs=4, scheduler="step", scheduler_args={"step_size": 2, "gamma": 0.5})
-    plateau = TrainConfig(epochs=20, scheduler="plateau", scheduler_args={"patience": 5})
-    assert step.with_epochs(8).schedule == StepArgs(step_size=4, gamma=0.5)
-    assert plateau.with_epochs(90).schedule.patience == 22
-    assert plateau.with_epochs(2).schedule.patience == 0
-    assert step.with_epochs(1).schedule.step_size == 1  # never below one epoch
+def _decays(step_size: int, epochs: int) -> int:
+    """LR changes of a real StepLR run of `epochs`, stepped after each epoch as the trainer
+    steps it (not after the last)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.5)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return sum(a != b for a, b in itertools.pairwise(lrs))
+
+
+def test_a_step_schedule_keeps_its_number_of_decays_over_the_final_run() -> None:
+    # 5 over 20 epochs decays 3 times; 22 over 90 (22.5 rounded to even) would decay 4 times.
+    five = TrainConfig(epochs=20, scheduler="step", scheduler_args={"step_size": 5, "gamma": 0.5})
+    assert five.with_epochs(90).schedule == StepArgs(step_size=23, gamma=0.5)
+    for epochs in range(2, 21):
+        for step_size in range(1, max(1, epochs // 2) + 1):  # the space's range
+            trial = TrainConfig(
+                epochs=epochs, scheduler="step", scheduler_args={"step_size": step_size}
+            )
+            for final in (epochs, 90, 91):
+                scaled = trial.with_epochs(final).schedule.step_size
+                wanted = _decays(step_size, epochs)
+                # As many decays as the trial had; else the nearest count any step size makes.
+                nearest = min(abs((final - 1) // size - wanted) for size in range(1, final + 1))
+                assert abs(_decays(scaled, final) - wanted) == nearest, (step_size, epochs)
+                assert abs(scaled - step_size * final / epochs) <= final / epochs  # still its share
+    step = TrainConfig(epochs=4, scheduler="step", scheduler_args={"step_size": 2})
+    assert step.with_epochs(1).schedule.step_size == 1  # a 1-epoch run has no room for a decay
+
+
+def test_a_plateau_schedule_keeps_its_lr_changes_and_patience_share() -> None:
+    trace = (0.01,) * 7 + (0.001,) * 6 + (0.0001,) * 7
+    plateau = TrainConfig(
+        lr=0.01, epochs=20, scheduler="plateau", scheduler_args={"patience": 5}, lr_by_epoch=trace
+    )
+    final = plateau.with_epochs(90)
+    replayed = [final.replayed_lr(epoch) for epoch in range(90)]
+    assert [lr for lr, _ in itertools.groupby(replayed)] == [0.01, 0.001, 0.0001]
+    assert replayed.index(0.001) / 90 == pytest.approx(7 / 20, abs=1 / 90)  # at the same share
+    assert final.schedule.patience == 23  # 22.5, rounded half up
+    assert plateau.with_epochs(2).schedule.patience == 1
+    assert plateau.with_epochs(1).schedule.patience == 0
 
 
 @pytest.mark.parametrize(
