@@ -10,7 +10,7 @@ from .cifar import (
     download_cifar10,
     require_cifar10,
 )
-from .dataset import DATASETS, load_dataset
+from .dataset import DATASETS, dataset_folder, load_dataset
 from .loader import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -36,6 +36,7 @@ __all__ = [
     "RunData",
     "augment_batch",
     "cifar10_source",
+    "dataset_folder",
     "default_data_dir",
     "download_cifar10",
     "flip_batch",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .batches import ImageSet, has_batches, load_folder
-from .cifar import default_data_dir, download_cifar10, require_cifar10
+from .cifar import DatasetMissingError, default_data_dir, download_cifar10, require_cifar10
 from .synthetic import synthetic_folder, write_synthetic
 
 DATASETS = ("cifar10", "synthetic")
@@ -13,13 +13,23 @@ DATASETS = ("cifar10", "synthetic")
 
 def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> ImageSet:
     """The named dataset as uint8 tensors; fetched (cifar10) or written (synthetic) if missing."""
+    return load_folder(dataset_folder(name, data_dir, download))
+
+
+def dataset_folder(name: str, data_dir: Path | str | None = None, download: bool = True) -> Path:
+    """The named dataset's folder, fetched (cifar10) or written (synthetic) first if missing:
+    what a command checks before it stores anything."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     data_dir = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     if name == "synthetic":
         folder = synthetic_folder(data_dir)
         if not has_batches(folder):
-            write_synthetic(data_dir)
-    else:
-        folder = download_cifar10(data_dir) if download else require_cifar10(data_dir)
-    return load_folder(folder)
+            try:
+                write_synthetic(data_dir)
+            except OSError as err:
+                raise DatasetMissingError(
+                    f"cannot write the synthetic set in {data_dir}: {err.strerror or err}"
+                ) from err
+        return folder
+    return download_cifar10(data_dir) if download else require_cifar10(data_dir)

@@ -4,6 +4,7 @@ test each seed once."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from data import ImageSet, final_data, load_dataset
 from search import attrs
 from search.checkpoints import artifact_dir
-from search.config import TrialConfig, load_config_file
+from search.config import ConfigError, TrialConfig, load_config_file
 from search.cost import gflops_per_image, parameter_count
 from search.fleet import parse_gpus
 from search.progress import SearchProgress, format_epoch
@@ -55,6 +56,7 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     cfg, document = load_config_file(request.config)
     cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
+    make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
     if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
         progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
@@ -75,6 +77,16 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     source = document.get("source") or {}
     progress.say(attach_final(request.storage, artifacts, source, output, metrics))
     return metrics
+
+
+def make_output_dir(folder: Path) -> None:
+    """Make the folder results go to, before any training: a bad one is refused at once."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--output-dir {folder}: {err.strerror or err}") from err
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output-dir {folder}: not writable")
 
 
 def seed_devices(gpus: str | None, say: Say) -> list[torch.device]:

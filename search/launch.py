@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from data import load_dataset, search_data
+from data import dataset_folder, load_dataset, search_data
 from search.checkpoints import CheckpointStore, artifact_dir
 from search.compile_policy import share_compile_caches
 from search.cost import cost_lines
@@ -23,6 +23,7 @@ from search.progress import SearchProgress, best_summary
 from search.run import pick_device
 from search.settings import StudySettings
 from search.study import (
+    StudyError,
     budget,
     check_study_name,
     create_or_join,
@@ -33,7 +34,13 @@ from search.study import (
 )
 from search.trainer import DeviceRecipe
 from search.worker import WorkerSummary, run_worker
-from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage
+from storage import (
+    HeartbeatPolicy,
+    RetryPolicy,
+    StorageUnavailable,
+    StorageURLError,
+    open_storage,
+)
 
 # Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
 EXIT_STORAGE_UNAVAILABLE = 75
@@ -76,9 +83,10 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
-    # Refused before anything is stored.
+    # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
     check_study_name(request.study)
+    dataset_folder(planned_settings(request).dataset, options.data_dir)
     settings = create_study(request, progress)
     return run_workers(request.study, request.storage, settings, options, progress)
 
@@ -133,6 +141,17 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         for line in cost_lines(settings, request.trials):
             progress.say(line)
     return settings
+
+
+def planned_settings(request: StudyRequest) -> StudySettings:
+    """The settings the study will run with: its stored ones, which the flags must agree
+    with, where it exists; else the request's (checked as they are made)."""
+    try:
+        stored = stored_settings(request.study, request.storage)
+    except (StudyError, StorageURLError):  # no such study (or no database file) yet
+        return request.new_settings()
+    stored.check_flags(request.flags())
+    return stored
 
 
 def stored_settings(study_name: str, storage_url: str) -> StudySettings:

@@ -8,6 +8,7 @@ import re
 import threading
 from pathlib import Path
 
+import optuna
 import torch
 from conftest import run_hpo, tiny_start
 from optuna.trial import TrialState
@@ -15,6 +16,7 @@ from test_search_rules import EPOCHS, one_trial_study, runner
 
 from search import attrs
 from search.worker import run_worker
+from storage import open_storage
 
 
 class RunsCode:
@@ -89,3 +91,42 @@ def test_a_piped_worker_log_has_one_event_per_line(hpo_env: dict, tmp_path: Path
     assert any(
         line.startswith("created study 'a-study") and "target 2 trials" in line for line in lines
     )
+
+
+def test_a_refused_start_or_train_stores_nothing(hpo_env: dict, tmp_path: Path) -> None:
+    """Data, GPUs, flags and folders are checked before a study or a trial is written."""
+    url = hpo_env["HPO_STORAGE"]
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+
+    def hpo(*args: str):
+        return run_hpo(*args, env=hpo_env, cwd=tmp_path)
+
+    def stored() -> dict[str, tuple[int, object]]:
+        storage = open_storage(url)
+        return {
+            s.study_name: (s.n_trials, s.user_attrs.get(attrs.TARGET))
+            for s in optuna.get_all_study_summaries(storage)
+        }
+
+    bad_data = ("--data-dir", str(not_a_folder))
+    # A new study: nothing but the database file (no network needed: the folder is a file).
+    expect_refused(hpo(*tiny_start("new", 2, *bad_data)), "synthetic set", str(not_a_folder))
+    expect_refused(hpo(*tiny_start("new", 2, "--dataset", "cifar10", *bad_data)), "CIFAR-10")
+    expect_refused(hpo(*tiny_start("new", 2, "--gpus", "all")), "no CUDA GPU")
+    assert stored() == {}
+    # An existing study keeps its trials and target.
+    created = hpo("create", "--study", "old", "--trials", "2", "--space", "tiny",
+                  "--dataset", "synthetic", "--epochs", "2")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    before = stored()
+    assert before == {"old": (2, 2)}
+    expect_refused(hpo(*tiny_start("old", 5, *bad_data)), "synthetic set")
+    expect_refused(hpo(*tiny_start("old", 5, "--epochs", "3")), "--epochs 3 contradicts")
+    assert stored() == before
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {channels: [[3, 8]], blocks: [1]}\n")
+    train = ("train", "--config", str(config), "--dataset", "synthetic", "--epochs", "1")
+    expect_refused(hpo(*train, "--output-dir", "/proc/x"), "--output-dir /proc/x")
+    expect_refused(hpo(*train, "--output-dir", str(not_a_folder / "x")), "--output-dir")
+    assert stored() == before
