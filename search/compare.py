@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from data import load_dataset
@@ -30,6 +30,7 @@ from search.final import (
     FINAL_EPOCHS,
     attach_to_study,
     format_mean_std,
+    make_output_dir,
     open_for_writing,
     seed_devices,
     train_seeds,
@@ -38,7 +39,6 @@ from search.objective import describe_architecture
 from search.progress import SearchProgress
 from search.settings import StudySettings
 from search.space import (
-    DEFAULT_SPACE_NAME,
     config_from_params,
     report_params_in,
     report_table1_params,
@@ -56,6 +56,7 @@ T_975 = (
 )  # fmt: skip
 COLUMNS = (
     "config",
+    "search val loss",
     "test accuracy",
     "vs report (95% CI)",
     "params",
@@ -100,20 +101,18 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     settings = load_settings(storage, request.study)
     epochs = request.epochs or FINAL_EPOCHS
     top = top_entries(study, request.storage, request.top, epochs)
-    entries = [*top, report_entry(settings, epochs)]
+    entries = [*top, report_entry(study, request.storage, settings, epochs)]
+    make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
     images = load_dataset(settings.dataset, request.data_dir)
     seeds = list(range(request.seeds))
-    trained: dict[str, dict[str, Any]] = {}  # the report's config may also be a top trial
-    runs = []
-    for entry in entries:
-        key = json.dumps(entry.cfg.to_dict(), sort_keys=True)
-        if key not in trained:
-            progress.say(f"{entry.name}: {describe_architecture(entry.cfg)}")
-            folder = request.output_dir / entry.folder
-            say = _labelled(progress, entry.name)
-            trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say)
-        runs.append((entry, trained[key]))
+    trained: dict[str, dict[str, Any]] = {}
+    for key, entry in training_plan(entries).items():
+        progress.say(f"{entry.name}: {describe_architecture(entry.cfg)}")
+        folder = request.output_dir / entry.folder
+        say = _labelled(progress, entry.name)
+        trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say)
+    runs = [(entry, trained[config_key(entry.cfg)]) for entry in entries]
     table = comparison(study.study_name, settings, epochs, seeds, runs)
     markdown = to_markdown(table)
     request.output_dir.mkdir(parents=True, exist_ok=True)
@@ -141,30 +140,72 @@ def top_entries(study: optuna.Study, storage_url: str, count: int, epochs: int) 
     return entries
 
 
-def report_entry(settings: StudySettings, epochs: int) -> Entry:
-    """The report's Table 1/2 config as the study's space expresses it: in the default space
-    the study's first trial; elsewhere scaled to the space (see report_params_in)."""
+def training_plan(entries: list[Entry]) -> dict[str, Entry]:
+    """Each distinct config once, under the first entry that names it: the report's config
+    is trained once even when its trial is also among the top ones."""
+    plan: dict[str, Entry] = {}
+    for entry in entries:
+        plan.setdefault(config_key(entry.cfg), entry)
+    return plan
+
+
+def config_key(cfg: TrialConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def report_entry(
+    study: optuna.Study, storage_url: str, settings: StudySettings, epochs: int
+) -> Entry:
+    """The report's Table 1/2 config by the top trials' rule: where the study holds a complete
+    trial of it (trial 0 of the default space), that trial as `hpo best` exports it; elsewhere
+    the config as a trial of this study would run it, scaled to `epochs` the same way."""
     space = settings.search_space()
-    cfg = config_from_params(report_params_in(space), space, epochs)
-    first = 0 if settings.space_name == DEFAULT_SPACE_NAME else None
-    return Entry(REPORT, first, cfg)
+    params = report_params_in(space)
+    trial = report_trial(study, params)
+    if trial is not None:
+        document = best_document(study, storage_url, trial)
+        cfg = TrialConfig.from_dict(document).with_epochs(epochs)
+        return Entry(REPORT, trial.number, cfg, trial.value)
+    cfg = config_from_params(params, space, settings.epochs).with_epochs(epochs)
+    return Entry(REPORT, None, cfg)
 
 
-def report_scaling(settings: StudySettings) -> str:
-    """How the report's config was fitted to the study's space, in words."""
+def report_trial(study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
+    """The first complete trial that ran the report's parameters (its first trial, or a retry)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return next((t for t in trials if t.params == params), None)
+
+
+def report_scaling(settings: StudySettings, report: Entry) -> str:
+    """How the report's config was fitted to the study's space and trained, in words."""
+    if report.trial is not None:
+        source = f"the study's trial {report.trial}, exported as `hpo best --trial` exports it"
+    else:
+        source = (
+            f"not a trial of this study: its config as a {settings.epochs}-epoch trial of the "
+            "study would run it, scaled to the final run as the trials are"
+            + (
+                "; with no LR trace to replay, its plateau schedule watches the training loss"
+                if report.cfg.train.scheduler == "plateau"
+                else ""
+            )
+        )
     exact, fitted = report_table1_params(), report_params_in(settings.search_space())
-    changed = [name for name in exact if fitted[name] != exact[name]]
-    if not changed:
-        return "the report's Table 1/2 config as published (the study's first trial)"
+    changed = [name for name in exact if name in fitted and fitted[name] != exact[name]]
+    if not changed and fitted.keys() == exact.keys():
+        return f"the report's Table 1/2 config as published ({source})"
     widths = [name for name in changed if name.startswith("width_")]
     parts = [f"{name} {exact[name]} -> {fitted[name]}" for name in changed if name not in widths]
     if widths:
         before = ", ".join(str(exact[name]) for name in widths)
         after = ", ".join(str(fitted[name]) for name in widths)
         parts.insert(0, f"widths {before} -> {after}")
+    parts += [f"without {name}" for name in exact if name not in fitted]
+    parts += [f"{name} {fitted[name]}" for name in fitted if name not in exact]
     return (
-        f"the report's Table 1/2 config scaled to the study's `{settings.space_name}` space "
-        f"({'; '.join(parts)}); depth, K, dropout and the rest of the recipe as published"
+        f"the report's Table 1/2 config fitted to the study's `{settings.space_name}` space "
+        f"({'; '.join(parts)}); depth, K, dropout and the rest of the recipe as published; "
+        f"{source}"
     )
 
 
@@ -177,7 +218,8 @@ def comparison(
 ) -> dict[str, Any]:
     """The table as data: per config its per-seed test scores, their mean and std, and the
     paired difference to the report with its 95% interval."""
-    report = next(metrics for entry, metrics in runs if entry.name == REPORT)
+    report_run = next(run for run in runs if run[0].name == REPORT)
+    report = report_run[1]
     baseline = [run["test_acc"] for run in report["seeds"]]
     configs = []
     for entry, metrics in runs:
@@ -206,7 +248,7 @@ def comparison(
         "seeds": seeds,
         "train_images": report["train_images"],
         "test_images": report["test_images"],
-        "report_config": report_scaling(settings),
+        "report_config": report_scaling(settings, report_run[0]),
         "configs": configs,
     }
 
@@ -235,6 +277,7 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
     return [
         [
             config["name"],
+            "-" if config["val_loss"] is None else f"{config['val_loss']:.4f}",
             format_mean_std(
                 {"mean": config["test_acc_mean"], "std": config["test_acc_std"]}, percent=True
             ),
@@ -283,7 +326,10 @@ def explanation(table: dict[str, Any]) -> str:
         "differences to the report's config with the same seed, in percentage "
         "points, with a 95% Student-t interval: an interval that excludes 0 is a difference "
         "larger than seed-to-seed noise. *report* is "
-        f"{table['report_config']}. Train time is per seed; images/s is training throughput."
+        f"{table['report_config']}. *search val loss* is the config's score in the search "
+        "(its trial's validation loss; - where it was no trial): where test accuracy ranks the "
+        "configs as it does, the search's short runs predicted the long ones. Train time is "
+        "per seed; images/s is training throughput."
     )
 
 

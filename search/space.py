@@ -13,7 +13,7 @@ import yaml
 
 from data import AugmentConfig
 from model import REPORT_TABLE1, ModelConfig, train_flops_per_image
-from search.config import SCHEDULERS, TrainConfig, TrialConfig
+from search.config import SCHEDULERS, CosineArgs, OneCycleArgs, TrainConfig, TrialConfig
 
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
@@ -306,23 +306,43 @@ def report_table1_params() -> dict[str, Any]:
     return params
 
 
+# What stands in for the report's plateau schedule in a space without one, nearest first:
+# smooth decays, then steps (every patience epochs, by its factor), then a constant LR.
+REPORT_SCHEDULE_STAND_INS = ("plateau", "cosine", "onecycle", "step", "constant")
+
+
 def report_params_in(space: SearchSpace) -> dict[str, Any]:
     """The report's Table 1/2 run as parameters of `space`: exactly report_table1_params
-    where the space's widest layer is the default space's. Elsewhere (the tiny space) every
-    width is scaled by the ratio of the widest layers, rounded to the space's step (at least
-    one step), and a batch size or kernel the space does not offer becomes its nearest
-    choice; depth, K, dropout and the rest of the recipe stay the report's."""
+    where the space offers its widths, batch size, kernel and schedule. Where the space's
+    widest layer differs (the tiny space) every width is scaled by the ratio of the widest
+    layers, rounded to the space's step (at least one step); a batch size or kernel the space
+    does not offer becomes its nearest choice, and a schedule the nearest in
+    REPORT_SCHEDULE_STAND_INS; depth, K, dropout and the rest of the recipe stay the report's."""
     params = report_table1_params()
     scale = space.width[1] / DEFAULT_SPACE.width[1]
-    if scale == 1:
-        return params
     step = space.width_step or 1  # log-scale widths: any integer
     for name, value in params.items():
-        if name.startswith("width_"):
+        if name.startswith("width_") and scale != 1:
             params[name] = max(space.width[0], round(value * scale / step) * step)
     for name in ("batch_size", "kernel_size"):
         params[name] = min(getattr(space, name), key=lambda choice: abs(choice - params[name]))
+    if "plateau" not in space.schedulers:
+        factor, patience = params.pop("plateau_factor"), params.pop("plateau_patience")
+        scheduler = next(s for s in REPORT_SCHEDULE_STAND_INS if s in space.schedulers)
+        params["scheduler"] = scheduler
+        params.update(_stand_in_args(scheduler, factor, patience))
     return params
+
+
+def _stand_in_args(scheduler: str, factor: float, patience: int) -> dict[str, Any]:
+    """The parameters of a stand-in schedule: its defaults, or the plateau's own numbers."""
+    if scheduler == "onecycle":
+        return {"onecycle_pct_start": OneCycleArgs().pct_start}
+    if scheduler == "cosine":
+        return {"cosine_min_lr_ratio": CosineArgs().min_lr_ratio}
+    if scheduler == "step":
+        return {"step_size": patience, "step_gamma": factor}
+    return {}
 
 
 def config_from_params(params: dict[str, Any], space: SearchSpace, epochs: int) -> TrialConfig:

@@ -21,13 +21,25 @@ from test_dashboard import make_study
 from typer.testing import CliRunner
 
 from data import load_dataset
+from model import REPORT_TABLE1
 from search import attrs
 from search.checkpoints import artifact_dir
 from search.cli import app
-from search.compare import paired_difference, t_975
-from search.config import TrialConfig
+from search.compare import (
+    Entry,
+    paired_difference,
+    report_entry,
+    report_scaling,
+    t_975,
+    top_entries,
+    training_plan,
+)
+from search.config import StepArgs, TrialConfig
+from search.export import trial_document
 from search.final import train_seeds
 from search.report import write_report
+from search.settings import StudySettings
+from search.space import config_from_params, report_params_in, sample_config
 from search.status import study_table
 from search.study import create_or_join, load_settings
 from storage import open_storage
@@ -122,7 +134,10 @@ def test_paired_difference_and_its_interval() -> None:
     assert t_975(1000) == pytest.approx(1.962, abs=1e-3)
 
 
-ROW = re.compile(r"^\| (?P<name>[^|]+?) \| (?P<acc>[^|]+?) \| (?P<diff>[^|]+?) \|", re.MULTILINE)
+ROW = re.compile(
+    r"^\| (?P<name>[^|]+?) \| (?P<val>[^|]+?) \| (?P<acc>[^|]+?) \| (?P<diff>[^|]+?) \|",
+    re.MULTILINE,
+)
 
 
 def test_compare_table_matches_the_per_seed_metrics(
@@ -214,3 +229,76 @@ def test_compare_train_and_pareto_refusals_are_one_line(tmp_path: Path) -> None:
             "--gpus 0: no CUDA GPU is visible"
         )
         assert refused("compare", "--study", "s", "--gpus", "all").startswith("--gpus all: no CUDA")
+
+
+def _tell(study: optuna.Study, settings: StudySettings, value: float, lrs: list[float]) -> int:
+    """Claim the next ticket and tell it complete as a worker would, with an LR per epoch."""
+    trial = study.ask()
+    cfg = sample_config(trial, settings.search_space(), settings.epochs)
+    trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
+    trial.set_user_attr(attrs.EPOCHS, [{"epoch": e, "lr": lr} for e, lr in enumerate(lrs, 1)])
+    for epoch in range(1, settings.epochs + 1):
+        trial.report(value + 1 / epoch, epoch)
+    study.tell(trial, value)
+    return trial.number
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+def test_the_report_entry_is_its_trials_export_trained_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    storage = open_storage(url)
+    settings = StudySettings.for_space(epochs=4, dataset="synthetic")  # the default space
+    create_or_join(storage, "r", settings, 2)
+    study = optuna.load_study(study_name="r", storage=storage)
+    trace = [1e-3, 1e-3, 1e-4, 1e-5]  # the report's plateau, cut twice in the trial
+    assert _tell(study, settings, 0.5, trace) == 0  # the first ticket: the report's config
+    other = _tell(study, settings, 0.7, [2e-3] * 4)
+
+    report = report_entry(study, url, settings, 90)
+    exported = TrialConfig.from_dict(trial_document(study, url, 0)).with_epochs(90)
+    assert report.trial == 0 and report.cfg == exported and report.val_loss == 0.5
+    assert report.cfg.train.scheduler == "plateau" and report.cfg.train.lr_by_epoch == tuple(trace)
+    top = top_entries(study, url, 2, 90)
+    assert [entry.trial for entry in top] == [0, other]
+    plan = training_plan([*top, report])
+    assert [entry.name for entry in plan.values()] == ["trial 0 (best)", f"trial {other} (#2)"]
+    assert "the study's trial 0, exported" in report_scaling(settings, report)
+
+    # Without the report's trial (a study not in the default space): its config as a trial
+    # of the study, scaled as the trials are, and the table's note says so.
+    tiny = StudySettings.for_space("tiny", epochs=20, dataset="synthetic")
+    alone = report_entry(study, url, tiny, 90)
+    space = tiny.search_space()
+    assert alone.trial is None and alone.val_loss is None
+    assert alone.cfg == config_from_params(report_params_in(space), space, 20).with_epochs(90)
+    assert alone.cfg.train.scheduler_args["patience"] == 45  # 10 of 20 epochs, as a trial's
+    note = report_scaling(tiny, alone)
+    assert "not a trial of this study" in note and "watches the training loss" in note
+
+
+@pytest.mark.parametrize(
+    ("override", "fitted"),
+    [
+        ({"batch_size": [512]}, "batch_size 256 -> 512"),
+        ({"kernel_size": [5]}, "kernel_size 3 -> 5"),
+        ({"schedulers": ["onecycle"]}, "scheduler plateau -> onecycle"),
+        ({"schedulers": ["step", "constant"]}, "scheduler plateau -> step"),
+    ],
+)
+def test_the_report_is_fitted_to_any_space_and_the_note_names_each_change(
+    override: dict, fitted: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(override))  # the default space but for one key
+    settings = StudySettings.for_space(str(path), epochs=20, dataset="synthetic")
+    space = settings.search_space()
+    cfg = config_from_params(report_params_in(space), space, 20)
+    assert cfg.train.batch_size in space.batch_size and cfg.model.kernel_size in space.kernel_size
+    assert cfg.train.scheduler in space.schedulers
+    assert cfg.model.channels == REPORT_TABLE1.channels  # the report's network, as published
+    entry = Entry("report", None, cfg.with_epochs(90))
+    note = report_scaling(settings, entry)
+    assert fitted in note and note.count(" -> ") == 1, note
+    if "step" in fitted:  # the plateau's own numbers: a cut by its factor every patience
+        assert cfg.train.schedule == StepArgs(step_size=10, gamma=0.1)
+        assert "step_size 10" in note and "without plateau_patience" in note
