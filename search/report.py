@@ -28,6 +28,7 @@ from plotly.graph_objects import Figure
 from search import attrs
 from search.compare import COLUMNS, explanation, table_rows
 from search.cost import pareto_front, trial_gflop
+from search.fidelity import fidelity_line
 from search.settings import METRIC_NAME
 from search.study import name_objective
 
@@ -298,6 +299,8 @@ def _page(
 </head><body>
 <h1>Study {name}</h1>
 <p class="summary">{html.escape(_summary(study, trials))}</p>
+<p class="summary">Do the pruner's rungs rank trials as their last epoch does?
+{html.escape(fidelity_line(study))}.</p>
 <p class="summary">Generated {generated} by <code>hpo report</code>.</p>
 {_comparison(study)}
 {"".join(sections)}

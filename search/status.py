@@ -13,6 +13,7 @@ from rich.table import Table
 from search import attrs
 from search.compare import rich_table
 from search.cost import format_duration, is_over_cap, study_pace
+from search.fidelity import fidelity_line
 from search.progress import best_summary
 from search.study import budget, join, load_settings
 from storage import HeartbeatPolicy, open_storage
@@ -46,6 +47,7 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
     summary.add_row("pace", pace_line(trials, state.finished, state.target))
     summary.add_row("best", best_summary(study))
     summary.add_row("trial time", time_by_phase(trials))
+    summary.add_row("rungs rank like the end", fidelity_line(study))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
