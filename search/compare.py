@@ -115,7 +115,6 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     runs = [(entry, trained[config_key(entry.cfg)]) for entry in entries]
     table = comparison(study.study_name, settings, epochs, seeds, runs)
     markdown = to_markdown(table)
-    request.output_dir.mkdir(parents=True, exist_ok=True)
     (request.output_dir / FILES[0]).write_text(markdown)
     (request.output_dir / FILES[1]).write_text(json.dumps(table, indent=2) + "\n")
     progress.console.print(rich_table(table))
@@ -178,18 +177,7 @@ def report_trial(study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | N
 
 def report_scaling(settings: StudySettings, report: Entry) -> str:
     """How the report's config was fitted to the study's space and trained, in words."""
-    if report.trial is not None:
-        source = f"the study's trial {report.trial}, exported as `hpo best --trial` exports it"
-    else:
-        source = (
-            f"not a trial of this study: its config as a {settings.epochs}-epoch trial of the "
-            "study would run it, scaled to the final run as the trials are"
-            + (
-                "; with no LR trace to replay, its plateau schedule watches the training loss"
-                if report.cfg.train.scheduler == "plateau"
-                else ""
-            )
-        )
+    source = _report_source(settings, report)
     exact, fitted = report_table1_params(), report_params_in(settings.search_space())
     changed = [name for name in exact if name in fitted and fitted[name] != exact[name]]
     if not changed and fitted.keys() == exact.keys():
@@ -207,6 +195,18 @@ def report_scaling(settings: StudySettings, report: Entry) -> str:
         f"({'; '.join(parts)}); depth, K, dropout and the rest of the recipe as published; "
         f"{source}"
     )
+
+
+def _report_source(settings: StudySettings, report: Entry) -> str:
+    if report.trial is not None:
+        return f"the study's trial {report.trial}, exported as `hpo best --trial` exports it"
+    rule = (
+        f"not a trial of this study: its config as a {settings.epochs}-epoch trial of the study "
+        "would run it, scaled to the final run as the trials are"
+    )
+    if report.cfg.train.scheduler == "plateau":
+        rule += "; with no LR trace to replay, its plateau schedule watches the training loss"
+    return rule
 
 
 def comparison(
