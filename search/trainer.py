@@ -338,6 +338,7 @@ def _compile_mode(model: nn.Module, batch_size: int, device: torch.device) -> st
     return "reduce-overhead" if small else "default"
 
 
+# What this process last compiled for; None once forgotten (nothing compiled since).
 _last_compiled: tuple[Any, ...] | None = None
 
 
@@ -345,15 +346,24 @@ def _forget_other_models(model: nn.Module, mode: str) -> None:
     """Drop torch.compile's in-memory cache when a worker moves to another architecture.
 
     Compiled code is cached per Python function, at most 8 variants before torch falls
-    back to eager for good; trials of a search rarely repeat an architecture. A repeated one
-    (same config, fused form and mode: a resumed trial) reuses the cache in memory; the rest
-    recompile through inductor's on-disk cache, fast where layer shapes repeat.
+    back to eager for good; trials of a search rarely repeat an architecture. A search worker
+    forgets it all after each trial anyway (forget_compiled, search/memory.py); the next
+    compile goes through inductor's on-disk cache, fast where layer shapes repeat.
     """
     global _last_compiled
     key = (getattr(model, "config", type(model)), getattr(model, "fused", None), mode)
     if key != _last_compiled:
         torch.compiler.reset()
         _last_compiled = key
+
+
+def forget_compiled() -> None:
+    """Drop what torch.compile holds in memory (compiled code, which refers to the model it
+    traced, and CUDA-graph memory pools), if anything compiled since the last call."""
+    global _last_compiled
+    if _last_compiled is not None:
+        torch.compiler.reset()  # torch._dynamo.reset: code caches and CUDA-graph trees
+        _last_compiled = None
 
 
 def _has_native_bf16(device: torch.device) -> bool:
