@@ -108,6 +108,7 @@ class Trainer:
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.cfg = cfg
+        self.compile_mode = compile_mode
         self.device = recipe.device
         self.autocast_dtype = recipe.autocast_dtype
         self.memory_format = recipe.memory_format
@@ -280,16 +281,33 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             # Dropout draws from it: restored, a resumed run repeats the uninterrupted one.
             "rng": _rng_state(self.device),
+            # Compiled and eager steps draw dropout differently: a resume keeps the decision.
+            "compiled": self.compiled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _lay_out_like_parameters(self.optimizer)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
         if "rng" in state:  # checkpoints written before it was saved have none
             _set_rng_state(self.device, state["rng"])
+        if state.get("compiled") and self.compile_mode != "off":
+            self.start_compiling()
+
+
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each state tensor its parameter's memory layout. A checkpoint keeps the strides it
+    was written with (contiguous, or channels_last where bf16 is native), and the fused AdamW
+    kernel pairs state and parameter element by element in memory: resumed under the other
+    layout, moments would meet the wrong weights."""
+    for param, state in optimizer.state.items():
+        for key, value in list(state.items()):
+            per_element = isinstance(value, torch.Tensor) and value.shape == param.shape
+            if per_element and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _train_loss(
