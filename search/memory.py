@@ -25,6 +25,7 @@ def release_trial_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the next trial's peak is its own
 
 
 def memory_note(device: torch.device) -> str:
@@ -35,5 +36,5 @@ def memory_note(device: torch.device) -> str:
     peak = torch.cuda.max_memory_allocated(device)
     return (
         f"{free / GIB:.1f} of {total / GIB:.1f} GiB free on {torch.cuda.get_device_name(device)}, "
-        f"this worker's peak {peak / GIB:.1f} GiB"
+        f"the trial's peak {peak / GIB:.1f} GiB"
     )
