@@ -157,7 +157,7 @@ def retry_out_of_memory(
     params = failed.user_attrs.get(attrs.PARAMS)
     batch = (failed.user_attrs.get(attrs.CONFIG) or {}).get("train", {}).get("batch_size")
     size = "before it was built" if params is None else f"{params:,} parameters, batch {batch}"
-    again = failed.user_attrs[attrs.OUT_OF_MEMORY] > 1
+    again = failed.user_attrs.get(attrs.OUT_OF_MEMORY, 1) > 1
     verdict = "failed for good: its retry ran out too" if again else "retrying it once"
     had = failed.user_attrs[attrs.FAIL_REASON].removeprefix(f"{OUT_OF_MEMORY_REASON}: ")
     say(f"trial {failed.number} ran out of memory ({size}; {had}); {verdict}")
