@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every figure issues 11 and 19 ask of a GPU, into one file, in about 11 minutes on one H100:
+# Every figure issues 11 and 19 ask of a GPU, into one file, on one H100 (issue 11's steps in at
+# most 8 minutes, issue 19's in at most 9 more, their timeouts; not yet timed on a GPU):
 # throughput of Table 1 and of the small config (bench/throughput.py), then a whole
 # default-space study on 50,000 synthetic images for as many trials as fit in the time left
 # (bench/study.py; 2 workers on the one GPU, at least 24 trials asked for); then issue 19's
