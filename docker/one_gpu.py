@@ -51,8 +51,11 @@ def main() -> None:
             print(f"one-gpu: all {count} GPUs are held by other workers; waiting", flush=True)
             waiting = True
         time.sleep(WAIT_S)
-    print(f"one-gpu: GPU {gpu} of {count}", flush=True)
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    # Where the container was already narrowed to some GPUs, name the one claimed as given.
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = given.split(",")[:count] if given else [str(i) for i in range(count)]
+    print(f"one-gpu: GPU {names[gpu]} ({gpu + 1} of {count})", flush=True)
+    os.environ["CUDA_VISIBLE_DEVICES"] = names[gpu].strip()
     os.execvp(command[0], command)
 
 

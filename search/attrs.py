@@ -25,6 +25,7 @@ IMAGES_PER_S = "images_per_s"
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
+OUT_OF_MEMORY = "out_of_memory"  # times its parameters ran out of memory (a retry inherits it)
 GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
 OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget
 SECONDS = "seconds"  # the trial's time by phase, TRIAL_PHASES -> seconds

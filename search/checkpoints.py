@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,18 @@ class CheckpointStore:
         self.say = say  # where a refused checkpoint is reported
         self.artifacts = FileSystemArtifactStore(str(directory))
 
-    def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
-        record = trial.user_attrs.get(attrs.CHECKPOINT)
+    def save(
+        self,
+        trial: optuna.Trial,
+        state: dict[str, Any],
+        lock: AbstractContextManager | None = None,
+    ) -> None:
+        """Write `state` as the trial's checkpoint. Off the training thread, `lock` is the one
+        the training thread holds while it touches the trial: its attrs are one plain dict,
+        which Optuna deep-copies to read, and a key added meanwhile fails the copy."""
+        lock = lock or nullcontext()
+        with lock:
+            record = trial.user_attrs.get(attrs.CHECKPOINT)
         with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
             path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
             torch.save(state, path)
@@ -65,7 +75,8 @@ class CheckpointStore:
                     mimetype="application/octet-stream",
                 )
         record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
-        trial.set_user_attr(attrs.CHECKPOINT, record)
+        with lock:
+            trial.set_user_attr(attrs.CHECKPOINT, record)
 
     def load(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """The checkpoint a retried trial inherited from the trial it replaces, if any."""
@@ -118,6 +129,8 @@ class TrialCheckpoints:
     does so only once per `interval_s` seconds since the last one, unless forced. Leaving the
     `with` block waits for the write in flight, so the trial is told, discarded or the process
     exits only once its checkpoint is on disk. `seconds` is what the training thread spent.
+    While a write may be in flight, the training thread touches the trial (reports, attrs,
+    should_prune) only holding `trial_lock`.
     """
 
     def __init__(self, store: CheckpointStore | None, trial: optuna.Trial, interval_s: float):
@@ -127,6 +140,7 @@ class TrialCheckpoints:
         self._last = time.monotonic()
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.trial_lock = threading.Lock()
 
     def offer(self, state: Callable[[], dict[str, Any]], force: bool = False) -> bool:
         """Checkpoint `state()` if forced or an interval has passed; True if it did."""
@@ -155,7 +169,7 @@ class TrialCheckpoints:
 
     def _write(self, state: dict[str, Any]) -> None:
         try:
-            self.store.save(self.trial, state)
+            self.store.save(self.trial, state, self.trial_lock)
         except BaseException as err:  # raised on the training thread by wait()
             self._error = err
 

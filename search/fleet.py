@@ -29,7 +29,7 @@ class WorkerOptions:
     artifact_dir: Path | None = None
     timeout_s: float | None = None
     compile: str = DEFAULT_COMPILE_MODE
-    gpus: str | None = None  # 'all' or '0,1': one worker process per GPU (and job)
+    gpus: str | None = None  # 'all' or '0,1' (of the job's GPUs): a worker per GPU (and job)
     jobs_per_gpu: int = 1
     storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # waiting out a database outage
     slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
@@ -38,34 +38,65 @@ class WorkerOptions:
 @dataclass(frozen=True)
 class Slot:
     index: int
-    gpu: str | None  # CUDA_VISIBLE_DEVICES for the process; None keeps the default device
+    gpu: str | None  # CUDA_VISIBLE_DEVICES for the process (a name from visible_gpus); None
+    # keeps the parent's
 
     @property
     def label(self) -> str:
         return f"gpu{self.gpu}/{self.index}" if self.gpu is not None else f"worker{self.index}"
 
 
-def parse_gpus(spec: str | None) -> list[str] | None:
-    """'all' or a comma list of GPU indices; None leaves the device to each worker."""
+def visible_gpu_count() -> int:
+    """How many CUDA GPUs this process may use: the one place torch is asked."""
+    return torch.cuda.device_count()
+
+
+def visible_gpus() -> list[str]:
+    """This process's GPUs by the names a child's CUDA_VISIBLE_DEVICES must give them.
+
+    A scheduler (Slurm --gres, the Kubernetes device plugin) or a user narrows a job to some
+    GPUs with CUDA_VISIBLE_DEVICES, as indices, GPU UUIDs or MIG UUIDs; a child must name its
+    GPU as the parent sees it, not by the index CUDA renumbered it to. CUDA stops reading the
+    list at the first entry that names no device, hence the count from torch.
+    """
+    count = visible_gpu_count()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return [str(i) for i in range(count)]
+    return [name.strip() for name in given.split(",") if name.strip()][:count]
+
+
+def parse_gpus(spec: str | None) -> list[int] | None:
+    """'all' or a comma list of indices into this process's GPUs (0 = the first it may see);
+    None leaves the device to each worker."""
     if spec is None:
         return None
-    visible = torch.cuda.device_count()
+    visible = visible_gpu_count()
     if visible == 0:
         raise GpuSpecError(
             f"--gpus {spec}: no CUDA GPU is visible here; leave out --gpus to train on the CPU"
         )
     if spec == "all":
-        return [str(i) for i in range(visible)]
+        return list(range(visible))
     gpus = [part.strip() for part in spec.split(",") if part.strip()]
     if not gpus or not all(gpu.isdigit() for gpu in gpus):
         raise GpuSpecError(f"--gpus {spec!r}: expected 'all' or indices like 0,1,2")
     if any(int(gpu) >= visible for gpu in gpus):
         raise GpuSpecError(
-            f"--gpus {spec}: this machine's GPUs are {', '.join(map(str, range(visible)))}"
+            f"--gpus {spec}: this job may use {visible} GPU(s), indices 0-{visible - 1} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
         )
     if len(set(gpus)) != len(gpus):
         raise GpuSpecError(f"--gpus {spec!r}: a GPU is listed twice; use --jobs-per-gpu instead")
-    return gpus
+    return [int(gpu) for gpu in gpus]
+
+
+def gpu_names(indices: list[int] | None) -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entry for a child on each of `indices` (see visible_gpus)."""
+    if indices is None:
+        return None
+    names = visible_gpus()
+    return [names[index] for index in indices]
 
 
 def plan_slots(gpus: list[str] | None, jobs_per_gpu: int) -> list[Slot]:

@@ -17,7 +17,7 @@ from search.checkpoints import CheckpointStore, artifact_dir
 from search.compile_policy import share_compile_caches
 from search.cost import cost_lines
 from search.dashboard import write_study_note
-from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
+from search.fleet import WorkerOptions, gpu_names, parse_gpus, plan_slots, run_fleet
 from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress, best_summary
 from search.run import pick_device
@@ -107,7 +107,7 @@ def run_workers(
     progress: SearchProgress,
 ) -> int:
     """Run trials in this process, or one worker process per GPU slot with --gpus."""
-    slots = plan_slots(parse_gpus(options.gpus), options.jobs_per_gpu)
+    slots = plan_slots(gpu_names(parse_gpus(options.gpus)), options.jobs_per_gpu)
     if len(slots) > 1 or options.gpus is not None:
         return run_fleet(study_name, storage_url, slots, options, progress)
     try:
@@ -173,6 +173,7 @@ def run_local_worker(
     # Heartbeats on every storage, so a dead worker's trial is failed and retried.
     storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, worker.name)
+    progress.say(f"worker {worker.name} joined study {study_name!r}")
     state = budget(study)
     if state.done and state.running == 0:
         progress.say(

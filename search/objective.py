@@ -135,16 +135,18 @@ class TrialRunner:
             checkpoints.offer(
                 lambda: {**run.trainer.state_dict(), "history": history}, force=last or stopping
             )
-            with clock("report"):
+            with clock("report"), checkpoints.trial_lock:
                 self._record(trial, history, new=1)
+            # After the last epoch nothing is left to prune or to interrupt: a stop during it
+            # lets the trial complete.
+            if last:
+                break
             if stopping:
                 raise TrialInterrupted(f"stopped after epoch {stats.epoch}")
-            # After the last epoch there is nothing left to save by pruning.
-            if not last:
-                with clock("prune"):
-                    pruned = trial.should_prune()
-                if pruned:
-                    raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            with clock("prune"), checkpoints.trial_lock:
+                pruned = trial.should_prune()
+            if pruned:
+                raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
         return score(history)
 
     def _seed(self, trial: optuna.Trial) -> int:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import optuna
 
+from storage.optuna_private import OriginalTrialHyperband
+
 # Epochs every trial trains before a pruner may stop it (Hyperband's minimum resource).
 DEFAULT_MIN_EPOCHS = 3
 # Hyperband's rungs grow by this factor (Optuna's default, stated so next_rung can use it).
@@ -15,7 +17,8 @@ HYPERBAND_REDUCTION_FACTOR = 3
 
 
 def _hyperband(epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.HyperbandPruner(
+    # A retry stays in its original trial's bracket.
+    return OriginalTrialHyperband(
         min_resource=min_epochs, max_resource=epochs, reduction_factor=HYPERBAND_REDUCTION_FACTOR
     )
 

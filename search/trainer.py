@@ -108,6 +108,7 @@ class Trainer:
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.cfg = cfg
+        self.compile_mode = compile_mode
         self.device = recipe.device
         self.autocast_dtype = recipe.autocast_dtype
         self.memory_format = recipe.memory_format
@@ -280,16 +281,33 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             # Dropout draws from it: restored, a resumed run repeats the uninterrupted one.
             "rng": _rng_state(self.device),
+            # Compiled and eager steps draw dropout differently: a resume keeps the decision.
+            "compiled": self.compiled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _lay_out_like_parameters(self.optimizer)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
         if "rng" in state:  # checkpoints written before it was saved have none
             _set_rng_state(self.device, state["rng"])
+        if state.get("compiled") and self.compile_mode != "off":
+            self.start_compiling()
+
+
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each state tensor its parameter's memory layout. A checkpoint keeps the strides it
+    was written with (contiguous, or channels_last where bf16 is native), and the fused AdamW
+    kernel pairs state and parameter element by element in memory: resumed under the other
+    layout, moments would meet the wrong weights."""
+    for param, state in optimizer.state.items():
+        for key, value in list(state.items()):
+            per_element = isinstance(value, torch.Tensor) and value.shape == param.shape
+            if per_element and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _train_loss(
@@ -338,6 +356,7 @@ def _compile_mode(model: nn.Module, batch_size: int, device: torch.device) -> st
     return "reduce-overhead" if small else "default"
 
 
+# What this process last compiled for; None once forgotten (nothing compiled since).
 _last_compiled: tuple[Any, ...] | None = None
 
 
@@ -345,15 +364,24 @@ def _forget_other_models(model: nn.Module, mode: str) -> None:
     """Drop torch.compile's in-memory cache when a worker moves to another architecture.
 
     Compiled code is cached per Python function, at most 8 variants before torch falls
-    back to eager for good; trials of a search rarely repeat an architecture. A repeated one
-    (same config, fused form and mode: a resumed trial) reuses the cache in memory; the rest
-    recompile through inductor's on-disk cache, fast where layer shapes repeat.
+    back to eager for good; trials of a search rarely repeat an architecture. A search worker
+    forgets it all after each trial anyway (forget_compiled, search/memory.py); the next
+    compile goes through inductor's on-disk cache, fast where layer shapes repeat.
     """
     global _last_compiled
     key = (getattr(model, "config", type(model)), getattr(model, "fused", None), mode)
     if key != _last_compiled:
         torch.compiler.reset()
         _last_compiled = key
+
+
+def forget_compiled() -> None:
+    """Drop what torch.compile holds in memory (compiled code, which refers to the model it
+    traced, and CUDA-graph memory pools), if anything compiled since the last call."""
+    global _last_compiled
+    if _last_compiled is not None:
+        torch.compiler.reset()  # torch._dynamo.reset: code caches and CUDA-graph trees
+        _last_compiled = None
 
 
 def _has_native_bf16(device: torch.device) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 import warnings
@@ -16,6 +15,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
+from search.memory import memory_note, release_trial_memory
 from search.objective import TrialInterrupted, TrialRunner
 from search.study import budget, claim_trial, fail_stale_trials
 from storage import StorageUnavailable
@@ -23,6 +23,8 @@ from storage.optuna_private import has_heartbeat, heartbeat
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
+# How the fail reason of a trial that ran out of device memory begins.
+OUT_OF_MEMORY_REASON = "OutOfMemoryError"
 
 
 @dataclass
@@ -61,6 +63,10 @@ def run_worker(
             stop.wait(IDLE_POLL_S)
             continue
         finished = run_trial(study, trial, runner, say)
+        # Out here nothing refers to the trial's frames any more: its memory can go back.
+        release_trial_memory()
+        if finished is not None and ran_out_of_memory(finished):
+            retry_out_of_memory(study, finished, say)
         summary.ran += 1
         if on_trial_end is not None and finished is not None:
             on_trial_end(finished)
@@ -103,9 +109,14 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner)
         failed = _tell(study, trial, state=TrialState.FAIL)
         requeue(study, failed)
         return failed
-    except Exception as err:  # one bad config (OOM, NaN, bug in it) must not stop the worker
+    except torch.OutOfMemoryError:
+        # What the device had, read now; the memory itself is released once this has returned.
+        trial.set_user_attr(attrs.OUT_OF_MEMORY, trial.user_attrs.get(attrs.OUT_OF_MEMORY, 0) + 1)
+        note = memory_note(runner.recipe.device)
+        trial.set_user_attr(attrs.FAIL_REASON, f"{OUT_OF_MEMORY_REASON}: {note}")
+        return _tell(study, trial, state=TrialState.FAIL)
+    except Exception as err:  # one bad config (NaN, bug in it) must not stop the worker
         trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
-        _free_memory()
         return _tell(study, trial, state=TrialState.FAIL)
     return _tell(study, trial, value)
 
@@ -133,7 +144,22 @@ def requeue(study: optuna.Study, failed: FrozenTrial) -> None:
     retry(study, failed)
 
 
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def ran_out_of_memory(trial: FrozenTrial) -> bool:
+    reason = trial.user_attrs.get(attrs.FAIL_REASON) or ""
+    return trial.state == TrialState.FAIL and reason.startswith(OUT_OF_MEMORY_REASON)
+
+
+def retry_out_of_memory(
+    study: optuna.Study, failed: FrozenTrial, say: Callable[[str], None]
+) -> None:
+    """Say so; re-queue the trial once at its parameters (memory is back now: another process
+    sharing the GPU may have held it), fail it for good if its retry ran out of memory too."""
+    params = failed.user_attrs.get(attrs.PARAMS)
+    batch = (failed.user_attrs.get(attrs.CONFIG) or {}).get("train", {}).get("batch_size")
+    size = "before it was built" if params is None else f"{params:,} parameters, batch {batch}"
+    again = failed.user_attrs.get(attrs.OUT_OF_MEMORY, 1) > 1
+    verdict = "failed for good: its retry ran out too" if again else "retrying it once"
+    had = failed.user_attrs[attrs.FAIL_REASON].removeprefix(f"{OUT_OF_MEMORY_REASON}: ")
+    say(f"trial {failed.number} ran out of memory ({size}; {had}); {verdict}")
+    if not again:
+        requeue(study, failed)

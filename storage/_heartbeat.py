@@ -9,10 +9,10 @@ heartbeat thread, `fail_stale_trials` and the retry callback work unchanged.
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -24,8 +24,10 @@ from storage.optuna_private import Heartbeat
 
 # Seconds between a running trial's heartbeats, unless a study sets its own.
 DEFAULT_HEARTBEAT_S = 60
-# The trial system attribute that holds a journal trial's last heartbeat (Unix time).
+# The trial system attributes that hold a journal trial's last heartbeat and its claim, as
+# ISO 8601 times in UTC: machines in other time zones read the same instant.
 HEARTBEAT_ATTR = "hpo:heartbeat"
+CLAIMED_ATTR = "hpo:claimed"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class HeartbeatJournalStorage(JournalStorage, Heartbeat):
     """A journal storage whose running trials send heartbeats (none when `policy` is None).
 
     Heartbeats compare wall clocks of different machines: keep them in sync (NTP), well
-    within the grace. Each heartbeat is one journal entry, one per interval per running trial.
+    within the grace; their time zones may differ, every stamp is UTC. Each heartbeat is one
+    journal entry, one per interval per running trial.
     """
 
     def __init__(self, backend: BaseJournalBackend, policy: HeartbeatPolicy | None) -> None:
@@ -64,11 +67,20 @@ class HeartbeatJournalStorage(JournalStorage, Heartbeat):
         # The trial may have ended (or another worker failed it) since the last beat. Written
         # once, never retried (see storage/_retry.py): the next beat follows anyway.
         with contextlib.suppress(UpdateFinishedTrialError):
-            JournalStorage.set_trial_system_attr(self, trial_id, HEARTBEAT_ATTR, time.time())
+            JournalStorage.set_trial_system_attr(self, trial_id, HEARTBEAT_ATTR, utc_now())
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        # Stamped before the claim, so no trial is RUNNING without a stamp in UTC (Optuna's
+        # datetime_start reaches a reader as a naive time in the reader's zone).
+        if state == TrialState.RUNNING and self._policy is not None:
+            JournalStorage.set_trial_system_attr(self, trial_id, CLAIMED_ATTR, utc_now())
+        return super().set_trial_state_values(trial_id, state, values)
 
     def stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.grace_period is not None
-        now = time.time()
+        now = datetime.now(timezone.utc).timestamp()
         return [
             self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
@@ -84,8 +96,25 @@ class HeartbeatJournalStorage(JournalStorage, Heartbeat):
         return self._policy.stale_trial_callback() if self._policy is not None else None
 
 
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
 def last_sign_of_life(trial: FrozenTrial) -> float:
-    """Its last heartbeat, or its claim: a retry inherits its failed trial's old heartbeat,
-    and a worker that died before its first heartbeat still leaves a trial to recover."""
-    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    return max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+    """Its last heartbeat, or its claim (Unix time): a retry inherits its failed trial's old
+    heartbeat, and a worker that died before its first heartbeat still leaves a trial to
+    recover. Only a trial created RUNNING (a plain `study.ask()`) has no claim stamp: its start
+    is read as Optuna gives it, converted to this process's zone."""
+    stamps = [trial.system_attrs.get(key) for key in (HEARTBEAT_ATTR, CLAIMED_ATTR)]
+    if not any(stamps) and trial.datetime_start is not None:
+        return trial.datetime_start.timestamp()
+    return max(_unix_time(stamp) for stamp in stamps)
+
+
+def _unix_time(stamp: str | float | None) -> float:
+    """A stamp in UTC; Unix time as written before stamps were ISO 8601, 0 for none."""
+    if stamp is None:
+        return 0.0
+    if isinstance(stamp, int | float):
+        return float(stamp)
+    return datetime.fromisoformat(stamp).timestamp()

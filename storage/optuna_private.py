@@ -12,6 +12,7 @@ import json
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -82,6 +83,19 @@ def original_number(trial: optuna.Trial) -> int:
     """
     system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
     return system_attrs.get(RETRY_OF_KEY, trial.number)
+
+
+class OriginalTrialHyperband(optuna.pruners.HyperbandPruner):
+    """Hyperband that judges a retry in the bracket of the trial it continues, as the
+    uninterrupted trial would have been judged.
+
+    Missing API: the bracket is a hash of the trial's number (`_get_bracket_id`, also used to
+    filter each bracket's trials), and a retry has a number of its own.
+    """
+
+    def _get_bracket_id(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        original = trial.system_attrs.get(RETRY_OF_KEY, trial.number)
+        return super()._get_bracket_id(study, SimpleNamespace(number=original))
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:

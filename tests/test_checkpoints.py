@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,14 @@ class RecordingStore(CheckpointStore):
         super().__init__(directory)
         self.epochs: list[int] = []
 
-    def save(self, trial: optuna.Trial, state: dict[str, Any]) -> None:
-        super().save(trial, state)
+    def save(self, trial: optuna.Trial, state: dict[str, Any], *args: Any) -> None:
+        super().save(trial, state, *args)
         self.epochs.append(state["epoch"])
 
 
-def run_one_trial(tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int = 0) -> Any:
+def run_one_trial(
+    tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int = 0, trial: Any = None
+) -> Any:
     """A 3-epoch tiny trial through the objective; `stop_after` N: a stop after epoch N."""
     settings = StudySettings.for_space(
         "tiny", epochs=3, dataset="synthetic", pruner="none", checkpoint_interval_s=interval_s
@@ -105,16 +108,16 @@ def run_one_trial(tmp_path: Path, data_dir: Path, interval_s: int, stop_after: i
         on_epoch=lambda _, stats: stop.set() if stats.epoch == stop_after else None,
         stop=stop,
     )
-    trial = optuna.create_study().ask()
+    trial = trial or optuna.create_study().ask()
     with suppress(TrialInterrupted):
-        runner(trial)
+        trial.set_user_attr("value", runner(trial))
     return runner.checkpoints.epochs, trial
 
 
 @pytest.mark.parametrize(
     ("interval_s", "stop_after", "written"),
-    [(3600, 0, [3]), (0, 0, [1, 2, 3]), (3600, 1, [1])],
-    ids=["interval-then-last-epoch", "every-epoch", "on-stop"],
+    [(3600, 0, [3]), (0, 0, [1, 2, 3]), (3600, 1, [1]), (3600, 3, [3])],
+    ids=["interval-then-last-epoch", "every-epoch", "on-stop", "stop-in-last-epoch"],
 )
 def test_a_trial_checkpoints_once_per_interval_and_at_its_last_epoch_or_stop(
     tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int, written: list[int]
@@ -125,6 +128,28 @@ def test_a_trial_checkpoints_once_per_interval_and_at_its_last_epoch_or_stop(
     assert trial.user_attrs["checkpoint"]["epoch"] == written[-1]
     phases = trial.user_attrs["seconds"]
     assert phases["train"] > 0 and phases["checkpoint"] > 0
+    # Stopped before its last epoch it is interrupted (and re-queued); during it, it completes.
+    assert ("value" in trial.user_attrs) == (stop_after in (0, 3))
+
+
+class Tripwire(dict):
+    """A user attr that notes which threads deep-copy the trial's attrs, and makes the
+    checkpoint thread's copy slow: wide open for a key added meanwhile, if one can be."""
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        if threading.current_thread().name == "checkpoint":
+            time.sleep(0.5)
+        return dict(self)
+
+
+def test_the_checkpoint_thread_and_the_training_thread_take_turns_on_the_attrs(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    # Every epoch is checkpointed while the training thread reports it and adds attrs.
+    trial = optuna.create_study().ask()
+    trial.set_user_attr("tripwire", Tripwire(armed=True))
+    epochs, trial = run_one_trial(tmp_path, data_dir, interval_s=0, trial=trial)
+    assert epochs == [1, 2, 3] and "value" in trial.user_attrs
 
 
 def test_the_host_copy_shares_nothing_with_the_training_state() -> None:

@@ -120,3 +120,24 @@ def test_journal_trials_send_heartbeats_and_go_stale(tmp_path: Path) -> None:
     retry = study.get_trials()[-1]
     assert study.get_trials()[0].state == TrialState.FAIL
     assert retry.state == TrialState.WAITING and optuna_private.retry_of(retry) == trial.number
+
+
+def test_a_retry_is_judged_in_the_bracket_of_the_trial_it_continues() -> None:
+    sizes = {"min_resource": 1, "max_resource": 27, "reduction_factor": 3}  # four brackets
+    ours = optuna_private.OriginalTrialHyperband(**sizes)
+    plain = optuna.pruners.HyperbandPruner(**sizes)
+    study = optuna.create_study(pruner=ours)
+    for pruner in (ours, plain):
+        pruner._try_initialization(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback()
+    pairs = []
+    for _ in range(8):
+        failed = study.tell(study.ask(), state=TrialState.FAIL)
+        retry(study, failed)
+        pairs.append((failed, study.tell(study.ask(), state=TrialState.FAIL)))
+    assert all(optuna_private.retry_of(again) == failed.number for failed, again in pairs)
+    assert all(ours._get_bracket_id(study, a) == ours._get_bracket_id(study, b) for a, b in pairs)
+    # Where the bracket came from the trial's own number, some retries moved.
+    assert any(plain._get_bracket_id(study, a) != plain._get_bracket_id(study, b) for a, b in pairs)

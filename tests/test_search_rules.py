@@ -77,7 +77,22 @@ def scored(study: optuna.Study) -> optuna.trial.FrozenTrial:
 # --- resume -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stop_after", [2, EPOCHS])
+def test_a_stop_during_the_last_epoch_completes_the_trial(data_dir: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    study, settings = one_trial_study(url, "last")
+    stop = threading.Event()
+
+    def stop_in_last(trial: optuna.Trial, stats) -> None:
+        if stats.epoch == EPOCHS:
+            stop.set()
+
+    run_worker(study, runner(settings, data_dir, tmp_path, on_epoch=stop_in_last, stop=stop), stop)
+    (trial,) = study.get_trials()  # complete, not failed and re-queued to train nothing
+    assert trial.state == TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.parametrize("stop_after", [2])
 def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
     stop_after: int, data_dir: Path, tmp_path: Path
 ) -> None:

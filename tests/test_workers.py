@@ -229,3 +229,28 @@ def test_a_password_never_reaches_an_error_message(hpo_env: dict, tmp_path: Path
     assert result.returncode == 2
     assert PASSWORD not in result.stdout + result.stderr
     assert "postgres:***@127.0.0.1:1" in result.stderr
+
+
+def test_journal_workers_in_other_time_zones_fail_only_a_dead_trial(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    # Tokyo is 17 hours ahead of Los Angeles: a stamp either read in the other's zone would
+    # make a live trial look 17 hours old, or a dead one alive for 17 hours.
+    url = f"journal://{tmp_path / 'hpo.log'}"
+    tokyo = {**hpo_env, "HPO_STORAGE": url, "TZ": "Asia/Tokyo"}
+    los_angeles = {**tokyo, "TZ": "America/Los_Angeles"}
+    create(tokyo, tmp_path, "zones", 6, micro_space, "--heartbeat", "1")
+    finish([spawn_worker(env, tmp_path, "zones") for env in (tokyo, los_angeles)])
+    study = optuna.load_study(study_name="zones", storage=open_storage(url))
+    trials = assert_exactly(study, 6)  # each checked the other's live trials; none failed
+    stamps = [t.system_attrs[key] for t in trials for key in ("hpo:claimed", "hpo:heartbeat")]
+    assert all(stamp.endswith("+00:00") for stamp in stamps)  # UTC, whoever wrote it
+
+    study = long_trials_study(tokyo, tmp_path, micro_space, "--checkpoint-interval", "0")
+    victim = spawn_worker(tokyo, tmp_path, "long")
+    running = wait_for_checkpoint(study, epoch=2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
+    output = finish([spawn_worker(los_angeles, tmp_path, "long")])[0]
+    assert_resumed(study, running.number, epoch, output)

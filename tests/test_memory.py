@@ -1,0 +1,93 @@
+"""A trial's memory is back before the next trial, however it ended; an OOM is retried once.
+
+A real worker loop, storage and objective on the CPU; only the out-of-memory error is
+raised by the test, where a GPU would raise it: in the trial's training.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from data import load_dataset, search_data
+from search import attrs
+from search.objective import TrialRunner, WorkerInfo
+from search.settings import StudySettings
+from search.space import TINY_SPACE
+from search.study import create_or_join, join_as_worker
+from search.trainer import DeviceRecipe
+from search.worker import run_worker
+from storage import open_storage
+
+
+@dataclass
+class OutOfMemoryRunner(TrialRunner):
+    """The real objective; its calls numbered in `oom_calls` run out of memory in training."""
+
+    oom_calls: set[int] = field(default_factory=set)
+    models: list[weakref.ref] = field(default_factory=list)
+    # Per call: whether any earlier trial's model was still alive when it started.
+    leftovers: list[bool] = field(default_factory=list)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.leftovers.append(any(model() is not None for model in self.models))
+        return super().__call__(trial)
+
+    def _train(self, trial, run, *args):  # type: ignore[no-untyped-def]
+        model = run.trainer.model
+        self.models.append(weakref.ref(model))
+        # Held in a reference cycle, as compiled code and autograd graphs hold a model; the
+        # collections during training move it to the oldest generation (done here at once),
+        # which only a full collection frees.
+        cycle: list = [model]
+        cycle.append(cycle)
+        gc.collect()
+        if len(self.models) in self.oom_calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._train(trial, run, *args)
+
+
+def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    settings = StudySettings(
+        space=TINY_SPACE.to_dict(), space_name="tiny", epochs=1, dataset="synthetic", pruner="none"
+    )
+    storage = open_storage(f"sqlite:///{tmp_path / 'oom.db'}")
+    create_or_join(storage, "oom", settings, 2)
+    study = join_as_worker(storage, "oom", settings, "worker")
+    recipe = DeviceRecipe.for_device("cpu")
+    runner = OutOfMemoryRunner(
+        settings=settings,
+        data=search_data(load_dataset("synthetic", data_dir), recipe.device),
+        recipe=recipe,
+        worker=WorkerInfo(name="worker", host="host", gpu="cpu"),
+        compile_mode="off",
+        # Trial 0 and its retry run out; so does trial 1, whose retry then completes.
+        oom_calls={1, 2, 3},
+    )
+    said: list[str] = []
+    run_worker(study, runner, threading.Event(), say=said.append)
+
+    assert runner.leftovers == [False] * 4  # no trial started beside a predecessor's model
+    assert all(model() is None for model in runner.models)
+    trials = study.get_trials()
+    retry_of = {t.system_attrs.get("failed_trial"): t for t in trials}
+    first, second = trials[0], trials[1]
+    assert first.state == second.state == TrialState.FAIL
+    assert retry_of[0].params == first.params and retry_of[0].state == TrialState.FAIL
+    assert retry_of[0].user_attrs[attrs.OUT_OF_MEMORY] == 2
+    assert retry_of[0].number not in retry_of  # failed for good: not retried again
+    assert retry_of[1].params == second.params and retry_of[1].state == TrialState.COMPLETE
+    assert len(trials) == 4
+    out_of_memory = [line for line in said if "ran out of memory" in line]
+    assert len(out_of_memory) == 3, said
+    assert out_of_memory[0].endswith("retrying it once") and "parameters, batch" in out_of_memory[0]
+    assert out_of_memory[1].endswith("failed for good: its retry ran out too")
