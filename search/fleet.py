@@ -10,10 +10,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from search.config import DEFAULT_COMPILE_MODE
 from search.progress import SearchProgress
-from search.trainer import DEFAULT_COMPILE_MODE
 from storage import DEFAULT_STORAGE_RETRY_S
 
 
@@ -49,6 +47,8 @@ def parse_gpus(spec: str | None) -> list[str] | None:
     """'all' or a comma list of GPU indices; None leaves the device to each worker."""
     if spec is None:
         return None
+    import torch  # counting GPUs loads CUDA; only --gpus asks for it
+
     visible = torch.cuda.device_count()
     if visible == 0:
         raise GpuSpecError(

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from data import load_dataset
 from search import attrs
-from search.checkpoints import artifact_dir
+from search.artifacts import artifact_dir
 from search.cli import app
 from search.compare import paired_difference, t_975
 from search.config import TrialConfig
