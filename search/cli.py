@@ -30,7 +30,6 @@ from search.config import (
     ConfigError,
     load_config_file,
 )
-from search.dashboard import DashboardError, exposure_warning, open_dashboard
 from search.export import (
     best_document,
     pareto_documents,
@@ -76,7 +75,6 @@ USER_ERRORS = (
     ModelConfigError,
     DatasetMissingError,
     GpuSpecError,
-    DashboardError,
 )
 
 
@@ -452,7 +450,9 @@ def dashboard(
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
     """Serve optuna-dashboard on the studies: live plots, trials, notes and checkpoints."""
-    with user_errors():
+    from search.dashboard import DashboardError, exposure_warning, open_dashboard  # its server
+
+    with user_errors(DashboardError):
         artifacts = resolve_artifact_dir(artifact_dir, storage)
         server = open_dashboard(storage, host, port, artifacts)
     warning = exposure_warning(host)

@@ -23,7 +23,6 @@ from rich.table import Table
 from search import attrs
 from search.artifacts import artifact_dir
 from search.config import FINAL_EPOCHS, TrialConfig
-from search.dashboard import write_study_note
 from search.export import best_document
 from search.progress import SearchProgress, format_mean_std
 from search.settings import StudySettings
@@ -290,6 +289,7 @@ def _attach(
 ) -> str:
     """The table as study artifacts, in a study attribute (for status and report) and in the
     dashboard's study note."""
+    from search.dashboard import write_study_note
     from search.final import attach_to_study, open_for_writing
 
     study = open_for_writing(request.storage, request.study)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import optuna
 
 from search.cost import cost_lines
-from search.dashboard import write_study_note
 from search.fleet import WorkerOptions, parse_gpus, plan_slots, run_fleet
 from search.progress import SearchProgress, best_summary
 from search.settings import StudySettings
@@ -117,6 +116,8 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         storage, request.study, request.new_settings(), request.trials
     )
     if created:
+        from search.dashboard import write_study_note  # optuna-dashboard: only for a new study
+
         write_study_note(join(storage, request.study), settings, request.trials)
     else:
         settings.check_flags(request.flags())
