@@ -78,7 +78,7 @@ def heavy_modules(
     done = subprocess.run(
         [sys.executable, "-c", RUN_HPO, *args],
         cwd=workdir,
-        env={**env, "HPO_MODULES_OUT": str(modules)},
+        env=plane_env(env, workdir, modules),
         capture_output=True,
         text=True,
         timeout=120,
@@ -90,7 +90,7 @@ def heavy_modules(
 def test_light_commands_never_import_torch_or_plotting(
     args: list[str], workdir: Path, hpo_env: dict[str, str]
 ) -> None:
-    done, heavy = heavy_modules(args, workdir, {**hpo_env, "HPO_STORAGE": storage(workdir)})
+    done, heavy = heavy_modules(args, workdir, hpo_env)
     assert done.returncode == 0, done.stderr
     assert not heavy, f"hpo {' '.join(args)} imported {sorted(heavy)}"
 
@@ -99,25 +99,24 @@ def test_light_commands_never_import_torch_or_plotting(
 def test_user_errors_never_import_torch(
     args: list[str], workdir: Path, hpo_env: dict[str, str]
 ) -> None:
-    done, heavy = heavy_modules(args, workdir, {**hpo_env, "HPO_STORAGE": storage(workdir)})
+    done, heavy = heavy_modules(args, workdir, hpo_env)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert not heavy, f"hpo {' '.join(args)} imported {sorted(heavy)}"
 
 
 def test_report_loads_plotting_but_not_torch(workdir: Path, hpo_env: dict[str, str]) -> None:
-    env = {**hpo_env, "HPO_STORAGE": storage(workdir)}
-    done, heavy = heavy_modules(["report", "--study", STUDY, "-o", "report"], workdir, env)
+    done, heavy = heavy_modules(["report", "--study", STUDY, "-o", "report"], workdir, hpo_env)
     assert done.returncode == 0, done.stderr
     assert heavy == PLOTTING
-    done, heavy = heavy_modules(["report", "--study", "missing", "-o", "report"], workdir, env)
+    done, heavy = heavy_modules(["report", "--study", "missing", "-o", "report"], workdir, hpo_env)
     assert done.returncode == 2, done.stderr
     assert not heavy & TRAINING
 
 
 def test_the_dashboard_serves_without_torch(workdir: Path, hpo_env: dict[str, str]) -> None:
     modules = workdir / "dashboard-modules.json"
-    env = {**hpo_env, "HPO_STORAGE": storage(workdir), "HPO_MODULES_OUT": str(modules)}
+    env = plane_env(hpo_env, workdir, modules)
     args = [sys.executable, "-c", RUN_HPO, "dashboard", "--port", "0"]
     with subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True) as server:
         try:
@@ -132,3 +131,14 @@ def test_the_dashboard_serves_without_torch(workdir: Path, hpo_env: dict[str, st
 
 def storage(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'hpo.db'}"
+
+
+def plane_env(hpo_env: dict[str, str], workdir: Path, modules: Path) -> dict[str, str]:
+    """The module study's storage, where the modules go, and no GPU (where one can be, `hpo
+    create` rightly loads torch to probe it)."""
+    return {
+        **hpo_env,
+        "HPO_STORAGE": storage(workdir),
+        "HPO_MODULES_OUT": str(modules),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
