@@ -10,6 +10,7 @@ Run from the repository root:
 
     .venv/bin/python bench/cli.py               # 9 rounds
     .venv/bin/python bench/cli.py --rounds 15 --trials 200
+    .venv/bin/python bench/cli.py --checkout ../main   # another checkout's hpo, same study
 """
 
 from __future__ import annotations
@@ -98,13 +99,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--trials", type=int, default=50, help="trials in the study")
+    parser.add_argument(
+        "--checkout", type=Path, default=ROOT, help="the checkout whose hpo runs (PYTHONPATH)"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with tempfile.TemporaryDirectory() as scratch:
         url = f"sqlite:///{Path(scratch) / 'bench.db'}"
         make_study(url, args.trials)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+        env = {**os.environ, "PYTHONPATH": str(args.checkout.resolve()), "COLUMNS": "200"}
         runs = commands(url)
         walls: dict[str, list[float]] = {name: [] for name in runs}
         peaks: dict[str, list[float]] = {name: [] for name in runs}
@@ -117,6 +121,7 @@ def main() -> None:
                 peaks[name].append(peak)
 
     print(machine())
+    print(f"hpo of {args.checkout.resolve()}")
     print(f"median of {args.rounds} rounds, study of {args.trials} trials on SQLite")
     base_wall = statistics.median(walls["optuna studies"])
     base_peak = statistics.median(peaks["optuna studies"])
