@@ -163,3 +163,10 @@ def plane_env(workdir: Path) -> dict[str, str]:
     torch to probe it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
     return {**env, "HPO_STORAGE": storage(workdir), "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"}
+
+
+def test_the_configs_both_planes_share_import_without_torch() -> None:
+    shared = "data, model, search.config, search.space, search.settings, search.export"
+    code = f"import json, sys, {shared}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {name.split(".")[0] for name in json.loads(done.stdout)} & HEAVY
