@@ -176,12 +176,10 @@ def cost_lines(settings: StudySettings, trials: int) -> list[str]:
 
 
 def hours_line(cost: StudyCost) -> str:
-    if not gpu_may_be_here():
+    if not cuda_is_here():
         return "no GPU here: hours not estimated (a probe of the GPU gives them)"
-    import torch  # only where a GPU can be: loading CUDA costs seconds
+    import torch  # loaded by cuda_is_here
 
-    if not torch.cuda.is_available():
-        return "no GPU here: hours not estimated (a probe of the GPU gives them)"
     device = torch.device("cuda")
     try:
         rate = probe_flops_per_s(device)
@@ -195,12 +193,16 @@ def hours_line(cost: StudyCost) -> str:
     )
 
 
-def gpu_may_be_here() -> bool:
-    """False where no CUDA GPU can be visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES
-    empty), known without importing torch."""
+def cuda_is_here() -> bool:
+    """Whether a CUDA GPU is visible. The driver and CUDA_VISIBLE_DEVICES are asked first, so
+    a machine that cannot have one never imports torch (loading CUDA costs seconds)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return False
-    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
