@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .batches import ImageSet, has_batches, load_folder
 from .cifar import DatasetMissingError, default_data_dir, download_cifar10, require_cifar10
-from .synthetic import synthetic_folder, write_synthetic
+
+if TYPE_CHECKING:
+    from .batches import ImageSet
 
 DATASETS = ("cifar10", "synthetic")
 
 
 def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> ImageSet:
     """The named dataset as uint8 tensors; fetched (cifar10) or written (synthetic) if missing."""
+    # Here, not at the top: DATASETS is read by commands that never load images (no torch).
+    from .batches import load_folder
+
     return load_folder(dataset_folder(name, data_dir, download))
 
 
 def dataset_folder(name: str, data_dir: Path | str | None = None, download: bool = True) -> Path:
     """The named dataset's folder, fetched (cifar10) or written (synthetic) first if missing:
     what a command checks before it stores anything."""
+    from .batches import has_batches
+    from .synthetic import synthetic_folder, write_synthetic
+
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     data_dir = default_data_dir() if data_dir is None else Path(data_dir).expanduser()

@@ -1,16 +1,33 @@
-"""The Backbone CNN of the report: its config, the network, and what it costs."""
+"""The Backbone CNN of the report: its config, the network, and what it costs.
 
-from model.config import REPORT_TABLE1, ModelConfig, ModelConfigError
-from model.counts import count_parameters, train_flops_per_image, train_step_flops
-from model.network import BackboneNet, build_model
+Names are loaded on first use (PEP 562): the config and the closed-form FLOP count import no
+torch; the network and the traced counts load torch when one of their names is asked for.
+"""
 
-__all__ = [
-    "REPORT_TABLE1",
-    "BackboneNet",
-    "ModelConfig",
-    "ModelConfigError",
-    "build_model",
-    "count_parameters",
-    "train_flops_per_image",
-    "train_step_flops",
-]
+from importlib import import_module
+from typing import Any
+
+_HOME = {
+    "REPORT_TABLE1": "config",
+    "ModelConfig": "config",
+    "ModelConfigError": "config",
+    "train_flops_per_image": "flops",
+    "count_parameters": "counts",
+    "train_step_flops": "counts",
+    "BackboneNet": "network",
+    "build_model": "network",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

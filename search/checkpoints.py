@@ -22,17 +22,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search import attrs
-from storage import DEFAULT_HEARTBEAT_S, default_artifact_dir
 from storage.optuna_private import forget_artifact, replace_artifact
-
-# Seconds of training between two checkpoints of a trial: what a crash can lose at most.
-# No longer than the heartbeat interval, so a retried trial loses less than its grace.
-DEFAULT_CHECKPOINT_INTERVAL_S = DEFAULT_HEARTBEAT_S
-
-
-def artifact_dir(given: Path | None, storage_url: str) -> Path:
-    """The --artifact-dir given, else the storage's default (beside a SQLite file)."""
-    return given if given is not None else default_artifact_dir(storage_url)
 
 
 class CheckpointStore:

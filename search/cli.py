@@ -1,4 +1,8 @@
-"""The `hpo` command: parse, call one function, print. Logic lives in the modules below."""
+"""The `hpo` command: parse, call one function, print. Logic lives in the modules below.
+
+Only the control plane is imported here, so help, status, best and every user error answer
+without torch; a command that trains imports the training plane inside its function.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,17 @@ from rich.console import Console
 
 from data import DATASETS, DatasetMissingError, default_data_dir, download_cifar10
 from model import ModelConfigError
-from search.checkpoints import DEFAULT_CHECKPOINT_INTERVAL_S
-from search.checkpoints import artifact_dir as resolve_artifact_dir
+from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
+from search.artifacts import artifact_dir as resolve_artifact_dir
 from search.compare import CompareRequest, run_compare
-from search.config import DEFAULT_EPOCHS, ConfigError
-from search.dashboard import DashboardError, exposure_warning, open_dashboard
+from search.config import (
+    COMPILE_MODES,
+    DEFAULT_COMPILE_MODE,
+    DEFAULT_EPOCHS,
+    FINAL_EPOCHS,
+    ConfigError,
+    load_config_file,
+)
 from search.export import (
     best_document,
     pareto_documents,
@@ -27,22 +37,20 @@ from search.export import (
     to_yaml_documents,
     trial_document,
 )
-from search.final import FINAL_EPOCHS, FinalRequest, run_final
 from search.fleet import GpuSpecError, WorkerOptions
 from search.launch import StudyRequest, create_study, join_search, start_search
 from search.progress import SearchProgress
 from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
-from search.report import ReportError, write_report
 from search.settings import DEFAULT_SEED, SettingsConflict
 from search.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
 from search.status import studies_table, study_status
 from search.study import StudyError, join
-from search.trainer import COMPILE_MODES, DEFAULT_COMPILE_MODE
 from storage import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_STORAGE_RETRY_S,
     DEFAULT_STORAGE_URL,
     StorageURLError,
+    backend_of,
     open_storage,
 )
 
@@ -67,8 +75,6 @@ USER_ERRORS = (
     ModelConfigError,
     DatasetMissingError,
     GpuSpecError,
-    DashboardError,
-    ReportError,
 )
 
 
@@ -110,10 +116,11 @@ def fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(*also: type[Exception]) -> Iterator[None]:
+    """USER_ERRORS, and `also`: those of a module only one command imports."""
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *also) as err:
         fail(str(err))
 
 
@@ -388,10 +395,15 @@ def train(
     metrics are also attached to the study the config came from, when that study is in
     --storage, so the dashboard lists them beside the search.
     """
-    request = FinalRequest(
-        config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
-    )
     with user_errors():
+        # A bad file or URL is refused before the training plane (torch) loads.
+        load_config_file(config)
+        backend_of(storage)
+        from search.final import FinalRequest, run_final
+
+        request = FinalRequest(
+            config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
+        )
         run_final(request, SearchProgress(console))
 
 
@@ -438,7 +450,9 @@ def dashboard(
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
     """Serve optuna-dashboard on the studies: live plots, trials, notes and checkpoints."""
-    with user_errors():
+    from search.dashboard import DashboardError, exposure_warning, open_dashboard  # its server
+
+    with user_errors(DashboardError):
         artifacts = resolve_artifact_dir(artifact_dir, storage)
         server = open_dashboard(storage, host, port, artifacts)
     warning = exposure_warning(host)
@@ -457,7 +471,9 @@ def report(
     top: Annotated[int, typer.Option(min=1, help="Rows in the table of best trials.")] = 10,
 ) -> None:
     """Write an offline HTML page (and PNGs) of a study's plots and its best trials."""
-    with user_errors():
+    from search.report import ReportError, write_report  # plotting loads for this command only
+
+    with user_errors(ReportError):
         written = write_report(join(open_storage(storage, reader=True), study), output, top)
     for line in written.skipped:
         console.print(line, highlight=False)

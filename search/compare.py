@@ -20,23 +20,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from data import load_dataset
 from search import attrs
-from search.checkpoints import artifact_dir
-from search.config import TrialConfig
-from search.dashboard import write_study_note
+from search.artifacts import artifact_dir
+from search.config import FINAL_EPOCHS, TrialConfig
 from search.export import best_document
-from search.final import (
-    FINAL_EPOCHS,
-    attach_to_study,
-    format_mean_std,
-    make_output_dir,
-    open_for_writing,
-    seed_devices,
-    train_seeds,
-)
-from search.objective import describe_architecture
-from search.progress import SearchProgress
+from search.progress import SearchProgress, format_mean_std
 from search.settings import StudySettings
 from search.space import (
     config_from_params,
@@ -102,6 +90,12 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     epochs = request.epochs or FINAL_EPOCHS
     top = top_entries(study, request.storage, request.top, epochs)
     entries = [*top, report_entry(study, request.storage, settings, epochs)]
+    # The training plane (torch) loads once the study is found: its table and a user's
+    # mistakes need none.
+    from data import load_dataset
+    from search.final import make_output_dir, seed_devices, train_seeds
+    from search.objective import describe_architecture
+
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
     images = load_dataset(settings.dataset, request.data_dir)
@@ -218,6 +212,8 @@ def comparison(
 ) -> dict[str, Any]:
     """The table as data: per config its per-seed test scores, their mean and std, and the
     paired difference to the report with its 95% interval."""
+    from search.objective import describe_architecture
+
     report_run = next(run for run in runs if run[0].name == REPORT)
     report = report_run[1]
     baseline = [run["test_acc"] for run in report["seeds"]]
@@ -338,6 +334,9 @@ def _attach(
 ) -> str:
     """The table as study artifacts, in a study attribute (for status and report) and in the
     dashboard's study note."""
+    from search.dashboard import write_study_note
+    from search.final import attach_to_study, open_for_writing
+
     study = open_for_writing(request.storage, request.study)
     artifacts = artifact_dir(request.artifact_dir, request.storage)
     ids = attach_to_study(study, artifacts, [request.output_dir / file for file in FILES])

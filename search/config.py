@@ -14,6 +14,11 @@ from model import ModelConfig
 
 # Epochs of a trial (and of a config that names none).
 DEFAULT_EPOCHS = 20
+# The report's final run: 90 epochs on all 50,000 training images (train + validation).
+FINAL_EPOCHS = 90
+# --compile (torch.compile the model): the first is the default.
+COMPILE_MODES = ("auto", "on", "off")
+DEFAULT_COMPILE_MODE = COMPILE_MODES[0]
 # Sections `hpo best` writes beside the config; `hpo train` reads past them.
 REPORT_SECTIONS = ("metrics", "source", "versions")
 

@@ -13,28 +13,27 @@ draw and makes a ticket in its place, so a study still trains exactly its target
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from model import (
-    REPORT_TABLE1,
-    BackboneNet,
-    ModelConfig,
-    build_model,
-    count_parameters,
-    train_flops_per_image,
-)
+from model import REPORT_TABLE1, ModelConfig, train_flops_per_image
 from search import attrs
 from search.config import TrainConfig, TrialConfig
 from search.settings import StudySettings
 from search.space import SearchSpace, sample_config
-from search.trainer import DeviceRecipe, Trainer
+
+if TYPE_CHECKING:
+    import torch
+
+    from model import BackboneNet
 
 TABLE1_GFLOPS = train_flops_per_image(REPORT_TABLE1) / 1e9
 # Images a search epoch trains on: the training set less the 10% validation split
@@ -139,6 +138,11 @@ def probe_flops_per_s(
 ) -> float:
     """Train FLOP/s of `device` on `model` with the real Trainer, eager, after a warm-up that
     pays cuDNN's kernel choice. Small networks reach less of the device: a lower bound."""
+    import torch  # the probe trains: the one part of pricing that needs the device
+
+    from model import build_model
+    from search.trainer import DeviceRecipe, Trainer
+
     torch.manual_seed(0)
     train = TrainConfig(batch_size=batch_size, epochs=1, scheduler="constant")
     recipe = DeviceRecipe.for_device(device)
@@ -172,8 +176,10 @@ def cost_lines(settings: StudySettings, trials: int) -> list[str]:
 
 
 def hours_line(cost: StudyCost) -> str:
-    if not torch.cuda.is_available():
+    if not cuda_is_here():
         return "no GPU here: hours not estimated (a probe of the GPU gives them)"
+    import torch  # loaded by cuda_is_here
+
     device = torch.device("cuda")
     try:
         rate = probe_flops_per_s(device)
@@ -185,6 +191,18 @@ def hours_line(cost: StudyCost) -> str:
         f"probe) -> about {hours:.1f} GPU-hours of training steps (small networks use a GPU "
         "less well; evaluation and overheads come on top)"
     )
+
+
+def cuda_is_here() -> bool:
+    """Whether a CUDA GPU is visible. The driver and CUDA_VISIBLE_DEVICES are asked first, so
+    a machine that cannot have one never imports torch (loading CUDA costs seconds)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -219,10 +237,16 @@ def format_duration(seconds: float) -> str:
 
 
 def parameter_count(model: ModelConfig) -> int:
+    from model import count_parameters  # torch: called where a training runs
+
     return count_parameters(_meta_twin(model))
 
 
 def _meta_twin(model: ModelConfig) -> BackboneNet:
+    import torch
+
+    from model import BackboneNet
+
     # On the meta device: nothing is allocated or computed, even for the 18M-parameter Table 1.
     with torch.device("meta"):
         return BackboneNet(model)

@@ -19,18 +19,16 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from data import ImageSet, final_data, load_dataset
 from search import attrs
-from search.checkpoints import artifact_dir
-from search.config import ConfigError, TrialConfig, load_config_file
+from search.artifacts import artifact_dir
+from search.config import FINAL_EPOCHS, ConfigError, TrialConfig, load_config_file
 from search.cost import gflops_per_image, parameter_count
 from search.fleet import parse_gpus
-from search.progress import SearchProgress, format_epoch
+from search.progress import SearchProgress, format_epoch, format_mean_std
 from search.run import pick_device, start_run
 from search.study import StudyError, join
 from search.trainer import DeviceRecipe
 from storage import StorageURLError, backend_of, open_storage
 
-# The report's final run: 90 epochs on all 50,000 training images (train + validation).
-FINAL_EPOCHS = 90
 METRICS_FILE = "metrics.json"
 
 Say = Callable[[str], None]
@@ -169,14 +167,6 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
     """Mean and sample standard deviation (n - 1); no standard deviation from one value."""
     std = statistics.stdev(values) if len(values) > 1 else None
     return {"mean": statistics.fmean(values), "std": std}
-
-
-def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str:
-    def show(value: float) -> str:
-        return f"{value:.2%}" if percent else f"{value:.4f}"
-
-    std = stat["std"]
-    return show(stat["mean"]) + (f" ± {show(std)}" if std is not None else "")
 
 
 def _side_by_side(

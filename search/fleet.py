@@ -10,10 +10,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from search.config import DEFAULT_COMPILE_MODE
 from search.progress import SearchProgress
-from search.trainer import DEFAULT_COMPILE_MODE
 from storage import DEFAULT_STORAGE_RETRY_S
 
 
@@ -48,6 +46,8 @@ class Slot:
 
 def visible_gpu_count() -> int:
     """How many CUDA GPUs this process may use: the one place torch is asked."""
+    import torch  # counting GPUs loads CUDA; only --gpus asks for it
+
     return torch.cuda.device_count()
 
 

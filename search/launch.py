@@ -8,19 +8,13 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
-import torch
 
-from data import dataset_folder, load_dataset, search_data
-from search.checkpoints import CheckpointStore, artifact_dir
-from search.compile_policy import share_compile_caches
 from search.cost import cost_lines
-from search.dashboard import write_study_note
 from search.fleet import WorkerOptions, gpu_names, parse_gpus, plan_slots, run_fleet
-from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress, best_summary
-from search.run import pick_device
 from search.settings import StudySettings
 from search.study import (
     StudyError,
@@ -32,8 +26,6 @@ from search.study import (
     load_settings,
     move_target,
 )
-from search.trainer import DeviceRecipe
-from search.worker import WorkerSummary, run_worker
 from storage import (
     HeartbeatPolicy,
     RetryPolicy,
@@ -41,6 +33,10 @@ from storage import (
     StorageURLError,
     open_storage,
 )
+
+if TYPE_CHECKING:
+    from search.objective import WorkerInfo
+    from search.worker import WorkerSummary
 
 # Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
 EXIT_STORAGE_UNAVAILABLE = 75
@@ -128,6 +124,8 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
         storage, request.study, request.new_settings(), request.trials
     )
     if created:
+        from search.dashboard import write_study_note  # optuna-dashboard: only for a new study
+
         write_study_note(join(storage, request.study), settings, request.trials)
     else:
         settings.check_flags(request.flags())
@@ -167,6 +165,16 @@ def run_local_worker(
     progress: SearchProgress,
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
+    # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
+    from data import load_dataset, search_data
+    from search.artifacts import artifact_dir
+    from search.checkpoints import CheckpointStore
+    from search.compile_policy import share_compile_caches
+    from search.objective import TrialRunner
+    from search.run import pick_device
+    from search.trainer import DeviceRecipe
+    from search.worker import run_worker
+
     worker = this_worker(options.slot)
     heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)
     retry = RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
@@ -215,6 +223,10 @@ def run_local_worker(
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:
+    import torch
+
+    from search.objective import WorkerInfo
+
     host = socket.gethostname()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")
     suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"

@@ -19,13 +19,13 @@ from model import count_parameters
 from search import attrs
 from search.checkpoints import CheckpointStore, TrialCheckpoints
 from search.compile_policy import CompilePolicy
-from search.config import TrialConfig
+from search.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
 from search.pruners import next_rung
 from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
-from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, EpochStats
+from search.trainer import DeviceRecipe, EpochStats
 from storage import StorageUnavailable
 from storage.optuna_private import original_number
 

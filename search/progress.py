@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
@@ -10,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from search import attrs
 from search.cost import is_over_cap
 from search.study import Budget
-from search.trainer import EpochStats
+
+if TYPE_CHECKING:
+    from search.trainer import EpochStats
 
 
 class SearchProgress:
@@ -74,6 +78,14 @@ def format_epoch(label: str, stats: EpochStats, epochs: int) -> str:
         f"train {stats.train_loss:.4f}  {val}  "
         f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
     )
+
+
+def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str:
+    def show(value: float) -> str:
+        return f"{value:.2%}" if percent else f"{value:.4f}"
+
+    std = stat["std"]
+    return show(stat["mean"]) + (f" ± {show(std)}" if std is not None else "")
 
 
 def best_summary(study: optuna.Study) -> str:

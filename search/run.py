@@ -11,8 +11,8 @@ import torch
 from data import DeviceLoader, RunData
 from model import build_model
 from search.compile_policy import CompilePolicy
-from search.config import TrialConfig
-from search.trainer import DEFAULT_COMPILE_MODE, DeviceRecipe, Trainer
+from search.config import DEFAULT_COMPILE_MODE, TrialConfig
+from search.trainer import DeviceRecipe, Trainer
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 
 from data import DATASETS
-from search.checkpoints import DEFAULT_CHECKPOINT_INTERVAL_S
+from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.config import DEFAULT_EPOCHS, from_mapping
 from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner
 from search.space import DEFAULT_SPACE_NAME, SearchSpace, load_space

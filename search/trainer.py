@@ -27,14 +27,11 @@ from torch import nn
 
 from model import BackboneNet, train_step_flops
 from search.compile_policy import CompilePolicy
-from search.config import TrainConfig
+from search.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # Schedules that move every step; the others move once per epoch.
 PER_STEP_SCHEDULERS = ("onecycle", "cosine")
-# --compile: the first is the default.
-COMPILE_MODES = ("auto", "on", "off")
-DEFAULT_COMPILE_MODE = COMPILE_MODES[0]
 # A training step under this many FLOPs is launch-bound on a GPU (under ~5 ms at 100 TFLOP/s,
 # against hundreds of kernel launches): CUDA graphs replay the whole step as one launch.
 CUDA_GRAPH_MAX_STEP_FLOPS = 5e11

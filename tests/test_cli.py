@@ -14,7 +14,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from search import attrs
-from search.checkpoints import artifact_dir
+from search.artifacts import artifact_dir
 from search.config import TrialConfig
 from search.cost import gflops_per_image
 from search.study import budget

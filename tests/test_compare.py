@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from data import load_dataset
 from model import REPORT_TABLE1
 from search import attrs
-from search.checkpoints import artifact_dir
+from search.artifacts import artifact_dir
 from search.cli import app
 from search.compare import (
     Entry,

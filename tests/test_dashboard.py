@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from model import build_model, count_parameters
 from search import attrs
-from search.checkpoints import CheckpointStore, artifact_dir
+from search.artifacts import artifact_dir
+from search.checkpoints import CheckpointStore
 from search.cli import app
 from search.cost import gflops_per_image
 from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
