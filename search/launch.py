@@ -79,6 +79,8 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
+    from data import dataset_folder  # a trial's data: only once a search really starts
+
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
     check_study_name(request.study)
