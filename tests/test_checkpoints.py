@@ -18,8 +18,7 @@ from search.checkpoints import CheckpointStore, to_host
 from search.objective import TrialInterrupted, TrialRunner, WorkerInfo
 from search.settings import StudySettings
 from search.trainer import DeviceRecipe
-from search.worker import requeue
-from storage import open_storage
+from storage import open_storage, queue_retry
 
 
 def test_one_artifact_per_trial_and_a_retry_resumes_from_it(tmp_path: Path) -> None:
@@ -34,7 +33,7 @@ def test_one_artifact_per_trial_and_a_retry_resumes_from_it(tmp_path: Path) -> N
     assert len(listed) == 1  # the dashboard lists one live checkpoint
 
     failed = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    requeue(study, failed)
+    queue_retry(study, failed)
     retry = study.ask()
     state = store.load(retry)
     assert state["epoch"] == 3 and torch.equal(state["weights"], torch.full((3,), 3.0))
@@ -56,7 +55,7 @@ def test_a_pruned_trial_drops_its_checkpoint_but_not_an_inherited_one(tmp_path: 
     store = CheckpointStore(tmp_path / "artifacts")
     crashed = study.ask()
     store.save(crashed, {"epoch": 2})
-    requeue(study, study.tell(crashed, state=TrialState.FAIL))
+    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
     retry = study.ask()
     inherited = retry.user_attrs["checkpoint"]["artifact_id"]
     store.discard(retry)  # failed before its own first save: the file is the crashed trial's
