@@ -46,6 +46,7 @@ from storage.optuna_private import (
     retried_numbers,
     retry_of,
     stale_trial_callback,
+    stopped_numbers,
 )
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
@@ -270,18 +271,19 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 
 def queue_owed_retries(study: optuna.Study) -> None:
-    """A stopped trial is owed a retry; a stale-failed one, unless its crashes passed
+    """A stopped trial is owed a retry; a stale-failed one too, unless its crashes passed
     max_retry (the storage's stale-trial callback decides). One failed by its objective
-    (fail_reason set, not a stop) has failed for good."""
+    has failed for good (its fail_reason is its own; a retry inherits its original's)."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
+    callback = stale_trial_callback(study)
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.number in retried:
             continue
         reason = trial.user_attrs.get(attrs.FAIL_REASON)
-        if reason is not None and reason.startswith(attrs.STOPPED_PREFIX):
+        if trial.number in stopped_numbers(trial):
             queue_retry(study, trial)
-        elif reason is None and (callback := stale_trial_callback(study)) is not None:
+        elif callback is not None and (reason is None or reason.startswith(attrs.STOPPED_PREFIX)):
             callback(study, trial)
 
 

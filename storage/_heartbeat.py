@@ -9,6 +9,7 @@ heartbeat thread, `fail_stale_trials` and the retry callback work unchanged.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from storage.optuna_private import (
     RETRY_HISTORY_KEY,
     Heartbeat,
     retried_numbers,
-    stops_of,
+    stopped_numbers,
 )
 
 # Seconds between a running trial's heartbeats, unless a study sets its own.
@@ -67,7 +68,7 @@ class RetryCrashedTrial:
 
 def crashes(failed: FrozenTrial) -> int:
     """Ends of the failed trial's chain, its own included, that were not stops."""
-    return len(failed.system_attrs.get(RETRY_HISTORY_KEY, [])) + 1 - stops_of(failed)
+    return len(failed.system_attrs.get(RETRY_HISTORY_KEY, [])) + 1 - len(stopped_numbers(failed))
 
 
 def queue_retry(study: optuna.Study, failed: FrozenTrial) -> None:
@@ -78,7 +79,7 @@ def queue_retry(study: optuna.Study, failed: FrozenTrial) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-    retry(study, failed)
+    retry(study, copy.deepcopy(failed))  # it appends to the failed trial's own history list
 
 
 class HeartbeatJournalStorage(JournalStorage, Heartbeat):

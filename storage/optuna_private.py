@@ -26,9 +26,9 @@ from optuna.trial import FrozenTrial, TrialState
 # claim reads them for every trial of the study.
 RETRY_OF_KEY = "failed_trial"
 RETRY_HISTORY_KEY = "retry_history"
-# This project's own system attribute, copied to a retry with the two above: how many of the
-# chain's ends so far were stops (SIGTERM, Ctrl-C), which do not use up max_retry.
-STOPS_KEY = "hpo:stops"
+# This project's own system attribute, copied to a retry with the two above: the numbers of
+# the chain's trials that ended by a stop (SIGTERM, Ctrl-C), which do not use up max_retry.
+STOPS_KEY = "hpo:stopped"
 
 
 def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
@@ -104,18 +104,20 @@ def replaced_number(trial: FrozenTrial) -> int | None:
     return history[-1] if history else None
 
 
-def stops_of(trial: FrozenTrial) -> int:
-    """How many ends of this trial's chain, this trial's included, were stops."""
-    return int(trial.system_attrs.get(STOPS_KEY, 0))
+def stopped_numbers(trial: FrozenTrial) -> list[int]:
+    """Numbers of the trials of this trial's chain, itself included, that ended by a stop."""
+    return list(trial.system_attrs.get(STOPS_KEY, []))
 
 
 def mark_stopped(trial: optuna.Trial) -> None:
-    """Count this running trial's end as a stop; its retry inherits the count.
+    """Record that this running trial ends by a stop; its retry inherits the record.
 
     Missing API: a running Trial has no public system_attrs.
     """
-    stops = trial.storage.get_trial_system_attrs(trial._trial_id).get(STOPS_KEY, 0)
-    trial.storage.set_trial_system_attr(trial._trial_id, STOPS_KEY, stops + 1)
+    stopped = trial.storage.get_trial_system_attrs(trial._trial_id).get(STOPS_KEY, [])
+    if trial.number not in stopped:  # repeated after a lost answer: once
+        stopped = [*stopped, trial.number]
+    trial.storage.set_trial_system_attr(trial._trial_id, STOPS_KEY, stopped)
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
