@@ -37,28 +37,37 @@ def lost_answer() -> sqlalchemy.exc.OperationalError:
 
 class LossySQLiteStorage(SQLiteStorage):
     """Loses the answer of each write named by `lose` once (a state narrows
-    set_trial_state_values to that state); `lost` lists what it lost."""
+    set_trial_state_values to that state), or with `before`, the request (nothing is
+    written); `lost` lists what it lost."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.to_lose: list[tuple[str, TrialState | None]] = []
+        self.to_refuse: list[tuple[str, TrialState | None]] = []
         self.lost: list[tuple[str, TrialState | None]] = []
 
-    def lose(self, name: str, state: TrialState | None = None) -> None:
-        self.to_lose.append((name, state))
+    def lose(self, name: str, state: TrialState | None = None, before: bool = False) -> None:
+        (self.to_refuse if before else self.to_lose).append((name, state))
+
+    def take(self, pending: list, name: str, state: TrialState | None) -> bool:
+        for key in {(name, state), (name, None)} & set(pending):
+            pending.remove(key)
+            self.lost.append(key)
+            return True
+        return False
 
 
 def _losing(name: str) -> Callable[..., Any]:
     write = getattr(SQLiteStorage, name)
 
     def call(self: LossySQLiteStorage, *args: Any, **kwargs: Any) -> Any:
-        result = write(self, *args, **kwargs)
         state = None
         if name == "set_trial_state_values":
             state = kwargs.get("state", args[1] if len(args) > 1 else None)
-        for key in {(name, state), (name, None)} & set(self.to_lose):
-            self.to_lose.remove(key)
-            self.lost.append(key)
+        if self.take(self.to_refuse, name, state):
+            raise lost_answer()
+        result = write(self, *args, **kwargs)
+        if self.take(self.to_lose, name, state):
             raise lost_answer()
         return result
 

@@ -82,7 +82,7 @@ def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path
 def test_a_claim_whose_answer_and_heartbeat_are_lost_goes_stale(tmp_path: Path) -> None:
     study = lossy_study(tmp_path / "l.db", target=3)
     lossy(study).lose("set_trial_state_values", TrialState.RUNNING)
-    lossy(study).lose("record_heartbeat")
+    lossy(study).lose("record_heartbeat", before=True)  # the connection stays down a while
     claimed = claim_trial(study)  # ticket 0 was claimed, its answer lost: this is ticket 1
     assert claimed.number == 1 and len(lossy(study).lost) == 2
     assert study.get_trials()[0].state == TrialState.RUNNING  # no worker runs it
