@@ -183,21 +183,20 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
         stale = getattr(storage_class, STALE_TRIAL_IDS)
         return self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
 
-    claim_or_finish = retried("set_trial_state_values")
+    state_change = retried("set_trial_state_values")
 
     def set_trial_state_values(
         self: Any, trial_id: int, state: TrialState, values: Any = None
     ) -> bool:
-        losses_before = self._last_loss
-        updated = claim_or_finish(self, trial_id, state, values)
-        if state == TrialState.RUNNING and not updated and self._last_loss != losses_before:
-            # The first attempt may have claimed the trial with its answer lost, leaving it
-            # RUNNING with no worker. A heartbeat makes it go stale, and so be retried, unless
-            # a worker really runs it (then this beat is one among its own). Waited for like
-            # any call: were it lost too, the trial would never be seen to go stale.
+        if state == TrialState.RUNNING:
+            # A claimed trial must end up run or stale, and one without a heartbeat is never
+            # stale: a worker that dies right after its claim, or whose claim's answer was
+            # lost, would leave it RUNNING for good. So the heartbeat comes first, waited for
+            # like any call; the claimer's heartbeat thread follows it (a claim that loses
+            # to another worker's adds a beat to that worker's trial).
             beat = functools.partial(storage_class.record_heartbeat, self, trial_id)
-            self._retry.call("heartbeat of a lost claim", beat, self._lost)
-        return updated
+            self._retry.call("heartbeat of a claim", beat, self._lost)
+        return state_change(self, trial_id, state, values)
 
     namespace: dict[str, Any] = {name: retried(name) for name in names}
     namespace.update(__init__=__init__, _lost=_lost, __module__=module)
