@@ -9,7 +9,8 @@ A write whose answer was lost may have committed. Before it is repeated, the sto
 asked what happened (`_settle_*`): a trial already in the state asked for was this write's;
 a retry already queued with the same history is this insert's. Other writes are safe to
 repeat as they are (attributes, reports and heartbeats set a value; a duplicate fresh ticket
-ranks past the target, search/study.py).
+ranks past the target, search/study.py). A claim cannot be told from another worker's, so
+the heartbeat that makes a claimed trial go stale is written, and waited for, before it.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
 
     Its constructor takes `retry=RetryPolicy(...)` besides the class's own arguments.
     `module` is where the subclass is bound to its name, so that pickle finds it.
-    Heartbeats are not retried: a missed one is followed by the next, and the heartbeat
-    thread must stay free to stop when its trial ends.
+    The heartbeat thread's beats are not retried: a missed one is followed by the next, and
+    the thread must stay free to stop when its trial ends.
     """
     public = [name for name, value in vars(BaseStorage).items() if _is_call(name, value)]
     names = [*public, *(name for name in RDB_CACHE_CALLS if hasattr(storage_class, name))]

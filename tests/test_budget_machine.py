@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning")
 # A few hundred sequences in CI (a minute or two); HPO_BUDGET_SEQUENCES=30 for a quick look.
 settings.register_profile(
     "budget",
-    max_examples=int(os.environ.get("HPO_BUDGET_SEQUENCES", "250")),
+    max_examples=int(os.environ.get("HPO_BUDGET_SEQUENCES", "200")),
     stateful_step_count=12,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -15,10 +15,12 @@ import pytest
 import sqlalchemy.event
 from lossy import age_heartbeats, forget_losses, lossy_storage, lost_answer
 from optuna.trial import TrialState
+from rich.console import Console
 
 from search import attrs
 from search.launch import StudyRequest
 from search.objective import TrialInterrupted
+from search.status import study_table
 from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
 from search.worker import run_trial
 from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
@@ -137,6 +139,10 @@ def test_stops_do_not_use_up_max_retry_and_crashes_do(tmp_path: Path) -> None:
     state = budget(study)
     assert (state.finished, state.given_up, state.running, state.done) == (1, 1, 0, True)
     assert len(study.trials) == 6  # the ticket and five retries: three stops, two crashes
+    console = Console(width=200, record=True)
+    console.print(study_table(study, artifact_dir=tmp_path))
+    shown = console.export_text()
+    assert "1 / 1" in shown and "failed for good  1" in shown and "MB in" in shown
 
 
 def test_target_raises_never_lower_it_and_a_lost_raise_lands_once(tmp_path: Path) -> None:
