@@ -97,6 +97,16 @@ def twins(trials: list[FrozenTrial]) -> set[int]:
     return found
 
 
+def finished_chains(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The latest member of each chain, where it has ended and is no over-cap draw: the
+    study's finished trials, counted without search/study.py."""
+    ignored = twins(trials)
+    latest = {
+        chain_of(t): t for t in sorted(trials, key=lambda t: t.number) if t.number not in ignored
+    }
+    return [t for t in latest.values() if t.state.is_finished() and not is_over_cap(t)]
+
+
 class BudgetMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -184,6 +194,7 @@ class BudgetMachine(RuleBasedStateMachine):
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_over_cap(t)
         ]
         assert len(ended) <= state.target
+        assert len(finished_chains(trials)) <= state.target
         assert most_per_chain(ended) <= 1  # no chain run to an end twice
         ignored = twins(trials)
         live = [
@@ -213,7 +224,9 @@ class BudgetMachine(RuleBasedStateMachine):
         )
         state = budget(self.study)
         assert (state.finished, state.running, state.waiting) == (state.target, 0, 0), state
-        assert not self.study.get_trials(states=(TrialState.RUNNING,))
+        trials = self.study.get_trials(deepcopy=False)
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        assert len(finished_chains(trials)) == state.target
 
 
 # The trial's drawn GFLOP per image (tests only); the space's cap is 1.
