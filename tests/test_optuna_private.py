@@ -120,3 +120,21 @@ def test_journal_trials_send_heartbeats_and_go_stale(tmp_path: Path) -> None:
     retry = study.get_trials()[-1]
     assert study.get_trials()[0].state == TrialState.FAIL
     assert retry.state == TrialState.WAITING and optuna_private.retry_of(retry) == trial.number
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_stops_and_replaced_trials_are_recorded(tmp_path: Path) -> None:
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(1))
+    )
+    trial = study.ask()
+    optuna_private.mark_stopped(trial)
+    optuna_private.mark_stopped(trial)  # repeated after a lost answer: recorded once
+    failed = study.tell(trial, state=TrialState.FAIL)
+    assert optuna_private.stopped_numbers(failed) == [failed.number]
+    optuna_private.stale_trial_callback(study)(study, failed)  # a stop uses up no retry
+    retry = study.get_trials()[-1]
+    assert optuna_private.replaced_number(retry) == failed.number
+    assert optuna_private.stopped_numbers(retry) == [failed.number]
+    assert optuna_private.replaced_number(failed) is None
+    assert optuna_private.stale_trial_callback(optuna.create_study()) is None
