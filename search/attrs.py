@@ -7,6 +7,7 @@ read them through these names.
 # Study user attributes.
 SETTINGS = "hpo:settings"  # StudySettings.to_dict(), written last when a study is created
 TARGET = "hpo:target"  # finished trials the study should hold
+TARGET_RAISED = "hpo:target-raised-to-"  # + N: one per raise; the target is the largest
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
 COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/compare.py)
 
@@ -26,6 +27,7 @@ RESUMED_FROM_EPOCH = "resumed_from_epoch"
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
 OUT_OF_MEMORY = "out_of_memory"  # times its parameters ran out of memory (a retry inherits it)
+STOPPED_PREFIX = "interrupted: "  # such a FAIL_REASON: a stop, re-queued, not a failure
 GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
 OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget
 SECONDS = "seconds"  # the trial's time by phase, TRIAL_PHASES -> seconds

@@ -64,9 +64,13 @@ class CheckpointStore:
                     study_or_trial=trial,
                     mimetype="application/octet-stream",
                 )
-        record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
+        new_record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
         with lock:
-            trial.set_user_attr(attrs.CHECKPOINT, record)
+            trial.set_user_attr(attrs.CHECKPOINT, new_record)
+            if record and record["owner"] != trial.number:
+                # Nothing resumes from the inherited file now: this trial's retry would
+                # inherit this trial's record. One checkpoint per chain.
+                self._remove(trial, record["artifact_id"])
 
     def load(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """The checkpoint a retried trial inherited from the trial it replaces, if any."""
@@ -98,17 +102,21 @@ class CheckpointStore:
             return None
 
     def discard(self, trial: optuna.Trial) -> None:
-        """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for good).
+        """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for
+        good): its own, or the one it inherited and had not replaced yet (its chain ends).
 
         Removed as the dashboard removes an artifact: the file, and its listing set to null.
-        A checkpoint inherited from a failed trial stays: that trial's record still names it.
         """
         record = trial.user_attrs.get(attrs.CHECKPOINT)
-        if not record or record["owner"] != trial.number:
+        if not record:
             return
-        self.artifacts.remove(record["artifact_id"])
-        forget_artifact(trial, record["artifact_id"])
+        self._remove(trial, record["artifact_id"])
         trial.set_user_attr(attrs.CHECKPOINT, None)
+
+    def _remove(self, trial: optuna.Trial, artifact_id: str) -> None:
+        with suppress(ArtifactNotFound):  # on another machine's folder, or removed already
+            self.artifacts.remove(artifact_id)
+        forget_artifact(trial, artifact_id)  # a retry inherits its original's listing too
 
 
 class TrialCheckpoints:

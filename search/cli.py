@@ -304,11 +304,12 @@ def status(
         str | None, typer.Option(help="Study to show; all studies if left out.")
     ] = None,
     storage: StorageOption = DEFAULT_STORAGE_URL,
+    artifact_dir: ArtifactDirOption = None,
 ) -> None:
-    """Trials by state, the best trial, and the trials running now."""
+    """Trials by state, the best trial, the trials running now, the checkpoints' size."""
     with user_errors():
         console.print(
-            study_status(storage, study)
+            study_status(storage, study, artifact_dir)
             if study is not None
             else studies_table(open_storage(storage, reader=True))
         )

@@ -220,7 +220,8 @@ def run_local_worker(
     final = budget(study)
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
-    progress.say(f"{verb}: {final.finished}/{final.target} trials finished; best {best}")
+    given_up = f" ({final.given_up} failed for good)" if final.given_up else ""
+    progress.say(f"{verb}: {final.finished}/{final.target} trials finished{given_up}; best {best}")
     return summary
 
 

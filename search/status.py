@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -16,25 +17,33 @@ from search.cost import format_duration, is_over_cap, study_pace
 from search.fidelity import fidelity_line
 from search.progress import best_summary
 from search.study import budget, join, load_settings
-from storage import HeartbeatPolicy, open_storage
+from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
 
 
-def study_status(storage_url: str, name: str) -> Group:
+def study_status(storage_url: str, name: str, artifact_dir: Path | None = None) -> Group:
     """Open the study with its own heartbeat policy, so stale trials can be told apart."""
     settings = load_settings(open_storage(storage_url, reader=True), name)
     policy = HeartbeatPolicy(interval_s=settings.heartbeat_s)
     storage = open_storage(storage_url, policy, reader=True)
     study = join(storage, name)
-    return study_table(study, stale_trial_numbers(study))
+    artifacts = artifact_dir or default_artifact_dir(storage_url)
+    return study_table(study, stale_trial_numbers(study), artifacts)
 
 
-def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozenset()) -> Group:
+def study_table(
+    study: optuna.Study,
+    stale: set[int] | frozenset[int] = frozenset(),
+    artifact_dir: Path | None = None,
+) -> Group:
     trials = study.get_trials(deepcopy=False)
     state = budget(study)
     counts = Counter(t.state.name.lower() for t in trials)
     summary = Table(title=f"study {study.study_name}", show_header=False, title_justify="left")
     summary.add_row("finished / target", f"{state.finished} / {state.target}")
+    if state.given_up:
+        given_up = f"{state.given_up} (counted as finished: an error, or crashed past max_retry)"
+        summary.add_row("failed for good", given_up)
     summary.add_row(
         "trials by state",
         ", ".join(
@@ -48,6 +57,8 @@ def study_table(study: optuna.Study, stale: set[int] | frozenset[int] = frozense
     summary.add_row("best", best_summary(study))
     summary.add_row("trial time", time_by_phase(trials))
     summary.add_row("rungs rank like the end", fidelity_line(study))
+    if artifact_dir is not None:
+        summary.add_row("checkpoints", folder_size(artifact_dir))
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
@@ -108,3 +119,11 @@ def time_by_phase(trials: list[optuna.trial.FrozenTrial]) -> str:
         return "-"
     shares = ", ".join(f"{phase} {totals[phase] / whole:.1%}" for phase in attrs.TRIAL_PHASES)
     return f"{whole:,.0f} s: {shares}"
+
+
+def folder_size(directory: Path) -> str:
+    """The artifact folder's size: checkpoints of running and retried trials, final weights."""
+    if not directory.is_dir():
+        return f"none yet ({directory})"
+    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    return f"{size / 1e6:,.1f} MB in {directory}"

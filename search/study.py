@@ -9,6 +9,19 @@ next ticket, or a new one, takes its place. The queue is kept TICKET_WINDOW tick
 the workers rather than filled with all N at once: Optuna re-reads every unfinished trial on
 each get_trials, so N waiting tickets would make every claim, pruner call and progress line
 cost O(N) (docs/BENCHMARKS.md).
+
+The invariant (tests/test_budget_machine.py checks it after every step):
+- A chain is a ticket and its retries; each counts once, as its live member (the one not
+  retried; of two retries of one trial, a lost answer's twin, the first). Counted are the
+  first N chains by ticket number whose live member is not over the cap; a chain whose
+  retry lands over the cap gives up its place, like a fresh over-cap draw.
+- A counted chain is finished when its live member is COMPLETE, PRUNED or FAIL with no
+  retry owed (failed for good: its objective raised, or its crashes passed max_retry).
+- Every counted ticket ends finished or replaced: a claimed trial either runs to an end or
+  goes stale (storage/_retry.py marks a claim whose answer was lost), a stale trial is
+  failed and its retry queued (fail_stale_trials, which also queues a retry still owed),
+  and an over-cap chain's place passes to the next ticket, topped up while fewer than N
+  exist. So the study ends at exactly N finished, and no worker waits for nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +39,15 @@ from search import attrs
 from search.cost import is_over_cap
 from search.settings import METRIC_NAME, StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
-from storage.optuna_private import claim_waiting_trial, retried_numbers, retry_of
+from storage import queue_retry
+from storage.optuna_private import (
+    claim_waiting_trial,
+    replaced_number,
+    retried_numbers,
+    retry_of,
+    stale_trial_callback,
+    stopped_numbers,
+)
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16
@@ -41,9 +62,10 @@ class StudyError(ValueError):
 @dataclass(frozen=True)
 class Budget:
     target: int
-    finished: int  # complete + pruned + failed and not retried; over-cap draws are not trials
+    finished: int  # complete + pruned + failed for good; over-cap draws are not trials
     running: int
     waiting: int  # not started yet: queued, or not yet made
+    given_up: int = 0  # of the finished: failed for good (an error, or too many crashes)
 
     @property
     def done(self) -> bool:
@@ -130,11 +152,16 @@ def budget(study: optuna.Study) -> Budget:
     counted = _counted(study.get_trials(deepcopy=False), target)
     finished = sum(t.state.is_finished() for t in counted)
     running = sum(t.state == TrialState.RUNNING for t in counted)
-    return Budget(target, finished, running, waiting=target - finished - running)
+    given_up = sum(t.state == TrialState.FAIL for t in counted)
+    return Budget(target, finished, running, target - finished - running, given_up)
 
 
 def move_target(study: optuna.Study, target: int) -> Budget:
-    """Raise the study's target to `target` trials; a target is never lowered."""
+    """Raise the study's target to `target` trials; a target is never lowered.
+
+    Each raise writes its own attribute, and the target is the largest: two raises at once
+    cannot undo each other, and a raise repeated after a lost answer writes the same value.
+    """
     current = _target(study)
     if target < current:
         raise StudyError(
@@ -142,7 +169,7 @@ def move_target(study: optuna.Study, target: int) -> Budget:
             "a search is extended, never shortened"
         )
     if target > current:
-        study.set_user_attr(attrs.TARGET, target)  # claims add the tickets as they go
+        study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)  # claims add tickets
     return budget(study)
 
 
@@ -169,7 +196,7 @@ def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
     Workers topping up at once may make a few too many: those rank past the target, are
     never claimed or counted, and wait in case the target is raised.
     """
-    fresh = [t for t in trials if _is_ticket(t)]
+    fresh = _tickets(trials)
     queued = sum(t.state == TrialState.WAITING for t in fresh)
     count = max(0, min(TICKET_WINDOW - queued, target - len(fresh)))
     _add_tickets(study, count, [])
@@ -183,22 +210,44 @@ def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
 
 
 def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
-    """The trials that fill the budget: each of the first `target` tickets, or its retry."""
-    retried = retried_numbers(trials)
-    fresh = sorted(t.number for t in trials if _is_ticket(t))
-    in_budget = set(fresh[:target])
+    """The trials that fill the budget: each chain's live member, for the first `target`
+    tickets (the invariant in this module's docstring)."""
+    dropped = retried_numbers(trials) | _twins(trials)
+    in_budget = {t.number for t in _tickets(trials)[:target]}
     return [
         t
         for t in trials
-        if t.number not in retried
+        if t.number not in dropped
         and not is_over_cap(t)
-        and (_is_retry(t) or t.number in in_budget)
+        and (retry_of(t) if _is_retry(t) else t.number) in in_budget
     ]
 
 
-def _is_ticket(trial: FrozenTrial) -> bool:
-    """A fresh trial that holds a place in the budget: not a retry, not an over-cap draw."""
-    return not _is_retry(trial) and not is_over_cap(trial)
+def _tickets(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Fresh trials that hold a place in the budget, by number: not a retry, not an over-cap
+    draw, and no retry of theirs over the cap (a retry copies its original's draw)."""
+    over_cap_chains = {retry_of(t) for t in trials if _is_retry(t) and is_over_cap(t)}
+    return sorted(
+        (
+            t
+            for t in trials
+            if not _is_retry(t) and not is_over_cap(t) and t.number not in over_cap_chains
+        ),
+        key=lambda t: t.number,
+    )
+
+
+def _twins(trials: list[FrozenTrial]) -> set[int]:
+    """Retries of a trial that already had one (two workers queued it at once): never run."""
+    first: dict[int, int] = {}
+    twins: set[int] = set()
+    for trial in sorted(filter(_is_retry, trials), key=lambda t: t.number):
+        replaced = replaced_number(trial)
+        if replaced in first:
+            twins.add(trial.number)
+        else:
+            first[replaced] = trial.number
+    return twins
 
 
 def _is_retry(trial: FrozenTrial) -> bool:
@@ -206,14 +255,36 @@ def _is_retry(trial: FrozenTrial) -> bool:
 
 
 def _target(study: optuna.Study) -> int:
-    return int(study.user_attrs.get(attrs.TARGET, 0))
+    """The largest target written: the creator's, or a raise's (move_target)."""
+    stored = study.user_attrs
+    raised = [value for key, value in stored.items() if key.startswith(attrs.TARGET_RAISED)]
+    return int(max([stored.get(attrs.TARGET, 0), *raised]))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail (and so retry) trials whose worker stopped sending heartbeats."""
+    """Fail (and so retry) trials whose worker stopped sending heartbeats, then queue any
+    retry still owed (a worker died, or lost its storage, between a FAIL and its retry)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    queue_owed_retries(study)
+
+
+def queue_owed_retries(study: optuna.Study) -> None:
+    """A stopped trial is owed a retry; a stale-failed one too, unless its crashes passed
+    max_retry (the storage's stale-trial callback decides). One failed by its objective
+    has failed for good (its fail_reason is its own; a retry inherits its original's)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    callback = stale_trial_callback(study)
+    for trial in trials:
+        if trial.state != TrialState.FAIL or trial.number in retried:
+            continue
+        reason = trial.user_attrs.get(attrs.FAIL_REASON)
+        if trial.number in stopped_numbers(trial):
+            queue_retry(study, trial)
+        elif callback is not None and (reason is None or reason.startswith(attrs.STOPPED_PREFIX)):
+            callback(study, trial)
 
 
 def worker_seed(study_seed: int, worker_name: str) -> int:

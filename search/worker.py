@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.memory import memory_note, release_trial_memory
 from search.objective import TrialInterrupted, TrialRunner
 from search.study import budget, claim_trial, fail_stale_trials
-from storage import StorageUnavailable
-from storage.optuna_private import has_heartbeat, heartbeat
+from storage import StorageUnavailable, queue_retry
+from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
@@ -84,7 +83,8 @@ def run_trial(
 
     Only StorageUnavailable and a bug in this loop escape. After an outage longer than the
     heartbeat grace, another worker may have failed and re-queued this trial: its retry
-    resumes from the checkpoint, and this copy is dropped.
+    resumes from the checkpoint, and this copy is dropped. (A write whose answer was lost is
+    settled by the storage, storage/_retry.py: it does not land here.)
     """
     try:
         with heartbeat(study, trial):
@@ -100,15 +100,18 @@ def run_trial(
 def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> FrozenTrial:
     try:
         value = runner(trial)
-    except (StorageUnavailable, UpdateFinishedTrialError):
+    except StorageUnavailable:
+        # A stop too, if the storage is back in time (the policy tries once); else the trial
+        # stays RUNNING, goes stale, and is retried as a crash.
+        with suppress(Exception):
+            stop_trial(study, trial, "storage unreachable past --storage-retry-s")
+        raise
+    except UpdateFinishedTrialError:
         raise  # not the trial's fault: it stays as it is, for its retry
     except optuna.TrialPruned:
         return _tell(study, trial, state=TrialState.PRUNED)
     except TrialInterrupted as stop:
-        trial.set_user_attr(attrs.FAIL_REASON, f"interrupted: {stop}")
-        failed = _tell(study, trial, state=TrialState.FAIL)
-        requeue(study, failed)
-        return failed
+        return stop_trial(study, trial, str(stop))
     except torch.OutOfMemoryError:
         # What the device had, read now; the memory itself is released once this has returned.
         trial.set_user_attr(attrs.OUT_OF_MEMORY, trial.user_attrs.get(attrs.OUT_OF_MEMORY, 0) + 1)
@@ -136,12 +139,17 @@ def _tell(
         raise UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere") from None
 
 
-def requeue(study: optuna.Study, failed: FrozenTrial) -> None:
-    """Queue a retry of `failed` with its parameters, checkpoint and reported epochs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-    retry(study, failed)
+def stop_trial(study: optuna.Study, trial: optuna.Trial, why: str) -> FrozenTrial:
+    """End a stopped trial FAIL and queue its retry, which resumes from its checkpoint.
+
+    A stop is no failure: it is counted as a stop, which does not use up max_retry. Were
+    this worker to die between the FAIL and the retry, fail_stale_trials queues it.
+    """
+    mark_stopped(trial)
+    trial.set_user_attr(attrs.FAIL_REASON, f"{attrs.STOPPED_PREFIX}{why}")
+    failed = _tell(study, trial, state=TrialState.FAIL)
+    queue_retry(study, failed)
+    return failed
 
 
 def ran_out_of_memory(trial: FrozenTrial) -> bool:
@@ -162,4 +170,4 @@ def retry_out_of_memory(
     had = failed.user_attrs[attrs.FAIL_REASON].removeprefix(f"{OUT_OF_MEMORY_REASON}: ")
     say(f"trial {failed.number} ran out of memory ({size}; {had}); {verdict}")
     if not again:
-        requeue(study, failed)
+        queue_retry(study, failed)

@@ -5,7 +5,12 @@ names, where artifacts go by default, which backends have heartbeats, the heartb
 how long a worker waits out an outage.
 """
 
-from storage._heartbeat import DEFAULT_HEARTBEAT_S, HeartbeatPolicy
+from storage._heartbeat import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_RETRY,
+    HeartbeatPolicy,
+    queue_retry,
+)
 from storage._open import open_storage
 from storage._retry import DEFAULT_STORAGE_RETRY_S, RetryPolicy, StorageUnavailable
 from storage._urls import (
@@ -20,6 +25,7 @@ from storage._urls import (
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
+    "DEFAULT_MAX_RETRY",
     "DEFAULT_STORAGE_RETRY_S",
     "DEFAULT_STORAGE_URL",
     "HeartbeatPolicy",
@@ -30,6 +36,7 @@ __all__ = [
     "default_artifact_dir",
     "has_heartbeat",
     "open_storage",
+    "queue_retry",
     "redact_url",
     "sqlite_file",
 ]

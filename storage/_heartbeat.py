@@ -9,6 +9,7 @@ heartbeat thread, `fail_stale_trials` and the retry callback work unchanged.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,12 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.optuna_private import Heartbeat
+from storage.optuna_private import (
+    RETRY_HISTORY_KEY,
+    Heartbeat,
+    retried_numbers,
+    stopped_numbers,
+)
 
 # Seconds between a running trial's heartbeats, unless a study sets its own.
 DEFAULT_HEARTBEAT_S = 60
@@ -30,24 +36,52 @@ HEARTBEAT_ATTR = "hpo:heartbeat"
 CLAIMED_ATTR = "hpo:claimed"
 
 
+# Times a trial's chain may crash and still be retried (stops do not count).
+DEFAULT_MAX_RETRY = 3
+
+
 @dataclass(frozen=True)
 class HeartbeatPolicy:
     """Heartbeat of running trials; a trial silent for `grace_s` is failed and retried."""
 
     interval_s: int = DEFAULT_HEARTBEAT_S
-    max_retry: int = 3
+    max_retry: int = DEFAULT_MAX_RETRY
 
     @property
     def grace_s(self) -> int:
         return 2 * self.interval_s
 
     def stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
-        """Re-queue a failed trial with its parameters, checkpoint record and epochs."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RetryHeartbeatStaleTrialCallback(
-                max_retry=self.max_retry, inherit_intermediate_values=True
-            )
+        return RetryCrashedTrial(self.max_retry)
+
+
+@dataclass(frozen=True)
+class RetryCrashedTrial:
+    """Re-queue a trial whose worker died, unless its chain has crashed `max_retry` times
+    already (then it has failed for good). Optuna's RetryHeartbeatStaleTrialCallback counts
+    every retry against its max_retry; here a stop's re-queue (queue_retry) does not count."""
+
+    max_retry: int
+
+    def __call__(self, study: optuna.Study, failed: FrozenTrial) -> None:
+        if crashes(failed) <= self.max_retry:
+            queue_retry(study, failed)
+
+
+def crashes(failed: FrozenTrial) -> int:
+    """Ends of the failed trial's chain, its own included, that were not stops."""
+    return len(failed.system_attrs.get(RETRY_HISTORY_KEY, [])) + 1 - len(stopped_numbers(failed))
+
+
+def queue_retry(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue a retry of `failed` with its parameters, checkpoint record and epochs, unless
+    one is queued already (its first insert's answer was lost, or two workers failed it)."""
+    if failed.number in retried_numbers(study.get_trials(deepcopy=False)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    retry(study, copy.deepcopy(failed))  # it appends to the failed trial's own history list
 
 
 class HeartbeatJournalStorage(JournalStorage, Heartbeat):

@@ -31,9 +31,36 @@ SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+
+
+def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+    """Take SQLite's write lock when a transaction starts, not at its first write.
+
+    Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which SQLite ignores: two
+    processes could both read WAITING and both run the trial. An immediate transaction
+    makes the read and the write one step; it also avoids "database is locked" when a
+    read transaction later tries to write after another process committed.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class SQLiteStorage(RDBStorage):
+    """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate),
+    also once unpickled: RDBStorage.__setstate__ makes a new engine without the listener."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
+
+
 # Storage classes of a worker: every call waits out a lost connection (storage/_retry.py).
-RetryingRDBStorage = with_retries(RDBStorage)
-RetryingJournalStorage = with_retries(HeartbeatJournalStorage)
+RetryingRDBStorage = with_retries(RDBStorage, __name__)
+RetryingSQLiteStorage = with_retries(SQLiteStorage, __name__)
+RetryingHeartbeatJournalStorage = with_retries(HeartbeatJournalStorage, __name__)
 
 
 def open_storage(
@@ -79,7 +106,7 @@ def _open_journal(
             log = JournalRedisBackend(url)
     if retry is None:
         return HeartbeatJournalStorage(log, heartbeat)
-    return RetryingJournalStorage(log, heartbeat, retry=retry)
+    return RetryingHeartbeatJournalStorage(log, heartbeat, retry=retry)
 
 
 def _open_rdb(
@@ -98,10 +125,12 @@ def _open_rdb(
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
         engine_kwargs = dict(SERVER_POOL)
-    storage = _create_schema_once(lambda: _rdb_storage(url, engine_kwargs, heartbeat, retry))
-    if backend == "sqlite" and not reader:
-        sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
-    return storage
+    writer = backend == "sqlite" and not reader
+    classes = (SQLiteStorage, RetryingSQLiteStorage) if writer else (RDBStorage, RetryingRDBStorage)
+    storage_class = classes[0] if retry is None else classes[1]
+    return _create_schema_once(
+        lambda: _rdb_storage(storage_class, url, engine_kwargs, heartbeat, retry)
+    )
 
 
 def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
@@ -119,7 +148,11 @@ def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
 
 
 def _rdb_storage(
-    url: str, engine_kwargs: dict, heartbeat: HeartbeatPolicy | None, retry: RetryPolicy | None
+    storage_class: type[RDBStorage],
+    url: str,
+    engine_kwargs: dict,
+    heartbeat: HeartbeatPolicy | None,
+    retry: RetryPolicy | None,
 ) -> RDBStorage:
     kwargs: dict = {"engine_kwargs": engine_kwargs}
     if retry is not None:
@@ -132,18 +165,7 @@ def _rdb_storage(
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return (RDBStorage if retry is None else RetryingRDBStorage)(url, **kwargs)
-
-
-def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
-    """Take SQLite's write lock when a transaction starts, not at its first write.
-
-    Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which SQLite ignores: two
-    processes could both read WAITING and both run the trial. An immediate transaction
-    makes the read and the write one step; it also avoids "database is locked" when a
-    read transaction later tries to write after another process committed.
-    """
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return storage_class(url, **kwargs)
 
 
 def _require_sqlite_file(url: str) -> None:

@@ -4,6 +4,13 @@ Only a lost connection is retried (server down, restarting, failing over, networ
 logic errors (a finished trial, a duplicate study) are raised at once. A call blocks while it
 waits: the trial's training pauses and resumes, its reports land in order, and nothing is
 held in memory that a crash during the outage would lose.
+
+A write whose answer was lost may have committed. Before it is repeated, the storage is
+asked what happened (`_settle_*`): a trial already in the state asked for was this write's;
+a retry already queued with the same history is this insert's. Other writes are safe to
+repeat as they are (attributes, reports and heartbeats set a value; a duplicate fresh ticket
+ranks past the target, search/study.py). A claim cannot be told from another worker's, so
+the heartbeat that makes a claimed trial go stale is written, and waited for, before it.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy.exc
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS
+from storage.optuna_private import (
+    RDB_CACHE_CALLS,
+    RDB_CREATE_TRIAL,
+    RETRY_HISTORY_KEY,
+    STALE_TRIAL_IDS,
+)
 
 try:
     import redis.exceptions
@@ -47,14 +60,19 @@ class StorageUnavailable(RuntimeError):
     """The storage stayed unreachable past the retry limit; the message is one line."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RetryPolicy:
-    """How long a worker waits out a lost storage, and where it says so."""
+    """How long a worker waits out a lost storage, and where it says so.
+
+    Once it has given up, a call that finds the storage still lost raises at once: the
+    clean-up on the way out (the trial's summary) must not open a second window.
+    """
 
     limit_s: float = DEFAULT_STORAGE_RETRY_S
     say: Callable[[str], None] = print
     first_delay_s: float = 0.5
     max_delay_s: float = 5.0
+    gave_up: bool = field(default=False, compare=False)
 
     def call(self, name: str, function: Callable[[], Any], on_loss: Callable[[], None]) -> Any:
         """`function()`, retried while the connection is lost, up to `limit_s`."""
@@ -67,11 +85,14 @@ class RetryPolicy:
                     raise
                 on_loss()
                 now = time.monotonic()
-                if lost_at is None:
+                if lost_at is None and not self.gave_up:
                     lost_at = now
                     self.say(f"storage unreachable ({describe(err)}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip
+                if self.gave_up:
+                    raise StorageUnavailable(f"storage still unreachable, at {name}") from None
                 if now - lost_at >= self.limit_s:
+                    self.gave_up = True
                     raise StorageUnavailable(
                         f"storage unreachable for {now - lost_at:.0f} s (--storage-retry-s "
                         f"{self.limit_s:g}), at {name}: {describe(err)}; giving up"
@@ -79,6 +100,7 @@ class RetryPolicy:
                 time.sleep(min(delay, self.limit_s - (now - lost_at)))
                 delay = min(2 * delay, self.max_delay_s)
                 continue
+            self.gave_up = False
             if lost_at is not None:
                 self.say(f"storage reachable again after {time.monotonic() - lost_at:.0f} s")
             return result
@@ -104,12 +126,13 @@ def describe(err: BaseException) -> str:
     return f"{type(lost).__name__}: {lines[0]}"[:200] if lines else type(lost).__name__
 
 
-def with_retries(storage_class: StorageClass) -> StorageClass:
+def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
     """A subclass of an Optuna storage class whose every storage call waits out an outage.
 
     Its constructor takes `retry=RetryPolicy(...)` besides the class's own arguments.
-    Heartbeats are not retried: a missed one is followed by the next, and the heartbeat
-    thread must stay free to stop when its trial ends.
+    `module` is where the subclass is bound to its name, so that pickle finds it.
+    The heartbeat thread's beats are not retried: a missed one is followed by the next, and
+    the thread must stay free to stop when its trial ends.
     """
     public = [name for name, value in vars(BaseStorage).items() if _is_call(name, value)]
     names = [*public, *(name for name in RDB_CACHE_CALLS if hasattr(storage_class, name))]
@@ -120,10 +143,24 @@ def with_retries(storage_class: StorageClass) -> StorageClass:
 
     def retried(name: str) -> Callable[..., Any]:
         method = getattr(storage_class, name)
+        settle = SETTLERS.get(name)
 
         @functools.wraps(method)
         def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return self._retry.call(name, lambda: method(self, *args, **kwargs), self._lost)
+            lost = []
+
+            def attempt() -> Any:
+                if lost and settle is not None:
+                    known = settle(storage_class, self, *args, **kwargs)
+                    if known is not UNKNOWN:
+                        return known
+                return method(self, *args, **kwargs)
+
+            def on_loss() -> None:
+                self._lost()
+                lost.append(1)
+
+            return self._retry.call(name, attempt, on_loss)
 
         return call
 
@@ -147,32 +184,81 @@ def with_retries(storage_class: StorageClass) -> StorageClass:
         stale = getattr(storage_class, STALE_TRIAL_IDS)
         return self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
 
+    state_change = retried("set_trial_state_values")
+
     def set_trial_state_values(
         self: Any, trial_id: int, state: TrialState, values: Any = None
     ) -> bool:
-        losses = []
-
-        def lost() -> None:
-            self._lost()
-            losses.append(1)
-
-        def attempt() -> bool:
-            return storage_class.set_trial_state_values(self, trial_id, state, values)
-
-        updated = self._retry.call("set_trial_state_values", attempt, lost)
-        if state == TrialState.RUNNING and not updated and losses:
-            # The first attempt may have claimed the trial with its answer lost, leaving it
-            # RUNNING with no worker. One heartbeat makes it go stale, and so be retried,
-            # unless a worker really runs it (then this beat is one among its own).
-            self.record_heartbeat(trial_id)
-        return updated
+        if state == TrialState.RUNNING:
+            # A claimed trial must end up run or stale, and one without a heartbeat is never
+            # stale: a worker that dies right after its claim, or whose claim's answer was
+            # lost, would leave it RUNNING for good. So the heartbeat comes first, waited for
+            # like any call; the claimer's heartbeat thread follows it (a claim that loses
+            # to another worker's adds a beat to that worker's trial).
+            beat = functools.partial(storage_class.record_heartbeat, self, trial_id)
+            self._retry.call("heartbeat of a claim", beat, self._lost)
+        return state_change(self, trial_id, state, values)
 
     namespace: dict[str, Any] = {name: retried(name) for name in names}
-    namespace.update(__init__=__init__, _lost=_lost)
+    namespace.update(__init__=__init__, _lost=_lost, __module__=module)
     if hasattr(storage_class, STALE_TRIAL_IDS):
         namespace.update({STALE_TRIAL_IDS: stale_trial_ids, "record_heartbeat": record_heartbeat})
         namespace["set_trial_state_values"] = set_trial_state_values
-    return type(f"Retrying{storage_class.__name__}", (storage_class,), namespace)
+    name = f"Retrying{storage_class.__name__}"
+    return type(name, (storage_class,), {**namespace, "__qualname__": name})
+
+
+# What a settler returns when the storage cannot say whether the lost write committed.
+UNKNOWN = object()
+
+
+def _settle_state(
+    storage_class: type, storage: Any, trial_id: int, state: TrialState, values: Any = None
+) -> Any:
+    """A lost finish (COMPLETE, PRUNED, FAIL): done if the trial is in that state; finished
+    otherwise means another worker did it first. A lost claim cannot be told from another
+    worker's claim (see set_trial_state_values): repeated, it answers False."""
+    if state == TrialState.RUNNING:
+        return UNKNOWN
+    trial: FrozenTrial = storage_class.get_trial(storage, trial_id)
+    if trial.state == state:
+        return True
+    if trial.state.is_finished():
+        raise UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
+    return UNKNOWN
+
+
+def _same_retry(
+    storage_class: type, storage: Any, study_id: int, template: FrozenTrial | None
+) -> FrozenTrial | None:
+    """The trial a lost insert of a retry made: the one with the template's retry history
+    (each retry carries the chain so far, so no two retries share one)."""
+    history = (template.system_attrs if template else {}).get(RETRY_HISTORY_KEY)
+    if not history:
+        return None
+    for trial in storage_class.get_all_trials(storage, study_id, deepcopy=False):
+        if trial.system_attrs.get(RETRY_HISTORY_KEY) == history:
+            return trial
+    return None
+
+
+def _settle_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
+    made = _same_retry(storage_class, storage, study_id, template)
+    if made is None:
+        return UNKNOWN
+    return storage_class.get_trial_id_from_study_id_trial_number(storage, study_id, made.number)
+
+
+def _settle_rdb_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
+    made = _same_retry(storage_class, storage, study_id, template)
+    return UNKNOWN if made is None else made
+
+
+SETTLERS: dict[str, Callable[..., Any]] = {
+    "set_trial_state_values": _settle_state,
+    "create_new_trial": _settle_new_trial,
+    RDB_CREATE_TRIAL: _settle_rdb_new_trial,
+}
 
 
 def _is_call(name: str, value: object) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 # claim reads them for every trial of the study.
 RETRY_OF_KEY = "failed_trial"
 RETRY_HISTORY_KEY = "retry_history"
+# This project's own system attribute, copied to a retry with the two above: the numbers of
+# the chain's trials that ended by a stop (SIGTERM, Ctrl-C), which do not use up max_retry.
+STOPS_KEY = "hpo:stopped"
 
 
 def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
@@ -57,6 +61,16 @@ def has_heartbeat(study: optuna.Study) -> bool:
     Missing API: a study's storage is not public, nor is this check.
     """
     return is_heartbeat_enabled(study._storage)
+
+
+def stale_trial_callback(study: optuna.Study) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+    """What the study's storage does with a stale trial it failed (None without heartbeats).
+
+    Missing API: a study's storage is not public.
+    """
+    if not is_heartbeat_enabled(study._storage):
+        return None
+    return study._storage.get_heartbeat_stale_trial_callback()
 
 
 def stale_trial_numbers(study: optuna.Study) -> set[int]:
@@ -98,6 +112,28 @@ class OriginalTrialHyperband(optuna.pruners.HyperbandPruner):
         return super()._get_bracket_id(study, SimpleNamespace(number=original))
 
 
+def replaced_number(trial: FrozenTrial) -> int | None:
+    """The number of the trial this retry replaces (the chain's latest before it)."""
+    history = trial.system_attrs.get(RETRY_HISTORY_KEY)
+    return history[-1] if history else None
+
+
+def stopped_numbers(trial: FrozenTrial) -> list[int]:
+    """Numbers of the trials of this trial's chain, itself included, that ended by a stop."""
+    return list(trial.system_attrs.get(STOPS_KEY, []))
+
+
+def mark_stopped(trial: optuna.Trial) -> None:
+    """Record that this running trial ends by a stop; its retry inherits the record.
+
+    Missing API: a running Trial has no public system_attrs.
+    """
+    stopped = trial.storage.get_trial_system_attrs(trial._trial_id).get(STOPS_KEY, [])
+    if trial.number not in stopped:  # repeated after a lost answer: once
+        stopped = [*stopped, trial.number]
+    trial.storage.set_trial_system_attr(trial._trial_id, STOPS_KEY, stopped)
+
+
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that a later trial retries."""
     retried: set[int] = set()
@@ -127,6 +163,8 @@ def replace_artifact(store: FileSystemArtifactStore, artifact_id: str, path: Pat
 # Missing API: the cache Optuna puts in front of every RDBStorage (_CachedStorage) reads and
 # writes through these private RDBStorage methods, so waiting out an outage must cover them.
 RDB_CACHE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id")
+# The cache inserts a trial through this one (it returns a FrozenTrial, not an id).
+RDB_CREATE_TRIAL = RDB_CACHE_CALLS[0]
 # Missing API: the stale-trial query of Optuna's heartbeat interface has only this private name.
 STALE_TRIAL_IDS = "_get_stale_trial_ids"
 

@@ -19,8 +19,7 @@ from search.checkpoints import CheckpointStore, to_host
 from search.objective import TrialInterrupted, TrialRunner, WorkerInfo
 from search.settings import StudySettings
 from search.trainer import DeviceRecipe
-from search.worker import requeue
-from storage import open_storage
+from storage import open_storage, queue_retry
 
 
 def test_one_artifact_per_trial_and_a_retry_resumes_from_it(tmp_path: Path) -> None:
@@ -35,14 +34,15 @@ def test_one_artifact_per_trial_and_a_retry_resumes_from_it(tmp_path: Path) -> N
     assert len(listed) == 1  # the dashboard lists one live checkpoint
 
     failed = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    requeue(study, failed)
+    queue_retry(study, failed)
     retry = study.ask()
     state = store.load(retry)
     assert state["epoch"] == 3 and torch.equal(state["weights"], torch.full((3,), 3.0))
     store.save(retry, {"epoch": 4})
     assert retry.user_attrs["checkpoint"]["owner"] == retry.number
     assert store.load(retry)["epoch"] == 4
-    assert store.load(study.trials[0])["epoch"] == 3  # the failed trial's file is kept
+    # The failed trial's file went with the retry's first own checkpoint: one per chain.
+    assert store.load(study.trials[0]) is None and len(checkpoint_files(tmp_path)) == 1
 
 
 def test_a_checkpoint_from_another_machine_means_starting_over(tmp_path: Path) -> None:
@@ -52,26 +52,36 @@ def test_a_checkpoint_from_another_machine_means_starting_over(tmp_path: Path) -
     assert CheckpointStore(tmp_path / "machine-b").load(trial) is None
 
 
-def test_a_pruned_trial_drops_its_checkpoint_but_not_an_inherited_one(tmp_path: Path) -> None:
+def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
+    tmp_path: Path,
+) -> None:
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     store = CheckpointStore(tmp_path / "artifacts")
     crashed = study.ask()
     store.save(crashed, {"epoch": 2})
-    requeue(study, study.tell(crashed, state=TrialState.FAIL))
+    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
     retry = study.ask()
     inherited = retry.user_attrs["checkpoint"]["artifact_id"]
-    store.discard(retry)  # failed before its own first save: the file is the crashed trial's
-    assert store.load(retry)["epoch"] == 2
-
-    store.save(retry, {"epoch": 3})
+    store.save(retry, {"epoch": 3})  # its own: nothing resumes from the crashed trial's now
     own = retry.user_attrs["checkpoint"]["artifact_id"]
+    assert [p.name for p in checkpoint_files(tmp_path)] == [own]
     store.discard(retry)
     study.tell(retry, state=TrialState.PRUNED)
-    assert [p.name for p in checkpoint_files(tmp_path)] == [inherited]
+    assert checkpoint_files(tmp_path) == []
     pruned = study.trials[retry.number]
     assert pruned.user_attrs["checkpoint"] is None
     # The dashboard's own deletion mark: a listing set to null is not shown.
     assert json.loads(pruned.system_attrs[f"artifacts:{own}"]) is None
+    assert json.loads(pruned.system_attrs[f"artifacts:{inherited}"]) is None
+
+    # A retry that ends before its own first save takes the inherited file with it.
+    crashed = study.ask()
+    store.save(crashed, {"epoch": 1})
+    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
+    retry = study.ask()
+    store.discard(retry)
+    study.tell(retry, state=TrialState.FAIL)
+    assert checkpoint_files(tmp_path) == []
 
 
 def checkpoint_files(tmp_path: Path) -> list[Path]:

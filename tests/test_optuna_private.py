@@ -141,3 +141,21 @@ def test_a_retry_is_judged_in_the_bracket_of_the_trial_it_continues() -> None:
     assert all(ours._get_bracket_id(study, a) == ours._get_bracket_id(study, b) for a, b in pairs)
     # Where the bracket came from the trial's own number, some retries moved.
     assert any(plain._get_bracket_id(study, a) != plain._get_bracket_id(study, b) for a, b in pairs)
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_stops_and_replaced_trials_are_recorded(tmp_path: Path) -> None:
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(1))
+    )
+    trial = study.ask()
+    optuna_private.mark_stopped(trial)
+    optuna_private.mark_stopped(trial)  # repeated after a lost answer: recorded once
+    failed = study.tell(trial, state=TrialState.FAIL)
+    assert optuna_private.stopped_numbers(failed) == [failed.number]
+    optuna_private.stale_trial_callback(study)(study, failed)  # a stop uses up no retry
+    retry = study.get_trials()[-1]
+    assert optuna_private.replaced_number(retry) == failed.number
+    assert optuna_private.stopped_numbers(retry) == [failed.number]
+    assert optuna_private.replaced_number(failed) is None
+    assert optuna_private.stale_trial_callback(optuna.create_study()) is None

@@ -24,8 +24,7 @@ from search.study import (
     join,
     move_target,
 )
-from search.worker import requeue
-from storage import open_storage
+from storage import open_storage, queue_retry
 
 
 def tiny_settings(**changes: object):
@@ -104,7 +103,7 @@ def test_a_retry_replaces_the_failed_trial_in_the_budget(tmp_path: Path) -> None
     trial.suggest_float("x", 0, 1)
     trial.report(0.5, 1)
     failed = study.tell(trial, state=TrialState.FAIL)
-    requeue(study, failed)
+    queue_retry(study, failed)
     state = budget(study)
     assert (state.finished, state.waiting, state.target) == (0, 2, 2)
     retry = claim_trial(study)

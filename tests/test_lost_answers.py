@@ -1,0 +1,196 @@
+"""A write that committed and whose answer was lost is repeated safely: no second trial, no
+second retry, no lost retry, no trial RUNNING forever, no false message (storage/_retry.py).
+
+The storage is a real SQLite file whose chosen writes lose their answer once (tests/lossy.py).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy.event
+from lossy import age_heartbeats, forget_losses, lossy_storage, lost_answer
+from optuna.trial import TrialState
+from rich.console import Console
+
+from search import attrs
+from search.launch import StudyRequest
+from search.objective import TrialInterrupted
+from search.status import study_table
+from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
+from search.worker import run_trial
+from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
+from storage._open import _begin_immediate
+
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+
+
+def lossy_study(path: Path, target: int, max_retry: int = 3) -> optuna.Study:
+    settings = StudyRequest(study="s", trials=target, storage="", space="tiny").new_settings()
+    storage = lossy_storage(path, max_retry)
+    create_or_join(storage, "s", settings, target)
+    return join(storage, "s")
+
+
+def lossy(study: optuna.Study):
+    return study._storage._backend  # the RDB storage behind Optuna's cache
+
+
+def crash(study: optuna.Study, trial: optuna.Trial, path: Path) -> None:
+    """The trial's worker sent a heartbeat and died: a day later, its trial is stale."""
+    with optuna_private.heartbeat(study, trial):
+        pass
+    age_heartbeats(path)
+    forget_losses(lossy(study))
+
+
+def retries_of(study: optuna.Study, number: int) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials() if optuna_private.replaced_number(t) == number]
+
+
+def run_to_the_end(study: optuna.Study) -> None:
+    while (trial := claim_trial(study)) is not None:
+        study.tell(trial, 1.0)
+
+
+def test_a_retry_insert_whose_answer_is_lost_makes_one_retry(tmp_path: Path) -> None:
+    study = lossy_study(tmp_path / "l.db", target=2)
+    crash(study, claim_trial(study), tmp_path / "l.db")
+    lossy(study).lose("_create_new_trial")
+    fail_stale_trials(study)
+    assert lossy(study).lost == [("_create_new_trial", None)]
+    assert len(retries_of(study, 0)) == 1
+    run_to_the_end(study)
+    assert budget(study).finished == 2
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2
+
+
+def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path) -> None:
+    study = lossy_study(tmp_path / "l.db", target=2)
+    crash(study, claim_trial(study), tmp_path / "l.db")
+    lossy(study).lose("set_trial_state_values", TrialState.FAIL)
+    fail_stale_trials(study)
+    assert lossy(study).lost == [("set_trial_state_values", TrialState.FAIL)]
+    assert len(retries_of(study, 0)) == 1
+    run_to_the_end(study)
+    state = budget(study)
+    assert (state.finished, state.running, state.given_up) == (2, 0, 0)
+
+
+def test_a_claim_whose_answer_and_heartbeat_are_lost_goes_stale(tmp_path: Path) -> None:
+    study = lossy_study(tmp_path / "l.db", target=3)
+    lossy(study).lose("set_trial_state_values", TrialState.RUNNING)
+    lossy(study).lose("record_heartbeat", before=True)  # the connection stays down a while
+    claimed = claim_trial(study)  # ticket 0 was claimed, its answer lost: this is ticket 1
+    assert claimed.number == 1 and len(lossy(study).lost) == 2
+    assert study.get_trials()[0].state == TrialState.RUNNING  # no worker runs it
+    study.tell(claimed, 1.0)
+    age_heartbeats(tmp_path / "l.db")  # the heartbeat marking the lost claim landed
+    forget_losses(lossy(study))
+    fail_stale_trials(study)
+    assert study.get_trials()[0].state == TrialState.FAIL and len(retries_of(study, 0)) == 1
+    run_to_the_end(study)
+    assert budget(study).finished == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_a_complete_whose_answer_is_lost_is_complete_without_a_false_message(
+    tmp_path: Path,
+) -> None:
+    study = lossy_study(tmp_path / "l.db", target=1)
+    lossy(study).lose("set_trial_state_values", TrialState.COMPLETE)
+    said: list[str] = []
+    finished = run_trial(study, claim_trial(study), lambda trial: 0.25, said.append)
+    assert lossy(study).lost and said == []
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.25
+    assert budget(study).done
+
+
+def interrupted(trial: optuna.Trial) -> float:
+    raise TrialInterrupted("stopped after epoch 1")
+
+
+def test_a_stop_whose_fail_answer_is_lost_is_still_requeued(tmp_path: Path) -> None:
+    study = lossy_study(tmp_path / "l.db", target=1)
+    lossy(study).lose("set_trial_state_values", TrialState.FAIL)
+    said: list[str] = []
+    stopped = run_trial(study, claim_trial(study), interrupted, said.append)
+    assert lossy(study).lost and said == []
+    assert stopped.user_attrs[attrs.FAIL_REASON].startswith(attrs.STOPPED_PREFIX)
+    assert [t.state for t in retries_of(study, 0)] == [TrialState.WAITING]
+
+
+def test_stops_do_not_use_up_max_retry_and_crashes_do(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    study = lossy_study(path, target=1, max_retry=2)
+    for _ in range(3):  # three SIGTERMs of the same trial: it is resumed each time
+        trial = claim_trial(study)
+        assert run_trial(study, trial, interrupted, print).state == TrialState.FAIL
+    for _ in range(3):  # then it crashes three times: max_retry 2, so it fails for good
+        trial = claim_trial(study)
+        assert trial is not None and optuna_private.retry_of(study.trials[trial.number]) == 0
+        crash(study, trial, path)
+        fail_stale_trials(study)
+    assert claim_trial(study) is None
+    state = budget(study)
+    assert (state.finished, state.given_up, state.running, state.done) == (1, 1, 0, True)
+    assert len(study.trials) == 6  # the ticket and five retries: three stops, two crashes
+    console = Console(width=200, record=True)
+    console.print(study_table(study, artifact_dir=tmp_path))
+    shown = console.export_text()
+    assert "1 / 1" in shown and "MB in" in shown
+    assert "failed for good" in shown and "1 (counted as finished" in shown
+
+
+def test_target_raises_never_lower_it_and_a_lost_raise_lands_once(tmp_path: Path) -> None:
+    study = lossy_study(tmp_path / "l.db", target=2)
+    lossy(study).lose("set_study_user_attr")
+    assert move_target(study, 7).target == 7 and lossy(study).lost
+    # A second `hpo start --trials 5` that read the target 2 before the raise to 7 writes:
+    study.set_user_attr(f"{attrs.TARGET_RAISED}5", 5)
+    assert budget(study).target == 7
+
+
+def test_past_the_limit_the_policy_gives_up_once_not_per_call() -> None:
+    attempts = []
+
+    def lost() -> None:
+        attempts.append(1)
+        raise lost_answer()
+
+    policy = RetryPolicy(limit_s=0.2, first_delay_s=0.05, say=lambda _: None)
+    with pytest.raises(StorageUnavailable):
+        policy.call("tell", lost, lambda: None)
+    assert len(attempts) > 1
+    attempts.clear()
+    with pytest.raises(StorageUnavailable):  # the trial's summary on the way out
+        policy.call("set_trial_user_attr", lost, lambda: None)
+    assert len(attempts) == 1  # no second window
+    assert policy.call("get_trial", lambda: 3, lambda: None) == 3 and not policy.gave_up
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{}/p.db", "journal://{}/p.log"])
+def test_retrying_storages_pickle(url: str, tmp_path: Path) -> None:
+    storage = open_storage(url.format(tmp_path), retry=RetryPolicy())
+    copy = pickle.loads(pickle.dumps(storage))
+    study = optuna.create_study(storage=copy)
+    study.tell(study.ask(), 1.0)
+    assert optuna.load_study(study_name=study.study_name, storage=storage).best_value == 1.0
+
+
+def test_an_unpickled_sqlite_storage_takes_the_write_lock_at_begin(tmp_path: Path) -> None:
+    database = tmp_path / "p.db"
+    storage = open_storage(f"sqlite:///{database}", retry=RetryPolicy())
+    copy = pickle.loads(pickle.dumps(storage))
+    assert sqlalchemy.event.contains(copy.engine, "begin", _begin_immediate)
+    with copy.engine.connect() as connection, connection.begin():
+        # A transaction of the copy holds the write lock from its start, so another copy
+        # cannot read a WAITING trial and claim it meanwhile: its BEGIN IMMEDIATE waits.
+        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
