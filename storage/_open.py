@@ -15,7 +15,8 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
-from storage._retry import RetryPolicy, with_retries
+from storage._network import server_engine_kwargs, with_redis_timeouts
+from storage._retry import RetryPolicy, StorageUnavailable, is_connection_lost, with_retries
 from storage._urls import (
     StorageURLError,
     backend_of,
@@ -46,15 +47,23 @@ def open_storage(
 
     `heartbeat`: running trials send heartbeats, and silent ones are failed and retried.
     `reader` is for tools that only look (status, dashboard, report): on SQLite they do
-    not take the write lock, so they never make a worker wait. `retry`: every call waits
-    out a lost connection (workers); without it an outage raises at once.
+    not take the write lock, so they never make a worker wait. `retry`: the open and every
+    call wait out a lost connection (workers), and StorageUnavailable says when they gave up;
+    without it an outage raises at once.
     """
     backend = backend_of(url)
-    try:
+
+    def attempt() -> optuna.storages.BaseStorage:
         if backend.startswith("journal"):
             return _open_journal(url, backend, heartbeat, retry)
         return _open_rdb(url, backend, heartbeat, reader, retry)
-    except StorageURLError:
+
+    try:
+        if retry is None:
+            return attempt()
+        # A worker may start before its database is up or reachable: it waits as in an outage.
+        return retry.call("opening the storage", attempt, on_loss=lambda: None)
+    except (StorageURLError, StorageUnavailable):
         raise
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -76,7 +85,7 @@ def _open_journal(
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            log = JournalRedisBackend(url)
+            log = JournalRedisBackend(with_redis_timeouts(url))
     if retry is None:
         return HeartbeatJournalStorage(log, heartbeat)
     return RetryingJournalStorage(log, heartbeat, retry=retry)
@@ -97,7 +106,7 @@ def _open_rdb(
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
-        engine_kwargs = dict(SERVER_POOL)
+        engine_kwargs = {**SERVER_POOL, **server_engine_kwargs(url, backend)}
     storage = _create_schema_once(lambda: _rdb_storage(url, engine_kwargs, heartbeat, retry))
     if backend == "sqlite" and not reader:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
@@ -113,7 +122,9 @@ def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
     for attempt in range(1, SCHEMA_ATTEMPTS):
         try:
             return open_rdb()
-        except sqlalchemy.exc.SQLAlchemyError:
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if is_connection_lost(err):
+                raise  # an outage, not a race: the caller's RetryPolicy (if any) decides
             time.sleep(0.5 * attempt)
     return open_rdb()
 

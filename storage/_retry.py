@@ -19,6 +19,7 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
+from storage._network import refused_by_server
 from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS
 
 try:
@@ -60,6 +61,7 @@ class RetryPolicy:
         """`function()`, retried while the connection is lost, up to `limit_s`."""
         delay, lost_at = self.first_delay_s, None
         while True:
+            started = time.monotonic()
             try:
                 result = function()
             except Exception as err:
@@ -68,7 +70,9 @@ class RetryPolicy:
                 on_loss()
                 now = time.monotonic()
                 if lost_at is None:
-                    lost_at = now
+                    # Since the call that got no answer began: a silent network takes up to
+                    # STORAGE_CALL_BOUND_S to say so, and that time counts against the limit.
+                    lost_at = started
                     self.say(f"storage unreachable ({describe(err)}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip
                 if now - lost_at >= self.limit_s:
@@ -85,12 +89,14 @@ class RetryPolicy:
 
 
 def is_connection_lost(err: BaseException | None) -> bool:
-    seen = 0
+    """A connection lost or never made; not a server that answered and refused it."""
+    seen, lost = 0, False
     while err is not None and seen < 10:
-        if isinstance(err, CONNECTION_LOST):
-            return True
+        if refused_by_server(err):
+            return False
+        lost = lost or isinstance(err, CONNECTION_LOST)
         err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return lost
 
 
 def describe(err: BaseException) -> str:
@@ -145,7 +151,10 @@ def with_retries(storage_class: StorageClass) -> StorageClass:
         if time.monotonic() - self._last_loss < grace:
             return []
         stale = getattr(storage_class, STALE_TRIAL_IDS)
-        return self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
+        asked = time.monotonic()
+        found = self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
+        # An answer held up by a silent network is no better: the others' beats were held too.
+        return [] if time.monotonic() - asked >= grace else found
 
     def set_trial_state_values(
         self: Any, trial_id: int, state: TrialState, values: Any = None
