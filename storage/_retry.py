@@ -58,7 +58,10 @@ class RetryPolicy:
     max_delay_s: float = 5.0
 
     def call(self, name: str, function: Callable[[], Any], on_loss: Callable[[], None]) -> Any:
-        """`function()`, retried while the connection is lost, up to `limit_s`."""
+        """`function()`, retried while the connection is lost, up to `limit_s`.
+
+        `on_loss()` is called at each lost attempt, and once more when the storage answers.
+        """
         delay, lost_at = self.first_delay_s, None
         while True:
             started = time.monotonic()
@@ -84,6 +87,7 @@ class RetryPolicy:
                 delay = min(2 * delay, self.max_delay_s)
                 continue
             if lost_at is not None:
+                on_loss()  # the outage ends now: a grace counted from here (stale_trial_ids)
                 self.say(f"storage reachable again after {time.monotonic() - lost_at:.0f} s")
             return result
 

@@ -5,8 +5,9 @@ switches its mode while workers run:
 
 - `passing()`: forward everything;
 - `reset()`: reset (RST) every open connection, then pass;
-- `random_resets(rate)`: forward, but reset a connection at a forwarded chunk with
-  probability `rate` (seeded);
+- `random_resets(rate)`: forward, but reset a connection at a client chunk with probability
+  `rate` (seeded), before it reaches the server: no answer is lost after a commit;
+- `reset_on(needle)`: reset the connection whose client bytes next contain `needle` (once);
 - `lose_answer(*needles)`: once a transaction's client bytes contain every needle, forward its
   COMMIT, drop the server's reply and reset the client (the answer lost after the commit);
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
@@ -51,7 +52,7 @@ class FaultProxy:
         self._mode = "pass"
         self._rate = 0.0
         self._needles: tuple[bytes, ...] = ()
-        self._losses_left = 0
+        self._faults_left = 0
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -74,8 +75,12 @@ class FaultProxy:
         self._rate = rate
         self._do(self._switch, "random", True)
 
+    def reset_on(self, needle: bytes, times: int = 1) -> None:
+        self._needles, self._faults_left = (needle,), times
+        self._do(self._switch, "reset-on", True)
+
     def lose_answer(self, *needles: bytes, times: int = 1) -> None:
-        self._needles, self._losses_left = needles, times
+        self._needles, self._faults_left = needles, times
         self._do(self._switch, "lose", True)
 
     def blackhole(self) -> None:
@@ -129,6 +134,9 @@ class FaultProxy:
         if self._listener is not None:
             self._listener.close()
         self._reset_all()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def _reset_all(self) -> None:
         for link in list(self._links):
@@ -182,7 +190,7 @@ class FaultProxy:
                 self._links.discard(link)
                 target.close()
                 return
-            if self._mode == "random" and self.random.random() < self._rate:
+            if upstream and self._resets_here(data):
                 break
             if not upstream and link.cut_next_answer:
                 self.answers_lost += 1
@@ -196,11 +204,19 @@ class FaultProxy:
                 break
         self._kill(link)
 
+    def _resets_here(self, data: bytes) -> bool:
+        if self._mode == "random":
+            return self.random.random() < self._rate
+        if self._mode == "reset-on" and self._faults_left > 0 and self._needles[0] in data:
+            self._faults_left -= 1
+            return True
+        return False
+
     def _watch_transaction(self, link: _Link, data: bytes) -> None:
         link.sent += data
         if COMMIT not in data:
             return
-        if self._losses_left > 0 and all(needle in link.sent for needle in self._needles):
-            self._losses_left -= 1
+        if self._faults_left > 0 and all(needle in link.sent for needle in self._needles):
+            self._faults_left -= 1
             link.cut_next_answer = True
         link.sent.clear()

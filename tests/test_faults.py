@@ -1,0 +1,176 @@
+"""Faults a real network makes, injected by tests/faultproxy.py between real `hpo worker`
+processes and a PostgreSQL of the tests' own: resets, a silent partition (blackhole),
+refused connections, and answers lost after the commit. After each: exactly N finished."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from faultproxy import FaultProxy
+from servers import OwnPostgres
+from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
+from test_workers import MICRO_SPACE
+
+from search.launch import StudyRequest, create_study
+from search.progress import SearchProgress
+from storage import STORAGE_CALL_BOUND_S, HeartbeatPolicy, RetryPolicy, open_storage
+
+TRIALS = 3
+# A deadline for a worker that should finish (not a timing assertion: a hung one fails by it).
+FINISH_S = 240
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[OwnPostgres]:
+    """One PostgreSQL of the module's own (never stopped: the proxy makes the faults)."""
+    folder = Path(tempfile.mkdtemp(prefix="hpo-faults-"))
+    server = OwnPostgres(folder)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def proxy(postgres: OwnPostgres, request: pytest.FixtureRequest) -> Iterator[FaultProxy]:
+    seed = sum(request.node.name.encode())  # seeded per test: a failure replays
+    with FaultProxy(postgres.port, seed=seed) as faults:
+        yield faults
+
+
+def via(proxy: FaultProxy, postgres: OwnPostgres) -> str:
+    return postgres.url.replace(f":{postgres.port}/", f":{proxy.port}/")
+
+
+def new_study(postgres: OwnPostgres, cwd: Path, epochs: int = 3, trials: int = TRIALS):
+    """Made directly (not through the proxy): a micro space, heartbeat 1 s, a checkpoint every
+    epoch. Returns the name and a study handle the test reads without faults."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    space = cwd / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    request = StudyRequest(
+        study=name, trials=trials, storage=postgres.url, space=str(space), epochs=epochs,
+        dataset="synthetic", pruner="none", heartbeat=1, checkpoint_interval=0,
+    )  # fmt: skip
+    create_study(request, SearchProgress())
+    return name, optuna.load_study(study_name=name, storage=open_storage(postgres.url))
+
+
+def workers(env: dict, cwd: Path, url: str, name: str, count: int, *extra: str) -> list:
+    env = {**env, "HPO_STORAGE": url}
+    return [spawn(env, cwd, f"w{i}", "worker", "--study", name, *extra) for i in range(count)]
+
+
+def finish(processes: list[subprocess.Popen], cwd: Path, codes: list[int]) -> list[str]:
+    """Each worker exits with its expected code; no traceback in any log."""
+    got = [p.wait(timeout=FINISH_S) for p in processes]
+    outputs = [logs(cwd, f"w{i}") for i in range(len(processes))]
+    assert got == codes, outputs
+    assert not [o for o in outputs if "Traceback" in o], outputs
+    return outputs
+
+
+def test_random_resets_for_a_whole_study(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path)
+    proxy.random_resets(0.05)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 2), tmp_path, [0, 0])
+    assert proxy.resets > 0
+    assert_study_done(study, TRIALS)
+
+
+def test_a_short_blackhole_is_ridden_out(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    """20 s of silence under --storage-retry-s 60: the workers carry on."""
+    name, study = new_study(postgres, tmp_path, epochs=6)
+    running = workers(hpo_env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
+    wait_for_running(study, count=2)
+    proxy.blackhole()
+    time.sleep(20)  # the outage itself, not a wait for a process
+    proxy.passing()
+    finish(running, tmp_path, [0, 0])
+    assert_study_done(study, TRIALS)
+
+
+def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    limit = 5
+    name, study = new_study(postgres, tmp_path, epochs=6)
+    url = via(proxy, postgres)
+    running = workers(hpo_env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
+    wait_for_running(study, count=2)
+    proxy.blackhole()
+    silent_at = time.monotonic()
+    # Each exits 75 within the limit and one call's bound (slack for two loaded cores).
+    codes = [p.wait(timeout=limit + STORAGE_CALL_BOUND_S + 60) for p in running]
+    took = time.monotonic() - silent_at
+    errors = [(tmp_path / f"w{i}.err").read_text() for i in range(2)]
+    assert codes == [75, 75], (took, errors)
+    assert all(e.startswith("error: storage unreachable for ") for e in errors), errors
+    proxy.passing()
+    later = spawn({**hpo_env, "HPO_STORAGE": url}, tmp_path, "later", "worker", "--study", name)
+    assert later.wait(timeout=FINISH_S) == 0, logs(tmp_path, "later")
+    assert_study_done(study, TRIALS)
+
+
+def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1)
+    proxy.refuse()
+    waiting = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1, "--storage-retry-s", "60")
+    wait_for_line(tmp_path, "w0", "storage unreachable")
+    time.sleep(10)  # the database stays down for 10 s
+    proxy.passing()
+    output = finish(waiting, tmp_path, [0])[0]
+    assert "storage reachable again" in output
+    assert_study_done(study, TRIALS)
+
+
+# Optuna's schema check at open, and the study's settings (user attributes) read at start-up.
+@pytest.mark.parametrize("needle", [b"version_info", b"study_user_attributes"])
+def test_a_reset_while_a_worker_starts_is_waited_out(
+    needle: bytes, postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1)
+    proxy.reset_on(needle)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    assert proxy.resets == 1
+    assert_study_done(study, TRIALS)
+
+
+def test_right_after_an_outage_no_heartbeat_counts_as_stale(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A trial whose worker is alive but whose beats stopped with the network is not failed
+    the moment the network is back: the workers get a grace period to beat again."""
+    name, study = new_study(postgres, tmp_path)
+    heartbeat = HeartbeatPolicy(interval_s=1)
+    other = open_storage(postgres.url, heartbeat)  # the live worker, beating once
+    trial_id = other.create_new_trial(study._study_id)
+    other.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    other.record_heartbeat(trial_id)
+    number = other.get_trial(trial_id).number
+    mine = open_storage(via(proxy, postgres), heartbeat, retry=RetryPolicy(limit_s=60))
+    mine.get_all_studies()  # connected, then the network goes
+    proxy.refuse()
+    threading.Timer(heartbeat.grace_s + 1, proxy.passing).start()
+    mine.get_all_studies()  # waits out the outage: longer than the grace
+    mine_study = optuna.load_study(study_name=name, storage=mine)
+    optuna.storages.fail_stale_trials(mine_study)
+    assert study.get_trials()[number].state == optuna.trial.TrialState.RUNNING
+    time.sleep(heartbeat.grace_s + 0.5)  # and the other worker stays silent past the grace
+    optuna.storages.fail_stale_trials(mine_study)
+    assert study.get_trials()[number].state == optuna.trial.TrialState.FAIL
