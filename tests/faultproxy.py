@@ -7,9 +7,11 @@ switches its mode while workers run:
 - `reset()`: reset (RST) every open connection, then pass;
 - `random_resets(rate)`: forward, but reset a connection at a client chunk with probability
   `rate` (seeded), before it reaches the server: no answer is lost after a commit;
-- `reset_on(needle)`: reset the connection whose client bytes next contain `needle` (once);
+- `reset_on(*needles)`: reset the connection once a transaction's client bytes contain every
+  needle, before they reach the server (the statement is never run);
 - `lose_answer(*needles)`: once a transaction's client bytes contain every needle, forward its
-  COMMIT, drop the server's reply and reset the client (the answer lost after the commit);
+  COMMIT, drop the server's reply and reset the client (the answer lost after the commit).
+  These two queue one-shot rules, applied in order, beside any mode;
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
   connections are accepted and get no answer;
 - `refuse()`: refuse new connections (the listener is closed), reset open ones.
@@ -21,6 +23,7 @@ test's thread. Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -31,6 +34,7 @@ CHUNK = 65536
 # The client's message that ends a transaction (PostgreSQL's simple query "COMMIT", MySQL's
 # COM_QUERY "COMMIT"): its reply is the answer to the whole transaction.
 COMMIT = b"COMMIT"
+ROLLBACK = b"ROLLBACK"
 
 
 @dataclass(eq=False)  # links are told apart by identity, in a set
@@ -39,6 +43,12 @@ class _Link:
     server: asyncio.StreamWriter | None = None
     sent: bytearray = field(default_factory=bytearray)  # client bytes of this transaction
     cut_next_answer: bool = False
+
+
+@dataclass(frozen=True)
+class _Rule:
+    lose_answer: bool  # else: reset before the statement reaches the server
+    needles: tuple[bytes, ...]
 
 
 class FaultProxy:
@@ -51,8 +61,7 @@ class FaultProxy:
         self._listener: asyncio.AbstractServer | None = None
         self._mode = "pass"
         self._rate = 0.0
-        self._needles: tuple[bytes, ...] = ()
-        self._faults_left = 0
+        self.rules: list[_Rule] = []  # pending, first one first
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -75,13 +84,11 @@ class FaultProxy:
         self._rate = rate
         self._do(self._switch, "random", True)
 
-    def reset_on(self, needle: bytes, times: int = 1) -> None:
-        self._needles, self._faults_left = (needle,), times
-        self._do(self._switch, "reset-on", True)
+    def reset_on(self, *needles: bytes) -> None:
+        self._do(self.rules.append, _Rule(False, needles))
 
-    def lose_answer(self, *needles: bytes, times: int = 1) -> None:
-        self._needles, self._faults_left = needles, times
-        self._do(self._switch, "lose", True)
+    def lose_answer(self, *needles: bytes) -> None:
+        self._do(self.rules.append, _Rule(True, needles))
 
     def blackhole(self) -> None:
         self._do(self._switch, "blackhole", False)
@@ -168,10 +175,11 @@ class FaultProxy:
         if link not in self._links:  # reset meanwhile
             self._kill(link)
             return
-        await asyncio.gather(
-            self._pump(link, client_in, link.server, upstream=True),
-            self._pump(link, server_in, link.client, upstream=False),
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy closes
+            await asyncio.gather(
+                self._pump(link, client_in, link.server, upstream=True),
+                self._pump(link, server_in, link.client, upstream=False),
+            )
 
     async def _pump(
         self,
@@ -190,13 +198,11 @@ class FaultProxy:
                 self._links.discard(link)
                 target.close()
                 return
-            if upstream and self._resets_here(data):
+            if upstream and self._resets_here(link, data):
                 break
             if not upstream and link.cut_next_answer:
                 self.answers_lost += 1
                 break
-            if upstream and self._mode == "lose":
-                self._watch_transaction(link, data)
             target.write(data)
             try:
                 await target.drain()
@@ -204,19 +210,20 @@ class FaultProxy:
                 break
         self._kill(link)
 
-    def _resets_here(self, data: bytes) -> bool:
-        if self._mode == "random":
-            return self.random.random() < self._rate
-        if self._mode == "reset-on" and self._faults_left > 0 and self._needles[0] in data:
-            self._faults_left -= 1
+    def _resets_here(self, link: _Link, data: bytes) -> bool:
+        """Whether a client chunk resets its connection; arms a lost answer on its way."""
+        if self._mode == "random" and self.random.random() < self._rate:
             return True
-        return False
-
-    def _watch_transaction(self, link: _Link, data: bytes) -> None:
         link.sent += data
-        if COMMIT not in data:
-            return
-        if self._faults_left > 0 and all(needle in link.sent for needle in self._needles):
-            self._faults_left -= 1
-            link.cut_next_answer = True
-        link.sent.clear()
+        rule = self.rules[0] if self.rules else None
+        ends = COMMIT in data or ROLLBACK in data
+        if rule is not None and all(needle in link.sent for needle in rule.needles):
+            if not rule.lose_answer:
+                self.rules.pop(0)
+                return True
+            if COMMIT in data:
+                self.rules.pop(0)
+                link.cut_next_answer = True
+        if ends:
+            link.sent.clear()
+        return False

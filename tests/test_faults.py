@@ -65,15 +65,42 @@ def new_study(postgres: OwnPostgres, cwd: Path, epochs: int = 3, trials: int = T
     return name, optuna.load_study(study_name=name, storage=open_storage(postgres.url))
 
 
-def workers(env: dict, cwd: Path, url: str, name: str, count: int, *extra: str) -> list:
+SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left() -> Iterator[None]:
+    """A worker a failed test leaves waiting (a trial RUNNING forever) is killed."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def workers(
+    env: dict, cwd: Path, url: str, name: str, count: int, *extra: str, first: int = 0
+) -> list[subprocess.Popen]:
     env = {**env, "HPO_STORAGE": url}
-    return [spawn(env, cwd, f"w{i}", "worker", "--study", name, *extra) for i in range(count)]
+    started = [
+        spawn(env, cwd, f"w{i}", "worker", "--study", name, *extra)
+        for i in range(first, first + count)
+    ]
+    SPAWNED.extend(started)
+    return started
 
 
-def finish(processes: list[subprocess.Popen], cwd: Path, codes: list[int]) -> list[str]:
+def finish(
+    processes: list[subprocess.Popen],
+    cwd: Path,
+    codes: list[int],
+    first: int = 0,
+    timeout: float = FINISH_S,
+) -> list[str]:
     """Each worker exits with its expected code; no traceback in any log."""
-    got = [p.wait(timeout=FINISH_S) for p in processes]
-    outputs = [logs(cwd, f"w{i}") for i in range(len(processes))]
+    got = [p.wait(timeout=timeout) for p in processes]
+    outputs = [logs(cwd, f"w{i}") for i in range(first, first + len(processes))]
     assert got == codes, outputs
     assert not [o for o in outputs if "Traceback" in o], outputs
     return outputs
@@ -147,7 +174,7 @@ def test_a_reset_while_a_worker_starts_is_waited_out(
     name, study = new_study(postgres, tmp_path, epochs=1)
     proxy.reset_on(needle)
     finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
-    assert proxy.resets == 1
+    assert not proxy.rules  # the reset happened
     assert_study_done(study, TRIALS)
 
 
@@ -174,3 +201,83 @@ def test_right_after_an_outage_no_heartbeat_counts_as_stale(
     time.sleep(heartbeat.grace_s + 0.5)  # and the other worker stays silent past the grace
     optuna.storages.fail_stale_trials(mine_study)
     assert study.get_trials()[number].state == optuna.trial.TrialState.FAIL
+
+
+# Answers lost after the commit: the worker must learn what happened before it repeats a write.
+LOST_ANSWER_FIXES = pytest.mark.xfail(strict=False, reason="needs the lost-answer fixes of part A")
+# What each write's transaction holds (PostgreSQL's messages carry the SQL and the values).
+CLAIM = (b"UPDATE trials SET state", b"RUNNING")
+COMPLETE = (b"UPDATE trials SET state", b"COMPLETE")
+STALE_FAIL = (b"UPDATE trials SET state", b"FAIL")
+RETRY_INSERT = (b"INSERT INTO trials", b"failed_trial")
+HEARTBEAT = (b"trial_heartbeats",)
+# Today the lost claim's trial stays RUNNING and the worker waits for it: fail sooner.
+LOST_CLAIM_S = 90
+
+
+def one_stale_trial(postgres: OwnPostgres, hpo_env: dict, cwd: Path, name: str) -> int:
+    """A worker killed -9 mid-trial (directly, not through the proxy): its trial goes stale."""
+    victim = workers(hpo_env, cwd, postgres.url, name, 1, first=9)[0]
+    study = optuna.load_study(study_name=name, storage=open_storage(postgres.url))
+    running = wait_for_running(study, count=1)[0]
+    victim.kill()
+    victim.wait()
+    return running.number
+
+
+def assert_each_failure_retried_once(study: optuna.Study) -> None:
+    retries = [t.system_attrs.get("failed_trial") for t in study.get_trials()]
+    retries = [number for number in retries if number is not None]
+    assert len(retries) == len(set(retries)), retries
+
+
+@LOST_ANSWER_FIXES
+def test_a_tell_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    proxy.lose_answer(*COMPLETE)
+    output = finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])[0]
+    assert proxy.answers_lost == 1
+    assert "re-queued by another worker" not in output, output  # it is COMPLETE
+    assert_study_done(study, 2)
+
+
+@LOST_ANSWER_FIXES
+def test_a_claim_whose_answer_and_heartbeat_are_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    proxy.lose_answer(*CLAIM)
+    proxy.reset_on(*HEARTBEAT)  # the one heartbeat that would mark the lost claim
+    claimer = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(claimer, tmp_path, [0], timeout=LOST_CLAIM_S)
+    assert proxy.answers_lost == 1 and not proxy.rules
+    assert_study_done(study, 2)
+
+
+@LOST_ANSWER_FIXES
+def test_a_stale_trial_fail_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
+    stale = one_stale_trial(postgres, hpo_env, tmp_path, name)
+    proxy.lose_answer(*STALE_FAIL)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    assert proxy.answers_lost == 1
+    assert study.get_trials()[stale].state == optuna.trial.TrialState.FAIL
+    assert_study_done(study, 2)  # the failed trial has its retry
+    assert_each_failure_retried_once(study)
+
+
+@LOST_ANSWER_FIXES
+def test_a_retry_insert_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
+    one_stale_trial(postgres, hpo_env, tmp_path, name)
+    proxy.lose_answer(*RETRY_INSERT)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    assert proxy.answers_lost == 1
+    assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
+    assert_study_done(study, 2)

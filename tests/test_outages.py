@@ -21,7 +21,7 @@ from conftest import HPO
 from optuna.exceptions import DuplicatedStudyError, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from servers import OwnPostgres, OwnRedis, OwnServer, free_port
+from servers import OwnMariaDB, OwnPostgres, OwnRedis, OwnServer, free_port
 from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
 from search.launch import StudyRequest
@@ -55,6 +55,12 @@ def running(server: OwnServer) -> Iterator[OwnServer]:
 @pytest.fixture
 def own_postgres(own_folder: Path) -> Iterator[OwnServer]:
     with running(OwnPostgres(own_folder)) as server:
+        yield server
+
+
+@pytest.fixture
+def own_mariadb(own_folder: Path) -> Iterator[OwnServer]:
+    with running(OwnMariaDB(own_folder)) as server:
         yield server
 
 
@@ -154,6 +160,12 @@ def test_a_postgresql_outage_is_waited_out(
     own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
     two_workers_ride_out_an_outage(own_postgres, hpo_env, tmp_path)
+
+
+def test_a_mariadb_outage_is_waited_out(
+    own_mariadb: OwnServer, hpo_env: dict, tmp_path: Path
+) -> None:
+    two_workers_ride_out_an_outage(own_mariadb, hpo_env, tmp_path)
 
 
 def test_a_redis_outage_is_waited_out(own_redis: OwnServer, hpo_env: dict, tmp_path: Path) -> None:
