@@ -178,6 +178,20 @@ def test_a_reset_while_a_worker_starts_is_waited_out(
     assert_study_done(study, TRIALS)
 
 
+def test_a_server_that_refuses_is_one_line_and_exit_2_at_once(
+    postgres: OwnPostgres, hpo_env: dict, tmp_path: Path
+) -> None:
+    """Not an outage: waiting would not change the server's answer (an unknown database)."""
+    url = postgres.url.replace("/postgres", "/no_such_database")
+    env = {**hpo_env, "HPO_STORAGE": url}
+    refused = spawn(env, tmp_path, "w0", "worker", "--study", "s", "--storage-retry-s", "600")
+    SPAWNED.append(refused)
+    assert refused.wait(timeout=120) == 2, logs(tmp_path, "w0")  # not after 600 s
+    error = (tmp_path / "w0.err").read_text()
+    assert error.startswith("error: cannot open storage") and error.count("\n") == 1, error
+    assert "no_such_database" in error and "storage unreachable" not in logs(tmp_path, "w0")
+
+
 def test_right_after_an_outage_no_heartbeat_counts_as_stale(
     postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -211,8 +225,8 @@ COMPLETE = (b"UPDATE trials SET state", b"COMPLETE")
 STALE_FAIL = (b"UPDATE trials SET state", b"FAIL")
 RETRY_INSERT = (b"INSERT INTO trials", b"failed_trial")
 HEARTBEAT = (b"trial_heartbeats",)
-# Today the lost claim's trial stays RUNNING and the worker waits for it: fail sooner.
-LOST_CLAIM_S = 90
+# Today some of these leave a worker waiting for good (a trial RUNNING forever): fail sooner.
+LOST_ANSWER_S = 90
 
 
 def one_stale_trial(postgres: OwnPostgres, hpo_env: dict, cwd: Path, name: str) -> int:
@@ -237,7 +251,8 @@ def test_a_tell_whose_answer_is_lost(
 ) -> None:
     name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
     proxy.lose_answer(*COMPLETE)
-    output = finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])[0]
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    output = finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)[0]
     assert proxy.answers_lost == 1
     assert "re-queued by another worker" not in output, output  # it is COMPLETE
     assert_study_done(study, 2)
@@ -251,7 +266,7 @@ def test_a_claim_whose_answer_and_heartbeat_are_lost(
     proxy.lose_answer(*CLAIM)
     proxy.reset_on(*HEARTBEAT)  # the one heartbeat that would mark the lost claim
     claimer = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
-    finish(claimer, tmp_path, [0], timeout=LOST_CLAIM_S)
+    finish(claimer, tmp_path, [0], timeout=LOST_ANSWER_S)
     assert proxy.answers_lost == 1 and not proxy.rules
     assert_study_done(study, 2)
 
@@ -263,7 +278,8 @@ def test_a_stale_trial_fail_whose_answer_is_lost(
     name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
     stale = one_stale_trial(postgres, hpo_env, tmp_path, name)
     proxy.lose_answer(*STALE_FAIL)
-    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
     assert proxy.answers_lost == 1
     assert study.get_trials()[stale].state == optuna.trial.TrialState.FAIL
     assert_study_done(study, 2)  # the failed trial has its retry
@@ -277,7 +293,8 @@ def test_a_retry_insert_whose_answer_is_lost(
     name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
     one_stale_trial(postgres, hpo_env, tmp_path, name)
     proxy.lose_answer(*RETRY_INSERT)
-    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
     assert proxy.answers_lost == 1
     assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
     assert_study_done(study, 2)
