@@ -164,7 +164,10 @@ class FaultProxy:
             writer.transport.abort()
 
     async def _accept(self, client_in: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
-        link = _Link(client)
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy closes
+            await self._forward(_Link(client), client_in)
+
+    async def _forward(self, link: _Link, client_in: asyncio.StreamReader) -> None:
         self._links.add(link)
         await self._flowing.wait()  # a blackhole answers no new connection either
         try:
@@ -175,11 +178,10 @@ class FaultProxy:
         if link not in self._links:  # reset meanwhile
             self._kill(link)
             return
-        with contextlib.suppress(asyncio.CancelledError):  # the proxy closes
-            await asyncio.gather(
-                self._pump(link, client_in, link.server, upstream=True),
-                self._pump(link, server_in, link.client, upstream=False),
-            )
+        await asyncio.gather(
+            self._pump(link, client_in, link.server, upstream=True),
+            self._pump(link, server_in, link.client, upstream=False),
+        )
 
     async def _pump(
         self,
