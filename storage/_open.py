@@ -16,7 +16,7 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, Jour
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
 from storage._network import server_engine_kwargs, with_redis_timeouts
-from storage._retry import RetryPolicy, StorageUnavailable, is_connection_lost, with_retries
+from storage._retry import RetryPolicy, StorageUnavailable, with_retries
 from storage._urls import (
     StorageURLError,
     backend_of,
@@ -32,6 +32,8 @@ SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+# Backends reached over a network, which may not be up yet when a worker starts.
+SERVER_BACKENDS = ("postgresql", "mysql", "journal-redis")
 # Storage classes of a worker: every call waits out a lost connection (storage/_retry.py).
 RetryingRDBStorage = with_retries(RDBStorage)
 RetryingJournalStorage = with_retries(HeartbeatJournalStorage)
@@ -59,9 +61,9 @@ def open_storage(
         return _open_rdb(url, backend, heartbeat, reader, retry)
 
     try:
-        if retry is None:
+        if retry is None or backend not in SERVER_BACKENDS:
             return attempt()
-        # A worker may start before its database is up or reachable: it waits as in an outage.
+        # A worker may start before its server is up or reachable: it waits as in an outage.
         return retry.call("opening the storage", attempt, on_loss=lambda: None)
     except (StorageURLError, StorageUnavailable):
         raise
@@ -122,9 +124,7 @@ def _create_schema_once(open_rdb: Callable[[], RDBStorage]) -> RDBStorage:
     for attempt in range(1, SCHEMA_ATTEMPTS):
         try:
             return open_rdb()
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            if is_connection_lost(err):
-                raise  # an outage, not a race: the caller's RetryPolicy (if any) decides
+        except sqlalchemy.exc.SQLAlchemyError:
             time.sleep(0.5 * attempt)
     return open_rdb()
 
