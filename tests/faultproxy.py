@@ -141,9 +141,10 @@ class FaultProxy:
         if self._listener is not None:
             self._listener.close()
         self._reset_all()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _reset_all(self) -> None:
         for link in list(self._links):

@@ -120,7 +120,7 @@ def test_a_short_blackhole_is_ridden_out(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
     """20 s of silence under --storage-retry-s 60: the workers carry on."""
-    name, study = new_study(postgres, tmp_path, epochs=6)
+    name, study = new_study(postgres, tmp_path, epochs=4)
     running = workers(hpo_env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
     wait_for_running(study, count=2)
     proxy.blackhole()
@@ -134,7 +134,7 @@ def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
     limit = 5
-    name, study = new_study(postgres, tmp_path, epochs=6)
+    name, study = new_study(postgres, tmp_path, epochs=4)
     url = via(proxy, postgres)
     running = workers(hpo_env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
     wait_for_running(study, count=2)
@@ -226,7 +226,7 @@ STALE_FAIL = (b"UPDATE trials SET state", b"FAIL")
 RETRY_INSERT = (b"INSERT INTO trials", b"failed_trial")
 HEARTBEAT = (b"trial_heartbeats",)
 # Today some of these leave a worker waiting for good (a trial RUNNING forever): fail sooner.
-LOST_ANSWER_S = 90
+LOST_ANSWER_S = 60
 
 
 def one_stale_trial(postgres: OwnPostgres, hpo_env: dict, cwd: Path, name: str) -> int:
