@@ -17,9 +17,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy.engine
 
-# Longest a storage call waits for any answer from the server. It must exceed any legitimate
-# wait: Optuna's largest read (every trial of a study of thousands, with their intermediate
-# values) answers in seconds, a claim's row lock is held for milliseconds, and the schema check
+# Longest a storage call waits with no byte from the server (per wait, not per query: a long
+# answer that streams in never hits it). It must exceed any legitimate silence: Optuna's
+# largest read (every trial of a study of thousands, with their intermediate values) starts
+# answering within seconds, a claim's row lock is held for milliseconds, and the schema check
 # at open is one query; 30 s leaves a slow server (a fail-over, a cold cache) its time.
 STORAGE_TIMEOUT_S = 30
 # Longest a new connection takes to be accepted (TCP and the server's greeting).
