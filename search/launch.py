@@ -84,8 +84,12 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
     check_study_name(request.study)
-    dataset_folder(planned_settings(request).dataset, options.data_dir)
-    settings = create_study(request, progress)
+    retry = startup_retry(options, progress)
+    try:
+        dataset_folder(planned_settings(request, retry).dataset, options.data_dir)
+        settings = create_study(request, progress, retry)
+    except StorageUnavailable as err:
+        return gave_up(err)
     return run_workers(request.study, request.storage, settings, options, progress)
 
 
@@ -93,8 +97,22 @@ def join_search(
     study_name: str, storage_url: str, options: WorkerOptions, progress: SearchProgress
 ) -> int:
     """`hpo worker`: run this machine's workers on an existing study."""
-    settings = stored_settings(study_name, storage_url)
+    try:
+        settings = stored_settings(study_name, storage_url, startup_retry(options, progress))
+    except StorageUnavailable as err:
+        return gave_up(err)
     return run_workers(study_name, storage_url, settings, options, progress)
+
+
+def startup_retry(options: WorkerOptions, progress: SearchProgress) -> RetryPolicy:
+    """A worker that starts before its database is up (compose, Kubernetes) waits for it,
+    as long as it would wait out an outage."""
+    return RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
+
+
+def gave_up(err: StorageUnavailable) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_STORAGE_UNAVAILABLE
 
 
 def run_workers(
@@ -113,15 +131,18 @@ def run_workers(
     except StorageUnavailable as err:
         # Its running trial stays RUNNING: once the storage is back, its heartbeat is seen to
         # have stopped and another worker retries it from its checkpoint.
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_STORAGE_UNAVAILABLE
+        return gave_up(err)
     return 0
 
 
-def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettings:
-    """Create the study with the request's settings and target, or check and extend it."""
+def create_study(
+    request: StudyRequest, progress: SearchProgress, retry: RetryPolicy | None = None
+) -> StudySettings:
+    """Create the study with the request's settings and target, or check and extend it.
+
+    With `retry`, an unreachable storage is waited for (StorageUnavailable past its limit)."""
     check_study_name(request.study)
-    storage = open_storage(request.storage)
+    storage = open_storage(request.storage, retry=retry)
     settings, created = create_or_join(
         storage, request.study, request.new_settings(), request.trials
     )
@@ -143,20 +164,22 @@ def create_study(request: StudyRequest, progress: SearchProgress) -> StudySettin
     return settings
 
 
-def planned_settings(request: StudyRequest) -> StudySettings:
+def planned_settings(request: StudyRequest, retry: RetryPolicy | None = None) -> StudySettings:
     """The settings the study will run with: its stored ones, which the flags must agree
     with, where it exists; else the request's (checked as they are made)."""
     try:
-        stored = stored_settings(request.study, request.storage)
+        stored = stored_settings(request.study, request.storage, retry)
     except (StudyError, StorageURLError):  # no such study (or no database file) yet
         return request.new_settings()
     stored.check_flags(request.flags())
     return stored
 
 
-def stored_settings(study_name: str, storage_url: str) -> StudySettings:
+def stored_settings(
+    study_name: str, storage_url: str, retry: RetryPolicy | None = None
+) -> StudySettings:
     """The settings of an existing study; StudyError if there is none."""
-    return load_settings(open_storage(storage_url, reader=True), study_name)
+    return load_settings(open_storage(storage_url, reader=True, retry=retry), study_name)
 
 
 def run_local_worker(

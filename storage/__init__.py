@@ -2,7 +2,7 @@
 
 This room answers every storage fact: which backend a URL names, which file a SQLite URL
 names, where artifacts go by default, which backends have heartbeats, the heartbeat default,
-how long a worker waits out an outage.
+how long a worker waits out an outage, how long one call may wait for an answer.
 """
 
 from storage._heartbeat import (
@@ -11,6 +11,7 @@ from storage._heartbeat import (
     HeartbeatPolicy,
     queue_retry,
 )
+from storage._network import STORAGE_CALL_BOUND_S
 from storage._open import open_storage
 from storage._retry import DEFAULT_STORAGE_RETRY_S, RetryPolicy, StorageUnavailable
 from storage._urls import (
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_MAX_RETRY",
     "DEFAULT_STORAGE_RETRY_S",
     "DEFAULT_STORAGE_URL",
+    "STORAGE_CALL_BOUND_S",
     "HeartbeatPolicy",
     "RetryPolicy",
     "StorageURLError",

@@ -15,7 +15,8 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
-from storage._retry import RetryPolicy, with_retries
+from storage._network import server_engine_kwargs, with_redis_timeouts
+from storage._retry import RetryPolicy, StorageUnavailable, with_retries
 from storage._urls import (
     StorageURLError,
     backend_of,
@@ -31,6 +32,8 @@ SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_ATTEMPTS = 3
 # One worker process runs one trial at a time: a small pool, checked before use.
 SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+# Backends reached over a network, which may not be up yet when a worker starts.
+SERVER_BACKENDS = ("postgresql", "mysql", "journal-redis")
 
 
 def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
@@ -73,15 +76,23 @@ def open_storage(
 
     `heartbeat`: running trials send heartbeats, and silent ones are failed and retried.
     `reader` is for tools that only look (status, dashboard, report): on SQLite they do
-    not take the write lock, so they never make a worker wait. `retry`: every call waits
-    out a lost connection (workers); without it an outage raises at once.
+    not take the write lock, so they never make a worker wait. `retry`: the open and every
+    call wait out a lost connection (workers), and StorageUnavailable says when they gave up;
+    without it an outage raises at once.
     """
     backend = backend_of(url)
-    try:
+
+    def attempt() -> optuna.storages.BaseStorage:
         if backend.startswith("journal"):
             return _open_journal(url, backend, heartbeat, retry)
         return _open_rdb(url, backend, heartbeat, reader, retry)
-    except StorageURLError:
+
+    try:
+        if retry is None or backend not in SERVER_BACKENDS:
+            return attempt()
+        # A worker may start before its server is up or reachable: it waits as in an outage.
+        return retry.call("opening the storage", attempt, on_loss=lambda: None)
+    except (StorageURLError, StorageUnavailable):
         raise
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -103,7 +114,7 @@ def _open_journal(
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            log = JournalRedisBackend(url)
+            log = JournalRedisBackend(with_redis_timeouts(url))
     if retry is None:
         return HeartbeatJournalStorage(log, heartbeat)
     return RetryingHeartbeatJournalStorage(log, heartbeat, retry=retry)
@@ -124,7 +135,7 @@ def _open_rdb(
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
-        engine_kwargs = dict(SERVER_POOL)
+        engine_kwargs = {**SERVER_POOL, **server_engine_kwargs(url, backend)}
     writer = backend == "sqlite" and not reader
     classes = (SQLiteStorage, RetryingSQLiteStorage) if writer else (RDBStorage, RetryingRDBStorage)
     storage_class = classes[0] if retry is None else classes[1]

@@ -27,6 +27,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from storage._network import refused_by_server
 from storage.optuna_private import (
     RDB_CACHE_CALLS,
     RDB_CREATE_TRIAL,
@@ -75,9 +76,13 @@ class RetryPolicy:
     gave_up: bool = field(default=False, compare=False)
 
     def call(self, name: str, function: Callable[[], Any], on_loss: Callable[[], None]) -> Any:
-        """`function()`, retried while the connection is lost, up to `limit_s`."""
+        """`function()`, retried while the connection is lost, up to `limit_s`.
+
+        `on_loss()` is called at each lost attempt, and once more when the storage answers.
+        """
         delay, lost_at = self.first_delay_s, None
         while True:
+            started = time.monotonic()
             try:
                 result = function()
             except Exception as err:
@@ -86,7 +91,9 @@ class RetryPolicy:
                 on_loss()
                 now = time.monotonic()
                 if lost_at is None and not self.gave_up:
-                    lost_at = now
+                    # Since the call that got no answer began: a silent network takes up to
+                    # STORAGE_CALL_BOUND_S to say so, and that time counts against the limit.
+                    lost_at = started
                     self.say(f"storage unreachable ({describe(err)}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip
                 if self.gave_up:
@@ -102,17 +109,20 @@ class RetryPolicy:
                 continue
             self.gave_up = False
             if lost_at is not None:
+                on_loss()  # the outage ends now: a grace counted from here (stale_trial_ids)
                 self.say(f"storage reachable again after {time.monotonic() - lost_at:.0f} s")
             return result
 
 
 def is_connection_lost(err: BaseException | None) -> bool:
-    seen = 0
+    """A connection lost or never made; not a server that answered and refused it."""
+    seen, lost = 0, False
     while err is not None and seen < 10:
-        if isinstance(err, CONNECTION_LOST):
-            return True
+        if refused_by_server(err):
+            return False
+        lost = lost or isinstance(err, CONNECTION_LOST)
         err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return lost
 
 
 def describe(err: BaseException) -> str:
@@ -182,7 +192,10 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
         if time.monotonic() - self._last_loss < grace:
             return []
         stale = getattr(storage_class, STALE_TRIAL_IDS)
-        return self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
+        asked = time.monotonic()
+        found = self._retry.call("stale-trial check", lambda: stale(self, study_id), self._lost)
+        # An answer held up by a silent network is no better: the others' beats were held too.
+        return [] if time.monotonic() - asked >= grace else found
 
     state_change = retried("set_trial_state_values")
 

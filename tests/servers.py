@@ -122,6 +122,55 @@ class OwnPostgres(OwnServer):
         subprocess.run(command, check=True, capture_output=True, timeout=120, cwd=self.folder)
 
 
+class OwnMariaDB(OwnServer):
+    """mariadb-install-db in a temporary folder, mariadbd on a free port; as root, run as the
+    `mysql` user. Grant tables are skipped: the test's own server needs no accounts."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        install, self.server = shutil.which("mariadb-install-db"), _mariadbd()
+        if install is None or self.server is None:
+            _missing("MariaDB (mariadb-install-db and mariadbd)")
+        self.user = ["--user=mysql"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            shutil.chown(folder, "mysql", "mysql")
+        subprocess.run(
+            [install, "--no-defaults", f"--datadir={folder / 'data'}", "--skip-test-db",
+             "--auth-root-authentication-method=normal", *self.user],
+            check=True, capture_output=True, timeout=120, cwd=folder,
+        )  # fmt: skip
+        self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/{DATABASE}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.server, "--no-defaults", f"--datadir={self.folder / 'data'}",
+             f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-grant-tables",
+             f"--socket={self.folder / 'sock'}", f"--pid-file={self.folder / 'pid'}",
+             f"--log-error={self.folder / 'log'}", "--skip-log-bin", *self.user],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.wait_until_up()
+        _create_database("mysql", self.url)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # SIGTERM: a clean shutdown
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def is_up(self) -> bool:
+        try:
+            _ping("mysql", self.url)
+        except Exception:
+            return False
+        return True
+
+
+def _mariadbd() -> str | None:
+    return shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/libexec")
+
+
 class OwnRedis(OwnServer):
     """redis-server with an append-only file, so the journal survives a stop and start."""
 

@@ -21,14 +21,14 @@ from conftest import HPO
 from optuna.exceptions import DuplicatedStudyError, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from servers import OwnPostgres, OwnRedis, OwnServer, free_port
+from servers import DATABASE, OwnMariaDB, OwnPostgres, OwnRedis, OwnServer, free_port, server_url
 from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
 from search.launch import StudyRequest
 from search.launch import create_study as create
 from search.progress import SearchProgress
 from search.study import budget
-from storage import RetryPolicy, StorageUnavailable, open_storage
+from storage import RetryPolicy, StorageUnavailable, StorageURLError, open_storage
 
 OUTAGE_S = 10
 TRIALS = 4
@@ -55,6 +55,12 @@ def running(server: OwnServer) -> Iterator[OwnServer]:
 @pytest.fixture
 def own_postgres(own_folder: Path) -> Iterator[OwnServer]:
     with running(OwnPostgres(own_folder)) as server:
+        yield server
+
+
+@pytest.fixture
+def own_mariadb(own_folder: Path) -> Iterator[OwnServer]:
+    with running(OwnMariaDB(own_folder)) as server:
         yield server
 
 
@@ -156,6 +162,12 @@ def test_a_postgresql_outage_is_waited_out(
     two_workers_ride_out_an_outage(own_postgres, hpo_env, tmp_path)
 
 
+def test_a_mariadb_outage_is_waited_out(
+    own_mariadb: OwnServer, hpo_env: dict, tmp_path: Path
+) -> None:
+    two_workers_ride_out_an_outage(own_mariadb, hpo_env, tmp_path)
+
+
 def test_a_redis_outage_is_waited_out(own_redis: OwnServer, hpo_env: dict, tmp_path: Path) -> None:
     two_workers_ride_out_an_outage(own_redis, hpo_env, tmp_path)
 
@@ -247,6 +259,16 @@ def test_a_lost_connection_is_retried_until_it_comes_back_or_the_limit(kind: str
     with pytest.raises(StorageUnavailable) as gave_up:
         policy.call("get_trial", down, on_loss=lambda: None)
     assert "--storage-retry-s 1" in str(gave_up.value) and "\n" not in str(gave_up.value)
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+def test_a_server_that_refuses_is_not_waited_for(kind: str) -> None:
+    """An unknown database is the server's answer, not an outage: raised at once, unretried."""
+    url = server_url(kind).replace(f"/{DATABASE}", "/no_such_database")
+    said: list[str] = []
+    with pytest.raises(StorageURLError, match="no_such_database"):
+        open_storage(url, retry=RetryPolicy(limit_s=600, say=said.append))
+    assert said == []
 
 
 def test_a_rejected_request_is_not_retried() -> None:

@@ -85,13 +85,17 @@ def dashboard_banner(env: dict, cwd: Path) -> str:
 def test_a_storage_that_fails_names_it_without_the_password(
     template: str, hpo_env: dict, tmp_path: Path
 ) -> None:
-    checks = [(ODD_PASSWORD, ["status"])]
-    if template == FAILING_FORMS[0]:  # the paths of the workers, once
-        checks += [(PASSWORD, ["worker", "--study", "s"]), (PASSWORD, tiny_start("s", 1))]
-    for password, args in checks:
+    checks = [(ODD_PASSWORD, ["status"], 2)]
+    if template == FAILING_FORMS[0]:  # the paths of the workers, once: they wait, then give up
+        wait = ("--storage-retry-s", "1")
+        checks += [
+            (PASSWORD, ["worker", "--study", "s", *wait], 75),
+            (PASSWORD, [*tiny_start("s", 1), *wait], 75),
+        ]
+    for password, args, code in checks:
         url = template.format(pw=quote(password, safe=""))
         done = run_hpo(*args, env={**hpo_env, "HPO_STORAGE": url}, cwd=tmp_path)
-        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.returncode == code, done.stdout + done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
         assert_hidden(done.stdout, done.stderr)
         assert quote(password, safe="") not in done.stderr

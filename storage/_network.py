@@ -1,0 +1,136 @@
+"""The network to a database server: a bound on every wait, and a refusal told from an outage.
+
+A network that goes silent (a partition, a host that vanished, a hung proxy) sends no FIN and
+no RST: without a bound of its own, a driver waits in a socket read forever. With these, a
+call with no answer fails within STORAGE_CALL_BOUND_S as a lost connection, which the worker's
+RetryPolicy retries under --storage-retry-s (storage/_retry.py).
+
+A server that answers "no" (wrong password, unknown database) is no outage: waiting would not
+change its answer, so that error is raised at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import sqlalchemy.engine
+
+# Longest a storage call waits with no byte from the server (per wait, not per query: a long
+# answer that streams in never hits it). It must exceed any legitimate silence: Optuna's
+# largest read (every trial of a study of thousands, with their intermediate values) starts
+# answering within seconds, a claim's row lock is held for milliseconds, and the schema check
+# at open is one query; 30 s leaves a slow server (a fail-over, a cold cache) its time.
+STORAGE_TIMEOUT_S = 30
+# Longest a new connection takes to be accepted (TCP and the server's greeting).
+CONNECT_TIMEOUT_S = 10
+# The stated bound: a storage call on a silent network fails within this many seconds (an
+# unanswered read on a pooled connection, then a new connection that is not accepted).
+STORAGE_CALL_BOUND_S = STORAGE_TIMEOUT_S + CONNECT_TIMEOUT_S
+# Kernel keepalives on an idle connection: first probe after 10 s, then every 5 s, 3 lost
+# probes close it (25 s in all). TCP_USER_TIMEOUT closes one whose sent data stays unacked.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+
+POSTGRESQL_ARGS = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": KEEPALIVE_IDLE_S,
+    "keepalives_interval": KEEPALIVE_INTERVAL_S,
+    "keepalives_count": KEEPALIVE_COUNT,
+    "tcp_user_timeout": STORAGE_TIMEOUT_S * 1000,  # milliseconds
+}
+MYSQL_ARGS = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "read_timeout": STORAGE_TIMEOUT_S,
+    "write_timeout": STORAGE_TIMEOUT_S,
+}
+# redis-py reads these from the URL; Optuna's JournalRedisBackend keeps the URL it was given.
+REDIS_ARGS = {
+    "socket_timeout": STORAGE_TIMEOUT_S,
+    "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    "socket_keepalive": "true",
+    "health_check_interval": KEEPALIVE_IDLE_S,
+}
+
+
+def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
+    """Engine arguments that bound every connection to a PostgreSQL or MySQL server."""
+    if backend == "mysql":
+        return {"connect_args": dict(MYSQL_ARGS)}
+    # libpq has keepalives and tcp_user_timeout but no read timeout, which a hung proxy or
+    # server (one that still acks every packet) needs: the connection class adds one.
+    parsed = sqlalchemy.engine.make_url(url)
+    args, params = parsed.get_dialect()().create_connect_args(parsed)
+    return {"creator": _PostgresConnector(tuple(args), {**POSTGRESQL_ARGS, **params})}
+
+
+def with_redis_timeouts(url: str) -> str:
+    """The redis URL with the bounds added, where the user's URL does not set its own."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(query=urlencode({**REDIS_ARGS, **query})))
+
+
+class _PostgresConnector:
+    """Opens psycopg connections whose every wait for the server ends (picklable, unlike a
+    lambda, so a storage holding it can still go to a process pool)."""
+
+    def __init__(self, args: tuple, params: dict[str, Any]):
+        self.args, self.params = args, params
+
+    def __call__(self) -> Any:
+        return _bounded_connection_class().connect(*self.args, **self.params)
+
+
+@functools.cache
+def _bounded_connection_class() -> type:
+    import psycopg  # the [postgres] extra: imported only by a PostgreSQL storage
+
+    class BoundedConnection(psycopg.Connection):
+        """A psycopg connection whose waits for the server end after STORAGE_TIMEOUT_S."""
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            bound = STORAGE_TIMEOUT_S if timeout is None else timeout
+            try:
+                return super().wait(gen, interval=interval, timeout=bound)
+            except psycopg.OperationalError as err:
+                # A query left unanswered: its connection cannot be reused, so the pool
+                # must drop it (a closed connection is a disconnect to SQLAlchemy).
+                if self.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
+                    self.pgconn.finish()
+                    raise psycopg.OperationalError(
+                        f"no answer from the server in {STORAGE_TIMEOUT_S} s"
+                    ) from err
+                raise
+
+    return BoundedConnection
+
+
+# PostgreSQL's refusals at connect carry no SQLSTATE, only the server's FATAL message; these
+# FATALs are a server that is starting, stopping or full, which waiting does change.
+POSTGRESQL_TRANSIENT = (
+    "starting up",
+    "shutting down",
+    "not yet accepting connections",
+    "recovery mode",
+    "too many clients",
+    "connection slots",
+    "administrator command",
+)
+# MySQL's client-side errors (no server answer) are numbered from 2000; below are the server's,
+# of which these two pass: too many connections, server shutdown in progress.
+MYSQL_CLIENT_ERRORS_FROM = 2000
+MYSQL_TRANSIENT = (1040, 1053)
+
+
+def refused_by_server(err: BaseException) -> bool:
+    """Whether the server itself answered and refused (credentials, database, permissions)."""
+    module = type(err).__module__.split(".")[0]
+    if module == "psycopg":
+        message = str(err)
+        return "FATAL:" in message and not any(text in message for text in POSTGRESQL_TRANSIENT)
+    if module == "pymysql":
+        code = err.args[0] if err.args and isinstance(err.args[0], int) else None
+        return code is not None and code < MYSQL_CLIENT_ERRORS_FROM and code not in MYSQL_TRANSIENT
+    return module == "redis" and type(err).__name__ == "AuthenticationError"

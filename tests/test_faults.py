@@ -1,0 +1,296 @@
+"""Faults a real network makes, injected by tests/faultproxy.py between real `hpo worker`
+processes and a PostgreSQL of the tests' own: resets, a silent partition (blackhole),
+refused connections, and answers lost after the commit. After each: exactly N finished."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from faultproxy import FaultProxy
+from servers import OwnPostgres
+from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
+from test_workers import MICRO_SPACE
+
+from search.launch import StudyRequest, create_study
+from search.progress import SearchProgress
+from storage import STORAGE_CALL_BOUND_S, HeartbeatPolicy, RetryPolicy, open_storage
+
+TRIALS = 3
+# A deadline for a worker that should finish (not a timing assertion: a hung one fails by it).
+FINISH_S = 240
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[OwnPostgres]:
+    """One PostgreSQL of the module's own (never stopped: the proxy makes the faults)."""
+    folder = Path(tempfile.mkdtemp(prefix="hpo-faults-"))
+    server = OwnPostgres(folder)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def proxy(postgres: OwnPostgres, request: pytest.FixtureRequest) -> Iterator[FaultProxy]:
+    seed = sum(request.node.name.encode())  # seeded per test: a failure replays
+    with FaultProxy(postgres.port, seed=seed) as faults:
+        yield faults
+
+
+def via(proxy: FaultProxy, postgres: OwnPostgres) -> str:
+    return postgres.url.replace(f":{postgres.port}/", f":{proxy.port}/")
+
+
+def new_study(postgres: OwnPostgres, cwd: Path, epochs: int = 3, trials: int = TRIALS):
+    """Made directly (not through the proxy): a micro space, heartbeat 1 s, a checkpoint every
+    epoch. Returns the name and a study handle the test reads without faults."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    space = cwd / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    request = StudyRequest(
+        study=name, trials=trials, storage=postgres.url, space=str(space), epochs=epochs,
+        dataset="synthetic", pruner="none", heartbeat=1, checkpoint_interval=0,
+    )  # fmt: skip
+    create_study(request, SearchProgress())
+    return name, optuna.load_study(study_name=name, storage=open_storage(postgres.url))
+
+
+SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left() -> Iterator[None]:
+    """A worker a failed test leaves waiting (a trial RUNNING forever) is killed."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def workers(
+    env: dict, cwd: Path, url: str, name: str, count: int, *extra: str, first: int = 0
+) -> list[subprocess.Popen]:
+    env = {**env, "HPO_STORAGE": url}
+    started = [
+        spawn(env, cwd, f"w{i}", "worker", "--study", name, *extra)
+        for i in range(first, first + count)
+    ]
+    SPAWNED.extend(started)
+    return started
+
+
+def finish(
+    processes: list[subprocess.Popen],
+    cwd: Path,
+    codes: list[int],
+    first: int = 0,
+    timeout: float = FINISH_S,
+) -> list[str]:
+    """Each worker exits with its expected code; no traceback in any log."""
+    got = [p.wait(timeout=timeout) for p in processes]
+    outputs = [logs(cwd, f"w{i}") for i in range(first, first + len(processes))]
+    assert got == codes, outputs
+    assert not [o for o in outputs if "Traceback" in o], outputs
+    return outputs
+
+
+def test_random_resets_for_a_whole_study(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path)
+    proxy.random_resets(0.05)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 2), tmp_path, [0, 0])
+    assert proxy.resets > 0
+    assert_study_done(study, TRIALS)
+
+
+def test_a_short_blackhole_is_ridden_out(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    """20 s of silence under --storage-retry-s 60: the workers carry on."""
+    name, study = new_study(postgres, tmp_path, epochs=4)
+    running = workers(hpo_env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
+    wait_for_running(study, count=2)
+    proxy.blackhole()
+    time.sleep(20)  # the outage itself, not a wait for a process
+    proxy.passing()
+    finish(running, tmp_path, [0, 0])
+    assert_study_done(study, TRIALS)
+
+
+def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    limit = 5
+    name, study = new_study(postgres, tmp_path, epochs=4)
+    url = via(proxy, postgres)
+    running = workers(hpo_env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
+    wait_for_running(study, count=2)
+    proxy.blackhole()
+    silent_at = time.monotonic()
+    # Each exits 75 within the limit and one call's bound (slack for two loaded cores).
+    codes = [p.wait(timeout=limit + STORAGE_CALL_BOUND_S + 60) for p in running]
+    took = time.monotonic() - silent_at
+    errors = [(tmp_path / f"w{i}.err").read_text() for i in range(2)]
+    assert codes == [75, 75], (took, errors)
+    assert all(e.startswith("error: storage unreachable for ") for e in errors), errors
+    proxy.passing()
+    later = spawn({**hpo_env, "HPO_STORAGE": url}, tmp_path, "later", "worker", "--study", name)
+    assert later.wait(timeout=FINISH_S) == 0, logs(tmp_path, "later")
+    assert_study_done(study, TRIALS)
+
+
+def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1)
+    proxy.refuse()
+    waiting = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1, "--storage-retry-s", "60")
+    wait_for_line(tmp_path, "w0", "storage unreachable")
+    time.sleep(10)  # the database stays down for 10 s
+    proxy.passing()
+    output = finish(waiting, tmp_path, [0])[0]
+    assert "storage reachable again" in output
+    assert_study_done(study, TRIALS)
+
+
+# Optuna's schema version read at open, and the study's settings (user attributes) read at
+# start-up; not the table checks before them, which the open's own schema retry covers.
+@pytest.mark.parametrize("needle", [b"FROM version_info", b"FROM study_user_attributes"])
+def test_a_reset_while_a_worker_starts_is_waited_out(
+    needle: bytes, postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1)
+    proxy.reset_on(needle)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
+    assert not proxy.rules  # the reset happened
+    assert_study_done(study, TRIALS)
+
+
+def test_a_server_that_refuses_is_one_line_and_exit_2_at_once(
+    postgres: OwnPostgres, hpo_env: dict, tmp_path: Path
+) -> None:
+    """Not an outage: waiting would not change the server's answer (an unknown database)."""
+    url = postgres.url.replace("/postgres", "/no_such_database")
+    env = {**hpo_env, "HPO_STORAGE": url}
+    refused = spawn(env, tmp_path, "w0", "worker", "--study", "s", "--storage-retry-s", "600")
+    SPAWNED.append(refused)
+    assert refused.wait(timeout=120) == 2, logs(tmp_path, "w0")  # not after 600 s
+    error = (tmp_path / "w0.err").read_text()
+    assert error.startswith("error: cannot open storage") and error.count("\n") == 1, error
+    assert "no_such_database" in error and "storage unreachable" not in logs(tmp_path, "w0")
+
+
+def test_right_after_an_outage_no_heartbeat_counts_as_stale(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A trial whose worker is alive but whose beats stopped with the network is not failed
+    the moment the network is back: the workers get a grace period to beat again."""
+    name, study = new_study(postgres, tmp_path)
+    heartbeat = HeartbeatPolicy(interval_s=1)
+    other = open_storage(postgres.url, heartbeat)  # the live worker, beating once
+    trial_id = other.create_new_trial(study._study_id)
+    other.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    other.record_heartbeat(trial_id)
+    number = other.get_trial(trial_id).number
+    mine = open_storage(via(proxy, postgres), heartbeat, retry=RetryPolicy(limit_s=60))
+    mine.get_all_studies()  # connected, then the network goes
+    proxy.refuse()
+    threading.Timer(heartbeat.grace_s + 1, proxy.passing).start()
+    mine.get_all_studies()  # waits out the outage: longer than the grace
+    mine_study = optuna.load_study(study_name=name, storage=mine)
+    optuna.storages.fail_stale_trials(mine_study)
+    assert study.get_trials()[number].state == optuna.trial.TrialState.RUNNING
+    time.sleep(heartbeat.grace_s + 0.5)  # and the other worker stays silent past the grace
+    optuna.storages.fail_stale_trials(mine_study)
+    assert study.get_trials()[number].state == optuna.trial.TrialState.FAIL
+
+
+# Answers lost after the commit: the worker must learn what happened before it repeats a write.
+# What each write's transaction holds (PostgreSQL's messages carry the SQL and the values).
+CLAIM = (b"UPDATE trials SET state", b"RUNNING")
+COMPLETE = (b"UPDATE trials SET state", b"COMPLETE")
+STALE_FAIL = (b"UPDATE trials SET state", b"FAIL")
+RETRY_INSERT = (b"INSERT INTO trials", b"failed_trial")
+HEARTBEAT = (b"trial_heartbeats",)
+# Before the fixes some of these left a worker waiting for good (a trial RUNNING forever).
+LOST_ANSWER_S = 60
+
+
+def one_stale_trial(postgres: OwnPostgres, hpo_env: dict, cwd: Path, name: str) -> int:
+    """A worker killed -9 mid-trial (directly, not through the proxy): its trial goes stale."""
+    victim = workers(hpo_env, cwd, postgres.url, name, 1, first=9)[0]
+    study = optuna.load_study(study_name=name, storage=open_storage(postgres.url))
+    running = wait_for_running(study, count=1)[0]
+    victim.kill()
+    victim.wait()
+    return running.number
+
+
+def assert_each_failure_retried_once(study: optuna.Study) -> None:
+    retries = [t.system_attrs.get("failed_trial") for t in study.get_trials()]
+    retries = [number for number in retries if number is not None]
+    assert len(retries) == len(set(retries)), retries
+
+
+def test_a_tell_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    proxy.lose_answer(*COMPLETE)
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    output = finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)[0]
+    assert proxy.answers_lost == 1
+    assert "re-queued by another worker" not in output, output  # it is COMPLETE
+    assert_study_done(study, 2)
+
+
+def test_a_claim_whose_answer_and_heartbeat_are_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    proxy.lose_answer(*CLAIM)
+    proxy.reset_on(*HEARTBEAT)  # the one heartbeat that would mark the lost claim
+    claimer = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(claimer, tmp_path, [0], timeout=LOST_ANSWER_S)
+    assert proxy.answers_lost == 1 and not proxy.rules
+    assert_study_done(study, 2)
+
+
+def test_a_stale_trial_fail_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
+    stale = one_stale_trial(postgres, hpo_env, tmp_path, name)
+    proxy.lose_answer(*STALE_FAIL)
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
+    assert proxy.answers_lost == 1
+    assert study.get_trials()[stale].state == optuna.trial.TrialState.FAIL
+    assert_study_done(study, 2)  # the failed trial has its retry
+    assert_each_failure_retried_once(study)
+
+
+def test_a_retry_insert_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
+    one_stale_trial(postgres, hpo_env, tmp_path, name)
+    proxy.lose_answer(*RETRY_INSERT)
+    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
+    finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
+    assert proxy.answers_lost == 1
+    assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
+    assert_study_done(study, 2)
