@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-import search.worker  # noqa: E402
+import search.training.worker  # noqa: E402
 from data import load_dataset, search_data, write_synthetic  # noqa: E402
 from search import attrs, memory  # noqa: E402
-from search.objective import TrialRunner, WorkerInfo  # noqa: E402
 from search.settings import StudySettings  # noqa: E402
 from search.study import create_or_join, join_as_worker  # noqa: E402
-from search.trainer import DeviceRecipe  # noqa: E402
-from search.worker import run_worker  # noqa: E402
+from search.training.objective import TrialRunner, WorkerInfo  # noqa: E402
+from search.training.trainer import DeviceRecipe  # noqa: E402
+from search.training.worker import run_worker  # noqa: E402
 from storage import open_storage  # noqa: E402
 
 MIB = 2**20
@@ -108,7 +108,7 @@ def main() -> None:
             f"release took {getattr(timed_release, 'seconds', 0.0) * 1000:.1f} ms"
         )
 
-    search.worker.release_trial_memory = timed_release  # the real release, timed
+    search.training.worker.release_trial_memory = timed_release  # the real release, timed
     run_worker(study, runner, threading.Event(), after, say=print)
     states = [t.state.name for t in study.get_trials()]
     print(f"trials: {states}")

@@ -23,8 +23,8 @@ import torch
 from data import AugmentConfig, load_dataset, search_data, write_synthetic
 from model import REPORT_TABLE1, ModelConfig
 from search.config import TrainConfig, TrialConfig
-from search.run import start_run
-from search.trainer import DeviceRecipe
+from search.training.run import start_run
+from search.training.trainer import DeviceRecipe
 
 SMALL = ModelConfig(channels=[[3, 32, 64], [64, 128, 256]], blocks=[2, 2], dropout=0.2)
 

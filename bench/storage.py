@@ -2,7 +2,7 @@
 
 W worker processes share one study per storage. The study is created as `hpo` creates one
 (search.study.create_or_join: a window of WAITING tickets, topped up by claims) and each
-worker runs the project's own loop, search.worker.run_worker: fail stale trials,
+worker runs the project's own loop, search.training.worker.run_worker: fail stale trials,
 claim_trial, run_trial (heartbeat, objective, tell), then the per-trial progress reads of
 `hpo` (budget and best trial). The objective computes nothing: two suggest_float calls,
 then E trial.report + trial.should_prune calls
@@ -43,7 +43,7 @@ import optuna
 import redis
 from optuna.trial import FrozenTrial, TrialState
 
-import search.worker
+import search.training.worker
 from search.progress import best_summary
 from search.pruners import PRUNERS
 from search.settings import StudySettings
@@ -154,7 +154,7 @@ def open_worker_study(job: Job, index: int) -> optuna.Study:
 
 
 def run_until_empty(study: optuna.Study, reports: int) -> list[TrialTiming]:
-    """search.worker.run_worker until the queue is empty; one timing per trial."""
+    """search.training.worker.run_worker until the queue is empty; one timing per trial."""
     objective = Objective(reports)
     timings: list[TrialTiming] = []
     previous_end = time.perf_counter()
@@ -182,7 +182,7 @@ def run_until_empty(study: optuna.Study, reports: int) -> list[TrialTiming]:
         previous_end = end
 
     # run_worker only calls its runner with the trial; this objective stands in for training.
-    search.worker.run_worker(study, objective, threading.Event(), on_trial_end)  # type: ignore[arg-type]
+    search.training.worker.run_worker(study, objective, threading.Event(), on_trial_end)  # type: ignore[arg-type]
     return timings
 
 

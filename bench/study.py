@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-import search.checkpoints  # noqa: E402
 import search.launch  # noqa: E402
-import search.objective  # noqa: E402
-import search.trainer  # noqa: E402
-import search.worker  # noqa: E402
+import search.training.checkpoints  # noqa: E402
+import search.training.objective  # noqa: E402
+import search.training.trainer  # noqa: E402
+import search.training.worker  # noqa: E402
 from data import load_dataset, write_synthetic  # noqa: E402
 from data.synthetic import synthetic_folder  # noqa: E402
 from search.fleet import WorkerOptions  # noqa: E402
@@ -111,7 +111,7 @@ class Timers:
             self.worker[phase] += seconds
 
     def install(self) -> None:
-        stale = search.worker.fail_stale_trials
+        stale = search.training.worker.fail_stale_trials
 
         def look_for_work(study: optuna.Study) -> Any:  # the first call of each loop turn
             now = time.time()
@@ -121,23 +121,23 @@ class Timers:
                 self.idle_since = None
             return stale(study)
 
-        search.worker.fail_stale_trials = look_for_work
-        self.wrap(search.worker, "fail_stale_trials", "claim")
-        self.wrap(search.worker, "claim_trial", "claim", after=self._claimed)
+        search.training.worker.fail_stale_trials = look_for_work
+        self.wrap(search.training.worker, "fail_stale_trials", "claim")
+        self.wrap(search.training.worker, "claim_trial", "claim", after=self._claimed)
         self.wrap(search.launch, "load_dataset", "data")
         self.wrap(search.launch, "search_data", "data")
         self.wrap(search.launch, "budget", "progress")
         self.wrap(search.launch, "best_summary", "progress")
         self.wrap(optuna.study.Study, "tell", "tell")
         # Inside the objective; used only where a trial has no `seconds` attribute.
-        self.wrap(search.objective, "sample_config", "sample")
-        self.wrap(search.objective, "start_run", "build")
-        self.wrap(search.trainer.Trainer, "evaluate", "eval")
-        self.wrap(search.checkpoints.CheckpointStore, "save", "checkpoint")
+        self.wrap(search.training.objective, "sample_config", "sample")
+        self.wrap(search.training.objective, "start_run", "build")
+        self.wrap(search.training.trainer.Trainer, "evaluate", "eval")
+        self.wrap(search.training.checkpoints.CheckpointStore, "save", "checkpoint")
         for name, phase in (("report", "report"), ("set_user_attr", "report")):
             self.wrap(optuna.trial.Trial, name, phase)
         self.wrap(optuna.trial.Trial, "should_prune", "prune")
-        call = search.objective.TrialRunner.__call__
+        call = search.training.objective.TrialRunner.__call__
 
         def objective(runner: Any, trial: optuna.Trial) -> float:
             self.current = trial.number
@@ -149,7 +149,7 @@ class Timers:
                 self.objective_s[trial.number] = time.perf_counter() - start
                 self.current = None
 
-        search.objective.TrialRunner.__call__ = objective
+        search.training.objective.TrialRunner.__call__ = objective
 
     def _claimed(self, trial: optuna.Trial | None) -> None:
         if trial is None:

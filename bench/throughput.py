@@ -11,7 +11,7 @@ synthetic CIFAR-shaped images (data.write_synthetic: no network needed).
   RandomHorizontalFlip, ToTensor, Normalize in a DataLoader; fp32, eager, separate blocks,
   AdamW, the loss read after every step, as the PyTorch CIFAR-10 tutorial does.
 - project: the split resident on the device as uint8, augmented a batch at a time
-  (data.DeviceLoader), trained by search.trainer.Trainer (bf16 autocast and channels_last
+  (data.DeviceLoader), trained by search.training.trainer.Trainer (bf16 autocast and channels_last
   where native, fused AdamW, fused blocks, --compile).
 
 Rates are whole passes over the training split (a DataLoader pass includes starting its
@@ -56,7 +56,7 @@ from data import (
 from data.synthetic import synthetic_folder, write_synthetic
 from model import REPORT_TABLE1, ModelConfig, build_model, train_step_flops
 from search.config import TrainConfig
-from search.trainer import DeviceRecipe, Trainer
+from search.training.trainer import DeviceRecipe, Trainer
 
 CONFIGS = {
     "table1": REPORT_TABLE1,

@@ -1,5 +1,5 @@
 """Where a study's artifacts live and how often a trial checkpoints (torch-free: the
-dashboard, status and settings read them; search/checkpoints.py writes the files)."""
+dashboard, status and settings read them; search/training/checkpoints.py writes the files)."""
 
 from __future__ import annotations
 

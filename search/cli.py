@@ -400,7 +400,7 @@ def train(
         # A bad file or URL is refused before the training plane (torch) loads.
         load_config_file(config)
         backend_of(storage)
-        from search.final import FinalRequest, run_final
+        from search.training.final import FinalRequest, run_final
 
         request = FinalRequest(
             config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus

@@ -93,8 +93,8 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     # The training plane (torch) loads once the study is found: its table and a user's
     # mistakes need none.
     from data import load_dataset
-    from search.final import make_output_dir, seed_devices, train_seeds
-    from search.objective import describe_architecture
+    from search.training.final import make_output_dir, seed_devices, train_seeds
+    from search.training.objective import describe_architecture
 
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
@@ -212,7 +212,7 @@ def comparison(
 ) -> dict[str, Any]:
     """The table as data: per config its per-seed test scores, their mean and std, and the
     paired difference to the report with its 95% interval."""
-    from search.objective import describe_architecture
+    from search.training.objective import describe_architecture
 
     report_run = next(run for run in runs if run[0].name == REPORT)
     report = report_run[1]
@@ -335,7 +335,7 @@ def _attach(
     """The table as study artifacts, in a study attribute (for status and report) and in the
     dashboard's study note."""
     from search.dashboard import write_study_note
-    from search.final import attach_to_study, open_for_writing
+    from search.training.final import attach_to_study, open_for_writing
 
     study = open_for_writing(request.storage, request.study)
     artifacts = artifact_dir(request.artifact_dir, request.storage)

@@ -141,7 +141,7 @@ def probe_flops_per_s(
     import torch  # the probe trains: the one part of pricing that needs the device
 
     from model import build_model
-    from search.trainer import DeviceRecipe, Trainer
+    from search.training.trainer import DeviceRecipe, Trainer
 
     torch.manual_seed(0)
     train = TrainConfig(batch_size=batch_size, epochs=1, scheduler="constant")

@@ -34,7 +34,7 @@ def best_document(
     config = with_lr_trace(TrialConfig.from_dict(stored[attrs.CONFIG]), stored)
     return {
         **config.to_dict(),
-        # All of the scored point: the trial's final epoch (search/objective.py `score`).
+        # All of the scored point: the trial's final epoch (search/training/objective.py `score`).
         "metrics": {
             "val_loss": best.value,
             "val_acc": stored.get(attrs.VAL_ACC),

@@ -35,8 +35,8 @@ from storage import (
 )
 
 if TYPE_CHECKING:
-    from search.objective import WorkerInfo
-    from search.worker import WorkerSummary
+    from search.training.objective import WorkerInfo
+    from search.training.worker import WorkerSummary
 
 # Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
 EXIT_STORAGE_UNAVAILABLE = 75
@@ -193,12 +193,12 @@ def run_local_worker(
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
     from data import load_dataset, search_data
     from search.artifacts import artifact_dir
-    from search.checkpoints import CheckpointStore
-    from search.compile_policy import share_compile_caches
-    from search.objective import TrialRunner
-    from search.run import pick_device
-    from search.trainer import DeviceRecipe
-    from search.worker import run_worker
+    from search.training.checkpoints import CheckpointStore
+    from search.training.compile_policy import share_compile_caches
+    from search.training.objective import TrialRunner
+    from search.training.run import pick_device
+    from search.training.trainer import DeviceRecipe
+    from search.training.worker import run_worker
 
     worker = this_worker(options.slot)
     heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)
@@ -251,7 +251,7 @@ def run_local_worker(
 def this_worker(slot: int | None = None) -> WorkerInfo:
     import torch
 
-    from search.objective import WorkerInfo
+    from search.training.objective import WorkerInfo
 
     host = socket.gethostname()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from search.cost import is_over_cap
 from search.study import Budget
 
 if TYPE_CHECKING:
-    from search.trainer import EpochStats
+    from search.training.trainer import EpochStats
 
 
 class SearchProgress:

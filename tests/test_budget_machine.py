@@ -26,9 +26,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.cost import is_over_cap, refuse_over_cap
 from search.launch import StudyRequest
-from search.objective import TrialInterrupted
 from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
-from search.worker import run_trial, run_worker
+from search.training.objective import TrialInterrupted
+from search.training.worker import run_trial, run_worker
 from storage import optuna_private
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning")

@@ -15,10 +15,10 @@ import torch
 from optuna.trial import TrialState
 
 from data import load_dataset, search_data
-from search.checkpoints import CheckpointStore, to_host
-from search.objective import TrialInterrupted, TrialRunner, WorkerInfo
 from search.settings import StudySettings
-from search.trainer import DeviceRecipe
+from search.training.checkpoints import CheckpointStore, to_host
+from search.training.objective import TrialInterrupted, TrialRunner, WorkerInfo
+from search.training.trainer import DeviceRecipe
 from storage import open_storage, queue_retry
 
 

@@ -36,12 +36,12 @@ from search.compare import (
 )
 from search.config import StepArgs, TrialConfig
 from search.export import trial_document
-from search.final import train_seeds
 from search.report import write_report
 from search.settings import StudySettings
 from search.space import config_from_params, report_params_in, sample_config
 from search.status import study_table
 from search.study import create_or_join, load_settings
+from search.training.final import train_seeds
 from storage import open_storage
 
 # A config small enough to train an epoch of the test set in a second.

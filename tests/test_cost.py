@@ -30,14 +30,14 @@ from search.cost import (
     study_pace,
 )
 from search.launch import StudyRequest, create_study
-from search.objective import TrialRunner, WorkerInfo
 from search.progress import SearchProgress
 from search.settings import StudySettings
 from search.space import DEFAULT_SPACE, TINY_SPACE
 from search.status import study_table
 from search.study import budget, create_or_join, join_as_worker
-from search.trainer import DeviceRecipe
-from search.worker import run_worker
+from search.training.objective import TrialRunner, WorkerInfo
+from search.training.trainer import DeviceRecipe
+from search.training.worker import run_worker
 from storage import open_storage
 
 # About the median tiny draw (0.45-10 MFLOP per image): the sampler's first draws cross it.

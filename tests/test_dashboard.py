@@ -29,14 +29,14 @@ from typer.testing import CliRunner
 from model import build_model, count_parameters
 from search import attrs
 from search.artifacts import artifact_dir
-from search.checkpoints import CheckpointStore
 from search.cli import app
 from search.cost import gflops_per_image
 from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
-from search.objective import describe_architecture
 from search.settings import StudySettings
 from search.space import load_space, sample_config
 from search.study import budget, create_or_join, join, load_settings
+from search.training.checkpoints import CheckpointStore
+from search.training.objective import describe_architecture
 from storage import open_storage
 
 EPOCHS = 3

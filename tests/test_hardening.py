@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from test_search_rules import EPOCHS, one_trial_study, runner
 
 from search import attrs
-from search.worker import run_worker
+from search.training.worker import run_worker
 from storage import open_storage
 
 

@@ -19,10 +19,10 @@ from rich.console import Console
 
 from search import attrs
 from search.launch import StudyRequest
-from search.objective import TrialInterrupted
 from search.status import study_table
 from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
-from search.worker import run_trial
+from search.training.objective import TrialInterrupted
+from search.training.worker import run_trial
 from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
 

@@ -13,11 +13,11 @@ from optuna.trial import TrialState
 from data import load_dataset, search_data
 from search import attrs
 from search.launch import StudyRequest
-from search.objective import TrialRunner, WorkerInfo
 from search.pruners import build_pruner, next_rung
 from search.study import create_or_join, join_as_worker
-from search.trainer import DeviceRecipe
-from search.worker import run_worker
+from search.training.objective import TrialRunner, WorkerInfo
+from search.training.trainer import DeviceRecipe
+from search.training.worker import run_worker
 from storage import open_storage
 
 GOOD = {

@@ -24,14 +24,14 @@ from data.batches import CACHE_FILE, TEST_FILE, write_batch
 from data.synthetic import synthetic_folder
 from model import ModelConfig
 from search import attrs
-from search.checkpoints import CheckpointStore
 from search.config import StepArgs, TrainConfig
-from search.objective import TrialRunner, WorkerInfo
 from search.settings import StudySettings
 from search.space import sample_config
 from search.study import create_or_join, join_as_worker
-from search.trainer import DeviceRecipe
-from search.worker import run_worker
+from search.training.checkpoints import CheckpointStore
+from search.training.objective import TrialRunner, WorkerInfo
+from search.training.trainer import DeviceRecipe
+from search.training.worker import run_worker
 from storage import open_storage
 
 EPOCHS = 4

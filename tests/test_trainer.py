@@ -11,10 +11,10 @@ from torch._dynamo.utils import counters
 
 from data import AugmentConfig, DeviceLoader
 from model import BackboneNet, ModelConfig, build_model
-from search.compile_policy import CompilePolicy
 from search.config import TrainConfig
 from search.pruners import next_rung
-from search.trainer import DeviceRecipe, DivergedError, Trainer
+from search.training.compile_policy import CompilePolicy
+from search.training.trainer import DeviceRecipe, DivergedError, Trainer
 
 CPU = torch.device("cpu")
 RECIPE = DeviceRecipe.for_device(CPU)

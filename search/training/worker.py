@@ -14,9 +14,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
-from search.memory import memory_note, release_trial_memory
-from search.objective import TrialInterrupted, TrialRunner
 from search.study import budget, claim_trial, fail_stale_trials
+from search.training.memory import memory_note, release_trial_memory
+from search.training.objective import TrialInterrupted, TrialRunner
 from storage import StorageUnavailable, queue_retry
 from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
 

@@ -10,9 +10,9 @@ import torch
 
 from data import DeviceLoader, RunData
 from model import build_model
-from search.compile_policy import CompilePolicy
 from search.config import DEFAULT_COMPILE_MODE, TrialConfig
-from search.trainer import DeviceRecipe, Trainer
+from search.training.compile_policy import CompilePolicy
+from search.training.trainer import DeviceRecipe, Trainer
 
 
 @dataclass

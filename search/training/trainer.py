@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import BackboneNet, train_step_flops
-from search.compile_policy import CompilePolicy
 from search.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
+from search.training.compile_policy import CompilePolicy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # Schedules that move every step; the others move once per epoch.
@@ -362,7 +362,7 @@ def _forget_other_models(model: nn.Module, mode: str) -> None:
 
     Compiled code is cached per Python function, at most 8 variants before torch falls
     back to eager for good; trials of a search rarely repeat an architecture. A search worker
-    forgets it all after each trial anyway (forget_compiled, search/memory.py); the next
+    forgets it all after each trial anyway (forget_compiled, search/training/memory.py); the next
     compile goes through inductor's on-disk cache, fast where layer shapes repeat.
     """
     global _last_compiled

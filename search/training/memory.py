@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from search.trainer import forget_compiled
+from search.training.trainer import forget_compiled
 
 GIB = 2**30
 

@@ -24,9 +24,9 @@ from search.config import FINAL_EPOCHS, ConfigError, TrialConfig, load_config_fi
 from search.cost import gflops_per_image, parameter_count
 from search.fleet import parse_gpus
 from search.progress import SearchProgress, format_epoch, format_mean_std
-from search.run import pick_device, start_run
 from search.study import StudyError, join
-from search.trainer import DeviceRecipe
+from search.training.run import pick_device, start_run
+from search.training.trainer import DeviceRecipe
 from storage import StorageURLError, backend_of, open_storage
 
 METRICS_FILE = "metrics.json"

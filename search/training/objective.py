@@ -17,15 +17,15 @@ from optuna.exceptions import UpdateFinishedTrialError
 from data import RunData
 from model import count_parameters
 from search import attrs
-from search.checkpoints import CheckpointStore, TrialCheckpoints
-from search.compile_policy import CompilePolicy
 from search.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
 from search.pruners import next_rung
-from search.run import Run, start_run
 from search.settings import StudySettings
 from search.space import sample_config
-from search.trainer import DeviceRecipe, EpochStats
+from search.training.checkpoints import CheckpointStore, TrialCheckpoints
+from search.training.compile_policy import CompilePolicy
+from search.training.run import Run, start_run
+from search.training.trainer import DeviceRecipe, EpochStats
 from storage import StorageUnavailable
 from storage.optuna_private import original_number
 
