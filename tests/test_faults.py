@@ -51,6 +51,11 @@ def via(proxy: FaultProxy, postgres: OwnPostgres) -> str:
     return postgres.url.replace(f":{postgres.port}/", f":{proxy.port}/")
 
 
+# Trials long enough (about 4 s here) that both workers are mid-trial together, whichever
+# of them started first: a worker that finishes the study alone would never see the fault.
+MID_TRIAL_EPOCHS = 12
+
+
 def new_study(postgres: OwnPostgres, cwd: Path, epochs: int = 3, trials: int = TRIALS):
     """Made directly (not through the proxy): a micro space, heartbeat 1 s, a checkpoint every
     epoch. Returns the name and a study handle the test reads without faults."""
@@ -120,7 +125,7 @@ def test_a_short_blackhole_is_ridden_out(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
     """20 s of silence under --storage-retry-s 60: the workers carry on."""
-    name, study = new_study(postgres, tmp_path, epochs=4)
+    name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
     running = workers(hpo_env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
     wait_for_running(study, count=2)
     proxy.blackhole()
@@ -134,7 +139,7 @@ def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
     limit = 5
-    name, study = new_study(postgres, tmp_path, epochs=4)
+    name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
     url = via(proxy, postgres)
     running = workers(hpo_env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
     wait_for_running(study, count=2)
