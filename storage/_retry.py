@@ -31,8 +31,10 @@ from storage._network import refused_by_server
 from storage.optuna_private import (
     RDB_CACHE_CALLS,
     RDB_CREATE_TRIAL,
+    RDB_PREPARE_TRIAL,
     RETRY_HISTORY_KEY,
     STALE_TRIAL_IDS,
+    retry_insert_once,
 )
 
 try:
@@ -217,6 +219,8 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
     if hasattr(storage_class, STALE_TRIAL_IDS):
         namespace.update({STALE_TRIAL_IDS: stale_trial_ids, "record_heartbeat": record_heartbeat})
         namespace["set_trial_state_values"] = set_trial_state_values
+    if hasattr(storage_class, RDB_PREPARE_TRIAL):
+        namespace[RDB_PREPARE_TRIAL] = retry_insert_once(getattr(storage_class, RDB_PREPARE_TRIAL))
     name = f"Retrying{storage_class.__name__}"
     return type(name, (storage_class,), {**namespace, "__qualname__": name})
 

@@ -165,8 +165,40 @@ def replace_artifact(store: FileSystemArtifactStore, artifact_id: str, path: Pat
 RDB_CACHE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id")
 # The cache inserts a trial through this one (it returns a FrozenTrial, not an id).
 RDB_CREATE_TRIAL = RDB_CACHE_CALLS[0]
+# Missing API: RDBStorage._create_new_trial repeats its insert itself (five tries on any
+# StorageInternalError, a commit whose answer was lost included), so a wrapper around it never
+# hears of the loss. The row is prepared here, inside that loop's transaction.
+RDB_PREPARE_TRIAL = "_get_prepared_new_trial"
 # Missing API: the stale-trial query of Optuna's heartbeat interface has only this private name.
 STALE_TRIAL_IDS = "_get_stale_trial_ids"
+
+
+def retry_insert_once(prepare: Callable) -> Callable:
+    """RDBStorage's trial preparation, made idempotent for retries: a retry carries its
+    chain's history, and where a trial with that history exists already (an earlier try's
+    commit whose answer was lost, or another worker's queuing of the same retry) that row is
+    returned instead of a second one. It runs under Optuna's lock on the study row, so two
+    inserts of one retry cannot both pass the check."""
+    from optuna.storages._rdb import models
+
+    def prepare_once(
+        self: object, study_id: int, template: FrozenTrial | None, session: object
+    ) -> object:
+        history = (template.system_attrs if template else {}).get(RETRY_HISTORY_KEY)
+        if history:
+            made = (
+                session.query(models.TrialModel)
+                .join(models.TrialSystemAttributeModel)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialSystemAttributeModel.key == RETRY_HISTORY_KEY)
+                .filter(models.TrialSystemAttributeModel.value_json == json.dumps(history))
+                .first()
+            )
+            if made is not None:
+                return made
+        return prepare(self, study_id, template, session)
+
+    return prepare_once
 
 
 class Heartbeat(BaseHeartbeat):

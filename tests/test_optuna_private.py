@@ -19,7 +19,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import TrialState
 
 from search.study import fail_stale_trials
-from storage import HeartbeatPolicy, open_storage, optuna_private
+from storage import HeartbeatPolicy, RetryPolicy, open_storage, optuna_private
 from storage import has_heartbeat as has_heartbeat_url
 from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, Heartbeat
 
@@ -159,3 +159,23 @@ def test_stops_and_replaced_trials_are_recorded(tmp_path: Path) -> None:
     assert optuna_private.stopped_numbers(retry) == [failed.number]
     assert optuna_private.replaced_number(failed) is None
     assert optuna_private.stale_trial_callback(optuna.create_study()) is None
+
+
+def test_a_retry_inserted_twice_is_one_trial(tmp_path: Path) -> None:
+    """RDBStorage repeats a trial insert inside _create_new_trial; the prepared row is where
+    a second copy of one retry is refused (optuna_private.retry_insert_once)."""
+    assert callable(getattr(RDBStorage, optuna_private.RDB_PREPARE_TRIAL))
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", retry=RetryPolicy(limit_s=1))
+    study = optuna.create_study(storage=storage)
+    failed = study.tell(study.ask(), state=TrialState.FAIL)
+    template = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        system_attrs={optuna_private.RETRY_OF_KEY: 0, optuna_private.RETRY_HISTORY_KEY: [0]},
+    )
+    study_id = study._study_id
+    first = storage.create_new_trial(study_id, template_trial=template)
+    again = storage.create_new_trial(study_id, template_trial=template)  # a repeat after a loss
+    assert again == first
+    assert [t.number for t in study.get_trials()] == [failed.number, 1]
+    # A fresh trial (no history) is never taken for another.
+    assert storage.create_new_trial(study_id) != first
