@@ -12,6 +12,7 @@ change its answer, so that error is raised at once.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -57,6 +58,7 @@ REDIS_ARGS = {
 def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     """Engine arguments that bound every connection to a PostgreSQL or MySQL server."""
     if backend == "mysql":
+        _quiet_connections_dropped_on_return()
         return {"connect_args": dict(MYSQL_ARGS)}
     # libpq has keepalives and tcp_user_timeout but no read timeout, which a hung proxy or
     # server (one that still acks every packet) needs: the connection class adds one.
@@ -70,6 +72,23 @@ def with_redis_timeouts(url: str) -> str:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     return urlunsplit(parts._replace(query=urlencode({**REDIS_ARGS, **query})))
+
+
+@functools.cache
+def _quiet_connections_dropped_on_return() -> None:
+    """PyMySQL sends a ROLLBACK each time the pool takes a connection back (psycopg sends none
+    when no transaction is open); on a connection the network has cut, it fails and the pool
+    logs a traceback, though it just drops the connection and the next call opens another."""
+    import pymysql  # the [mysql] extra: imported only for a MySQL storage
+
+    lost = {pymysql.constants.CR.CR_SERVER_GONE_ERROR, pymysql.constants.CR.CR_SERVER_LOST}
+
+    def keep(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        cut = isinstance(error, pymysql.OperationalError) and error.args[:1] in [(c,) for c in lost]
+        return not (cut and record.msg == "Exception during reset or similar")
+
+    logging.getLogger("sqlalchemy.pool.impl.QueuePool").addFilter(keep)
 
 
 class _PostgresConnector:

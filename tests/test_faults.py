@@ -1,6 +1,7 @@
 """Faults a real network makes, injected by tests/faultproxy.py between real `hpo worker`
 processes and a PostgreSQL of the tests' own: resets, a silent partition (blackhole),
-refused connections, and answers lost after the commit. After each: exactly N finished."""
+refused connections, and answers lost after the commit; on a MariaDB of their own, resets.
+After each: exactly N finished."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 from faultproxy import FaultProxy
-from servers import OwnPostgres
+from servers import OwnMariaDB, OwnPostgres, OwnServer
 from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
 from test_workers import MICRO_SPACE
 
@@ -47,8 +48,18 @@ def proxy(postgres: OwnPostgres, request: pytest.FixtureRequest) -> Iterator[Fau
         yield faults
 
 
-def via(proxy: FaultProxy, postgres: OwnPostgres) -> str:
-    return postgres.url.replace(f":{postgres.port}/", f":{proxy.port}/")
+@pytest.fixture(scope="module")
+def mariadb() -> Iterator[OwnMariaDB]:
+    folder = Path(tempfile.mkdtemp(prefix="hpo-faults-"))
+    server = OwnMariaDB(folder)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def via(proxy: FaultProxy, server: OwnServer) -> str:
+    return server.url.replace(f":{server.port}/", f":{proxy.port}/")
 
 
 # Trials long enough (about 4 s here) that both workers are mid-trial together, whichever
@@ -56,18 +67,18 @@ def via(proxy: FaultProxy, postgres: OwnPostgres) -> str:
 MID_TRIAL_EPOCHS = 12
 
 
-def new_study(postgres: OwnPostgres, cwd: Path, epochs: int = 3, trials: int = TRIALS):
+def new_study(server: OwnServer, cwd: Path, epochs: int = 3, trials: int = TRIALS):
     """Made directly (not through the proxy): a micro space, heartbeat 1 s, a checkpoint every
     epoch. Returns the name and a study handle the test reads without faults."""
     name = f"faults-{uuid.uuid4().hex[:8]}"
     space = cwd / "micro.yaml"
     space.write_text(MICRO_SPACE)
     request = StudyRequest(
-        study=name, trials=trials, storage=postgres.url, space=str(space), epochs=epochs,
+        study=name, trials=trials, storage=server.url, space=str(space), epochs=epochs,
         dataset="synthetic", pruner="none", heartbeat=1, checkpoint_interval=0,
     )  # fmt: skip
     create_study(request, SearchProgress())
-    return name, optuna.load_study(study_name=name, storage=open_storage(postgres.url))
+    return name, optuna.load_study(study_name=name, storage=open_storage(server.url))
 
 
 SPAWNED: list[subprocess.Popen] = []
@@ -118,6 +129,18 @@ def test_random_resets_for_a_whole_study(
     proxy.random_resets(0.05)
     finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 2), tmp_path, [0, 0])
     assert proxy.resets > 0
+    assert_study_done(study, TRIALS)
+
+
+def test_random_resets_for_a_whole_study_on_mariadb(
+    mariadb: OwnMariaDB, hpo_env: dict, tmp_path: Path
+) -> None:
+    """Resets only: the proxy's statement rules read PostgreSQL's messages."""
+    name, study = new_study(mariadb, tmp_path)
+    with FaultProxy(mariadb.port, seed=3306) as proxy:
+        proxy.random_resets(0.05)
+        finish(workers(hpo_env, tmp_path, via(proxy, mariadb), name, 2), tmp_path, [0, 0])
+        assert proxy.resets > 0
     assert_study_done(study, TRIALS)
 
 

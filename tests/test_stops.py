@@ -1,0 +1,123 @@
+"""Stops are not crashes, with real `hpo worker` processes on SQLite: a trial stopped by SIGTERM
+again and again is still resumed (and may still crash max_retry times after), while a trial
+whose workers are killed -9 more than max_retry times is failed for good, and said so."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+from conftest import run_hpo
+from optuna.trial import FrozenTrial, TrialState
+from test_workers import MICRO_SPACE, spawn_worker
+
+from search import attrs
+from search.study import budget
+from storage import DEFAULT_MAX_RETRY, open_storage
+
+# Many short epochs: each run is stopped a few epochs in, the last one still has some to train.
+EPOCHS = 40
+STUDY = "stops"
+
+
+def one_trial_study(env: dict, cwd: Path) -> optuna.Study:
+    """One trial of the micro space, a checkpoint every epoch, heartbeat 1 s (grace 2 s)."""
+    space = cwd / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    result = run_hpo(
+        "create", "--study", STUDY, "--trials", "1", "--space", str(space),
+        "--dataset", "synthetic", "--epochs", str(EPOCHS), "--pruner", "none",
+        "--heartbeat", "1", "--checkpoint-interval", "0", env=env, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name=STUDY, storage=open_storage(env["HPO_STORAGE"]))
+
+
+def wait_for_progress(
+    study: optuna.Study, worker: subprocess.Popen, done: set[int], timeout: float = 120
+) -> FrozenTrial:
+    """A trial not seen before, running, once it has written a checkpoint of its own (a
+    retry starts with its original's record: that one names its original as owner)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, worker.communicate()[0]
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            record = trial.user_attrs.get(attrs.CHECKPOINT) or {}
+            if trial.number not in done and record.get("owner") == trial.number:
+                return trial
+        time.sleep(0.1)
+    raise AssertionError(f"no new trial checkpointed an epoch within {timeout} s")
+
+
+def interrupt(study: optuna.Study, env: dict, cwd: Path, how: signal.Signals, done: set[int]):
+    """Start a worker, let its trial train an epoch, send it `how`, wait for its exit."""
+    worker = spawn_worker(env, cwd, STUDY)
+    trial = wait_for_progress(study, worker, done)
+    worker.send_signal(how)
+    output = worker.communicate(timeout=120)[0]
+    done.add(trial.number)
+    return worker.returncode, output
+
+
+def chain(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials in order: each a retry of the one before it (Optuna's record)."""
+    trials = study.get_trials()
+    history = [t.system_attrs.get("retry_history", []) for t in trials]
+    assert history == [list(range(n)) for n in range(len(trials))], history
+    return trials
+
+
+def test_three_sigterms_still_resume_the_trial_and_leave_every_crash_retry(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    study = one_trial_study(hpo_env, tmp_path)
+    done: set[int] = set()
+    for _ in range(3):
+        code, output = interrupt(study, hpo_env, tmp_path, signal.SIGTERM, done)
+        assert code == 0, output
+        assert "SIGTERM: stopping after this epoch" in output
+    # The stops used up none of max_retry: the chain may still crash that many times. One
+    # crash here (a SIGTERM counted as a crash would make it the chain's fourth).
+    code, output = interrupt(study, hpo_env, tmp_path, signal.SIGKILL, done)
+    assert code == -signal.SIGKILL, output
+    last = spawn_worker(hpo_env, tmp_path, STUDY)
+    output = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, output
+
+    trials = chain(study)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4 + [TrialState.COMPLETE]
+    reasons = [t.user_attrs[attrs.FAIL_REASON] for t in trials[:3]]
+    assert all(r.startswith(attrs.STOPPED_PREFIX) for r in reasons), reasons
+    began = [t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0) for t in trials]
+    assert began == sorted(set(began)), began  # each run resumed later than the one before
+    assert sorted(trials[-1].intermediate_values) == list(range(1, EPOCHS + 1))
+    state = budget(study)
+    assert (state.finished, state.given_up, state.running, state.waiting) == (1, 0, 0, 0)
+    shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)
+    assert shown.returncode == 0 and "failed for good" not in shown.stdout, shown.stdout
+
+
+def test_a_trial_crashed_past_max_retry_is_failed_for_good(hpo_env: dict, tmp_path: Path) -> None:
+    study = one_trial_study(hpo_env, tmp_path)
+    done: set[int] = set()
+    for _ in range(DEFAULT_MAX_RETRY + 1):
+        code, output = interrupt(study, hpo_env, tmp_path, signal.SIGKILL, done)
+        assert code == -signal.SIGKILL, output
+    # The next worker finds the last crash stale, retries it no more, and the study is done.
+    last = spawn_worker(hpo_env, tmp_path, STUDY)
+    output = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, output
+
+    trials = chain(study)
+    assert [t.state for t in trials] == [TrialState.FAIL] * (DEFAULT_MAX_RETRY + 1)
+    assert not [t for t in trials if attrs.FAIL_REASON in t.user_attrs], output  # all crashes
+    began = [t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0) for t in trials]
+    assert began == sorted(set(began)), began
+    state = budget(study)
+    assert (state.finished, state.given_up, state.running, state.waiting) == (1, 1, 0, 0)
+    shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "failed for good" in shown.stdout, shown.stdout
