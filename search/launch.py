@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -237,6 +238,9 @@ def run_local_worker(
         progress.trial_end(trial, state, best)
         progress.show_budget(study_name, state, best)
 
+    # What start-up made (torch, the data, Optuna) lives as long as the process: frozen, the
+    # collection after every trial (search/training/memory.py) skips it, ms instead of ~0.3 s.
+    gc.freeze()
     with progress:
         progress.show_budget(study_name, budget(study), best_summary(study))
         summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)

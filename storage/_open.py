@@ -129,8 +129,9 @@ def _open_rdb(
 ) -> RDBStorage:
     if backend == "sqlite":
         if reader:
-            _require_sqlite_file(url)
-        _enable_sqlite_wal(url)
+            _require_sqlite_file(url)  # and no WAL set-up: the writers set it, in the file
+        else:
+            _enable_sqlite_wal(url)
         # isolation_level=None: pysqlite leaves BEGIN to us (see _begin_immediate).
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
         engine_kwargs: dict = {"connect_args": connect_args}
