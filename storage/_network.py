@@ -60,9 +60,14 @@ def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     if backend == "mysql":
         _quiet_connections_dropped_on_return()
         return {"connect_args": dict(MYSQL_ARGS)}
+    parsed = sqlalchemy.engine.make_url(url)
+    driver = parsed.get_driver_name()
+    if driver != "psycopg":
+        # psycopg2 speaks libpq too: its bounds, without psycopg's per-wait read bound below.
+        # Other drivers (pg8000) take none of these arguments (README: postgresql+psycopg).
+        return {"connect_args": dict(POSTGRESQL_ARGS)} if driver == "psycopg2" else {}
     # libpq has keepalives and tcp_user_timeout but no read timeout, which a hung proxy or
     # server (one that still acks every packet) needs: the connection class adds one.
-    parsed = sqlalchemy.engine.make_url(url)
     args, params = parsed.get_dialect()().create_connect_args(parsed)
     return {"creator": _PostgresConnector(tuple(args), {**POSTGRESQL_ARGS, **params})}
 

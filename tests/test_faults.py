@@ -30,15 +30,19 @@ TRIALS = 3
 FINISH_S = 240
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[OwnPostgres]:
-    """One PostgreSQL of the module's own (never stopped: the proxy makes the faults)."""
+def running(server_class: type[OwnServer]) -> Iterator[OwnServer]:
+    """A server of the module's own (never stopped mid-test: the proxy makes the faults)."""
     folder = Path(tempfile.mkdtemp(prefix="hpo-faults-"))
-    server = OwnPostgres(folder)
+    server = server_class(folder)
     server.start()
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[OwnPostgres]:
+    yield from running(OwnPostgres)
 
 
 @pytest.fixture
@@ -50,12 +54,7 @@ def proxy(postgres: OwnPostgres, request: pytest.FixtureRequest) -> Iterator[Fau
 
 @pytest.fixture(scope="module")
 def mariadb() -> Iterator[OwnMariaDB]:
-    folder = Path(tempfile.mkdtemp(prefix="hpo-faults-"))
-    server = OwnMariaDB(folder)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from running(OwnMariaDB)
 
 
 def via(proxy: FaultProxy, server: OwnServer) -> str:
