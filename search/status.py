@@ -22,13 +22,13 @@ from storage.optuna_private import stale_trial_numbers
 
 
 def study_status(storage_url: str, name: str, artifact_dir: Path | None = None) -> Group:
-    """Open the study with its own heartbeat policy, so stale trials can be told apart."""
-    settings = load_settings(open_storage(storage_url, reader=True), name)
-    policy = HeartbeatPolicy(interval_s=settings.heartbeat_s)
-    storage = open_storage(storage_url, policy, reader=True)
+    """Opened once, as a reader; stale trials are told apart by the study's own heartbeat."""
+    storage = open_storage(storage_url, reader=True)
+    heartbeat = HeartbeatPolicy(interval_s=load_settings(storage, name).heartbeat_s)
     study = join(storage, name)
+    stale = stale_trial_numbers(study, heartbeat.interval_s, heartbeat.grace_s)
     artifacts = artifact_dir or default_artifact_dir(storage_url)
-    return study_table(study, stale_trial_numbers(study), artifacts)
+    return study_table(study, stale, artifacts)
 
 
 def study_table(

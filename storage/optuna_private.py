@@ -19,6 +19,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import _CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
@@ -73,14 +74,18 @@ def stale_trial_callback(study: optuna.Study) -> Callable[[optuna.Study, FrozenT
     return study._storage.get_heartbeat_stale_trial_callback()
 
 
-def stale_trial_numbers(study: optuna.Study) -> set[int]:
-    """RUNNING trials whose heartbeat stopped, without failing them (`hpo status` only looks).
+def stale_trial_numbers(study: optuna.Study, interval_s: int, grace_s: int) -> set[int]:
+    """RUNNING trials silent for more than `grace_s`, without failing them (`hpo status`
+    only looks). The study's storage may have opened without heartbeats: a reader learns
+    the study's heartbeat setting from the study, after the one open it needs.
 
-    Missing API: `optuna.storages.fail_stale_trials` fails them; nothing public lists them.
+    Missing API: `optuna.storages.fail_stale_trials` fails them and nothing public lists
+    them; a storage's heartbeat settings are fixed at open, so they are set here.
     """
-    storage = study._storage  # RDB behind Optuna's cache, or a journal (storage/_heartbeat.py)
-    if not is_heartbeat_enabled(storage):
-        return set()
+    storage = study._storage
+    if isinstance(storage, _CachedStorage):  # RDB, behind Optuna's cache
+        storage = storage._backend
+    storage.heartbeat_interval, storage.grace_period = interval_s, grace_s
     stale_ids = set(storage._get_stale_trial_ids(study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
 

@@ -53,11 +53,11 @@ def go_stale(study: optuna.Study) -> optuna.Trial:
     trial = study.ask()
     with optuna_private.heartbeat(study, trial):
         pass
-    assert optuna_private.stale_trial_numbers(study) == set()  # within its grace
+    assert optuna_private.stale_trial_numbers(study, 1, 2) == set()  # within its grace
     deadline = time.monotonic() + 30
-    while not optuna_private.stale_trial_numbers(study) and time.monotonic() < deadline:
+    while not optuna_private.stale_trial_numbers(study, 1, 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert optuna_private.stale_trial_numbers(study) == {trial.number}
+    assert optuna_private.stale_trial_numbers(study, 1, 2) == {trial.number}
     return trial
 
 
@@ -67,7 +67,11 @@ def test_heartbeats_and_stale_trials_are_seen(tmp_path: Path) -> None:
     study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
     assert optuna_private.has_heartbeat(study)
     assert not optuna_private.has_heartbeat(optuna.create_study(storage=open_storage(url)))
-    go_stale(study)
+    trial = go_stale(study)
+    # A reader opened without heartbeats (hpo status) sees it under the study's grace only.
+    looking = optuna.load_study(study_name=study.study_name, storage=open_storage(url, reader=True))
+    assert optuna_private.stale_trial_numbers(looking, 1, 2) == {trial.number}
+    assert optuna_private.stale_trial_numbers(looking, 1800, 3600) == set()
 
 
 def test_retry_bookkeeping_keys(tmp_path: Path) -> None:
@@ -115,6 +119,8 @@ def test_journal_trials_send_heartbeats_and_go_stale(tmp_path: Path) -> None:
     study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(1)))
     assert optuna_private.has_heartbeat(study)
     trial = go_stale(study)
+    looking = optuna.load_study(study_name=study.study_name, storage=open_storage(url, reader=True))
+    assert optuna_private.stale_trial_numbers(looking, 1, 2) == {trial.number}
     # Failed and re-queued by the next stale check, as on the RDB storage.
     fail_stale_trials(study)
     retry = study.get_trials()[-1]
