@@ -179,10 +179,24 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
+    wait_for_status_line(hpo_env, tmp_path, name, f"{running.number} (stale)")
 
     survivor = spawn_worker(hpo_env, tmp_path, name)
     output = finish([survivor])[0]
     assert_resumed(study, running.number, epoch, output)
+
+
+def wait_for_status_line(env: dict, cwd: Path, name: str, text: str) -> None:
+    """`hpo status` says `text` within 60 s: a dead worker's trial shows as stale once the
+    study's own heartbeat grace (2 s here) has passed, not the default's (120 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        shown = run_hpo("status", "--study", name, env=env, cwd=cwd)
+        assert shown.returncode == 0, shown.stderr
+        if text in shown.stdout:
+            return
+        assert time.monotonic() < deadline, shown.stdout
+        time.sleep(0.5)
 
 
 def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
