@@ -11,7 +11,7 @@ from storage._heartbeat import (
     HeartbeatPolicy,
     queue_retry,
 )
-from storage._network import STORAGE_CALL_BOUND_S
+from storage._network import NetworkBounds
 from storage._open import open_storage
 from storage._retry import DEFAULT_STORAGE_RETRY_S, RetryPolicy, StorageUnavailable
 from storage._urls import (
@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_MAX_RETRY",
     "DEFAULT_STORAGE_RETRY_S",
     "DEFAULT_STORAGE_URL",
-    "STORAGE_CALL_BOUND_S",
+    "NetworkBounds",
     "HeartbeatPolicy",
     "RetryPolicy",
     "StorageURLError",

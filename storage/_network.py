@@ -2,7 +2,7 @@
 
 A network that goes silent (a partition, a host that vanished, a hung proxy) sends no FIN and
 no RST: without a bound of its own, a driver waits in a socket read forever. With these, a
-call with no answer fails within STORAGE_CALL_BOUND_S as a lost connection, which the worker's
+call with no answer fails within NetworkBounds.call_s as a lost connection, which the worker's
 RetryPolicy retries under --storage-retry-s (storage/_retry.py).
 
 A server that answers "no" (wrong password, unknown database) is no outage: waiting would not
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,60 +26,98 @@ import sqlalchemy.engine
 # largest read (every trial of a study of thousands, with their intermediate values) starts
 # answering within seconds, a claim's row lock is held for milliseconds, and the schema check
 # at open is one query; 30 s leaves a slow server (a fail-over, a cold cache) its time.
-STORAGE_TIMEOUT_S = 30
-# Longest a new connection takes to be accepted (TCP and the server's greeting).
-CONNECT_TIMEOUT_S = 10
-# The stated bound: a storage call on a silent network fails within this many seconds (an
-# unanswered read on a pooled connection, then a new connection that is not accepted).
-STORAGE_CALL_BOUND_S = STORAGE_TIMEOUT_S + CONNECT_TIMEOUT_S
+# $HPO_STORAGE_TIMEOUT_S sets another (a link with long stalls; a test's short partition).
+DEFAULT_STORAGE_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "HPO_STORAGE_TIMEOUT_S"
+# Longest a new connection takes to be accepted (TCP and the server's greeting), or the
+# storage timeout where that is shorter.
+CONNECT_TIMEOUT_S = 10.0
 # Kernel keepalives on an idle connection: first probe after 10 s, then every 5 s, 3 lost
 # probes close it (25 s in all). TCP_USER_TIMEOUT closes one whose sent data stays unacked.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
 
-POSTGRESQL_ARGS = {
-    "connect_timeout": CONNECT_TIMEOUT_S,
-    "keepalives": 1,
-    "keepalives_idle": KEEPALIVE_IDLE_S,
-    "keepalives_interval": KEEPALIVE_INTERVAL_S,
-    "keepalives_count": KEEPALIVE_COUNT,
-    "tcp_user_timeout": STORAGE_TIMEOUT_S * 1000,  # milliseconds
-}
-MYSQL_ARGS = {
-    "connect_timeout": CONNECT_TIMEOUT_S,
-    "read_timeout": STORAGE_TIMEOUT_S,
-    "write_timeout": STORAGE_TIMEOUT_S,
-}
-# redis-py reads these from the URL; Optuna's JournalRedisBackend keeps the URL it was given.
-REDIS_ARGS = {
-    "socket_timeout": STORAGE_TIMEOUT_S,
-    "socket_connect_timeout": CONNECT_TIMEOUT_S,
-    "socket_keepalive": "true",
-    "health_check_interval": KEEPALIVE_IDLE_S,
-}
+
+@dataclass(frozen=True)
+class NetworkBounds:
+    """The waits of one storage connection; a call on a silent network fails within
+    `call_s`: an unanswered read on a pooled connection, then a new one not accepted."""
+
+    answer_s: float = DEFAULT_STORAGE_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls) -> NetworkBounds:
+        """The bounds $HPO_STORAGE_TIMEOUT_S asks for; ValueError names a bad value."""
+        text = os.environ.get(TIMEOUT_ENV)
+        if text is None:
+            return cls()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = 0.0
+        if not 0 < seconds < math.inf:
+            raise ValueError(f"{TIMEOUT_ENV} must be a positive number, not {text!r} (seconds)")
+        return cls(seconds)
+
+    @property
+    def connect_s(self) -> float:
+        return min(CONNECT_TIMEOUT_S, self.answer_s)
+
+    @property
+    def call_s(self) -> float:
+        return self.answer_s + self.connect_s
+
+    def postgresql_args(self) -> dict[str, Any]:
+        return {
+            "connect_timeout": max(1, round(self.connect_s)),  # libpq takes whole seconds
+            "keepalives": 1,
+            "keepalives_idle": KEEPALIVE_IDLE_S,
+            "keepalives_interval": KEEPALIVE_INTERVAL_S,
+            "keepalives_count": KEEPALIVE_COUNT,
+            "tcp_user_timeout": round(self.answer_s * 1000),  # milliseconds
+        }
+
+    def mysql_args(self) -> dict[str, Any]:
+        return {
+            "connect_timeout": self.connect_s,
+            "read_timeout": self.answer_s,
+            "write_timeout": self.answer_s,
+        }
+
+    def redis_args(self) -> dict[str, Any]:
+        # redis-py reads these from the URL; Optuna's JournalRedisBackend keeps the URL.
+        return {
+            "socket_timeout": self.answer_s,
+            "socket_connect_timeout": self.connect_s,
+            "socket_keepalive": "true",
+            "health_check_interval": KEEPALIVE_IDLE_S,
+        }
 
 
 def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     """Engine arguments that bound every connection to a PostgreSQL or MySQL server."""
+    bounds = NetworkBounds.from_env()
     if backend == "mysql":
         _quiet_connections_dropped_on_return()
-        return {"connect_args": dict(MYSQL_ARGS)}
+        return {"connect_args": bounds.mysql_args()}
     parsed = sqlalchemy.engine.make_url(url)
     driver = parsed.get_driver_name()
     if driver != "psycopg":
         # psycopg2 speaks libpq too: its bounds, without psycopg's per-wait read bound below.
         # Other drivers (pg8000) take none of these arguments (README: postgresql+psycopg).
-        return {"connect_args": dict(POSTGRESQL_ARGS)} if driver == "psycopg2" else {}
+        return {"connect_args": bounds.postgresql_args()} if driver == "psycopg2" else {}
     # libpq has keepalives and tcp_user_timeout but no read timeout, which a hung proxy or
     # server (one that still acks every packet) needs: the connection class adds one.
     args, params = parsed.get_dialect()().create_connect_args(parsed)
-    return {"creator": _PostgresConnector(tuple(args), {**POSTGRESQL_ARGS, **params})}
+    connect = {**bounds.postgresql_args(), **params}
+    return {"creator": _PostgresConnector(tuple(args), connect, bounds.answer_s)}
 
 
 def with_redis_timeouts(url: str) -> str:
     """The redis URL with the bounds added, where the user's URL does not set its own."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit(parts._replace(query=urlencode({**REDIS_ARGS, **query})))
+    bounds = NetworkBounds.from_env().redis_args()
+    return urlunsplit(parts._replace(query=urlencode({**bounds, **query})))
 
 
 @functools.cache
@@ -100,11 +141,13 @@ class _PostgresConnector:
     """Opens psycopg connections whose every wait for the server ends (picklable, unlike a
     lambda, so a storage holding it can still go to a process pool)."""
 
-    def __init__(self, args: tuple, params: dict[str, Any]):
-        self.args, self.params = args, params
+    def __init__(self, args: tuple, params: dict[str, Any], answer_s: float):
+        self.args, self.params, self.answer_s = args, params, answer_s
 
     def __call__(self) -> Any:
-        return _bounded_connection_class().connect(*self.args, **self.params)
+        connection = _bounded_connection_class().connect(*self.args, **self.params)
+        connection.answer_s = self.answer_s
+        return connection
 
 
 @functools.cache
@@ -112,10 +155,12 @@ def _bounded_connection_class() -> type:
     import psycopg  # the [postgres] extra: imported only by a PostgreSQL storage
 
     class BoundedConnection(psycopg.Connection):
-        """A psycopg connection whose waits for the server end after STORAGE_TIMEOUT_S."""
+        """A psycopg connection whose waits for the server end after `answer_s`."""
+
+        answer_s = DEFAULT_STORAGE_TIMEOUT_S
 
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-            bound = STORAGE_TIMEOUT_S if timeout is None else timeout
+            bound = self.answer_s if timeout is None else timeout
             try:
                 return super().wait(gen, interval=interval, timeout=bound)
             except psycopg.OperationalError as err:
@@ -124,7 +169,7 @@ def _bounded_connection_class() -> type:
                 if self.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
                     self.pgconn.finish()
                     raise psycopg.OperationalError(
-                        f"no answer from the server in {STORAGE_TIMEOUT_S} s"
+                        f"no answer from the server in {self.answer_s:g} s"
                     ) from err
                 raise
 

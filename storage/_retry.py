@@ -94,7 +94,7 @@ class RetryPolicy:
                 now = time.monotonic()
                 if lost_at is None and not self.gave_up:
                     # Since the call that got no answer began: a silent network takes up to
-                    # STORAGE_CALL_BOUND_S to say so, and that time counts against the limit.
+                    # NetworkBounds.call_s to say so, and that time counts against the limit.
                     lost_at = started
                     self.say(f"storage unreachable ({describe(err)}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip

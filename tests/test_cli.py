@@ -156,6 +156,14 @@ def test_bad_input_is_one_line_and_exit_2(hpo_env: dict[str, str], tmp_path: Pat
     result = hpo("start", "--study", "real", "--trials", "1", "--data-dir", str(empty))
     expect_user_error(result, "cifar-10", str(empty))
 
+    server = "postgresql+psycopg://postgres@127.0.0.1:1/hpo_test"
+    for timeout in ("soon", "0", "inf"):
+        env = {**hpo_env, "HPO_STORAGE_TIMEOUT_S": timeout}
+        result = run_hpo("worker", "--study", "s", "--storage", server, env=env, cwd=tmp_path)
+        expect_user_error(
+            result, f"HPO_STORAGE_TIMEOUT_S must be a positive number, not {timeout!r}"
+        )
+
 
 def test_conflicting_flag_names_both_values_and_changes_nothing(
     hpo_env: dict[str, str], tmp_path: Path

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import optuna
 import pytest
@@ -23,7 +24,8 @@ from test_workers import MICRO_SPACE
 
 from search.launch import StudyRequest, create_study
 from search.progress import SearchProgress
-from storage import STORAGE_CALL_BOUND_S, HeartbeatPolicy, RetryPolicy, open_storage
+from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage
+from storage._network import server_engine_kwargs, with_redis_timeouts
 
 TRIALS = 3
 # A deadline for a worker that should finish (not a timing assertion: a hung one fails by it).
@@ -143,17 +145,43 @@ def test_random_resets_for_a_whole_study_on_mariadb(
     assert_study_done(study, TRIALS)
 
 
+# Short network bounds ($HPO_STORAGE_TIMEOUT_S): a silence outlasts them in seconds, not in
+# the default's 40 s; the same code paths run as with the default.
+SHORT_BOUNDS = NetworkBounds(answer_s=3)
+
+
+def short_bounds(env: dict) -> dict:
+    return {**env, "HPO_STORAGE_TIMEOUT_S": str(SHORT_BOUNDS.answer_s)}
+
+
+def test_every_driver_takes_its_bounds_from_the_storage_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert NetworkBounds.from_env().call_s == 40  # the default: 30 s an answer, 10 s a connect
+    monkeypatch.setenv("HPO_STORAGE_TIMEOUT_S", "3")
+    assert NetworkBounds.from_env() == SHORT_BOUNDS and SHORT_BOUNDS.call_s == 6
+    mysql = server_engine_kwargs("mysql+pymysql://root@h/db", "mysql")["connect_args"]
+    assert (mysql["connect_timeout"], mysql["read_timeout"], mysql["write_timeout"]) == (3, 3, 3)
+    psycopg = server_engine_kwargs("postgresql+psycopg://u@h/db", "postgresql")["creator"]
+    assert (psycopg.answer_s, psycopg.params["tcp_user_timeout"]) == (3, 3000)
+    redis = parse_qs(urlsplit(with_redis_timeouts("redis://h/0?socket_timeout=9")).query)
+    assert (redis["socket_timeout"], redis["socket_connect_timeout"]) == (["9"], ["3.0"])
+
+
 def test_a_short_blackhole_is_ridden_out(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    """20 s of silence under --storage-retry-s 60: the workers carry on."""
+    """A silence longer than one call's bound, under --storage-retry-s 60: the unanswered
+    calls fail, are retried, and the workers carry on once the network answers again."""
     name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
-    running = workers(hpo_env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
+    env = short_bounds(hpo_env)
+    running = workers(env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
     wait_for_running(study, count=2)
     proxy.blackhole()
-    time.sleep(20)  # the outage itself, not a wait for a process
+    time.sleep(2 * SHORT_BOUNDS.call_s)  # the outage itself, not a wait for a process
     proxy.passing()
-    finish(running, tmp_path, [0, 0])
+    outputs = finish(running, tmp_path, [0, 0])
+    assert any("storage reachable again" in output for output in outputs), outputs
     assert_study_done(study, TRIALS)
 
 
@@ -163,18 +191,19 @@ def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
     limit = 5
     name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
     url = via(proxy, postgres)
-    running = workers(hpo_env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
+    env = short_bounds(hpo_env)
+    running = workers(env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
     wait_for_running(study, count=2)
     proxy.blackhole()
     silent_at = time.monotonic()
     # Each exits 75 within the limit and one call's bound (slack for two loaded cores).
-    codes = [p.wait(timeout=limit + STORAGE_CALL_BOUND_S + 60) for p in running]
+    codes = [p.wait(timeout=limit + SHORT_BOUNDS.call_s + 60) for p in running]
     took = time.monotonic() - silent_at
     errors = [(tmp_path / f"w{i}.err").read_text() for i in range(2)]
     assert codes == [75, 75], (took, errors)
     assert all(e.startswith("error: storage unreachable for ") for e in errors), errors
     proxy.passing()
-    later = spawn({**hpo_env, "HPO_STORAGE": url}, tmp_path, "later", "worker", "--study", name)
+    later = spawn({**env, "HPO_STORAGE": url}, tmp_path, "later", "worker", "--study", name)
     assert later.wait(timeout=FINISH_S) == 0, logs(tmp_path, "later")
     assert_study_done(study, TRIALS)
 
@@ -186,7 +215,7 @@ def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
     proxy.refuse()
     waiting = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1, "--storage-retry-s", "60")
     wait_for_line(tmp_path, "w0", "storage unreachable")
-    time.sleep(10)  # the database stays down for 10 s
+    time.sleep(4)  # the database stays down a while: several refused attempts
     proxy.passing()
     output = finish(waiting, tmp_path, [0])[0]
     assert "storage reachable again" in output
