@@ -115,6 +115,10 @@ def finished_chains(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 class BudgetMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        # What the earlier sequences left (Hypothesis' records) joins the frozen objects, so
+        # the collection after each of this sequence's trials scans this sequence's alone.
+        gc.collect()
+        gc.freeze()
         self.directory = Path(tempfile.mkdtemp(prefix="budget-", dir=SCRATCH))
         self.path = self.directory / "b.db"
         shutil.copy(template_database(), self.path)
