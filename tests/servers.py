@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.backoff
+import redis.retry
 import sqlalchemy
 
 PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
@@ -23,6 +25,7 @@ SERVERS = {
     "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{DATABASE}",
     "redis": "redis://127.0.0.1:6379/15",
 }
+NO_RETRY = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
 # The database each server has before ours exists, to connect to while creating it.
 ADMIN_DATABASE = {"postgresql": "postgres", "mysql": ""}
 # Where the suite runs in CI (.ci/run sets it): a missing server is a failure there.
@@ -192,14 +195,19 @@ class OwnRedis(OwnServer):
     def stop(self) -> None:
         # SHUTDOWN answers by closing the connection; the server is gone once it stops answering.
         with contextlib.suppress(redis.exceptions.ConnectionError):
-            redis.Redis(port=self.port).shutdown()
+            self.client().shutdown()
         deadline = time.monotonic() + 30
         while self.is_up() and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def client(self) -> redis.Redis:
+        """One try per command: redis-py's default retries a refused connection three times
+        with backoff, seconds per check of a server that is down."""
+        return redis.Redis(port=self.port, socket_connect_timeout=1, retry=NO_RETRY)
+
     def is_up(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=1).ping())
+            return bool(self.client().ping())
         except redis.exceptions.ConnectionError:
             return False
 

@@ -21,7 +21,16 @@ from conftest import HPO
 from optuna.exceptions import DuplicatedStudyError, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from servers import DATABASE, OwnMariaDB, OwnPostgres, OwnRedis, OwnServer, free_port, server_url
+from servers import (
+    DATABASE,
+    NO_RETRY,
+    OwnMariaDB,
+    OwnPostgres,
+    OwnRedis,
+    OwnServer,
+    free_port,
+    server_url,
+)
 from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
 from search.launch import StudyRequest
@@ -230,7 +239,7 @@ def refused_by(kind: str) -> Exception:
     }
     try:
         if kind == "redis":
-            redis.Redis(port=port).ping()
+            redis.Redis(port=port, retry=NO_RETRY).ping()
         else:
             sqlalchemy.create_engine(urls[kind]).connect()
     except Exception as err:
