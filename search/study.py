@@ -239,14 +239,13 @@ def _tickets(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 def _twins(trials: list[FrozenTrial]) -> set[int]:
     """Retries of a trial that already had one (two workers queued it at once): never run."""
-    first: dict[int, int] = {}
+    replaced: set[int] = set()
     twins: set[int] = set()
     for trial in sorted(filter(_is_retry, trials), key=lambda t: t.number):
-        replaced = replaced_number(trial)
-        if replaced in first:
+        number = replaced_number(trial)
+        if number in replaced:
             twins.add(trial.number)
-        else:
-            first[replaced] = trial.number
+        replaced.add(number)
     return twins
 
 

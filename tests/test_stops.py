@@ -70,6 +70,18 @@ def chain(study: optuna.Study) -> list[FrozenTrial]:
     return trials
 
 
+def last_worker_run(study: optuna.Study, env: dict, cwd: Path) -> tuple[list[FrozenTrial], str]:
+    """One more worker runs to its end; the chain it leaves, each run begun later than the
+    one before (from its own checkpoint), and the worker's output."""
+    last = spawn_worker(env, cwd, STUDY)
+    output = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, output
+    trials = chain(study)
+    began = [t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0) for t in trials]
+    assert began == sorted(set(began)), began
+    return trials, output
+
+
 def test_three_sigterms_still_resume_the_trial_and_leave_every_crash_retry(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -83,16 +95,11 @@ def test_three_sigterms_still_resume_the_trial_and_leave_every_crash_retry(
     # crash here (a SIGTERM counted as a crash would make it the chain's fourth).
     code, output = interrupt(study, hpo_env, tmp_path, signal.SIGKILL, done)
     assert code == -signal.SIGKILL, output
-    last = spawn_worker(hpo_env, tmp_path, STUDY)
-    output = last.communicate(timeout=300)[0]
-    assert last.returncode == 0, output
+    trials, _ = last_worker_run(study, hpo_env, tmp_path)
 
-    trials = chain(study)
     assert [t.state for t in trials] == [TrialState.FAIL] * 4 + [TrialState.COMPLETE]
     reasons = [t.user_attrs[attrs.FAIL_REASON] for t in trials[:3]]
     assert all(r.startswith(attrs.STOPPED_PREFIX) for r in reasons), reasons
-    began = [t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0) for t in trials]
-    assert began == sorted(set(began)), began  # each run resumed later than the one before
     assert sorted(trials[-1].intermediate_values) == list(range(1, EPOCHS + 1))
     state = budget(study)
     assert (state.finished, state.given_up, state.running, state.waiting) == (1, 0, 0, 0)
@@ -107,15 +114,9 @@ def test_a_trial_crashed_past_max_retry_is_failed_for_good(hpo_env: dict, tmp_pa
         code, output = interrupt(study, hpo_env, tmp_path, signal.SIGKILL, done)
         assert code == -signal.SIGKILL, output
     # The next worker finds the last crash stale, retries it no more, and the study is done.
-    last = spawn_worker(hpo_env, tmp_path, STUDY)
-    output = last.communicate(timeout=300)[0]
-    assert last.returncode == 0, output
-
-    trials = chain(study)
+    trials, output = last_worker_run(study, hpo_env, tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL] * (DEFAULT_MAX_RETRY + 1)
     assert not [t for t in trials if attrs.FAIL_REASON in t.user_attrs], output  # all crashes
-    began = [t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0) for t in trials]
-    assert began == sorted(set(began)), began
     state = budget(study)
     assert (state.finished, state.given_up, state.running, state.waiting) == (1, 1, 0, 0)
     shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)
