@@ -19,11 +19,13 @@ import redis.retry
 import sqlalchemy
 
 PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
-DATABASE = "hpo_test"
+# Two checkouts may run their suites side by side on one machine, each with its own database.
+DATABASE = os.environ.get("HPO_TEST_DATABASE", "hpo_test")
+REDIS_DB = int(os.environ.get("HPO_TEST_REDIS_DB", "15"))
 SERVERS = {
     "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{DATABASE}",
     "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{DATABASE}",
-    "redis": "redis://127.0.0.1:6379/15",
+    "redis": f"redis://127.0.0.1:6379/{REDIS_DB}",
 }
 NO_RETRY = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
 # The database each server has before ours exists, to connect to while creating it.
