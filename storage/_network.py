@@ -15,11 +15,13 @@ import functools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy.engine
+import sqlalchemy.event
 
 # Longest a storage call waits with no byte from the server (per wait, not per query: a long
 # answer that streams in never hits it). It must exceed any legitimate silence: Optuna's
@@ -98,6 +100,7 @@ def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     bounds = NetworkBounds.from_env()
     if backend == "mysql":
         _quiet_connections_dropped_on_return()
+        _drop_mysql_connections_answered_read_only()
         return {"connect_args": bounds.mysql_args()}
     parsed = sqlalchemy.engine.make_url(url)
     driver = parsed.get_driver_name()
@@ -155,42 +158,93 @@ def _bounded_connection_class() -> type:
     import psycopg  # the [postgres] extra: imported only by a PostgreSQL storage
 
     class BoundedConnection(psycopg.Connection):
-        """A psycopg connection whose waits for the server end after `answer_s`."""
+        """A psycopg connection on which no wait for the server lasts past `answer_s` of
+        silence, and a read-only answer (a standby) drops the connection."""
 
         answer_s = DEFAULT_STORAGE_TIMEOUT_S
 
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-            bound = self.answer_s if timeout is None else timeout
+            if timeout is not None:  # psycopg's own deadline (cancelling a query): its own
+                return super().wait(gen, interval=interval, timeout=timeout)
             try:
-                return super().wait(gen, interval=interval, timeout=bound)
-            except psycopg.OperationalError as err:
-                # A query left unanswered: its connection cannot be reused, so the pool
-                # must drop it (a closed connection is a disconnect to SQLAlchemy).
-                if self.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
-                    self.pgconn.finish()
-                    raise psycopg.OperationalError(
-                        f"no answer from the server in {self.answer_s:g} s"
-                    ) from err
-                raise
+                return super().wait(_until_silent(gen, self.answer_s), interval=interval)
+            except _Silence:
+                # A query left unanswered: its connection cannot be reused, so the pool must
+                # drop it (a closed connection is a disconnect to SQLAlchemy).
+                self.pgconn.finish()
+                raise psycopg.OperationalError(
+                    f"no answer from the server in {self.answer_s:g} s"
+                ) from None
+            except psycopg.errors.ReadOnlySqlTransaction as err:
+                # A standby, or a primary demoted in a fail-over: waited out like an outage
+                # (an OperationalError), on a new connection, which may reach the new primary.
+                self.pgconn.finish()
+                raise psycopg.OperationalError(f"the server is read-only: {err}") from err
 
     return BoundedConnection
 
 
+class _Silence(Exception):
+    """No byte to or from the server for the connection's bound."""
+
+
+def _until_silent(gen: Any, bound_s: float) -> Any:
+    """psycopg's generator `gen`, ended by _Silence once the socket has been silent for
+    `bound_s`. psycopg's own timeout is one deadline for the whole query, transfer included,
+    which would cut a large answer still streaming in. Its wait functions send `gen` a
+    READY_NONE (0) every interval the socket stays quiet: that is how silence is seen."""
+    heard = time.monotonic()
+    try:
+        waiting_for = next(gen)
+        while True:
+            ready = yield waiting_for
+            if ready:
+                heard = time.monotonic()
+            elif time.monotonic() - heard >= bound_s:
+                raise _Silence
+            waiting_for = gen.send(ready)
+    except StopIteration as done:
+        return done.value
+
+
 # PostgreSQL's refusals at connect carry no SQLSTATE, only the server's FATAL message; these
-# FATALs are a server that is starting, stopping or full, which waiting does change.
+# FATALs are a server that is starting, stopping, full or a standby, which waiting changes.
 POSTGRESQL_TRANSIENT = (
     "starting up",
     "shutting down",
-    "not yet accepting connections",
+    "not yet accepting connections",  # a standby before its consistent state
+    "not accepting connections",  # a standby with hot_standby off ("the database system is")
     "recovery mode",
     "too many clients",
     "connection slots",
+    "too many connections for",  # a role's or database's CONNECTION LIMIT
     "administrator command",
+    "conflict with recovery",
 )
-# MySQL's client-side errors (no server answer) are numbered from 2000; below are the server's,
-# of which these two pass: too many connections, server shutdown in progress.
-MYSQL_CLIENT_ERRORS_FROM = 2000
-MYSQL_TRANSIENT = (1040, 1053)
+# MySQL's and MariaDB's answers that refuse this user for good: credentials, the database,
+# permissions. Any other error is about this moment (a deadlock, a lock wait timeout, a full
+# server, a server read-only in a fail-over) and is retried like an outage.
+MYSQL_REFUSALS = frozenset(
+    {
+        1044,  # access denied to the database
+        1045,  # access denied (user or password)
+        1049,  # unknown database
+        1129,  # host blocked after many connection errors (needs FLUSH HOSTS)
+        1130,  # host not allowed to connect
+        1142,  # command denied on a table
+        1143,  # command denied on a column
+        1227,  # access denied: a privilege is needed
+        1251,  # authentication method the client does not support
+        1698,  # access denied (no password given)
+        1820,  # the password must be reset first
+        1862,  # the password has expired
+        3118,  # MySQL: the account is locked
+        4151,  # MariaDB: the account is locked
+    }
+)
+# A server's "read-only" answers in a fail-over (--read-only, a read-only transaction,
+# read-only mode): the connection is dropped, as its server may no longer be the primary.
+MYSQL_READ_ONLY = (1290, 1792, 1836)
 
 
 def refused_by_server(err: BaseException) -> bool:
@@ -200,6 +254,23 @@ def refused_by_server(err: BaseException) -> bool:
         message = str(err)
         return "FATAL:" in message and not any(text in message for text in POSTGRESQL_TRANSIENT)
     if module == "pymysql":
-        code = err.args[0] if err.args and isinstance(err.args[0], int) else None
-        return code is not None and code < MYSQL_CLIENT_ERRORS_FROM and code not in MYSQL_TRANSIENT
+        return _mysql_code(err) in MYSQL_REFUSALS
     return module == "redis" and type(err).__name__ == "AuthenticationError"
+
+
+def _mysql_code(err: BaseException) -> int | None:
+    return err.args[0] if err.args and isinstance(err.args[0], int) else None
+
+
+@functools.cache
+def _drop_mysql_connections_answered_read_only() -> None:
+    """A MySQL connection that got a read-only answer is dropped (for psycopg, see
+    BoundedConnection), with the rest of its pool: after a fail-over, the address reaches
+    the new primary, while connections made before stay on the demoted server."""
+    from sqlalchemy.dialects.mysql.base import MySQLDialect
+
+    def drop(context: sqlalchemy.engine.ExceptionContext) -> None:
+        if _mysql_code(context.original_exception) in MYSQL_READ_ONLY:
+            context.is_disconnect = True
+
+    sqlalchemy.event.listen(MySQLDialect, "handle_error", drop)

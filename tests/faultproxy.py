@@ -14,7 +14,9 @@ switches its mode while workers run:
   These two queue one-shot rules, applied in order, beside any mode;
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
   connections are accepted and get no answer;
-- `refuse()`: refuse new connections (the listener is closed), reset open ones.
+- `refuse()`: refuse new connections (the listener is closed), reset open ones;
+- `trickle(chunk, pause_s)`: forward, but hand the server's bytes on at `chunk` bytes per
+  `pause_s` (a slow link: a large answer streams in slowly, never silent longer than that).
 
 Everything runs on one event loop in a daemon thread; the methods are safe to call from the
 test's thread. Only 127.0.0.1 is used.
@@ -61,6 +63,7 @@ class FaultProxy:
         self._listener: asyncio.AbstractServer | None = None
         self._mode = "pass"
         self._rate = 0.0
+        self._trickle = (CHUNK, 0.0)  # bytes, seconds
         self.rules: list[_Rule] = []  # pending, first one first
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -95,6 +98,10 @@ class FaultProxy:
 
     def refuse(self) -> None:
         self._do(self._refuse)
+
+    def trickle(self, chunk: int, pause_s: float) -> None:
+        self._trickle = (chunk, pause_s)
+        self._do(self._switch, "trickle", True)
 
     def close(self) -> None:
         self._do(self._close)
@@ -206,12 +213,26 @@ class FaultProxy:
             if not upstream and link.cut_next_answer:
                 self.answers_lost += 1
                 break
+            if not upstream and self._mode == "trickle":
+                data = await self._trickled(target, data)
             target.write(data)
             try:
                 await target.drain()
             except OSError:
                 break
         self._kill(link)
+
+    async def _trickled(self, target: asyncio.StreamWriter, data: bytes) -> bytes:
+        """Sends all but the last piece of `data` at the trickle's rate; returns the last."""
+        chunk, pause_s = self._trickle
+        while True:
+            piece, data = data[:chunk], data[chunk:]
+            await asyncio.sleep(pause_s * len(piece) / chunk)
+            if not data:
+                return piece
+            target.write(piece)
+            with contextlib.suppress(OSError):
+                await target.drain()
 
     def _resets_here(self, link: _Link, data: bytes) -> bool:
         """Whether a client chunk resets its connection; arms a lost answer on its way."""

@@ -95,10 +95,12 @@ class OwnServer:
 
 
 class OwnPostgres(OwnServer):
-    """initdb in a temporary folder; as root, run as the `postgres` user (it refuses root)."""
+    """initdb in a temporary folder; as root, run as the `postgres` user (it refuses root).
+    `settings` are server settings for each start (max_connections=5, hot_standby=off)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **settings: str | int):
         super().__init__(folder)
+        self.settings = settings
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found:
             _missing("PostgreSQL binaries (initdb) in /usr/lib/postgresql/*/bin")
@@ -111,6 +113,7 @@ class OwnPostgres(OwnServer):
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "log"),
                   "-o", options, "-w", "start")  # fmt: skip
 
