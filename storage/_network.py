@@ -6,7 +6,8 @@ call with no answer fails within NetworkBounds.call_s as a lost connection, whic
 RetryPolicy retries under --storage-retry-s (storage/_retry.py).
 
 A server that answers "no" (wrong password, unknown database) is no outage: waiting would not
-change its answer, so that error is raised at once.
+change its answer, so that error is raised at once. One that answers "not now" (full, a
+deadlock, read-only or a standby in a fail-over) is waited out like an outage.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from test_outages import (
     create_study,
     logs,
     spawn,
-    wait_for_line,
     wait_for_running,
 )
 
@@ -256,6 +255,14 @@ class Filler:
             self.held.pop().close()
 
 
+def _wait_while_alive(worker: subprocess.Popen, cwd: Path, text: str) -> None:
+    deadline = time.monotonic() + 60
+    while text not in logs(cwd, "w"):
+        assert worker.poll() is None, f"the worker exited {worker.returncode}: {logs(cwd, 'w')}"
+        assert time.monotonic() < deadline, logs(cwd, "w")
+        time.sleep(0.1)
+
+
 def _turned_away(server: OwnPostgres, role: str) -> int:
     """How many connections of `role` the server turned away as full (its log says)."""
     return (server.folder / "log").read_text().count(f"{role} FATAL:  {FULL}")
@@ -284,7 +291,8 @@ def test_a_full_server_is_waited_out_at_start_and_mid_study(
             worker = spawn(
                 env, tmp_path, "w", "worker", "--study", name, "--storage-retry-s", "120"
             )
-            wait_for_line(tmp_path, "w", "too many clients")
+            _wait_while_alive(worker, tmp_path, "storage unreachable")
+            assert "too many clients" in logs(tmp_path, "w")
             filler.release()
             wait_for_running(study, count=1)
 
