@@ -242,7 +242,7 @@ class Filler:
                 continue
             except psycopg.OperationalError as err:
                 assert FULL in str(err), err
-            if not self._sessions_of(leave_none_to):
+            if not self.held or not self._sessions_of(leave_none_to):
                 return
             time.sleep(0.05)  # its server processes are exiting: their slots come free
 
@@ -286,6 +286,7 @@ def test_a_full_server_is_waited_out_at_start_and_mid_study(
             admin.execute("CREATE ROLE worker LOGIN SUPERUSER")
         url = f"postgresql+psycopg://worker@127.0.0.1:{proxy.port}/postgres"
         env = {**hpo_env, "HPO_STORAGE": url}
+        worker: subprocess.Popen | None = None
         try:
             filler.fill(leave_none_to="worker")
             worker = spawn(
@@ -303,15 +304,16 @@ def test_a_full_server_is_waited_out_at_start_and_mid_study(
             proxy.passing()
             deadline = time.monotonic() + 60
             while _turned_away(server, "worker") == before:
+                assert worker.poll() is None, f"the worker exited: {logs(tmp_path, 'w')}"
                 assert time.monotonic() < deadline, "the worker never met the full server"
                 time.sleep(0.1)
             filler.release()
             assert worker.wait(timeout=FINISH_S) == 0, logs(tmp_path, "w")
         finally:
             filler.release()
-            with contextlib.suppress(subprocess.TimeoutExpired, NameError):
+            if worker is not None and worker.poll() is None:  # a failed test's worker
                 worker.kill()
-                worker.wait(timeout=10)
+                worker.wait()
         output = logs(tmp_path, "w")
         assert "Traceback" not in output and "storage reachable again" in output, output
         assert_study_done(study, 3)
