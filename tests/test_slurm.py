@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,12 +23,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import optuna
 import pytest
 from conftest import run_hpo
 from optuna.trial import FrozenTrial, TrialState
-from servers import _missing, free_port, server_url
+from servers import IN_CI, _missing, free_port, server_url
 from test_workers import MICRO_SPACE
 
 from search import attrs
@@ -140,52 +142,66 @@ class Cluster:
         raise AssertionError(f"process {pid} is in no Slurm job")
 
 
-def wait_until_up(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
+def wait_until_up(cluster: Cluster, daemons: list[subprocess.Popen], logs: Path) -> None:
+    """Until slurmd has registered and the node is idle (the daemons' logs if it never does)."""
     deadline = time.monotonic() + 60
     while True:
-        assert all(daemon.poll() is None for daemon in daemons), [d.args for d in daemons]
         shown = subprocess.run(
             ["sinfo", "--noheader", "--format=%t"], env=cluster.env(dict(os.environ)),
             capture_output=True, text=True,
         )  # fmt: skip
         if shown.stdout.strip() == "idle":
             return
-        assert time.monotonic() < deadline, shown.stdout + shown.stderr
+        alive = all(daemon.poll() is None for daemon in daemons)
+        if not alive or time.monotonic() > deadline:
+            tails = [path.read_text()[-2000:] for path in sorted(logs.glob("*.log"))]
+            pytest.fail("\n".join([f"no idle node: {shown.stdout}{shown.stderr}", *tails]))
         time.sleep(0.2)
 
 
-def start_daemons(root: Path) -> tuple[Cluster, list[subprocess.Popen]]:
-    """munged with a fresh key, then slurmctld and slurmd in the foreground, logs in `root`."""
-    key_dir, socket_dir = root / "munge", root / "run"
-    key_dir.mkdir(mode=0o700)
-    socket_dir.mkdir(mode=0o755)  # munged wants every folder above its socket open to all
+def write_config(root: Path, munge_socket: Path) -> Path:
+    """slurm.conf, gres.conf and cgroup.conf in `root`, and the GPUs' device nodes."""
     for folder in ("state", "spool", "gpus"):
         (root / folder).mkdir()
     gpus = [root / "gpus" / f"nvidia{i}" for i in range(GPUS)]
-    for minor, gpu in enumerate(gpus):
-        os.mknod(gpu, 0o666 | 0o020000, os.makedev(195, minor))  # a character device, as NVIDIA's
-    conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, socket_dir / "munge.socket"))
-    (root / "gres.conf").write_text(
-        "".join(f"NodeName={NODE} Name=gpu File={gpu}\n" for gpu in gpus)
-    )
+    for minor, gpu in enumerate(gpus):  # character devices, numbered as NVIDIA's are
+        os.mknod(gpu, 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+    (root / "gres.conf").write_text("".join(f"NodeName={NODE} Name=gpu File={g}\n" for g in gpus))
     (root / "cgroup.conf").write_text("ConstrainDevices=no\nConstrainCores=no\n")
-    cluster = Cluster(conf)
-    env = cluster.env(dict(os.environ))
-    log = (root / "daemons.log").open("w")
+    conf = root / "slurm.conf"
+    conf.write_text(slurm_conf(root, munge_socket))
+    return conf
+
+
+def start_munged(root: Path, env: dict[str, str], log: IO[str]) -> subprocess.Popen:
+    """munged with a fresh key, once its socket is there."""
+    key_dir, socket_dir = root / "munge", root / "run"
+    key_dir.mkdir(mode=0o700)
+    socket_dir.mkdir(mode=0o755)  # munged wants every folder above its socket open to all
     subprocess.run(["mungekey", "--create", f"--keyfile={key_dir}/munge.key"], env=env, check=True)
-    munged = [
-        "munged", "--foreground", f"--key-file={key_dir}/munge.key",
-        f"--socket={socket_dir}/munge.socket", f"--pid-file={socket_dir}/munged.pid",
-        f"--log-file={key_dir}/munged.log", f"--seed-file={key_dir}/munged.seed",
-    ]  # fmt: skip
-    daemons = [subprocess.Popen(munged, env=env, stdout=log, stderr=subprocess.STDOUT)]
+    munged = subprocess.Popen(
+        [
+            "munged", "--foreground", f"--key-file={key_dir}/munge.key",
+            f"--socket={socket_dir}/munge.socket", f"--pid-file={socket_dir}/munged.pid",
+            f"--log-file={root}/munged.log", f"--seed-file={key_dir}/munged.seed",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     deadline = time.monotonic() + 30
     while not (socket_dir / "munge.socket").exists():
-        assert daemons[0].poll() is None and time.monotonic() < deadline, key_dir / "munged.log"
+        assert munged.poll() is None and time.monotonic() < deadline, root / "munged.log"
         time.sleep(0.1)
-    for command in (["slurmctld", "-D", "-i"], ["slurmd", "-D", "-N", NODE]):
-        daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return munged
+
+
+def start_daemons(root: Path) -> tuple[Cluster, list[subprocess.Popen]]:
+    """munged, then slurmctld and slurmd in the foreground, their logs in `root`."""
+    cluster = Cluster(write_config(root, root / "run" / "munge.socket"))
+    env = cluster.env(dict(os.environ))
+    with (root / "daemons.log").open("w") as log:
+        daemons = [start_munged(root, env, log)]
+        for command in (["slurmctld", "-D"], ["slurmd", "-D", "-N", NODE]):
+            daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     return cluster, daemons
 
 
@@ -206,15 +222,17 @@ def stop_daemons(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
 def cluster() -> Iterator[Cluster]:
     missing = [p for p in PROGRAMS if not shutil.which(p, path=f"{os.environ['PATH']}:{SBIN}")]
     if missing:
-        _missing(f"Slurm and munge ({', '.join(missing)}; Debian's slurm-wlm and munge)")
+        _missing(f"Slurm and munge ({', '.join(missing)}: Debian's slurm-wlm and munge) are")
     if os.geteuid() != 0:
-        _missing("root, which slurmd runs as (SlurmdUser=root),")
+        if IN_CI:
+            pytest.fail("tests/test_slurm.py must run as root in CI (slurmd runs as root)")
+        pytest.skip("not root: slurmd, which the test starts, runs as root (SlurmdUser=root)")
     # Not under pytest's tmp: munged refuses a socket below a folder others cannot enter.
     root = Path(tempfile.mkdtemp(prefix="hpo-slurm-"))
     root.chmod(0o755)
     cluster, daemons = start_daemons(root)
     try:
-        wait_until_up(cluster, daemons)
+        wait_until_up(cluster, daemons, root)
         yield cluster
     finally:
         stop_daemons(cluster, daemons)
