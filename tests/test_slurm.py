@@ -222,7 +222,7 @@ def stop_daemons(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
 def cluster() -> Iterator[Cluster]:
     missing = [p for p in PROGRAMS if not shutil.which(p, path=f"{os.environ['PATH']}:{SBIN}")]
     if missing:
-        _missing(f"Slurm and munge ({', '.join(missing)}: Debian's slurm-wlm and munge) are")
+        _missing(f"{', '.join(missing)} (Debian's slurm-wlm and munge)")
     if os.geteuid() != 0:
         if IN_CI:
             pytest.fail("tests/test_slurm.py must run as root in CI (slurmd runs as root)")
