@@ -1,6 +1,6 @@
-"""docker/slurm/worker.sbatch on a real Slurm: a one-node cluster of this session's own.
+"""docker/slurm/worker.sbatch on a real Slurm: a one-node cluster the tests start themselves.
 
-munged, slurmctld and slurmd (Debian's munge and slurm-wlm) run as children of the session on
+munged, slurmctld and slurmd (Debian's munge and slurm-wlm) run as children of pytest on
 free localhost ports, with their config, key and state in a temporary folder that SLURM_CONF
 points at. gres.conf gives the node four GPUs whose File= are device nodes made for the test;
 no cgroup plugin constrains them, so Slurm hands them out and sets CUDA_VISIBLE_DEVICES per
@@ -45,7 +45,7 @@ NODE = "node0"
 # Epochs enough that a trial seen at its first checkpoint is still training when SIGTERM lands.
 EPOCHS = 10
 TRIALS = 6
-# What the submitting shell has: a worker that reports it was not given Slurm's GPU.
+# The submitting shell's CUDA_VISIBLE_DEVICES: a worker that names it did not get Slurm's.
 SUBMIT_HOST_GPUS = "submit-host"
 # The one stub: without a CUDA driver torch counts no GPU, so `--gpus all` counts the names
 # Slurm gave the job instead. Loaded by every Python of the job through PYTHONPATH.
@@ -97,13 +97,14 @@ class Cluster:
 
     def run(self, *command: str, env: dict[str, str] | None = None, cwd: Path | None = None):
         result = subprocess.run(
-            command, env=self.env(env or dict(os.environ)), cwd=cwd,
+            command, env=env or self.env(dict(os.environ)), cwd=cwd,
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
         return result.stdout
 
     def submit(self, *args: str, env: dict[str, str], cwd: Path) -> str:
+        """sbatch in `env` (made by self.env) from `cwd`; the job's id."""
         return self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).strip().split(";")[0]
 
     def jobs(self, job: str) -> list[dict[str, str]]:
@@ -218,8 +219,10 @@ def stop_daemons(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
             daemon.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    """The cluster for this module's tests, stopped after them: the rest of the suite runs
+    without it."""
     missing = [p for p in PROGRAMS if not shutil.which(p, path=f"{os.environ['PATH']}:{SBIN}")]
     if missing:
         _missing(f"{', '.join(missing)} (Debian's slurm-wlm and munge)")
