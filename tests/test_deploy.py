@@ -453,9 +453,14 @@ def test_slurm_script_is_valid_bash_and_its_hpo_line_parses() -> None:
     assert "#SBATCH --gres=gpu:1" in text
     commands = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     (line,) = [line for line in commands if re.search(r"\bhpo worker\b", line)]
-    for command in shell_commands(re.sub(r"\$\{?\w+\}?", PLACEHOLDER, line)):
-        for args in hpo_arguments(command):
-            assert parse_hpo(args, {}, SLURM_SCRIPT.name) == "worker"
+    # What follows the study on sbatch's line goes on to `hpo worker`: each example's parses.
+    examples = re.findall(r"^#\s+sbatch .*worker\.sbatch (\S+)(.*)$", text, re.M)
+    assert len(examples) >= 2 and line.rstrip().endswith('"$@"'), examples
+    for study, options in examples:
+        filled = line.replace('"$@"', options).replace('"$study"', study)
+        for command in shell_commands(re.sub(r"\$\{?\w+\}?", PLACEHOLDER, filled)):
+            for args in hpo_arguments(command):
+                assert parse_hpo(args, {}, SLURM_SCRIPT.name) == "worker"
     exported = set(re.findall(r"^\s*export (\w+)=", text, re.M))
     assert exported <= variables_the_project_reads()
 
