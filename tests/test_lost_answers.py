@@ -13,14 +13,24 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.event
-from lossy import age_heartbeats, forget_losses, lossy_storage, lost_answer
+from lossy import OUTSIDE_THE_LOOP, age_heartbeats, forget_losses, lossy_storage, lost_answer
 from optuna.trial import TrialState
 from rich.console import Console
 
 from search import attrs
 from search.launch import StudyRequest
 from search.status import study_table
-from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
+import search.study
+from search.space import load_space, report_table1_params, sample_config
+from search.study import (
+    budget,
+    claim_trial,
+    create_or_join,
+    fail_stale_trials,
+    join,
+    load_settings,
+    move_target,
+)
 from search.training.objective import TrialInterrupted
 from search.training.worker import run_trial
 from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
@@ -57,16 +67,59 @@ def run_to_the_end(study: optuna.Study) -> None:
         study.tell(trial, 1.0)
 
 
-def test_a_retry_insert_whose_answer_is_lost_makes_one_retry(tmp_path: Path) -> None:
+# Inside Optuna's insert loop (what a server's lost commit is), and after it (all tries lost).
+@pytest.mark.parametrize("where", ["_create_new_trial", OUTSIDE_THE_LOOP])
+def test_a_retry_insert_whose_answer_is_lost_makes_one_retry(where: str, tmp_path: Path) -> None:
     study = lossy_study(tmp_path / "l.db", target=2)
     crash(study, claim_trial(study), tmp_path / "l.db")
-    lossy(study).lose("_create_new_trial")
+    lossy(study).lose(where)
     fail_stale_trials(study)
-    assert lossy(study).lost == [("_create_new_trial", None)]
+    assert lossy(study).lost == [(where, None)]
     assert len(retries_of(study, 0)) == 1
     run_to_the_end(study)
     assert budget(study).finished == 2
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2
+
+
+def test_a_study_creation_whose_answer_is_lost_is_this_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the repeat found the study, took it for another's, waited for its settings
+    and failed; so did every later start."""
+    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    storage = lossy_storage(tmp_path / "l.db")
+    storage.lose("create_new_study")
+    settings = StudyRequest(study="s", trials=3, storage="", space="tiny").new_settings()
+    assert create_or_join(storage, "s", settings, 3) == (settings, True)
+    assert storage.lost == [("create_new_study", None)]
+    assert load_settings(storage, "s") == settings  # what a later start reads
+    study = join(storage, "s")
+    assert budget(study).target == 3 and len(study.get_trials()) == 3
+    run_to_the_end(study)
+    assert budget(study).done
+
+
+def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
+    table1 = report_table1_params()
+    return [t.number for t in trials if t.params == table1]
+
+
+@pytest.mark.parametrize("where", ["_create_new_trial", OUTSIDE_THE_LOOP])
+def test_a_lost_insert_of_the_report_ticket_makes_one(where: str, tmp_path: Path) -> None:
+    """The study's first ticket is the report's Table 1 run: repeated after a lost answer,
+    it is still one ticket. Before: `counted` held trials 0 and 1, both the report's."""
+    storage = lossy_storage(tmp_path / "l.db")
+    storage.lose(where)  # the first insert of the creation: the report's ticket
+    settings = StudyRequest(study="s", trials=3, storage="").new_settings()  # default space
+    create_or_join(storage, "s", settings, 3)
+    assert storage.lost == [(where, None)]
+    study = join(storage, "s")
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:  # each samples, as the objective does
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(finished) == 3 and report_configs(finished) == [0]
 
 
 def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path) -> None:
