@@ -6,6 +6,8 @@ The storage is a real SQLite file whose chosen writes lose their answer once (te
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import pickle
 import sqlite3
 from pathlib import Path
@@ -16,9 +18,12 @@ import sqlalchemy.event
 from lossy import OUTSIDE_THE_LOOP, age_heartbeats, forget_losses, lossy_storage, lost_answer
 from optuna.trial import TrialState
 from rich.console import Console
+from servers import SERVERS, server_url
 
 from search import attrs
-from search.launch import StudyRequest
+from search.fleet import WorkerOptions
+from search.launch import StudyRequest, startup_retry
+from search.progress import SearchProgress
 from search.status import study_table
 import search.study
 from search.space import load_space, report_table1_params, sample_config
@@ -33,7 +38,7 @@ from search.study import (
 )
 from search.training.objective import TrialInterrupted
 from search.training.worker import run_trial
-from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
+from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
@@ -226,10 +231,16 @@ def test_past_the_limit_the_policy_gives_up_once_not_per_call() -> None:
     assert policy.call("get_trial", lambda: 3, lambda: None) == 3 and not policy.gave_up
 
 
-@pytest.mark.parametrize("url", ["sqlite:///{}/p.db", "journal://{}/p.log"])
-def test_retrying_storages_pickle(url: str, tmp_path: Path) -> None:
-    storage = open_storage(url.format(tmp_path), retry=RetryPolicy())
+@pytest.mark.parametrize("url", ["sqlite:///{}/p.db", "journal://{}/p.log", "postgresql", "redis"])
+def test_the_storages_hpo_opens_pickle(url: str, tmp_path: Path) -> None:
+    """Opened as a worker opens them: heartbeats, and the retry policy that says its lines
+    on the search's progress console (before: its lock did not pickle)."""
+    url = server_url(url) if url in SERVERS else url.format(tmp_path)
+    progress = SearchProgress(Console(file=io.StringIO()))
+    retry = startup_retry(WorkerOptions(storage_retry_s=5), progress)
+    storage = open_storage(url, HeartbeatPolicy(interval_s=1), retry=retry)
     copy = pickle.loads(pickle.dumps(storage))
+    assert copy._retry == dataclasses.replace(retry, say=print)  # the copy prints its lines
     study = optuna.create_study(storage=copy)
     study.tell(study.ask(), 1.0)
     assert optuna.load_study(study_name=study.study_name, storage=storage).best_value == 1.0
