@@ -5,6 +5,7 @@ After each: exactly N finished."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import tempfile
@@ -18,12 +19,16 @@ from urllib.parse import parse_qs, urlsplit
 import optuna
 import pytest
 from faultproxy import FaultProxy
+from rich.console import Console
 from servers import OwnMariaDB, OwnPostgres, OwnServer
 from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
 from test_workers import MICRO_SPACE
 
-from search.launch import StudyRequest, create_study
+import search.study
+from search.launch import StudyRequest, create_study, stored_settings
 from search.progress import SearchProgress
+from search.space import load_space, report_table1_params, sample_config
+from search.study import budget, claim_trial
 from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage
 from storage._network import server_engine_kwargs, with_redis_timeouts
 
@@ -350,3 +355,52 @@ def test_a_retry_insert_whose_answer_is_lost(
     assert proxy.answers_lost == 1
     assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
     assert_study_done(study, 2)
+
+
+# Creating a study: through the proxy, in this process (nothing to train).
+STUDY_INSERT = (b"INSERT INTO studies",)
+REPORT_TICKET_INSERT = (b"INSERT INTO trials", b"backbones")  # the Table 1 run's parameters
+
+
+def create_through(proxy: FaultProxy, server: OwnServer, space: str | None) -> tuple:
+    """`hpo start`'s creation of a study of 3 trials, through the proxy, waiting out losses."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    request = StudyRequest(study=name, trials=3, storage=via(proxy, server), space=space)
+    quiet = SearchProgress(Console(file=io.StringIO()))
+    settings = create_study(request, quiet, RetryPolicy(limit_s=60, say=lambda _: None))
+    return name, settings, optuna.load_study(study_name=name, storage=open_storage(server.url))
+
+
+def test_a_study_creation_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the repeat took the study for another's, waited for its settings and failed,
+    and so did every later start ("was not created by hpo")."""
+    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    proxy.lose_answer(*STUDY_INSERT)
+    space = tmp_path / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    name, settings, study = create_through(proxy, postgres, str(space))
+    assert proxy.answers_lost == 1
+    assert stored_settings(name, postgres.url) == settings  # what every later start reads
+    assert budget(study).target == 3 and len(study.get_trials()) == 3
+    while (trial := claim_trial(study)) is not None:
+        study.tell(trial, 1.0)
+    assert_study_done(study, 3)
+
+
+def test_a_lost_insert_of_the_report_ticket_is_one_ticket(
+    postgres: OwnPostgres, proxy: FaultProxy
+) -> None:
+    """Optuna's own insert loop repeats it (RDBStorage._create_new_trial). Before: trials 0
+    and 1 were both the report's Table 1 run, and both counted."""
+    proxy.lose_answer(*REPORT_TICKET_INSERT)
+    name, settings, study = create_through(proxy, postgres, None)  # the default space
+    assert proxy.answers_lost == 1
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:  # each samples, as the objective does
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    assert_study_done(study, 3)
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in finished if t.params == report_table1_params()] == [0]
