@@ -264,15 +264,20 @@ def _same_insert(
     return same_insert(storage_class.get_all_trials(storage, study_id, deepcopy=False), key)
 
 
-def _settle_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
-    made = _same_insert(storage_class, storage, study_id, template)
+# Named as Optuna names them: Study.add_trial passes `template_trial=` by keyword.
+def _settle_new_trial(
+    storage_class: type, storage: Any, study_id: int, template_trial: Any = None
+) -> Any:
+    made = _same_insert(storage_class, storage, study_id, template_trial)
     if made is None:
         return UNKNOWN
     return storage_class.get_trial_id_from_study_id_trial_number(storage, study_id, made.number)
 
 
-def _settle_rdb_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
-    made = _same_insert(storage_class, storage, study_id, template)
+def _settle_rdb_new_trial(
+    storage_class: type, storage: Any, study_id: int, template_trial: Any = None
+) -> Any:
+    made = _same_insert(storage_class, storage, study_id, template_trial)
     return UNKNOWN if made is None else made
 
 

@@ -16,6 +16,11 @@ switches its mode while workers run:
   connections are accepted and get no answer;
 - `refuse()`: refuse new connections (the listener is closed), reset open ones.
 
+With `redis=True` the server speaks Redis (RESP): each command is its own transaction and
+its reply is its answer, so a rule applies to the first command (an array of bulk strings)
+whose bytes contain every needle: `reset_on` resets before it reaches the server,
+`lose_answer` forwards it (the server applies it) and drops its reply.
+
 Everything runs on one event loop in a daemon thread; the methods are safe to call from the
 test's thread. Only 127.0.0.1 is used.
 """
@@ -52,8 +57,9 @@ class _Rule:
 
 
 class FaultProxy:
-    def __init__(self, server_port: int, seed: int = 0):
+    def __init__(self, server_port: int, seed: int = 0, redis: bool = False):
         self.server_port = server_port
+        self.redis = redis
         self.random = random.Random(seed)
         self.answers_lost = 0
         self.resets = 0
@@ -218,6 +224,8 @@ class FaultProxy:
         if self._mode == "random" and self.random.random() < self._rate:
             return True
         link.sent += data
+        if self.redis:
+            return self._redis_resets_here(link)
         rule = self.rules[0] if self.rules else None
         ends = COMMIT in data or ROLLBACK in data
         if rule is not None and all(needle in link.sent for needle in rule.needles):
@@ -230,3 +238,44 @@ class FaultProxy:
         if ends:
             link.sent.clear()
         return False
+
+    def _redis_resets_here(self, link: _Link) -> bool:
+        """The rules on the Redis commands the client's bytes complete."""
+        commands, rest = redis_commands(bytes(link.sent))
+        link.sent[:] = rest
+        for command in commands:
+            rule = self.rules[0] if self.rules else None
+            if rule is None or not all(needle in command for needle in rule.needles):
+                continue
+            self.rules.pop(0)
+            if not rule.lose_answer:
+                return True
+            link.cut_next_answer = True
+        return False
+
+
+def redis_commands(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """The complete RESP commands at the start of `buffer`, and the bytes after them.
+
+    A client sends each command as an array of bulk strings: `*<n>\\r\\n`, then n times
+    `$<length>\\r\\n<bytes>\\r\\n` (redis-py sends nothing else)."""
+    commands, start = [], 0
+    while (end := _redis_command_end(buffer, start)) is not None:
+        commands.append(buffer[start:end])
+        start = end
+    return commands, buffer[start:]
+
+
+def _redis_command_end(buffer: bytes, at: int) -> int | None:
+    line = buffer.find(b"\r\n", at)
+    if line < 0 or buffer[at : at + 1] != b"*":
+        return None
+    count, at = int(buffer[at + 1 : line]), line + 2
+    for _ in range(count):
+        line = buffer.find(b"\r\n", at)
+        if line < 0:
+            return None
+        at = line + 2 + int(buffer[at + 1 : line]) + 2  # "$<length>", the bytes, CRLF
+        if at > len(buffer):
+            return None
+    return at
