@@ -95,7 +95,8 @@ def _losing(name: str) -> Callable[..., Any]:
         if name == "_create_new_trial" and self.take(self.to_lose, name, state):
             self.lose_next_commit = True  # inside Optuna's insert loop
         result = write(self, *args, **kwargs)
-        if self.take(self.to_lose, OUTSIDE_THE_LOOP if name == "_create_new_trial" else name, state):
+        after = OUTSIDE_THE_LOOP if name == "_create_new_trial" else name
+        if self.take(self.to_lose, after, state):
             raise lost_answer()
         return result
 

@@ -20,13 +20,13 @@ from optuna.trial import TrialState
 from rich.console import Console
 from servers import SERVERS, server_url
 
+import search.study
 from search import attrs
 from search.fleet import WorkerOptions
 from search.launch import StudyRequest, startup_retry
 from search.progress import SearchProgress
-from search.status import study_table
-import search.study
 from search.space import load_space, report_table1_params, sample_config
+from search.status import study_table
 from search.study import (
     budget,
     claim_trial,
