@@ -12,6 +12,7 @@ switches its mode while workers run:
 - `lose_answer(*needles)`: once a transaction's client bytes contain every needle, forward its
   COMMIT, drop the server's reply and reset the client (the answer lost after the commit).
   These two queue one-shot rules, applied in order, beside any mode;
+- `hold(*needles)` (Redis): hold the first command with every needle until `release()`;
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
   connections are accepted and get no answer;
 - `refuse()`: refuse new connections (the listener is closed), reset open ones.
@@ -48,12 +49,14 @@ class _Link:
     server: asyncio.StreamWriter | None = None
     sent: bytearray = field(default_factory=bytearray)  # client bytes of this transaction
     cut_next_answer: bool = False
+    hold_this_chunk: bool = False
 
 
 @dataclass(frozen=True)
 class _Rule:
     lose_answer: bool  # else: reset before the statement reaches the server
     needles: tuple[bytes, ...]
+    hold: bool = False  # hold the command until release() (Redis only)
 
 
 class FaultProxy:
@@ -73,6 +76,8 @@ class FaultProxy:
             self.port = probe.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
+        self._released = asyncio.Event()
+        self.holding = threading.Event()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._do(self._set_flowing, True)
@@ -95,6 +100,14 @@ class FaultProxy:
 
     def lose_answer(self, *needles: bytes) -> None:
         self._do(self.rules.append, _Rule(True, needles))
+
+    def hold(self, *needles: bytes) -> None:
+        """Redis: hold the first command with every needle (a network that delays it) until
+        release(); `holding` is set once it is held."""
+        self._do(self.rules.append, _Rule(False, needles, hold=True))
+
+    def release(self) -> None:
+        self._do(self._released.set)
 
     def blackhole(self) -> None:
         self._do(self._switch, "blackhole", False)
@@ -209,6 +222,9 @@ class FaultProxy:
                 return
             if upstream and self._resets_here(link, data):
                 break
+            if upstream and link.hold_this_chunk:
+                link.hold_this_chunk = False
+                await self._released.wait()
             if not upstream and link.cut_next_answer:
                 self.answers_lost += 1
                 break
@@ -248,9 +264,13 @@ class FaultProxy:
             if rule is None or not all(needle in command for needle in rule.needles):
                 continue
             self.rules.pop(0)
-            if not rule.lose_answer:
+            if rule.hold:
+                link.hold_this_chunk = True
+                self.holding.set()
+            elif not rule.lose_answer:
                 return True
-            link.cut_next_answer = True
+            else:
+                link.cut_next_answer = True
         return False
 
 

@@ -28,8 +28,8 @@ import search.study
 from search.launch import StudyRequest, create_study, stored_settings
 from search.progress import SearchProgress
 from search.space import load_space, report_table1_params, sample_config
-from search.study import budget, claim_trial
-from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage
+from search.study import budget, claim_trial, fail_stale_trials, queue_owed_retries
+from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage, optuna_private
 from storage._network import server_engine_kwargs, with_redis_timeouts
 
 TRIALS = 3
@@ -477,3 +477,38 @@ def test_a_lost_insert_of_the_report_ticket_is_one_ticket_on_redis(
     assert_study_done(study, 3)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert [t.number for t in finished if t.params == report_table1_params()] == [0]
+
+
+def test_twins_arise_on_redis_and_only_the_first_runs(
+    own_redis: OwnRedis, redis_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Two workers queue one retry at once: B fails a stale trial and reads no retry of it,
+    and its insert of the retry is delayed in the network while A queues the same retry.
+    The journal has no lock to refuse the second (RDB's keyed insert does: no twin there),
+    so twins arise; only the first counts or runs (search/study.py, _twins)."""
+    name, study = new_study(own_redis, tmp_path, epochs=1, trials=2)
+    retry, heartbeat = RetryPolicy(limit_s=60, say=lambda _: None), HeartbeatPolicy(interval_s=1)
+    a, b = (
+        optuna.load_study(study_name=name, storage=open_storage(url, heartbeat, retry=retry))
+        for url in (own_redis.url, via(redis_proxy, own_redis))
+    )
+    crashed = claim_trial(a)  # its worker beats once and dies
+    with optuna_private.heartbeat(a, crashed):
+        pass
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(a, 1, 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    redis_proxy.hold(b"EVAL", b'"op_code": 4', b"retry_history")  # B's insert of the retry
+    failing = threading.Thread(target=fail_stale_trials, args=(b,))
+    failing.start()
+    assert redis_proxy.holding.wait(timeout=30)
+    queue_owed_retries(a)  # A sees the FAIL and no retry: it queues one
+    redis_proxy.release()
+    failing.join(timeout=30)
+    retries = [t for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert len(retries) == 2  # twins
+    while (trial := claim_trial(a)) is not None:
+        a.tell(trial, 1.0)
+    assert_study_done(study, 2)
+    states = [t.state for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING]
