@@ -12,7 +12,8 @@ switches its mode while workers run:
 - `lose_answer(*needles)`: once a transaction's client bytes contain every needle, forward its
   COMMIT, drop the server's reply and reset the client (the answer lost after the commit).
   These two queue one-shot rules, applied in order, beside any mode;
-- `hold(*needles)` (Redis): hold the first command with every needle until `release()`;
+- `hold(*needles)`: hold the chunk that completes the needles (a delayed packet) until
+  `release()`;
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
   connections are accepted and get no answer;
 - `refuse()`: refuse new connections (the listener is closed), reset open ones.
@@ -56,7 +57,7 @@ class _Link:
 class _Rule:
     lose_answer: bool  # else: reset before the statement reaches the server
     needles: tuple[bytes, ...]
-    hold: bool = False  # hold the command until release() (Redis only)
+    hold: bool = False  # hold the chunk until release()
 
 
 class FaultProxy:
@@ -102,7 +103,7 @@ class FaultProxy:
         self._do(self.rules.append, _Rule(True, needles))
 
     def hold(self, *needles: bytes) -> None:
-        """Redis: hold the first command with every needle (a network that delays it) until
+        """Hold the client's chunk that completes the needles (a network that delays it) until
         release(); `holding` is set once it is held."""
         self._do(self.rules.append, _Rule(False, needles, hold=True))
 
@@ -245,10 +246,14 @@ class FaultProxy:
         rule = self.rules[0] if self.rules else None
         ends = COMMIT in data or ROLLBACK in data
         if rule is not None and all(needle in link.sent for needle in rule.needles):
-            if not rule.lose_answer:
+            if rule.hold:
+                self.rules.pop(0)
+                link.hold_this_chunk = True
+                self.holding.set()
+            elif not rule.lose_answer:
                 self.rules.pop(0)
                 return True
-            if COMMIT in data:
+            elif COMMIT in data:
                 self.rules.pop(0)
                 link.cut_next_answer = True
         if ends:

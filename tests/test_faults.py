@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import optuna
 import pytest
+import sqlalchemy
 from faultproxy import FaultProxy
 from rich.console import Console
 from servers import OwnMariaDB, OwnPostgres, OwnRedis, OwnServer
@@ -492,12 +493,7 @@ def test_twins_arise_on_redis_and_only_the_first_runs(
         optuna.load_study(study_name=name, storage=open_storage(url, heartbeat, retry=retry))
         for url in (own_redis.url, via(redis_proxy, own_redis))
     )
-    crashed = claim_trial(a)  # its worker beats once and dies
-    with optuna_private.heartbeat(a, crashed):
-        pass
-    deadline = time.monotonic() + 30
-    while not optuna_private.stale_trial_numbers(a, 1, 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    crashed = one_stale_study_trial(a)
     redis_proxy.hold(b"EVAL", b'"op_code": 4', b"retry_history")  # B's insert of the retry
     failing = threading.Thread(target=fail_stale_trials, args=(b,))
     failing.start()
@@ -512,3 +508,53 @@ def test_twins_arise_on_redis_and_only_the_first_runs(
     assert_study_done(study, 2)
     states = [t.state for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING]
+
+
+def test_two_workers_queue_one_retry_at_once_on_postgresql_and_make_one(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The same race on PostgreSQL: B's insert holds the study's lock while the network
+    delays it, A's waits for the lock, and then finds B's retry (retry_insert_once)."""
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    retry, heartbeat = RetryPolicy(limit_s=60, say=lambda _: None), HeartbeatPolicy(interval_s=1)
+    a, b = (
+        optuna.load_study(study_name=name, storage=open_storage(url, heartbeat, retry=retry))
+        for url in (postgres.url, via(proxy, postgres))
+    )
+    crashed = one_stale_study_trial(a)
+    proxy.hold(b"FOR UPDATE", b"retry_history")  # B's insert of the retry, under the lock
+    failing = threading.Thread(target=fail_stale_trials, args=(b,))
+    failing.start()
+    assert proxy.holding.wait(timeout=30)
+    queuing = threading.Thread(target=queue_owed_retries, args=(a,))
+    queuing.start()
+    wait_for_a_lock_wait(postgres)  # A's insert waits for B's lock on the study
+    proxy.release()
+    failing.join(timeout=30)
+    queuing.join(timeout=30)
+    retries = [t for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert len(retries) == 1
+    while (trial := claim_trial(a)) is not None:
+        a.tell(trial, 1.0)
+    assert_study_done(study, 2)
+
+
+def one_stale_study_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """A claimed trial whose worker beat once and died: stale after the 2 s grace."""
+    crashed = claim_trial(study)
+    with optuna_private.heartbeat(study, crashed):
+        pass
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(study, 1, 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return study.trials[crashed.number]
+
+
+def wait_for_a_lock_wait(postgres: OwnPostgres) -> None:
+    engine = sqlalchemy.create_engine(postgres.url)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 30
+    with engine.connect() as connection:
+        while not connection.exec_driver_sql(query).scalar() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    engine.dispose()
