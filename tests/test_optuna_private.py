@@ -196,6 +196,7 @@ def test_a_one_off_ticket_inserted_twice_is_one_trial(tmp_path: Path) -> None:
     )
     first = storage.create_new_trial(study._study_id, template_trial=ticket)
     assert storage.create_new_trial(study._study_id, template_trial=ticket) == first
-    assert optuna_private.same_insert(study.get_trials(), (optuna_private.TICKET_KEY, "first-0")).number == 0
+    key = (optuna_private.TICKET_KEY, "first-0")
+    assert optuna_private.same_insert(study.get_trials(), key).number == 0
     plain = optuna.trial.create_trial(state=TrialState.WAITING)
     assert storage.create_new_trial(study._study_id, template_trial=plain) != first
