@@ -90,12 +90,14 @@ def create_or_join(
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
         return load_settings(storage, name), False
+    # A creation whose answer was lost is taken for this one's (storage/_retry.py); where
+    # another's landed in between, both complete the study: the first target and settings
+    # stay, and the report's ticket is one.
     name_objective(study)
-    study.set_user_attr(attrs.TARGET, target)
+    if attrs.TARGET not in study.user_attrs:
+        study.set_user_attr(attrs.TARGET, target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else []
     _add_tickets(study, min(target, TICKET_WINDOW), first)
-    # A creation whose answer was lost is taken for this one's (storage/_retry.py); where
-    # another's landed in between, both complete the study, and the first settings stand.
     stored = study.user_attrs.get(attrs.SETTINGS)
     if stored is not None:
         return StudySettings.from_dict(stored), False

@@ -104,6 +104,29 @@ def test_a_study_creation_whose_answer_is_lost_is_this_creation(
     assert budget(study).done
 
 
+def test_a_creation_lost_while_another_process_creates_the_study_joins_it(
+    tmp_path: Path,
+) -> None:
+    """This creation's request was lost (nothing written), and another `hpo start` created
+    the study before the repeat: that study is taken for this one's, and completing it keeps
+    the other's target and settings."""
+    path, made = tmp_path / "l.db", []
+    theirs = StudyRequest(study="s", trials=5, storage="", space="tiny", epochs=3)
+
+    def meanwhile(_: str) -> None:  # said while this creation waits out its lost connection
+        if not made:
+            made.append(create_or_join(lossy_storage(path), "s", theirs.new_settings(), 5))
+
+    storage = lossy_storage(path, say=meanwhile)
+    storage.lose("create_new_study", before=True)
+    ours = StudyRequest(study="s", trials=2, storage="", space="tiny", epochs=1).new_settings()
+    assert create_or_join(storage, "s", ours, 2) == (theirs.new_settings(), False)
+    assert made[0][1]  # the other one created it
+    study = join(storage, "s")
+    assert budget(study).target == 5
+    assert load_settings(storage, "s") == theirs.new_settings()
+
+
 def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
     table1 = report_table1_params()
     return [t.number for t in trials if t.params == table1]
