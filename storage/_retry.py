@@ -285,8 +285,8 @@ def _settle_new_study(
     storage_class: type, storage: Any, directions: Any, study_name: str | None = None
 ) -> Any:
     """A lost creation: a study of that name now is this one's. It cannot be told from
-    another creator's that landed in between (a name is unique, so that one's creation
-    found none): both then complete it, which search/study.py makes safe."""
+    another process's, made after this request was lost on its way; both then complete it,
+    which search/study.py makes safe."""
     if study_name is None:
         return UNKNOWN
     try:
