@@ -14,7 +14,8 @@ The invariant (tests/test_budget_machine.py checks it after every step):
 - A chain is a ticket and its retries; each counts once, as its live member (the one not
   retried; of two retries of one trial, a lost answer's twin, the first). Counted are the
   first N chains by ticket number whose live member is not over the cap; a chain whose
-  retry lands over the cap gives up its place, like a fresh over-cap draw.
+  retry lands over the cap gives up its place, like a fresh over-cap draw. A one-off ticket
+  (the report's Table 1 run) is one ticket: a later copy of it (a repeated insert) is none.
 - A counted chain is finished when its live member is COMPLETE, PRUNED or FAIL with no
   retry owed (failed for good: its objective raised, or its crashes passed max_retry).
 - Every counted ticket ends finished or replaced: a claimed trial either runs to an end or
@@ -41,6 +42,7 @@ from search.settings import METRIC_NAME, StudySettings
 from search.space import DEFAULT_SPACE_NAME, report_table1_params
 from storage import queue_retry
 from storage.optuna_private import (
+    TICKET_KEY,
     claim_waiting_trial,
     replaced_number,
     retried_numbers,
@@ -88,10 +90,17 @@ def create_or_join(
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
         return load_settings(storage, name), False
+    # A creation whose answer was lost is taken for this one's (storage/_retry.py); where
+    # another's landed in between, both complete the study: the first target and settings
+    # stay, and the report's ticket is one.
     name_objective(study)
-    study.set_user_attr(attrs.TARGET, target)
+    if attrs.TARGET not in study.user_attrs:
+        study.set_user_attr(attrs.TARGET, target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else []
     _add_tickets(study, min(target, TICKET_WINDOW), first)
+    stored = study.user_attrs.get(attrs.SETTINGS)
+    if stored is not None:
+        return StudySettings.from_dict(stored), False
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(attrs.SETTINGS, settings.to_dict())
     return settings, True
@@ -204,9 +213,15 @@ def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
 
 
 def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
+    """`count` tickets, the first ones with these parameters. Those are one-off tickets
+    (TICKET_KEY): an insert repeated after a lost answer adds no second copy, and a copy that
+    a storage made anyway (redis-py repeats a command itself) is no ticket (_tickets)."""
     for i in range(count):
-        params = first[i] if i < len(first) else {}
-        study.enqueue_trial(params, skip_if_exists=False)
+        if i < len(first):
+            one_off = {TICKET_KEY: f"first-{i}"}
+            study.enqueue_trial(first[i], user_attrs=one_off, skip_if_exists=False)
+        else:
+            study.enqueue_trial({}, skip_if_exists=False)
 
 
 def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
@@ -227,14 +242,26 @@ def _tickets(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Fresh trials that hold a place in the budget, by number: not a retry, not an over-cap
     draw, and no retry of theirs over the cap (a retry copies its original's draw)."""
     over_cap_chains = {retry_of(t) for t in trials if _is_retry(t) and is_over_cap(t)}
-    return sorted(
-        (
-            t
-            for t in trials
-            if not _is_retry(t) and not is_over_cap(t) and t.number not in over_cap_chains
-        ),
-        key=lambda t: t.number,
-    )
+    fresh = sorted(filter(lambda t: not _is_retry(t), trials), key=lambda t: t.number)
+    copies = _copies(fresh)
+    return [
+        t
+        for t in fresh
+        if not is_over_cap(t) and t.number not in over_cap_chains and t.number not in copies
+    ]
+
+
+def _copies(fresh: list[FrozenTrial]) -> set[int]:
+    """Later copies of a one-off ticket (TICKET_KEY), fresh trials taken by number."""
+    seen: set[str] = set()
+    copies: set[int] = set()
+    for trial in fresh:
+        key = trial.user_attrs.get(TICKET_KEY)
+        if key in seen:
+            copies.add(trial.number)
+        elif key is not None:
+            seen.add(key)
+    return copies
 
 
 def _twins(trials: list[FrozenTrial]) -> set[int]:

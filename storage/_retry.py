@@ -7,10 +7,13 @@ held in memory that a crash during the outage would lose.
 
 A write whose answer was lost may have committed. Before it is repeated, the storage is
 asked what happened (`_settle_*`): a trial already in the state asked for was this write's;
-a retry already queued with the same history is this insert's. Other writes are safe to
-repeat as they are (attributes, reports and heartbeats set a value; a duplicate fresh ticket
-ranks past the target, search/study.py). A claim cannot be told from another worker's, so
-the heartbeat that makes a claimed trial go stale is written, and waited for, before it.
+a retry already queued with the same history, or the one-off ticket with the same key, is
+this insert's; a study of the name asked for is this creation's. On RDB, Optuna repeats a
+trial insert itself, and the keyed insert is made idempotent inside its loop
+(optuna_private.retry_insert_once). Other writes are safe to repeat as they are
+(attributes, reports and heartbeats set a value; a second plain ticket is one more ticket).
+A claim cannot be told from another worker's, so the heartbeat that makes a claimed trial go
+stale is written, and waited for, before it.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from storage.optuna_private import (
     RDB_CACHE_CALLS,
     RDB_CREATE_TRIAL,
     RDB_PREPARE_TRIAL,
-    RETRY_HISTORY_KEY,
     STALE_TRIAL_IDS,
+    insert_key,
     retry_insert_once,
+    same_insert,
 )
 
 try:
@@ -76,6 +80,11 @@ class RetryPolicy:
     first_delay_s: float = 0.5
     max_delay_s: float = 5.0
     gave_up: bool = field(default=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # `say` is a progress console's bound method in `hpo` (a lock inside, which does not
+        # pickle); a copy says its lines on stdout instead.
+        return {**self.__dict__, "say": print}
 
     def call(self, name: str, function: Callable[[], Any], on_loss: Callable[[], None]) -> Any:
         """`function()`, retried while the connection is lost, up to `limit_s`.
@@ -245,33 +254,49 @@ def _settle_state(
     return UNKNOWN
 
 
-def _same_retry(
+def _same_insert(
     storage_class: type, storage: Any, study_id: int, template: FrozenTrial | None
 ) -> FrozenTrial | None:
-    """The trial a lost insert of a retry made: the one with the template's retry history
-    (each retry carries the chain so far, so no two retries share one)."""
-    history = (template.system_attrs if template else {}).get(RETRY_HISTORY_KEY)
-    if not history:
+    """The trial a lost keyed insert made (a retry, a one-off ticket: insert_key)."""
+    key = insert_key(template)
+    if key is None:
         return None
-    for trial in storage_class.get_all_trials(storage, study_id, deepcopy=False):
-        if trial.system_attrs.get(RETRY_HISTORY_KEY) == history:
-            return trial
-    return None
+    return same_insert(storage_class.get_all_trials(storage, study_id, deepcopy=False), key)
 
 
-def _settle_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
-    made = _same_retry(storage_class, storage, study_id, template)
+# Named as Optuna names them: Study.add_trial passes `template_trial=` by keyword.
+def _settle_new_trial(
+    storage_class: type, storage: Any, study_id: int, template_trial: Any = None
+) -> Any:
+    made = _same_insert(storage_class, storage, study_id, template_trial)
     if made is None:
         return UNKNOWN
     return storage_class.get_trial_id_from_study_id_trial_number(storage, study_id, made.number)
 
 
-def _settle_rdb_new_trial(storage_class: type, storage: Any, study_id: int, template: Any = None):
-    made = _same_retry(storage_class, storage, study_id, template)
+def _settle_rdb_new_trial(
+    storage_class: type, storage: Any, study_id: int, template_trial: Any = None
+) -> Any:
+    made = _same_insert(storage_class, storage, study_id, template_trial)
     return UNKNOWN if made is None else made
 
 
+def _settle_new_study(
+    storage_class: type, storage: Any, directions: Any, study_name: str | None = None
+) -> Any:
+    """A lost creation: a study of that name now is this one's. It cannot be told from
+    another process's, made after this request was lost on its way; both then complete it,
+    which search/study.py makes safe."""
+    if study_name is None:
+        return UNKNOWN
+    try:
+        return storage_class.get_study_id_from_name(storage, study_name)
+    except KeyError:
+        return UNKNOWN
+
+
 SETTLERS: dict[str, Callable[..., Any]] = {
+    "create_new_study": _settle_new_study,
     "set_trial_state_values": _settle_state,
     "create_new_trial": _settle_new_trial,
     RDB_CREATE_TRIAL: _settle_rdb_new_trial,

@@ -31,6 +31,9 @@ RETRY_HISTORY_KEY = "retry_history"
 # This project's own system attribute, copied to a retry with the two above: the numbers of
 # the chain's trials that ended by a stop (SIGTERM, Ctrl-C), which do not use up max_retry.
 STOPS_KEY = "hpo:stopped"
+# A user attribute naming a ticket of which the study holds one only (the report's Table 1
+# ticket): an insert of it repeated after a lost answer makes no second copy.
+TICKET_KEY = "hpo:ticket"
 
 
 def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
@@ -178,25 +181,56 @@ RDB_PREPARE_TRIAL = "_get_prepared_new_trial"
 STALE_TRIAL_IDS = "_get_stale_trial_ids"
 
 
+def insert_key(template: FrozenTrial | None) -> tuple[str, object] | None:
+    """What makes a trial insert one of a kind, as (attribute, value): a retry's chain
+    history (a system attribute; each retry carries the chain so far, so no two retries share
+    one), or a one-off ticket's TICKET_KEY (a user attribute, search/study.py). None: a
+    plain ticket or trial, of which a second copy is harmless."""
+    if template is None:
+        return None
+    history = template.system_attrs.get(RETRY_HISTORY_KEY)
+    if history:
+        return RETRY_HISTORY_KEY, history
+    ticket = template.user_attrs.get(TICKET_KEY)
+    return (TICKET_KEY, ticket) if ticket is not None else None
+
+
+def same_insert(trials: list[FrozenTrial], key: tuple[str, object]) -> FrozenTrial | None:
+    """The first of these trials that an insert with this `insert_key` made."""
+    attribute, value = key
+    for trial in sorted(trials, key=lambda t: t.number):
+        attributes = trial.system_attrs if attribute == RETRY_HISTORY_KEY else trial.user_attrs
+        if attributes.get(attribute) == value:
+            return trial
+    return None
+
+
 def retry_insert_once(prepare: Callable) -> Callable:
-    """RDBStorage's trial preparation, made idempotent for retries: a retry carries its
-    chain's history, and where a trial with that history exists already (an earlier try's
-    commit whose answer was lost, or another worker's queuing of the same retry) that row is
-    returned instead of a second one. It runs under Optuna's lock on the study row, so two
-    inserts of one retry cannot both pass the check."""
+    """RDBStorage's trial preparation, made idempotent for keyed inserts (`insert_key`: a
+    retry, a one-off ticket): where a trial with the template's key exists already (an
+    earlier try's commit whose answer was lost, or another worker's queuing of the same
+    retry) that row is returned instead of a second one. It runs under Optuna's lock on the
+    study row, so two inserts with one key cannot both pass the check."""
     from optuna.storages._rdb import models
 
     def prepare_once(
         self: object, study_id: int, template: FrozenTrial | None, session: object
     ) -> object:
-        history = (template.system_attrs if template else {}).get(RETRY_HISTORY_KEY)
-        if history:
+        key = insert_key(template)
+        if key is not None:
+            attribute, value = key
+            table = (
+                models.TrialSystemAttributeModel
+                if attribute == RETRY_HISTORY_KEY
+                else models.TrialUserAttributeModel
+            )
             made = (
                 session.query(models.TrialModel)
-                .join(models.TrialSystemAttributeModel)
+                .join(table)
                 .filter(models.TrialModel.study_id == study_id)
-                .filter(models.TrialSystemAttributeModel.key == RETRY_HISTORY_KEY)
-                .filter(models.TrialSystemAttributeModel.value_json == json.dumps(history))
+                .filter(table.key == attribute)
+                .filter(table.value_json == json.dumps(value))
+                .order_by(models.TrialModel.number)
                 .first()
             )
             if made is not None:

@@ -12,11 +12,18 @@ switches its mode while workers run:
 - `lose_answer(*needles)`: once a transaction's client bytes contain every needle, forward its
   COMMIT, drop the server's reply and reset the client (the answer lost after the commit).
   These two queue one-shot rules, applied in order, beside any mode;
+- `hold(*needles)`: hold the chunk that completes the needles (a delayed packet) until
+  `release()`;
 - `blackhole()`: hold every byte and answer nothing, close nothing (a silent partition); new
   connections are accepted and get no answer;
 - `refuse()`: refuse new connections (the listener is closed), reset open ones;
 - `trickle(chunk, pause_s)`: forward, but hand the server's bytes on at `chunk` bytes per
   `pause_s` (a slow link: a large answer streams in slowly, never silent longer than that).
+
+With `redis=True` the server speaks Redis (RESP): each command is its own transaction and
+its reply is its answer, so a rule applies to the first command (an array of bulk strings)
+whose bytes contain every needle: `reset_on` resets before it reaches the server,
+`lose_answer` forwards it (the server applies it) and drops its reply.
 
 Everything runs on one event loop in a daemon thread; the methods are safe to call from the
 test's thread. Only 127.0.0.1 is used.
@@ -45,17 +52,20 @@ class _Link:
     server: asyncio.StreamWriter | None = None
     sent: bytearray = field(default_factory=bytearray)  # client bytes of this transaction
     cut_next_answer: bool = False
+    hold_this_chunk: bool = False
 
 
 @dataclass(frozen=True)
 class _Rule:
     lose_answer: bool  # else: reset before the statement reaches the server
     needles: tuple[bytes, ...]
+    hold: bool = False  # hold the chunk until release()
 
 
 class FaultProxy:
-    def __init__(self, server_port: int, seed: int = 0):
+    def __init__(self, server_port: int, seed: int = 0, redis: bool = False):
         self.server_port = server_port
+        self.redis = redis
         self.random = random.Random(seed)
         self.answers_lost = 0
         self.resets = 0
@@ -70,6 +80,8 @@ class FaultProxy:
             self.port = probe.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
+        self._released = asyncio.Event()
+        self.holding = threading.Event()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._do(self._set_flowing, True)
@@ -92,6 +104,14 @@ class FaultProxy:
 
     def lose_answer(self, *needles: bytes) -> None:
         self._do(self.rules.append, _Rule(True, needles))
+
+    def hold(self, *needles: bytes) -> None:
+        """Hold the client's chunk that completes the needles (a network that delays it) until
+        release(); `holding` is set once it is held."""
+        self._do(self.rules.append, _Rule(False, needles, hold=True))
+
+    def release(self) -> None:
+        self._do(self._released.set)
 
     def blackhole(self) -> None:
         self._do(self._switch, "blackhole", False)
@@ -210,6 +230,9 @@ class FaultProxy:
                 return
             if upstream and self._resets_here(link, data):
                 break
+            if upstream and link.hold_this_chunk:
+                link.hold_this_chunk = False
+                await self._released.wait()
             if not upstream and link.cut_next_answer:
                 self.answers_lost += 1
                 break
@@ -239,15 +262,66 @@ class FaultProxy:
         if self._mode == "random" and self.random.random() < self._rate:
             return True
         link.sent += data
+        if self.redis:
+            return self._redis_resets_here(link)
         rule = self.rules[0] if self.rules else None
         ends = COMMIT in data or ROLLBACK in data
         if rule is not None and all(needle in link.sent for needle in rule.needles):
-            if not rule.lose_answer:
+            if rule.hold:
+                self.rules.pop(0)
+                link.hold_this_chunk = True
+                self.holding.set()
+            elif not rule.lose_answer:
                 self.rules.pop(0)
                 return True
-            if COMMIT in data:
+            elif COMMIT in data:
                 self.rules.pop(0)
                 link.cut_next_answer = True
         if ends:
             link.sent.clear()
         return False
+
+    def _redis_resets_here(self, link: _Link) -> bool:
+        """The rules on the Redis commands the client's bytes complete."""
+        commands, rest = redis_commands(bytes(link.sent))
+        link.sent[:] = rest
+        for command in commands:
+            rule = self.rules[0] if self.rules else None
+            if rule is None or not all(needle in command for needle in rule.needles):
+                continue
+            self.rules.pop(0)
+            if rule.hold:
+                link.hold_this_chunk = True
+                self.holding.set()
+            elif not rule.lose_answer:
+                return True
+            else:
+                link.cut_next_answer = True
+        return False
+
+
+def redis_commands(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """The complete RESP commands at the start of `buffer`, and the bytes after them.
+
+    A client sends each command as an array of bulk strings: `*<n>\\r\\n`, then n times
+    `$<length>\\r\\n<bytes>\\r\\n` (redis-py sends nothing else)."""
+    commands, start = [], 0
+    while (end := _redis_command_end(buffer, start)) is not None:
+        commands.append(buffer[start:end])
+        start = end
+    return commands, buffer[start:]
+
+
+def _redis_command_end(buffer: bytes, at: int) -> int | None:
+    line = buffer.find(b"\r\n", at)
+    if line < 0 or buffer[at : at + 1] != b"*":
+        return None
+    count, at = int(buffer[at + 1 : line]), line + 2
+    for _ in range(count):
+        line = buffer.find(b"\r\n", at)
+        if line < 0:
+            return None
+        at = line + 2 + int(buffer[at + 1 : line]) + 2  # "$<length>", the bytes, CRLF
+        if at > len(buffer):
+            return None
+    return at

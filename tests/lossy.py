@@ -1,6 +1,12 @@
 """A real SQLite storage that loses answers: the write commits, then the call raises as a
 connection dropped before its reply would. Fault injection for the retrying storages
-(storage/_retry.py), at function level; the suite's TCP proxy does the same on a server."""
+(storage/_retry.py), at function level; the suite's TCP proxy does the same on a server.
+
+A trial insert's answer is lost where a server's is: at the commit inside Optuna's own
+insert loop (RDBStorage._create_new_trial tries five times), so the loop repeats the insert
+and optuna_private.retry_insert_once is what must hold. OUTSIDE_THE_LOOP loses it after the
+loop instead, as when all its tries fail, which the retrying storage's settle step answers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
+import sqlalchemy.orm
 from optuna.trial import TrialState
 
 from storage import HeartbeatPolicy, RetryPolicy
@@ -18,6 +25,7 @@ from storage._retry import with_retries
 
 # The writes whose answers a worker may lose (Optuna's cache inserts with _create_new_trial).
 WRITES = (
+    "create_new_study",
     "set_trial_state_values",
     "_create_new_trial",
     "set_study_user_attr",
@@ -25,6 +33,8 @@ WRITES = (
     "set_trial_system_attr",
     "record_heartbeat",
 )
+# A loss of _create_new_trial's answer after Optuna's insert loop (`lose(OUTSIDE_THE_LOOP)`).
+OUTSIDE_THE_LOOP = "_create_new_trial after its loop"
 # Heartbeats never go stale by the clock in these tests: age_heartbeats makes them stale.
 GRACE_S = 3600
 
@@ -45,6 +55,11 @@ class LossySQLiteStorage(SQLiteStorage):
         self.to_lose: list[tuple[str, TrialState | None]] = []
         self.to_refuse: list[tuple[str, TrialState | None]] = []
         self.lost: list[tuple[str, TrialState | None]] = []
+        self.lose_next_commit = False
+        sessions = sqlalchemy.orm.sessionmaker(
+            bind=self.engine, class_=_CommitLosingSession, info={"lossy": self}
+        )
+        self.scoped_session = sqlalchemy.orm.scoped_session(sessions)
 
     def lose(self, name: str, state: TrialState | None = None, before: bool = False) -> None:
         (self.to_refuse if before else self.to_lose).append((name, state))
@@ -57,6 +72,17 @@ class LossySQLiteStorage(SQLiteStorage):
         return False
 
 
+class _CommitLosingSession(sqlalchemy.orm.Session):
+    """Optuna's sessions on the lossy storage: a commit that lands, then raises once asked."""
+
+    def commit(self) -> None:
+        super().commit()
+        lossy = self.info["lossy"]
+        if lossy.lose_next_commit:
+            lossy.lose_next_commit = False
+            raise lost_answer()
+
+
 def _losing(name: str) -> Callable[..., Any]:
     write = getattr(SQLiteStorage, name)
 
@@ -66,8 +92,11 @@ def _losing(name: str) -> Callable[..., Any]:
             state = kwargs.get("state", args[1] if len(args) > 1 else None)
         if self.take(self.to_refuse, name, state):
             raise lost_answer()
+        if name == "_create_new_trial" and self.take(self.to_lose, name, state):
+            self.lose_next_commit = True  # inside Optuna's insert loop
         result = write(self, *args, **kwargs)
-        if self.take(self.to_lose, name, state):
+        after = OUTSIDE_THE_LOOP if name == "_create_new_trial" else name
+        if self.take(self.to_lose, after, state):
             raise lost_answer()
         return result
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from lossy import age_heartbeats, forget_losses, lossy_storage
+from lossy import OUTSIDE_THE_LOOP, age_heartbeats, forget_losses, lossy_storage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.cost import is_over_cap, refuse_over_cap
@@ -51,7 +51,9 @@ LOSSES = [
     ("set_trial_state_values", TrialState.COMPLETE),
     ("set_trial_state_values", TrialState.PRUNED),
     ("set_trial_state_values", TrialState.FAIL),
-    ("_create_new_trial", None),
+    # After Optuna's insert loop: inside it, each loss costs the loop's random sleep (up to
+    # 2 s); tests/test_lost_answers.py loses a commit inside it.
+    (OUTSIDE_THE_LOOP, None),
     ("set_study_user_attr", None),
     ("set_trial_system_attr", None),
 ]
@@ -195,7 +197,10 @@ class BudgetMachine(RuleBasedStateMachine):
     def never_more_than_n_and_one_live_member_per_chain(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
         state = budget(self.study)
-        assert state.finished + state.running + state.waiting == state.target
+        # Counted from the storage here, not by budget(): each chain's latest finished
+        # member, and every running trial (a worker never runs a trial outside the budget).
+        assert state.finished == len(finished_chains(trials))
+        assert state.running == sum(t.state == TrialState.RUNNING for t in trials)
         assert 0 <= state.finished <= state.target and state.waiting >= 0
         ended = [
             t

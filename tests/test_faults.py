@@ -5,6 +5,7 @@ After each: exactly N finished."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import tempfile
@@ -17,14 +18,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import optuna
 import pytest
+import sqlalchemy
 from faultproxy import FaultProxy
-from servers import OwnMariaDB, OwnPostgres, OwnServer
+from rich.console import Console
+from servers import OwnMariaDB, OwnPostgres, OwnRedis, OwnServer
 from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
 from test_workers import MICRO_SPACE
 
-from search.launch import StudyRequest, create_study
+import search.study
+from search.launch import StudyRequest, create_study, stored_settings
 from search.progress import SearchProgress
-from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage
+from search.space import load_space, report_table1_params, sample_config
+from search.study import budget, claim_trial, fail_stale_trials, queue_owed_retries
+from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage, optuna_private
 from storage._network import server_engine_kwargs, with_redis_timeouts
 
 TRIALS = 3
@@ -350,3 +356,205 @@ def test_a_retry_insert_whose_answer_is_lost(
     assert proxy.answers_lost == 1
     assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
     assert_study_done(study, 2)
+
+
+# Creating a study: through the proxy, in this process (nothing to train).
+STUDY_INSERT = (b"INSERT INTO studies",)
+REPORT_TICKET_INSERT = (b"INSERT INTO trials", b"backbones")  # the Table 1 run's parameters
+
+
+def create_through(proxy: FaultProxy, server: OwnServer, space: str | None) -> tuple:
+    """`hpo start`'s creation of a study of 3 trials, through the proxy, waiting out losses."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    request = StudyRequest(study=name, trials=3, storage=via(proxy, server), space=space)
+    quiet = SearchProgress(Console(file=io.StringIO()))
+    settings = create_study(request, quiet, RetryPolicy(limit_s=60, say=lambda _: None))
+    return name, settings, optuna.load_study(study_name=name, storage=open_storage(server.url))
+
+
+def test_a_study_creation_whose_answer_is_lost(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the repeat took the study for another's, waited for its settings and failed,
+    and so did every later start ("was not created by hpo")."""
+    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    proxy.lose_answer(*STUDY_INSERT)
+    space = tmp_path / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    name, settings, study = create_through(proxy, postgres, str(space))
+    assert proxy.answers_lost == 1
+    assert stored_settings(name, postgres.url) == settings  # what every later start reads
+    assert budget(study).target == 3 and len(study.get_trials()) == 3
+    while (trial := claim_trial(study)) is not None:
+        study.tell(trial, 1.0)
+    assert_study_done(study, 3)
+
+
+def test_a_lost_insert_of_the_report_ticket_is_one_ticket(
+    postgres: OwnPostgres, proxy: FaultProxy
+) -> None:
+    """Optuna's own insert loop repeats it (RDBStorage._create_new_trial). Before: trials 0
+    and 1 were both the report's Table 1 run, and both counted."""
+    proxy.lose_answer(*REPORT_TICKET_INSERT)
+    name, settings, study = create_through(proxy, postgres, None)  # the default space
+    assert proxy.answers_lost == 1
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:  # each samples, as the objective does
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    assert_study_done(study, 3)
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in finished if t.params == report_table1_params()] == [0]
+
+
+# Redis (the journal storage on a redis-server of the module's own), through the same proxy
+# reading Redis commands: each journal entry is one EVAL whose argument is the entry's JSON.
+REDIS_COMPLETE = (b"EVAL", b'"op_code": 6', b'"state": 1')  # a trial set COMPLETE
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[OwnRedis]:
+    yield from running(OwnRedis)
+
+
+@pytest.fixture
+def redis_proxy(own_redis: OwnRedis, request: pytest.FixtureRequest) -> Iterator[FaultProxy]:
+    with FaultProxy(own_redis.port, seed=sum(request.node.name.encode()), redis=True) as faults:
+        yield faults
+
+
+def test_random_resets_for_a_whole_study_on_redis(
+    own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(own_redis, tmp_path)
+    redis_proxy.random_resets(0.02)
+    finish(workers(hpo_env, tmp_path, via(redis_proxy, own_redis), name, 2), tmp_path, [0, 0])
+    assert redis_proxy.resets > 0
+    assert_study_done(study, TRIALS)
+    assert_each_failure_retried_once(study)
+
+
+def test_a_tell_whose_answer_is_lost_on_redis(
+    own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    """The server applied the entry; redis-py or the worker sends it again."""
+    name, study = new_study(own_redis, tmp_path, epochs=1, trials=2)
+    redis_proxy.lose_answer(*REDIS_COMPLETE)
+    one = workers(hpo_env, tmp_path, via(redis_proxy, own_redis), name, 1)
+    output = finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)[0]
+    assert redis_proxy.answers_lost == 1
+    assert "re-queued by another worker" not in output, output  # it is COMPLETE
+    assert_study_done(study, 2)
+    assert_each_failure_retried_once(study)
+
+
+def test_a_short_blackhole_is_ridden_out_on_redis(
+    own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(own_redis, tmp_path, epochs=MID_TRIAL_EPOCHS)
+    url = via(redis_proxy, own_redis)
+    running = workers(short_bounds(hpo_env), tmp_path, url, name, 2, "--storage-retry-s", "60")
+    wait_for_running(study, count=2)
+    redis_proxy.blackhole()
+    time.sleep(2 * SHORT_BOUNDS.call_s)  # the outage itself, not a wait for a process
+    redis_proxy.passing()
+    outputs = finish(running, tmp_path, [0, 0])
+    assert any("storage reachable again" in output for output in outputs), outputs
+    assert_study_done(study, TRIALS)
+    assert_each_failure_retried_once(study)
+
+
+def test_a_lost_insert_of_the_report_ticket_is_one_ticket_on_redis(
+    own_redis: OwnRedis, redis_proxy: FaultProxy
+) -> None:
+    """The retrying storage repeats it: it first asks the journal for the ticket's key."""
+    redis_proxy.lose_answer(b"EVAL", b'"op_code": 4', b"backbones")  # its CREATE_TRIAL entry
+    name, settings, study = create_through(redis_proxy, own_redis, None)
+    assert redis_proxy.answers_lost == 1
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    assert_study_done(study, 3)
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in finished if t.params == report_table1_params()] == [0]
+
+
+def test_twins_arise_on_redis_and_only_the_first_runs(
+    own_redis: OwnRedis, redis_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Two workers queue one retry at once: B fails a stale trial and reads no retry of it,
+    and its insert of the retry is delayed in the network while A queues the same retry.
+    The journal has no lock to refuse the second (RDB's keyed insert does: no twin there),
+    so twins arise; only the first counts or runs (search/study.py, _twins)."""
+    name, study = new_study(own_redis, tmp_path, epochs=1, trials=2)
+    retry, heartbeat = RetryPolicy(limit_s=60, say=lambda _: None), HeartbeatPolicy(interval_s=1)
+    a, b = (
+        optuna.load_study(study_name=name, storage=open_storage(url, heartbeat, retry=retry))
+        for url in (own_redis.url, via(redis_proxy, own_redis))
+    )
+    crashed = one_stale_study_trial(a)
+    redis_proxy.hold(b"EVAL", b'"op_code": 4', b"retry_history")  # B's insert of the retry
+    failing = threading.Thread(target=fail_stale_trials, args=(b,))
+    failing.start()
+    assert redis_proxy.holding.wait(timeout=30)
+    queue_owed_retries(a)  # A sees the FAIL and no retry: it queues one
+    redis_proxy.release()
+    failing.join(timeout=30)
+    retries = [t for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert len(retries) == 2  # twins
+    while (trial := claim_trial(a)) is not None:
+        a.tell(trial, 1.0)
+    assert_study_done(study, 2)
+    states = [t.state for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING]
+
+
+def test_two_workers_queue_one_retry_at_once_on_postgresql_and_make_one(
+    postgres: OwnPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The same race on PostgreSQL: B's insert holds the study's lock while the network
+    delays it, A's waits for the lock, and then finds B's retry (retry_insert_once)."""
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    retry, heartbeat = RetryPolicy(limit_s=60, say=lambda _: None), HeartbeatPolicy(interval_s=1)
+    a, b = (
+        optuna.load_study(study_name=name, storage=open_storage(url, heartbeat, retry=retry))
+        for url in (postgres.url, via(proxy, postgres))
+    )
+    crashed = one_stale_study_trial(a)
+    proxy.hold(b"FOR UPDATE", b"retry_history")  # B's insert of the retry, under the lock
+    failing = threading.Thread(target=fail_stale_trials, args=(b,))
+    failing.start()
+    assert proxy.holding.wait(timeout=30)
+    queuing = threading.Thread(target=queue_owed_retries, args=(a,))
+    queuing.start()
+    wait_for_a_lock_wait(postgres)  # A's insert waits for B's lock on the study
+    proxy.release()
+    failing.join(timeout=30)
+    queuing.join(timeout=30)
+    retries = [t for t in study.get_trials() if optuna_private.retry_of(t) == crashed.number]
+    assert len(retries) == 1
+    while (trial := claim_trial(a)) is not None:
+        a.tell(trial, 1.0)
+    assert_study_done(study, 2)
+
+
+def one_stale_study_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """A claimed trial whose worker beat once and died: stale after the 2 s grace."""
+    crashed = claim_trial(study)
+    with optuna_private.heartbeat(study, crashed):
+        pass
+    deadline = time.monotonic() + 30
+    while not optuna_private.stale_trial_numbers(study, 1, 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return study.trials[crashed.number]
+
+
+def wait_for_a_lock_wait(postgres: OwnPostgres) -> None:
+    engine = sqlalchemy.create_engine(postgres.url)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 30
+    with engine.connect() as connection:
+        while not connection.exec_driver_sql(query).scalar() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    engine.dispose()

@@ -6,6 +6,8 @@ The storage is a real SQLite file whose chosen writes lose their answer once (te
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import pickle
 import sqlite3
 from pathlib import Path
@@ -13,17 +15,30 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.event
-from lossy import age_heartbeats, forget_losses, lossy_storage, lost_answer
+from lossy import OUTSIDE_THE_LOOP, age_heartbeats, forget_losses, lossy_storage, lost_answer
 from optuna.trial import TrialState
 from rich.console import Console
+from servers import SERVERS, server_url
 
+import search.study
 from search import attrs
-from search.launch import StudyRequest
+from search.fleet import WorkerOptions
+from search.launch import StudyRequest, startup_retry
+from search.progress import SearchProgress
+from search.space import load_space, report_table1_params, sample_config
 from search.status import study_table
-from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
+from search.study import (
+    budget,
+    claim_trial,
+    create_or_join,
+    fail_stale_trials,
+    join,
+    load_settings,
+    move_target,
+)
 from search.training.objective import TrialInterrupted
 from search.training.worker import run_trial
-from storage import RetryPolicy, StorageUnavailable, open_storage, optuna_private
+from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
@@ -57,16 +72,82 @@ def run_to_the_end(study: optuna.Study) -> None:
         study.tell(trial, 1.0)
 
 
-def test_a_retry_insert_whose_answer_is_lost_makes_one_retry(tmp_path: Path) -> None:
+# Inside Optuna's insert loop (what a server's lost commit is), and after it (all tries lost).
+@pytest.mark.parametrize("where", ["_create_new_trial", OUTSIDE_THE_LOOP])
+def test_a_retry_insert_whose_answer_is_lost_makes_one_retry(where: str, tmp_path: Path) -> None:
     study = lossy_study(tmp_path / "l.db", target=2)
     crash(study, claim_trial(study), tmp_path / "l.db")
-    lossy(study).lose("_create_new_trial")
+    lossy(study).lose(where)
     fail_stale_trials(study)
-    assert lossy(study).lost == [("_create_new_trial", None)]
+    assert lossy(study).lost == [(where, None)]
     assert len(retries_of(study, 0)) == 1
     run_to_the_end(study)
     assert budget(study).finished == 2
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2
+
+
+def test_a_study_creation_whose_answer_is_lost_is_this_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the repeat found the study, took it for another's, waited for its settings
+    and failed; so did every later start."""
+    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    storage = lossy_storage(tmp_path / "l.db")
+    storage.lose("create_new_study")
+    settings = StudyRequest(study="s", trials=3, storage="", space="tiny").new_settings()
+    assert create_or_join(storage, "s", settings, 3) == (settings, True)
+    assert storage.lost == [("create_new_study", None)]
+    assert load_settings(storage, "s") == settings  # what a later start reads
+    study = join(storage, "s")
+    assert budget(study).target == 3 and len(study.get_trials()) == 3
+    run_to_the_end(study)
+    assert budget(study).done
+
+
+def test_a_creation_lost_while_another_process_creates_the_study_joins_it(
+    tmp_path: Path,
+) -> None:
+    """This creation's request was lost (nothing written), and another `hpo start` created
+    the study before the repeat: that study is taken for this one's, and completing it keeps
+    the other's target and settings."""
+    path, made = tmp_path / "l.db", []
+    theirs = StudyRequest(study="s", trials=5, storage="", space="tiny", epochs=3)
+
+    def meanwhile(_: str) -> None:  # said while this creation waits out its lost connection
+        if not made:
+            made.append(create_or_join(lossy_storage(path), "s", theirs.new_settings(), 5))
+
+    storage = lossy_storage(path, say=meanwhile)
+    storage.lose("create_new_study", before=True)
+    ours = StudyRequest(study="s", trials=2, storage="", space="tiny", epochs=1).new_settings()
+    assert create_or_join(storage, "s", ours, 2) == (theirs.new_settings(), False)
+    assert made[0][1]  # the other one created it
+    study = join(storage, "s")
+    assert budget(study).target == 5
+    assert load_settings(storage, "s") == theirs.new_settings()
+
+
+def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
+    table1 = report_table1_params()
+    return [t.number for t in trials if t.params == table1]
+
+
+@pytest.mark.parametrize("where", ["_create_new_trial", OUTSIDE_THE_LOOP])
+def test_a_lost_insert_of_the_report_ticket_makes_one(where: str, tmp_path: Path) -> None:
+    """The study's first ticket is the report's Table 1 run: repeated after a lost answer,
+    it is still one ticket. Before: `counted` held trials 0 and 1, both the report's."""
+    storage = lossy_storage(tmp_path / "l.db")
+    storage.lose(where)  # the first insert of the creation: the report's ticket
+    settings = StudyRequest(study="s", trials=3, storage="").new_settings()  # default space
+    create_or_join(storage, "s", settings, 3)
+    assert storage.lost == [(where, None)]
+    study = join(storage, "s")
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:  # each samples, as the objective does
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(finished) == 3 and report_configs(finished) == [0]
 
 
 def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path) -> None:
@@ -173,10 +254,16 @@ def test_past_the_limit_the_policy_gives_up_once_not_per_call() -> None:
     assert policy.call("get_trial", lambda: 3, lambda: None) == 3 and not policy.gave_up
 
 
-@pytest.mark.parametrize("url", ["sqlite:///{}/p.db", "journal://{}/p.log"])
-def test_retrying_storages_pickle(url: str, tmp_path: Path) -> None:
-    storage = open_storage(url.format(tmp_path), retry=RetryPolicy())
+@pytest.mark.parametrize("url", ["sqlite:///{}/p.db", "journal://{}/p.log", "postgresql", "redis"])
+def test_the_storages_hpo_opens_pickle(url: str, tmp_path: Path) -> None:
+    """Opened as a worker opens them: heartbeats, and the retry policy that says its lines
+    on the search's progress console (before: its lock did not pickle)."""
+    url = server_url(url) if url in SERVERS else url.format(tmp_path)
+    progress = SearchProgress(Console(file=io.StringIO()))
+    retry = startup_retry(WorkerOptions(storage_retry_s=5), progress)
+    storage = open_storage(url, HeartbeatPolicy(interval_s=1), retry=retry)
     copy = pickle.loads(pickle.dumps(storage))
+    assert copy._retry == dataclasses.replace(retry, say=print)  # the copy prints its lines
     study = optuna.create_study(storage=copy)
     study.tell(study.ask(), 1.0)
     assert optuna.load_study(study_name=study.study_name, storage=storage).best_value == 1.0

@@ -185,3 +185,18 @@ def test_a_retry_inserted_twice_is_one_trial(tmp_path: Path) -> None:
     assert [t.number for t in study.get_trials()] == [failed.number, 1]
     # A fresh trial (no history) is never taken for another.
     assert storage.create_new_trial(study_id) != first
+
+
+def test_a_one_off_ticket_inserted_twice_is_one_trial(tmp_path: Path) -> None:
+    """A ticket with TICKET_KEY (the report's Table 1 run) is keyed like a retry."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", retry=RetryPolicy(limit_s=1))
+    study = optuna.create_study(storage=storage)
+    ticket = optuna.trial.create_trial(
+        state=TrialState.WAITING, user_attrs={optuna_private.TICKET_KEY: "first-0"}
+    )
+    first = storage.create_new_trial(study._study_id, template_trial=ticket)
+    assert storage.create_new_trial(study._study_id, template_trial=ticket) == first
+    key = (optuna_private.TICKET_KEY, "first-0")
+    assert optuna_private.same_insert(study.get_trials(), key).number == 0
+    plain = optuna.trial.create_trial(state=TrialState.WAITING)
+    assert storage.create_new_trial(study._study_id, template_trial=plain) != first
