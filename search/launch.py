@@ -80,7 +80,7 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
-    from data import dataset_folder  # a trial's data: only once a search really starts
+    from data.dataset import dataset_folder  # a trial's data: only once a search really starts
 
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
@@ -192,7 +192,8 @@ def run_local_worker(
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
-    from data import load_dataset, search_data
+    from data.dataset import load_dataset
+    from data.loader import search_data
     from search.artifacts import artifact_dir
     from search.training.checkpoints import CheckpointStore
     from search.training.compile_policy import share_compile_caches

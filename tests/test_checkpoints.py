@@ -14,7 +14,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search.settings import StudySettings
 from search.training.checkpoints import CheckpointStore, to_host
 from search.training.objective import TrialInterrupted, TrialRunner, WorkerInfo

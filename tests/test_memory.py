@@ -16,7 +16,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search import attrs
 from search.settings import StudySettings
 from search.space import TINY_SPACE

@@ -10,7 +10,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search import attrs
 from search.launch import StudyRequest
 from search.pruners import build_pruner, next_rung

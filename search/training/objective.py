@@ -14,8 +14,8 @@ import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 
-from data import RunData
-from model import count_parameters
+from data.loader import RunData
+from model.counts import count_parameters
 from search import attrs
 from search.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
