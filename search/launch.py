@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import optuna
 
 from search.cost import cost_lines
-from search.fleet import WorkerOptions, gpu_names, parse_gpus, plan_slots, run_fleet
+from search.fleet import (
+    WorkerOptions,
+    gpu_names,
+    parse_gpus,
+    plan_slots,
+    run_fleet,
+    worker_gpu,
+)
 from search.progress import SearchProgress, best_summary
 from search.settings import StudySettings
 from search.study import (
@@ -208,7 +215,7 @@ def run_local_worker(
     # Heartbeats on every storage, so a dead worker's trial is failed and retried.
     storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, worker.name)
-    progress.say(f"worker {worker.name} joined study {study_name!r}")
+    progress.say(f"worker {worker.name} joined study {study_name!r}{unseen_gpus_note(worker)}")
     state = budget(study)
     if state.done and state.running == 0:
         progress.say(
@@ -254,15 +261,21 @@ def run_local_worker(
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:
-    import torch
-
     from search.training.objective import WorkerInfo
 
     host = socket.gethostname()
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")
+    gpu = worker_gpu()
     suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"
     device = "cpu" if gpu == "cpu" else f"gpu{gpu}"
     return WorkerInfo(name=f"{host}/{device}/{suffix}", host=host, gpu=gpu)
+
+
+def unseen_gpus_note(worker: WorkerInfo) -> str:
+    """Where CUDA_VISIBLE_DEVICES names GPUs that CUDA cannot see, say so beside the name."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f" (CUDA_VISIBLE_DEVICES={given}: no GPU visible)" if given and worker.gpu == "cpu" else ""
+    )
 
 
 def install_stop_handlers(progress: SearchProgress) -> threading.Event:

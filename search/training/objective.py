@@ -38,7 +38,7 @@ class TrialInterrupted(Exception):
 class WorkerInfo:
     name: str  # unique per worker process, seeds its sampler
     host: str
-    gpu: str  # CUDA_VISIBLE_DEVICES of the worker, or "cpu"
+    gpu: str  # the GPU it trains on, by its CUDA_VISIBLE_DEVICES name (fleet.worker_gpu), or "cpu"
 
 
 @dataclass
