@@ -256,3 +256,12 @@ class _OneMemberPerChain:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._bracket, name)
+
+
+def is_running(trial: optuna.Trial) -> bool:
+    """Whether the trial is still RUNNING in the storage, read now: another worker may have
+    failed it as stale (and queued its retry) since this worker claimed it.
+
+    Missing API: a Trial's state is not public, and its frozen copy is cached.
+    """
+    return trial.storage.get_trial(trial._trial_id).state == TrialState.RUNNING

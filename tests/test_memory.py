@@ -84,7 +84,7 @@ def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     first, second = trials[0], trials[1]
     assert first.state == second.state == TrialState.FAIL
     assert retry_of[0].params == first.params and retry_of[0].state == TrialState.FAIL
-    assert retry_of[0].user_attrs[attrs.OUT_OF_MEMORY] == 2
+    assert retry_of[0].user_attrs[attrs.OUT_OF_MEMORY] == [0, retry_of[0].number]
     assert retry_of[0].number not in retry_of  # failed for good: not retried again
     assert retry_of[1].params == second.params and retry_of[1].state == TrialState.COMPLETE
     assert len(trials) == 4
