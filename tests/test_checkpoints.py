@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from data.dataset import load_dataset
@@ -83,6 +84,30 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
     store.discard(retry)
     study.tell(retry, state=TrialState.FAIL)
     assert checkpoint_files(tmp_path) == []
+
+
+def test_a_taken_over_copy_neither_deletes_nor_rewrites_the_chains_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Worker X's trial went stale (a long outage, a paused VM); another worker failed it and
+    # queued its retry, which inherits the record of X's file.
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    store = CheckpointStore(tmp_path / "artifacts")
+    late = study.ask()
+    store.save(late, {"epoch": 2})
+    queue_retry(study, study.tell(late, state=TrialState.FAIL))
+    # X's copy (RUNNING, as it knows it) then fails, a CUDA error say, and discards its file.
+    with pytest.raises(UpdateFinishedTrialError):
+        store.discard(late)
+    retry = study.ask()
+    assert store.load(retry)["epoch"] == 2  # the retry resumes where X's copy left it
+    store.save(retry, {"epoch": 3})  # its own: the inherited file goes
+    # X's late checkpoint write does not bring the removed file back.
+    with pytest.raises(UpdateFinishedTrialError):
+        store.save(late, {"epoch": 3})
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        retry.user_attrs["checkpoint"]["artifact_id"]
+    ]
 
 
 def checkpoint_files(tmp_path: Path) -> list[Path]:
