@@ -59,9 +59,7 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
 ) -> None:
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     store = CheckpointStore(tmp_path / "artifacts")
-    crashed = study.ask()
-    store.save(crashed, {"epoch": 2})
-    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
+    checkpointed_then_failed(study, store, epoch=2)
     retry = study.ask()
     inherited = retry.user_attrs["checkpoint"]["artifact_id"]
     store.save(retry, {"epoch": 3})  # its own: nothing resumes from the crashed trial's now
@@ -77,9 +75,7 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
     assert json.loads(pruned.system_attrs[f"artifacts:{inherited}"]) is None
 
     # A retry that ends before its own first save takes the inherited file with it.
-    crashed = study.ask()
-    store.save(crashed, {"epoch": 1})
-    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
+    checkpointed_then_failed(study, store, epoch=1)
     retry = study.ask()
     store.discard(retry)
     study.tell(retry, state=TrialState.FAIL)
@@ -93,9 +89,7 @@ def test_a_taken_over_copy_neither_deletes_nor_rewrites_the_chains_checkpoint(
     # queued its retry, which inherits the record of X's file.
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     store = CheckpointStore(tmp_path / "artifacts")
-    late = study.ask()
-    store.save(late, {"epoch": 2})
-    queue_retry(study, study.tell(late, state=TrialState.FAIL))
+    late = checkpointed_then_failed(study, store, epoch=2)
     # X's copy (RUNNING, as it knows it) then fails, a CUDA error say, and discards its file.
     with pytest.raises(UpdateFinishedTrialError):
         store.discard(late)
@@ -108,6 +102,15 @@ def test_a_taken_over_copy_neither_deletes_nor_rewrites_the_chains_checkpoint(
     assert [p.name for p in checkpoint_files(tmp_path)] == [
         retry.user_attrs["checkpoint"]["artifact_id"]
     ]
+
+
+def checkpointed_then_failed(study: optuna.Study, store: CheckpointStore, epoch: int) -> Any:
+    """A trial that checkpointed `epoch`, then failed as a crash does, its retry queued; the
+    Trial as its worker holds it (RUNNING, as far as that worker knows)."""
+    trial = study.ask()
+    store.save(trial, {"epoch": epoch})
+    queue_retry(study, study.tell(trial, state=TrialState.FAIL))
+    return trial
 
 
 def checkpoint_files(tmp_path: Path) -> list[Path]:

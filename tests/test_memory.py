@@ -21,7 +21,6 @@ from data.dataset import load_dataset
 from data.loader import search_data
 from search import attrs
 from search.settings import StudySettings
-from search.space import TINY_SPACE
 from search.study import claim_trial, create_or_join, join_as_worker, queue_owed_retries
 from search.training.checkpoints import CheckpointStore
 from search.training.objective import TrialRunner, WorkerInfo
@@ -60,22 +59,8 @@ class OutOfMemoryRunner(TrialRunner):
 def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    settings = StudySettings(
-        space=TINY_SPACE.to_dict(), space_name="tiny", epochs=1, dataset="synthetic", pruner="none"
-    )
-    storage = open_storage(f"sqlite:///{tmp_path / 'oom.db'}")
-    create_or_join(storage, "oom", settings, 2)
-    study = join_as_worker(storage, "oom", settings, "worker")
-    recipe = DeviceRecipe.for_device("cpu")
-    runner = OutOfMemoryRunner(
-        settings=settings,
-        data=search_data(load_dataset("synthetic", data_dir), recipe.device),
-        recipe=recipe,
-        worker=WorkerInfo(name="worker", host="host", gpu="cpu"),
-        compile_mode="off",
-        # Trial 0 and its retry run out; so does trial 1, whose retry then completes.
-        oom_calls={1, 2, 3},
-    )
+    # Trial 0 and its retry run out; so does trial 1, whose retry then completes.
+    study, runner = _small_worker(data_dir, tmp_path, 2, 1, oom_calls={1, 2, 3})
     said: list[str] = []
     run_worker(study, runner, threading.Event(), say=said.append)
 
