@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from contextlib import suppress
@@ -18,9 +19,10 @@ from optuna.trial import TrialState
 from data.dataset import load_dataset
 from data.loader import search_data
 from search.settings import StudySettings
+from search.training import objective
 from search.training.checkpoints import CheckpointStore, to_host
 from search.training.objective import TrialInterrupted, TrialRunner, WorkerInfo
-from search.training.trainer import DeviceRecipe
+from search.training.trainer import DeviceRecipe, DivergedError
 from storage import open_storage, queue_retry
 
 
@@ -200,3 +202,21 @@ def test_the_host_copy_shares_nothing_with_the_training_state() -> None:
     history.append({"epoch": 2})
     assert torch.equal(copy["model"]["w"], torch.zeros(3))
     assert copy["history"] == [{"epoch": 1}] and isinstance(copy["rng"], tuple)
+
+
+def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Told as its value, Optuna would fail the trial with no reason: a crash, retried.
+    record = objective.epoch_record
+    monkeypatch.setattr(
+        objective,
+        "epoch_record",
+        lambda stats: (
+            {**record(stats), "val_loss": math.nan} if stats.epoch == 3 else record(stats)
+        ),
+    )
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    with pytest.raises(DivergedError, match="validation loss is nan after the last epoch"):
+        run_one_trial(tmp_path, data_dir, interval_s=0, trial=study.ask())
+    assert checkpoint_files(tmp_path) == []
