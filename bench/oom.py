@@ -28,7 +28,9 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 import search.training.worker  # noqa: E402
-from data import load_dataset, search_data, write_synthetic  # noqa: E402
+from data.dataset import load_dataset  # noqa: E402
+from data.loader import search_data
+from data.synthetic import write_synthetic
 from search import attrs, memory  # noqa: E402
 from search.settings import StudySettings  # noqa: E402
 from search.study import create_or_join, join_as_worker  # noqa: E402

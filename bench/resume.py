@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
-from data import AugmentConfig, load_dataset, search_data, write_synthetic
-from model import REPORT_TABLE1, ModelConfig
+from data.augment_config import AugmentConfig
+from data.dataset import load_dataset
+from data.loader import search_data
+from data.synthetic import write_synthetic
+from model.config import REPORT_TABLE1, ModelConfig
 from search.config import TrainConfig, TrialConfig
 from search.training.run import start_run
 from search.training.trainer import DeviceRecipe

@@ -52,8 +52,8 @@ import search.training.checkpoints  # noqa: E402
 import search.training.objective  # noqa: E402
 import search.training.trainer  # noqa: E402
 import search.training.worker  # noqa: E402
-from data import load_dataset, write_synthetic  # noqa: E402
-from data.synthetic import synthetic_folder  # noqa: E402
+from data.dataset import load_dataset  # noqa: E402
+from data.synthetic import synthetic_folder, write_synthetic  # noqa: E402
 from search.fleet import WorkerOptions  # noqa: E402
 from search.progress import SearchProgress  # noqa: E402
 

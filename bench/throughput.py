@@ -44,17 +44,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    AugmentConfig,
-    ImageSet,
-    load_dataset,
-    search_data,
-    stratified_split,
-)
+from data.augment_config import AugmentConfig
+from data.batches import ImageSet
+from data.dataset import load_dataset
+from data.loader import CIFAR10_MEAN, CIFAR10_STD, search_data
+from data.split import stratified_split
 from data.synthetic import synthetic_folder, write_synthetic
-from model import REPORT_TABLE1, ModelConfig, build_model, train_step_flops
+from model.config import REPORT_TABLE1, ModelConfig
+from model.counts import train_step_flops
+from model.network import build_model
 from search.config import TrainConfig
 from search.training.trainer import DeviceRecipe, Trainer
 

@@ -26,7 +26,9 @@ IMAGES_PER_S = "images_per_s"
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
-OUT_OF_MEMORY = "out_of_memory"  # times its parameters ran out of memory (a retry inherits it)
+# Numbers of the chain's trials that ran out of device memory (a retry inherits the list).
+OUT_OF_MEMORY = "out_of_memory_trials"
+OUT_OF_MEMORY_PREFIX = "OutOfMemoryError: "  # such a FAIL_REASON: retried once, at its params
 STOPPED_PREFIX = "interrupted: "  # such a FAIL_REASON: a stop, re-queued, not a failure
 GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
 OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget

@@ -17,8 +17,9 @@ import optuna
 import typer
 from rich.console import Console
 
-from data import DATASETS, DatasetMissingError, default_data_dir, download_cifar10
-from model import ModelConfigError
+from data.cifar import DatasetMissingError, default_data_dir, download_cifar10
+from data.dataset import DATASETS
+from model.config import ModelConfigError
 from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.artifacts import artifact_dir as resolve_artifact_dir
 from search.compare import CompareRequest, run_compare

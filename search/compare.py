@@ -92,7 +92,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     entries = [*top, report_entry(study, request.storage, settings, epochs)]
     # The training plane (torch) loads once the study is found: its table and a user's
     # mistakes need none.
-    from data import load_dataset
+    from data.dataset import load_dataset
     from search.training.final import make_output_dir, seed_devices, train_seeds
     from search.training.objective import describe_architecture
 

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from data import AugmentConfig
-from model import ModelConfig
+from data.augment_config import AugmentConfig
+from model.config import ModelConfig
 
 # Epochs of a trial (and of a config that names none).
 DEFAULT_EPOCHS = 20

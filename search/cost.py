@@ -24,7 +24,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from model import REPORT_TABLE1, ModelConfig, train_flops_per_image
+from model.config import REPORT_TABLE1, ModelConfig
+from model.flops import train_flops_per_image
 from search import attrs
 from search.config import TrainConfig, TrialConfig
 from search.settings import StudySettings
@@ -33,7 +34,7 @@ from search.space import SearchSpace, sample_config
 if TYPE_CHECKING:
     import torch
 
-    from model import BackboneNet
+    from model.network import BackboneNet
 
 TABLE1_GFLOPS = train_flops_per_image(REPORT_TABLE1) / 1e9
 # Images a search epoch trains on: the training set less the 10% validation split
@@ -140,7 +141,7 @@ def probe_flops_per_s(
     pays cuDNN's kernel choice. Small networks reach less of the device: a lower bound."""
     import torch  # the probe trains: the one part of pricing that needs the device
 
-    from model import build_model
+    from model.network import build_model
     from search.training.trainer import DeviceRecipe, Trainer
 
     torch.manual_seed(0)
@@ -237,7 +238,7 @@ def format_duration(seconds: float) -> str:
 
 
 def parameter_count(model: ModelConfig) -> int:
-    from model import count_parameters  # torch: called where a training runs
+    from model.counts import count_parameters  # torch: called where a training runs
 
     return count_parameters(_meta_twin(model))
 
@@ -245,7 +246,7 @@ def parameter_count(model: ModelConfig) -> int:
 def _meta_twin(model: ModelConfig) -> BackboneNet:
     import torch
 
-    from model import BackboneNet
+    from model.network import BackboneNet
 
     # On the meta device: nothing is allocated or computed, even for the 18M-parameter Table 1.
     with torch.device("meta"):

@@ -7,6 +7,7 @@ data to say how much that holds for it. Torch-free: `hpo status` and `hpo report
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from optuna.trial import FrozenTrial
 
 from search import attrs
 from search.pruners import next_rung
+from storage.optuna_private import one_per_chain
 
 # Fewer trials than this rank too few pairs to say anything: "too few trials", no number.
 MIN_TRIALS = 5
@@ -24,7 +26,7 @@ MIN_TRIALS = 5
 @dataclass(frozen=True)
 class RungFidelity:
     rung: int  # an epoch at which the pruner judges trials
-    trials: int  # trials that reached both the rung and the last epoch
+    trials: int  # chains that reached both the rung and the last epoch, with finite losses
     spearman: float | None  # None: fewer than MIN_TRIALS trials, or no spread to rank
 
 
@@ -49,11 +51,14 @@ def pruner_rungs(pruner: str, epochs: int, min_epochs: int) -> list[int]:
 
 
 def rung_fidelity(trials: Sequence[FrozenTrial], rung: int, last: int) -> RungFidelity:
+    """Each chain once (a retry inherits its original's reports); a loss that is not finite
+    (a diverged run's NaN) has no rank, so its trial is left out."""
     pairs = [
         (t.intermediate_values[rung], t.intermediate_values[last])
-        for t in trials
+        for t in one_per_chain(trials)
         if rung in t.intermediate_values and last in t.intermediate_values
     ]
+    pairs = [pair for pair in pairs if all(map(math.isfinite, pair))]
     if len(pairs) < MIN_TRIALS:
         return RungFidelity(rung, len(pairs), None)
     at_rung, at_last = zip(*pairs, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,15 @@ def visible_gpus() -> list[str]:
     if given is None:
         return [str(i) for i in range(count)]
     return [name.strip() for name in given.split(",") if name.strip()][:count]
+
+
+def worker_gpu() -> str:
+    """The GPU a worker trains on, as its name and its trials show it: the first it may see
+    (the one `cuda` means), by its CUDA_VISIBLE_DEVICES name with characters other than
+    letters, digits, '.', '-' and '_' made '_'; "cpu" where none is visible (a value such as
+    -1 or Slurm's NoDevFiles, or no driver)."""
+    names = visible_gpus()
+    return re.sub(r"[^A-Za-z0-9._-]", "_", names[0]) if names else "cpu"
 
 
 def parse_gpus(spec: str | None) -> list[int] | None:

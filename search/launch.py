@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import optuna
 
 from search.cost import cost_lines
-from search.fleet import WorkerOptions, gpu_names, parse_gpus, plan_slots, run_fleet
+from search.fleet import (
+    WorkerOptions,
+    gpu_names,
+    parse_gpus,
+    plan_slots,
+    run_fleet,
+    worker_gpu,
+)
 from search.progress import SearchProgress, best_summary
 from search.settings import StudySettings
 from search.study import (
@@ -80,7 +87,7 @@ class StudyRequest:
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
     """`hpo start`: create or join the study, then run this machine's workers on it."""
-    from data import dataset_folder  # a trial's data: only once a search really starts
+    from data.dataset import dataset_folder  # a trial's data: only once a search really starts
 
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
@@ -192,7 +199,8 @@ def run_local_worker(
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
-    from data import load_dataset, search_data
+    from data.dataset import load_dataset
+    from data.loader import search_data
     from search.artifacts import artifact_dir
     from search.training.checkpoints import CheckpointStore
     from search.training.compile_policy import share_compile_caches
@@ -207,7 +215,7 @@ def run_local_worker(
     # Heartbeats on every storage, so a dead worker's trial is failed and retried.
     storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, worker.name)
-    progress.say(f"worker {worker.name} joined study {study_name!r}")
+    progress.say(f"worker {worker.name} joined study {study_name!r}{unseen_gpus_note(worker)}")
     state = budget(study)
     if state.done and state.running == 0:
         progress.say(
@@ -253,15 +261,21 @@ def run_local_worker(
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:
-    import torch
-
     from search.training.objective import WorkerInfo
 
     host = socket.gethostname()
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0" if torch.cuda.is_available() else "cpu")
+    gpu = worker_gpu()
     suffix = f"pid{os.getpid()}" if slot is None else f"slot{slot}"
     device = "cpu" if gpu == "cpu" else f"gpu{gpu}"
     return WorkerInfo(name=f"{host}/{device}/{suffix}", host=host, gpu=gpu)
+
+
+def unseen_gpus_note(worker: WorkerInfo) -> str:
+    """Where CUDA_VISIBLE_DEVICES names GPUs that CUDA cannot see, say so beside the name."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f" (CUDA_VISIBLE_DEVICES={given}: no GPU visible)" if given and worker.gpu == "cpu" else ""
+    )
 
 
 def install_stop_handlers(progress: SearchProgress) -> threading.Event:

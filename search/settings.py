@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from data import DATASETS
+from data.dataset import DATASETS
 from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.config import DEFAULT_EPOCHS, from_mapping
 from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner

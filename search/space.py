@@ -11,8 +11,9 @@ from typing import Any
 import optuna
 import yaml
 
-from data import AugmentConfig
-from model import REPORT_TABLE1, ModelConfig, train_flops_per_image
+from data.augment_config import AugmentConfig
+from model.config import REPORT_TABLE1, ModelConfig
+from model.flops import train_flops_per_image
 from search.config import SCHEDULERS, CosineArgs, OneCycleArgs, TrainConfig, TrialConfig
 
 IMAGE_SIZE = 32

@@ -31,6 +31,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError
@@ -50,6 +51,9 @@ from storage.optuna_private import (
     stale_trial_callback,
     stopped_numbers,
 )
+
+if TYPE_CHECKING:
+    from storage._heartbeat import RetryCrashedTrial
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16
@@ -287,30 +291,49 @@ def _target(study: optuna.Study) -> int:
     return int(max([stored.get(attrs.TARGET, 0), *raised]))
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
+def fail_stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Fail (and so retry) trials whose worker stopped sending heartbeats, then queue any
-    retry still owed (a worker died, or lost its storage, between a FAIL and its retry)."""
+    retry still owed (a worker died, or lost its storage, between a FAIL and its retry).
+    Returns the failed trials owed no retry (queue_owed_retries)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    queue_owed_retries(study)
+    return queue_owed_retries(study)
 
 
-def queue_owed_retries(study: optuna.Study) -> None:
-    """A stopped trial is owed a retry; a stale-failed one too, unless its crashes passed
-    max_retry (the storage's stale-trial callback decides). One failed by its objective
-    has failed for good (its fail_reason is its own; a retry inherits its original's)."""
+def queue_owed_retries(study: optuna.Study) -> list[FrozenTrial]:
+    """Queue every retry owed (owes_retry) that is not queued yet. Returns the failed trials
+    that no trial retries and none is owed: their chains have failed for good."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     callback = stale_trial_callback(study)
+    given_up = []
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.number in retried:
             continue
-        reason = trial.user_attrs.get(attrs.FAIL_REASON)
-        if trial.number in stopped_numbers(trial):
+        if owes_retry(trial, callback):
             queue_retry(study, trial)
-        elif callback is not None and (reason is None or reason.startswith(attrs.STOPPED_PREFIX)):
-            callback(study, trial)
+        else:
+            given_up.append(trial)
+    return given_up
+
+
+def owes_retry(trial: FrozenTrial, crash_policy: RetryCrashedTrial | None = None) -> bool:
+    """Whether a failed trial is owed a retry: a stop is; a first run out of memory is (the
+    memory may be back); a crash is while `crash_policy` (the storage's stale-trial callback;
+    none without heartbeats) allows; a failure of its own objective is not. A retry inherits
+    its original's fail_reason: a stop or an out-of-memory reason is the trial's own only
+    where the chain's record of those lists the trial."""
+    if trial.number in stopped_numbers(trial):
+        return True
+    ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY) or []
+    if trial.number in ran_out:
+        return len(ran_out) == 1
+    reason = trial.user_attrs.get(attrs.FAIL_REASON)
+    crashed = reason is None or reason.startswith(
+        (attrs.STOPPED_PREFIX, attrs.OUT_OF_MEMORY_PREFIX)
+    )
+    return crashed and crash_policy is not None and crash_policy.owes_retry(trial)
 
 
 def worker_seed(study_seed: int, worker_name: str) -> int:

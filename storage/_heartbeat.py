@@ -64,8 +64,11 @@ class RetryCrashedTrial:
     max_retry: int
 
     def __call__(self, study: optuna.Study, failed: FrozenTrial) -> None:
-        if crashes(failed) <= self.max_retry:
+        if self.owes_retry(failed):
             queue_retry(study, failed)
+
+    def owes_retry(self, failed: FrozenTrial) -> bool:
+        return crashes(failed) <= self.max_retry
 
 
 def crashes(failed: FrozenTrial) -> int:

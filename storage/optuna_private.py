@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,8 +108,8 @@ def original_number(trial: optuna.Trial) -> int:
 
 
 class OriginalTrialHyperband(optuna.pruners.HyperbandPruner):
-    """Hyperband that judges a retry in the bracket of the trial it continues, as the
-    uninterrupted trial would have been judged.
+    """Hyperband that judges a retry in the bracket of the trial it continues, against one
+    member of every other chain, as the uninterrupted trial would have been judged.
 
     Missing API: the bracket is a hash of the trial's number (`_get_bracket_id`, also used to
     filter each bracket's trials), and a retry has a number of its own.
@@ -118,6 +118,12 @@ class OriginalTrialHyperband(optuna.pruners.HyperbandPruner):
     def _get_bracket_id(self, study: optuna.Study, trial: FrozenTrial) -> int:
         original = trial.system_attrs.get(RETRY_OF_KEY, trial.number)
         return super()._get_bracket_id(study, SimpleNamespace(number=original))
+
+    def _create_bracket_study(self, study: optuna.Study, bracket_id: int) -> optuna.Study:
+        # Missing API: a rung's competitors are every trial of the bracket with the rung's
+        # record (`completed_rung_K`), whatever its state; a retry copies its original's
+        # records, so each chain must compete once (one_per_chain), as one uninterrupted trial.
+        return _OneMemberPerChain(super()._create_bracket_study(study, bracket_id))
 
 
 def replaced_number(trial: FrozenTrial) -> int | None:
@@ -252,3 +258,44 @@ class Heartbeat(BaseHeartbeat):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self.stale_trial_ids(study_id)
+
+
+def one_per_chain(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """Of each retry chain, the member that got furthest (most reported epochs; the later on
+    a tie), by number. A retry, and a lost answer's twin of one, inherits its original's
+    reports and Hyperband rung records: a reader of every member counts a chain once per
+    member."""
+    furthest: dict[int, FrozenTrial] = {}
+    for trial in trials:
+        chain = trial.system_attrs.get(RETRY_OF_KEY, trial.number)
+        held = furthest.get(chain)
+        if held is None or _progress(trial) > _progress(held):
+            furthest[chain] = trial
+    return sorted(furthest.values(), key=lambda trial: trial.number)
+
+
+def _progress(trial: FrozenTrial) -> tuple[int, int]:
+    return len(trial.intermediate_values), trial.number
+
+
+class _OneMemberPerChain:
+    """A Hyperband bracket's study whose trials are one member of each chain; all else is the
+    bracket's (SuccessiveHalvingPruner also reads `direction` and writes through `_storage`)."""
+
+    def __init__(self, bracket: optuna.Study) -> None:
+        self._bracket = bracket
+
+    def get_trials(self, deepcopy: bool = True, states: Container | None = None) -> list:
+        return one_per_chain(self._bracket.get_trials(deepcopy=deepcopy, states=states))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bracket, name)
+
+
+def is_running(trial: optuna.Trial) -> bool:
+    """Whether the trial is still RUNNING in the storage, read now: another worker may have
+    failed it as stale (and queued its retry) since this worker claimed it.
+
+    Missing API: a Trial's state is not public, and its frozen copy is cached.
+    """
+    return trial.storage.get_trial(trial._trial_id).state == TrialState.RUNNING

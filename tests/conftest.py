@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data import write_synthetic
+from data.synthetic import write_synthetic
 
 HPO = str(Path(sys.executable).parent / "hpo")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from contextlib import suppress
@@ -12,13 +13,16 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search.settings import StudySettings
+from search.training import objective
 from search.training.checkpoints import CheckpointStore, to_host
 from search.training.objective import TrialInterrupted, TrialRunner, WorkerInfo
-from search.training.trainer import DeviceRecipe
+from search.training.trainer import DeviceRecipe, DivergedError
 from storage import open_storage, queue_retry
 
 
@@ -57,9 +61,7 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
 ) -> None:
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     store = CheckpointStore(tmp_path / "artifacts")
-    crashed = study.ask()
-    store.save(crashed, {"epoch": 2})
-    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
+    checkpointed_then_failed(study, store, epoch=2)
     retry = study.ask()
     inherited = retry.user_attrs["checkpoint"]["artifact_id"]
     store.save(retry, {"epoch": 3})  # its own: nothing resumes from the crashed trial's now
@@ -75,13 +77,42 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
     assert json.loads(pruned.system_attrs[f"artifacts:{inherited}"]) is None
 
     # A retry that ends before its own first save takes the inherited file with it.
-    crashed = study.ask()
-    store.save(crashed, {"epoch": 1})
-    queue_retry(study, study.tell(crashed, state=TrialState.FAIL))
+    checkpointed_then_failed(study, store, epoch=1)
     retry = study.ask()
     store.discard(retry)
     study.tell(retry, state=TrialState.FAIL)
     assert checkpoint_files(tmp_path) == []
+
+
+def test_a_taken_over_copy_neither_deletes_nor_rewrites_the_chains_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Worker X's trial went stale (a long outage, a paused VM); another worker failed it and
+    # queued its retry, which inherits the record of X's file.
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    store = CheckpointStore(tmp_path / "artifacts")
+    late = checkpointed_then_failed(study, store, epoch=2)
+    # X's copy (RUNNING, as it knows it) then fails, a CUDA error say, and discards its file.
+    with pytest.raises(UpdateFinishedTrialError):
+        store.discard(late)
+    retry = study.ask()
+    assert store.load(retry)["epoch"] == 2  # the retry resumes where X's copy left it
+    store.save(retry, {"epoch": 3})  # its own: the inherited file goes
+    # X's late checkpoint write does not bring the removed file back.
+    with pytest.raises(UpdateFinishedTrialError):
+        store.save(late, {"epoch": 3})
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        retry.user_attrs["checkpoint"]["artifact_id"]
+    ]
+
+
+def checkpointed_then_failed(study: optuna.Study, store: CheckpointStore, epoch: int) -> Any:
+    """A trial that checkpointed `epoch`, then failed as a crash does, its retry queued; the
+    Trial as its worker holds it (RUNNING, as far as that worker knows)."""
+    trial = study.ask()
+    store.save(trial, {"epoch": epoch})
+    queue_retry(study, study.tell(trial, state=TrialState.FAIL))
+    return trial
 
 
 def checkpoint_files(tmp_path: Path) -> list[Path]:
@@ -171,3 +202,21 @@ def test_the_host_copy_shares_nothing_with_the_training_state() -> None:
     history.append({"epoch": 2})
     assert torch.equal(copy["model"]["w"], torch.zeros(3))
     assert copy["history"] == [{"epoch": 1}] and isinstance(copy["rng"], tuple)
+
+
+def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Told as its value, Optuna would fail the trial with no reason: a crash, retried.
+    record = objective.epoch_record
+    monkeypatch.setattr(
+        objective,
+        "epoch_record",
+        lambda stats: (
+            {**record(stats), "val_loss": math.nan} if stats.epoch == 3 else record(stats)
+        ),
+    )
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    with pytest.raises(DivergedError, match="validation loss is nan after the last epoch"):
+        run_one_trial(tmp_path, data_dir, interval_s=0, trial=study.ask())
+    assert checkpoint_files(tmp_path) == []

@@ -20,8 +20,8 @@ from rich.console import Console
 from test_dashboard import make_study
 from typer.testing import CliRunner
 
-from data import load_dataset
-from model import REPORT_TABLE1
+from data.dataset import load_dataset
+from model.config import REPORT_TABLE1
 from search import attrs
 from search.artifacts import artifact_dir
 from search.cli import app

@@ -15,8 +15,9 @@ import torch
 from optuna.trial import TrialState
 from rich.console import Console
 
-from data import load_dataset, search_data
-from model import ModelConfig
+from data.dataset import load_dataset
+from data.loader import search_data
+from model.config import ModelConfig
 from search import attrs
 from search.cost import (
     SEARCH_TRAIN_IMAGES,

@@ -26,7 +26,8 @@ from optuna_dashboard import get_note
 from servers import IN_CI
 from typer.testing import CliRunner
 
-from model import build_model, count_parameters
+from model.counts import count_parameters
+from model.network import build_model
 from search import attrs
 from search.artifacts import artifact_dir
 from search.cli import app

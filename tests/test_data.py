@@ -18,9 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import data
-from data import AugmentConfig, DatasetMissingError, DeviceLoader
-from data.batches import CACHE_FILE, load_folder
+import data.cifar
+from data.augment import augment_batch, flip_batch, rotate_batch, translate_batch
+from data.augment_config import AugmentConfig
+from data.batches import CACHE_FILE, ImageSet, load_folder
+from data.cifar import (
+    ArchiveSource,
+    DatasetMissingError,
+    cifar10_source,
+    default_data_dir,
+    download_cifar10,
+)
+from data.dataset import load_dataset
+from data.loader import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, final_data, search_data
+from data.split import stratified_split
+from data.synthetic import make_synthetic_archive, write_synthetic
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,8 +45,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> data.ImageSet:
-    return data.load_dataset("synthetic", tmp_path_factory.mktemp("synthetic"))
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
+    return load_dataset("synthetic", tmp_path_factory.mktemp("synthetic"))
 
 
 def known_images(b: int = 2, c: int = 3, h: int = 8, w: int = 8) -> torch.Tensor:
@@ -46,7 +58,7 @@ def known_images(b: int = 2, c: int = 3, h: int = 8, w: int = 8) -> torch.Tensor
 
 def test_flip_is_an_exact_mirror_where_masked() -> None:
     x = known_images(w=5)
-    out = data.flip_batch(x, torch.tensor([True, False]))
+    out = flip_batch(x, torch.tensor([True, False]))
     for j in range(5):
         assert torch.equal(out[0, :, :, j], x[0, :, :, 4 - j])
     assert torch.equal(out[1], x[1])
@@ -55,7 +67,7 @@ def test_flip_is_an_exact_mirror_where_masked() -> None:
 @pytest.mark.parametrize(("dx", "dy"), [(2, 1), (-3, 2), (0, -1), (4, -4), (0, 0)])
 def test_translate_moves_content_and_fills_zeros(dx: int, dy: int) -> None:
     x = known_images(b=1)
-    out = data.translate_batch(x, torch.tensor([dx]), torch.tensor([dy]))
+    out = translate_batch(x, torch.tensor([dx]), torch.tensor([dy]))
     h, w = x.shape[-2:]
     moved = out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)]
     source = x[..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
@@ -69,7 +81,7 @@ def test_translate_batch_equals_crop_from_padded_image() -> None:
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     pad = 4
     dx, dy = torch.randint(-pad, pad + 1, (2, 16))
-    out = data.translate_batch(x, dx, dy)
+    out = translate_batch(x, dx, dy)
     padded = F.pad(x, (pad, pad, pad, pad))
     for i in range(16):
         top, left = pad - int(dy[i]), pad - int(dx[i])
@@ -78,8 +90,8 @@ def test_translate_batch_equals_crop_from_padded_image() -> None:
 
 def test_rotate_by_zero_is_identity_and_by_90_is_rot90() -> None:
     x = torch.rand(3, 3, 16, 16)
-    assert torch.allclose(data.rotate_batch(x, 0.0), x, atol=1e-6)
-    turned = data.rotate_batch(x, torch.full((3,), 90.0))
+    assert torch.allclose(rotate_batch(x, 0.0), x, atol=1e-6)
+    turned = rotate_batch(x, torch.full((3,), 90.0))
     expected = torch.rot90(x, 1, dims=(-2, -1))
     assert torch.allclose(turned[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-4)
 
@@ -87,7 +99,7 @@ def test_rotate_by_zero_is_identity_and_by_90_is_rot90() -> None:
 def test_augment_with_switches_off_returns_input() -> None:
     x = torch.rand(8, 3, 32, 32)
     off = AugmentConfig(crop_padding=0, flip=False, rotation_degrees=0.0)
-    assert torch.equal(data.augment_batch(x, off, torch.Generator().manual_seed(0)), x)
+    assert torch.equal(augment_batch(x, off, torch.Generator().manual_seed(0)), x)
 
 
 def test_augment_is_reproducible_for_a_seed() -> None:
@@ -95,7 +107,7 @@ def test_augment_is_reproducible_for_a_seed() -> None:
     cfg = AugmentConfig(crop_padding=4, flip=True, rotation_degrees=15.0)
 
     def run(seed: int) -> torch.Tensor:
-        return data.augment_batch(x, cfg, torch.Generator().manual_seed(seed))
+        return augment_batch(x, cfg, torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -117,26 +129,26 @@ def test_augment_config_round_trip_and_validation() -> None:
 
 def test_stratified_split_of_cifar_sized_labels() -> None:
     labels = torch.arange(10).repeat(5000)[torch.randperm(50_000)]
-    train_idx, val_idx = data.stratified_split(labels, 0.1, seed=0)
+    train_idx, val_idx = stratified_split(labels, 0.1, seed=0)
     assert (len(train_idx), len(val_idx)) == (45_000, 5_000)
     assert torch.bincount(labels[val_idx]).tolist() == [500] * 10
     assert torch.equal(torch.cat([train_idx, val_idx]).sort().values, torch.arange(50_000))
-    again = data.stratified_split(labels, 0.1, seed=0)
+    again = stratified_split(labels, 0.1, seed=0)
     assert torch.equal(again[1], val_idx)
-    assert not torch.equal(data.stratified_split(labels, 0.1, seed=1)[1], val_idx)
+    assert not torch.equal(stratified_split(labels, 0.1, seed=1)[1], val_idx)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_split_rejects_fractions_outside_zero_one(fraction: float) -> None:
     with pytest.raises(ValueError, match="val_fraction"):
-        data.stratified_split(torch.zeros(10, dtype=torch.int64), fraction)
+        stratified_split(torch.zeros(10, dtype=torch.int64), fraction)
 
 
 # --- synthetic set --------------------------------------------------------------------------
 
 
 def test_synthetic_files_are_real_cifar_pickles(tmp_path: Path) -> None:
-    folder = data.write_synthetic(tmp_path, train_per_class=20, test_per_class=5)
+    folder = write_synthetic(tmp_path, train_per_class=20, test_per_class=5)
     with (folder / "data_batch_1").open("rb") as f:
         batch = pickle.load(f, encoding="bytes")
     assert set(batch) == {b"batch_label", b"labels", b"data", b"filenames"}
@@ -156,16 +168,16 @@ def test_synthetic_files_are_real_cifar_pickles(tmp_path: Path) -> None:
 
 def test_synthetic_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     def batch_bytes(where: str, seed: int) -> bytes:
-        return (data.write_synthetic(tmp_path / where, 10, 2, seed) / "data_batch_3").read_bytes()
+        return (write_synthetic(tmp_path / where, 10, 2, seed) / "data_batch_3").read_bytes()
 
     assert batch_bytes("a", 0) == batch_bytes("b", 0)
     assert batch_bytes("a", 0) != batch_bytes("c", 1)
 
 
-def test_synthetic_set_is_learnable(synthetic: data.ImageSet) -> None:
+def test_synthetic_set_is_learnable(synthetic: ImageSet) -> None:
     torch.manual_seed(0)
     cfg = AugmentConfig(crop_padding=2)
-    train, val = data.search_data(synthetic, "cpu").loaders(64, cfg, eval_batch_size=500)
+    train, val = search_data(synthetic, "cpu").loaders(64, cfg, eval_batch_size=500)
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -204,8 +216,8 @@ def serve(directory: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, data.ArchiveSource]:
-    return data.make_synthetic_archive(tmp_path_factory.mktemp("archive"))
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ArchiveSource]:
+    return make_synthetic_archive(tmp_path_factory.mktemp("archive"))
 
 
 def closed_port_url() -> str:
@@ -223,7 +235,7 @@ def test_download_fetches_verifies_and_then_reuses(archive, tmp_path: Path) -> N
     path, source = archive
     with serve(path.parent) as base:
         served = dataclasses.replace(source, url=f"{base}/{path.name}")
-        folder = data.download_cifar10(tmp_path, served)
+        folder = download_cifar10(tmp_path, served)
     assert folder == tmp_path / "cifar-10-batches-py"
     assert data.cifar.is_verified(folder, source)
     assert leftovers(tmp_path) == ["cifar-10-batches-py"]  # no staging folder, no archive
@@ -232,7 +244,7 @@ def test_download_fetches_verifies_and_then_reuses(archive, tmp_path: Path) -> N
         loaded.train_images, load_folder(path.parent / source.base_folder).train_images
     )
     # Verified already: the server is gone, and nothing is fetched.
-    assert data.download_cifar10(tmp_path, served) == folder
+    assert download_cifar10(tmp_path, served) == folder
 
 
 @pytest.mark.parametrize("damage", ["archive", "file"])
@@ -243,15 +255,15 @@ def test_wrong_md5_raises_dataset_missing(archive, tmp_path: Path, damage: str) 
     else:
         source = dataclasses.replace(source, files={**source.files, "test_batch": "0" * 32})
     with serve(path.parent) as base, pytest.raises(DatasetMissingError, match="md5|corrupted"):
-        data.download_cifar10(tmp_path, dataclasses.replace(source, url=f"{base}/{path.name}"))
+        download_cifar10(tmp_path, dataclasses.replace(source, url=f"{base}/{path.name}"))
     assert leftovers(tmp_path) == []
 
 
 def test_unreachable_url_names_the_folder_to_fill(tmp_path: Path) -> None:
     url = closed_port_url()
-    source = dataclasses.replace(data.cifar10_source(), url=url)
+    source = dataclasses.replace(cifar10_source(), url=url)
     with pytest.raises(DatasetMissingError) as caught:
-        data.download_cifar10(tmp_path, source)
+        download_cifar10(tmp_path, source)
     message = str(caught.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and url in message
     assert f"extract it into {tmp_path}" in message and "\n" not in message
@@ -259,24 +271,24 @@ def test_unreachable_url_names_the_folder_to_fill(tmp_path: Path) -> None:
 
 def test_no_download_raises_without_fetching(tmp_path: Path) -> None:
     with pytest.raises(DatasetMissingError, match="switched off"):
-        data.load_dataset("cifar10", tmp_path, download=False)
+        load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_unknown_dataset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="cifar10, synthetic"):
-        data.load_dataset("imagenet", None)
+        load_dataset("imagenet", None)
 
 
 def test_default_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPO_DATA_DIR", "/data/here")
-    assert data.default_data_dir() == Path("/data/here")
+    assert default_data_dir() == Path("/data/here")
     monkeypatch.delenv("HPO_DATA_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/cache")
-    assert data.default_data_dir() == Path("/cache/backbone-hpo/data")
+    assert default_data_dir() == Path("/cache/backbone-hpo/data")
 
 
 def test_cifar10_source_comes_from_torchvision() -> None:
-    source = data.cifar10_source()
+    source = cifar10_source()
     assert source.base_folder == "cifar-10-batches-py" and source.url.endswith(".tar.gz")
     expected = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
     assert set(source.files) == expected
@@ -286,23 +298,23 @@ def test_cifar10_source_comes_from_torchvision() -> None:
 
 
 def test_cache_is_written_once_and_reused(tmp_path: Path) -> None:
-    folder = data.write_synthetic(tmp_path, train_per_class=20, test_per_class=5)
-    first = data.load_dataset("synthetic", tmp_path)
+    folder = write_synthetic(tmp_path, train_per_class=20, test_per_class=5)
+    first = load_dataset("synthetic", tmp_path)
     cache = folder / CACHE_FILE
     written = cache.stat().st_mtime_ns
-    second = data.load_dataset("synthetic", tmp_path)
+    second = load_dataset("synthetic", tmp_path)
     assert cache.stat().st_mtime_ns == written
     assert torch.equal(first.train_images, second.train_images)
     assert torch.equal(first.test_labels, second.test_labels)
     assert first.classes == second.classes and first.train_images.shape == (200, 3, 32, 32)
     cache.write_bytes(b"not a torch file")
-    assert torch.equal(data.load_dataset("synthetic", tmp_path).train_images, first.train_images)
+    assert torch.equal(load_dataset("synthetic", tmp_path).train_images, first.train_images)
 
 
 def test_unwritable_cache_still_loads(tmp_path: Path) -> None:
-    folder = data.write_synthetic(tmp_path, train_per_class=5, test_per_class=2)
+    folder = write_synthetic(tmp_path, train_per_class=5, test_per_class=2)
     (folder / CACHE_FILE).mkdir()  # a cache path that can be neither read nor replaced
-    assert data.load_dataset("synthetic", tmp_path).train_images.shape == (50, 3, 32, 32)
+    assert load_dataset("synthetic", tmp_path).train_images.shape == (50, 3, 32, 32)
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
 
 
@@ -326,8 +338,8 @@ def test_loader_counts_batches_and_samples() -> None:
 def test_loader_normalises_in_order_without_augmentation() -> None:
     images, labels = loader_inputs(100)
     x, y = next(iter(DeviceLoader(images, labels, 100, "cpu")))
-    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     assert x.dtype == torch.float32 and torch.equal(y, labels)
     assert torch.allclose(x, (images.float() / 255 - mean) / std, atol=1e-6)
 
@@ -351,9 +363,9 @@ def test_loader_channels_last() -> None:
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_loaders_for_train_val_test_and_final_training(synthetic: data.ImageSet) -> None:
-    train, val = data.search_data(synthetic, "cpu").loaders(100, AugmentConfig())
+def test_loaders_for_train_val_test_and_final_training(synthetic: ImageSet) -> None:
+    train, val = search_data(synthetic, "cpu").loaders(100, AugmentConfig())
     assert (train.num_samples, val.num_samples, len(train)) == (4500, 500, 45)
     assert torch.bincount(val.labels).tolist() == [50] * 10
-    full, test = data.final_data(synthetic, "cpu").loaders(100, None)
+    full, test = final_data(synthetic, "cpu").loaders(100, None)
     assert (full.num_samples, test.num_samples) == (5000, 1000)

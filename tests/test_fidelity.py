@@ -13,10 +13,17 @@ from conftest import run_hpo
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.fidelity import MIN_TRIALS, pruner_rungs, ranks, spearman, study_fidelity
+from search.fidelity import (
+    MIN_TRIALS,
+    pruner_rungs,
+    ranks,
+    rung_fidelity,
+    spearman,
+    study_fidelity,
+)
 from search.settings import StudySettings
 from search.study import create_or_join
-from storage import open_storage
+from storage import open_storage, queue_retry
 
 EPOCHS = 9  # Hyperband from epoch 1 judges at epochs 1 and 3
 # Validation loss at epochs 1, 3 and 9 of the seven trials that run to the end.
@@ -92,3 +99,25 @@ def test_ranks_share_ties_and_spearman_needs_spread() -> None:
     assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
     assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_a_chain_counts_once_and_a_nan_loss_not_at_all(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'f.db'}"))
+    for at_1, at_3, at_9 in COMPLETE[:5]:
+        _tell(study, {1: at_1, 3: at_3, EPOCHS: at_9}, complete=True)
+    # The sixth chain reports its last epoch, then its worker dies; the retry inherits every
+    # report, and completes.
+    at_1, at_3, at_9 = COMPLETE[5]
+    crashed = study.ask()
+    for epoch, loss in {1: at_1, 3: at_3, EPOCHS: at_9}.items():
+        crashed.report(loss, epoch)
+    queue_retry(study, study.tell(crashed, state=optuna.trial.TrialState.FAIL))
+    study.tell(study.ask(), at_9)
+    _tell(study, {1: math.nan, 3: math.nan, EPOCHS: 2.0}, complete=True)  # NaN at both rungs
+    assert len(study.trials) == 8
+
+    results = [rung_fidelity(study.trials, rung, EPOCHS) for rung in (1, 3)]
+    for result, column in zip(results, (0, 1), strict=True):
+        assert result.trials == 6
+        by_hand = spearman([c[column] for c in COMPLETE[:6]], [c[2] for c in COMPLETE[:6]])
+        assert result.spearman == pytest.approx(by_hand)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+import socket
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from search import fleet
 from search.cli import app
 from search.fleet import GpuSpecError, WorkerOptions, gpu_names, parse_gpus
-from search.launch import StudyRequest, create_study, run_workers
+from search.launch import StudyRequest, create_study, run_workers, this_worker
 from search.progress import SearchProgress
 from search.study import claim_trial
 from storage import open_storage
@@ -86,6 +87,34 @@ def test_each_child_worker_gets_its_gpus_name(
             signal.signal(sig, handler)
     assert code == 0, out.getvalue()
     expected = visible.split(",") if spec == "all" else visible.split(",")[1:]
-    # What each child read from its own environment, in the name it gives itself.
-    joined = re.findall(r"\| worker [^/]+/gpu(\S+)/slot\d+ joined", out.getvalue())
+    # What each child read from its own environment; CUDA sees no GPU here, so each child
+    # names itself by the CPU it trains on and says which GPU it was given.
+    given = r"\| worker [^/]+/cpu/slot\d+ joined .*\(CUDA_VISIBLE_DEVICES=(\S+): no GPU visible\)"
+    joined = re.findall(given, out.getvalue())
     assert sorted(joined) == sorted(expected), out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("visible", "count", "device"),
+    [
+        ("NoDevFiles", 0, "cpu"),  # Slurm, no GPU allocated
+        ("-1", 0, "cpu"),
+        (None, 0, "cpu"),
+        (None, 1, "gpu0"),
+        ("2,3", 2, "gpu2"),  # the first: the one `cuda` means
+        (UUIDS, 2, "gpuGPU-0aa1c6e4-5b2f-4a3b-9c1d-111111111111"),
+        ("gpu a/b", 1, "gpugpu_a_b"),
+    ],
+)
+def test_a_worker_is_named_by_the_device_it_trains_on(
+    visible: str | None, count: int, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet, "visible_gpu_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    worker = this_worker(slot=3)
+    host, name, slot = worker.name.split("/")
+    assert (host, name, slot) == (socket.gethostname(), device, "slot3")
+    assert worker.gpu == device.removeprefix("gpu")

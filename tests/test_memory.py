@@ -15,15 +15,17 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.trial import TrialState
+from test_workers import MICRO_SPACE
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search import attrs
 from search.settings import StudySettings
-from search.space import TINY_SPACE
-from search.study import create_or_join, join_as_worker
+from search.study import claim_trial, create_or_join, join_as_worker, queue_owed_retries
+from search.training.checkpoints import CheckpointStore
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.trainer import DeviceRecipe
-from search.training.worker import run_worker
+from search.training.worker import run_trial, run_worker
 from storage import open_storage
 
 
@@ -57,22 +59,8 @@ class OutOfMemoryRunner(TrialRunner):
 def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    settings = StudySettings(
-        space=TINY_SPACE.to_dict(), space_name="tiny", epochs=1, dataset="synthetic", pruner="none"
-    )
-    storage = open_storage(f"sqlite:///{tmp_path / 'oom.db'}")
-    create_or_join(storage, "oom", settings, 2)
-    study = join_as_worker(storage, "oom", settings, "worker")
-    recipe = DeviceRecipe.for_device("cpu")
-    runner = OutOfMemoryRunner(
-        settings=settings,
-        data=search_data(load_dataset("synthetic", data_dir), recipe.device),
-        recipe=recipe,
-        worker=WorkerInfo(name="worker", host="host", gpu="cpu"),
-        compile_mode="off",
-        # Trial 0 and its retry run out; so does trial 1, whose retry then completes.
-        oom_calls={1, 2, 3},
-    )
+    # Trial 0 and its retry run out; so does trial 1, whose retry then completes.
+    study, runner = _small_worker(data_dir, tmp_path, 2, 1, oom_calls={1, 2, 3})
     said: list[str] = []
     run_worker(study, runner, threading.Event(), say=said.append)
 
@@ -83,7 +71,7 @@ def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     first, second = trials[0], trials[1]
     assert first.state == second.state == TrialState.FAIL
     assert retry_of[0].params == first.params and retry_of[0].state == TrialState.FAIL
-    assert retry_of[0].user_attrs[attrs.OUT_OF_MEMORY] == 2
+    assert retry_of[0].user_attrs[attrs.OUT_OF_MEMORY] == [0, retry_of[0].number]
     assert retry_of[0].number not in retry_of  # failed for good: not retried again
     assert retry_of[1].params == second.params and retry_of[1].state == TrialState.COMPLETE
     assert len(trials) == 4
@@ -91,3 +79,62 @@ def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     assert len(out_of_memory) == 3, said
     assert out_of_memory[0].endswith("retrying it once") and "parameters, batch" in out_of_memory[0]
     assert out_of_memory[1].endswith("failed for good: its retry ran out too")
+
+
+def _small_worker(data_dir: Path, tmp_path: Path, target: int, epochs: int, **extra: object):
+    """A study of `target` micro trials, each checkpointed every epoch, and a worker's runner."""
+    space = tmp_path / "micro.yaml"
+    space.write_text(MICRO_SPACE)
+    settings = StudySettings.for_space(
+        str(space), epochs=epochs, dataset="synthetic", pruner="none", checkpoint_interval_s=0
+    )
+    storage = open_storage(f"sqlite:///{tmp_path / 'oom.db'}")
+    create_or_join(storage, "oom", settings, target)
+    recipe = DeviceRecipe.for_device("cpu")
+    runner = OutOfMemoryRunner(
+        settings=settings,
+        data=search_data(load_dataset("synthetic", data_dir), recipe.device),
+        recipe=recipe,
+        worker=WorkerInfo(name="worker", host="host", gpu="cpu"),
+        checkpoints=CheckpointStore(tmp_path / "artifacts"),
+        compile_mode="off",
+        **extra,
+    )
+    return join_as_worker(storage, "oom", settings, "worker"), runner
+
+
+def test_an_oom_retry_resumes_from_the_checkpoint_and_a_second_oom_deletes_it(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    def out_of_memory_in_epoch_2(trial: optuna.Trial, stats: object) -> None:
+        # Trials 0 and 1 run out in epoch 2, and so does 3, the retry of 1 (2 retries 0).
+        if stats.epoch == 2 and trial.number in (0, 1, 3):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    study, runner = _small_worker(data_dir, tmp_path, 2, 2, on_epoch=out_of_memory_in_epoch_2)
+    said: list[str] = []
+    run_worker(study, runner, threading.Event(), say=said.append)
+    first, second, first_retry, second_retry = study.get_trials()
+    assert [t.system_attrs.get("failed_trial") for t in (first_retry, second_retry)] == [0, 1]
+    # From epoch 1's checkpoint, as the pruner reads the epochs the original reported.
+    assert first_retry.state == TrialState.COMPLETE
+    assert first_retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == 1
+    assert second_retry.state == TrialState.FAIL
+    assert second_retry.user_attrs[attrs.OUT_OF_MEMORY] == [1, 3]
+    # The chain that failed for good left no checkpoint; the complete one keeps its own.
+    files = [p.name for p in (tmp_path / "artifacts").iterdir() if p.is_file()]
+    assert files == [first_retry.user_attrs[attrs.CHECKPOINT]["artifact_id"]]
+    assert "trial 3 failed for good: deleted its chain's checkpoint" in said, said
+
+
+def test_an_oom_retry_is_queued_by_the_next_worker_when_its_own_died_first(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    study, runner = _small_worker(data_dir, tmp_path, 1, 1, oom_calls={1})
+    # The worker records the OOM and fails the trial, then dies before queuing the retry.
+    failed = run_trial(study, claim_trial(study), runner)
+    assert failed.state == TrialState.FAIL and failed.user_attrs[attrs.OUT_OF_MEMORY] == [0]
+    for _ in range(2):  # the next worker's stale check, again and again: one retry
+        assert queue_owed_retries(study) == []
+    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].params == failed.params

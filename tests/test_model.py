@@ -11,18 +11,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (
-    REPORT_TABLE1,
-    BackboneNet,
-    ModelConfig,
-    ModelConfigError,
-    build_model,
-    count_parameters,
-    train_flops_per_image,
-    train_step_flops,
-)
+from model.config import REPORT_TABLE1, ModelConfig, ModelConfigError
+from model.counts import count_parameters, train_step_flops
+from model.flops import train_flops_per_image
 from model.layers import ConvLayer
-from model.network import Backbone
+from model.network import Backbone, BackboneNet, build_model
 
 SMALL = ModelConfig(channels=((3, 8, 16), (16, 24, 32, 8)), blocks=(3, 2))
 

@@ -200,3 +200,17 @@ def test_a_one_off_ticket_inserted_twice_is_one_trial(tmp_path: Path) -> None:
     assert optuna_private.same_insert(study.get_trials(), key).number == 0
     plain = optuna.trial.create_trial(state=TrialState.WAITING)
     assert storage.create_new_trial(study._study_id, template_trial=plain) != first
+
+
+def test_hyperband_builds_each_brackets_study_by_one_method() -> None:
+    # OriginalTrialHyperband narrows each bracket's trials to one member per chain there.
+    pruner = optuna_private.OriginalTrialHyperband(min_resource=1, max_resource=9)
+    study = optuna.create_study(pruner=pruner)
+    pruner._try_initialization(study)
+    failed = study.tell(study.ask(), state=TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, failed)
+    bracket = pruner._create_bracket_study(study, pruner._get_bracket_id(study, failed))
+    assert [t.number for t in bracket.get_trials(deepcopy=False)] == [1]  # the retry
+    assert bracket.direction == study.direction and bracket._storage is study._storage

@@ -10,14 +10,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
+from data.dataset import load_dataset
+from data.loader import search_data
 from search import attrs
 from search.launch import StudyRequest
 from search.pruners import build_pruner, next_rung
 from search.study import create_or_join, join_as_worker
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.trainer import DeviceRecipe
-from search.training.worker import run_worker
+from search.training.worker import run_worker, stop_trial
 from storage import open_storage
 
 GOOD = {
@@ -97,3 +98,38 @@ def test_no_trial_is_pruned_before_min_epochs(name: str, min_epochs: int) -> Non
 def test_no_pruner_never_prunes() -> None:
     assert _prune_steps("none", 6, 3) == set()
     assert next_rung("none", 0, 6, 3) == 6
+
+
+# Hyperband from epoch 3 of 8 is one bracket judging at epoch 3. Validation loss at every epoch
+# of six chains run one after another: four middling, then a good one, then a fair one that
+# is second of six at epoch 3 (kept: a third of six go on), third of seven were the good one
+# there twice (pruned).
+CHAINS = [[0.5] * 8] * 4 + [[0.1] * 8, [0.2] * 8]
+
+
+def _hyperband_outcomes(stop: tuple[int, int] | None) -> list[TrialState]:
+    """How each chain of CHAINS ends under the study's Hyperband, run as the worker runs a
+    trial (report, then prune or stop); stop (chain, epoch): that chain is stopped after that
+    epoch (SIGTERM) and its retry, which inherits its reports, goes on."""
+    study = optuna.create_study(pruner=build_pruner("hyperband", 8, 3))
+    outcomes = []
+    for chain, losses in enumerate(CHAINS):
+        trial = study.ask()
+        for epoch, loss in enumerate(losses, 1):
+            trial.report(loss, epoch)
+            if (chain, epoch) == stop:
+                stop_trial(study, trial, "SIGTERM")
+                trial = study.ask()  # the retry, resumed after this epoch
+            elif trial.should_prune():
+                outcomes.append(study.tell(trial, state=TrialState.PRUNED).state)
+                break
+        else:
+            outcomes.append(study.tell(trial, losses[-1]).state)
+    return outcomes
+
+
+def test_a_stopped_chain_competes_once_at_each_rung() -> None:
+    uninterrupted = _hyperband_outcomes(stop=None)
+    assert uninterrupted == [TrialState.COMPLETE] * 6
+    # Stopped after the rung it passed, its retry carries the rung's record.
+    assert _hyperband_outcomes(stop=(4, 5)) == uninterrupted

@@ -19,10 +19,11 @@ import yaml
 from conftest import HPO, run_hpo
 from optuna.trial import TrialState
 
-from data import load_dataset, search_data
 from data.batches import CACHE_FILE, TEST_FILE, write_batch
+from data.dataset import load_dataset
+from data.loader import search_data
 from data.synthetic import synthetic_folder
-from model import ModelConfig
+from model.config import ModelConfig
 from search import attrs
 from search.config import StepArgs, TrainConfig
 from search.settings import StudySettings

@@ -10,7 +10,9 @@ import pytest
 import torch
 import yaml
 
-from model import REPORT_TABLE1, build_model, train_flops_per_image
+from model.config import REPORT_TABLE1
+from model.flops import train_flops_per_image
+from model.network import build_model
 from search.config import ConfigError, TrialConfig, load_config_file
 from search.space import (
     BUILTIN_SPACES,

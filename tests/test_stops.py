@@ -16,7 +16,7 @@ from test_workers import MICRO_SPACE, spawn_worker
 
 from search import attrs
 from search.study import budget
-from storage import DEFAULT_MAX_RETRY, open_storage
+from storage import DEFAULT_MAX_RETRY, default_artifact_dir, open_storage
 
 # Many short epochs: each run is stopped a few epochs in, the last one still has some to train.
 EPOCHS = 40
@@ -117,6 +117,10 @@ def test_a_trial_crashed_past_max_retry_is_failed_for_good(hpo_env: dict, tmp_pa
     trials, output = last_worker_run(study, hpo_env, tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL] * (DEFAULT_MAX_RETRY + 1)
     assert not [t for t in trials if attrs.FAIL_REASON in t.user_attrs], output  # all crashes
+    # Its last checkpoint (~225 MB for Table 1) went with it, deleted by that worker.
+    assert "trial 3 failed for good: deleted its chain's checkpoint" in output, output
+    artifacts = default_artifact_dir(hpo_env["HPO_STORAGE"])
+    assert [p.name for p in artifacts.iterdir() if p.is_file()] == []
     state = budget(study)
     assert (state.finished, state.given_up, state.running, state.waiting) == (1, 1, 0, 0)
     shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)

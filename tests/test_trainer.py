@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from data import AugmentConfig, DeviceLoader
-from model import BackboneNet, ModelConfig, build_model
+from data.augment_config import AugmentConfig
+from data.loader import DeviceLoader
+from model.config import ModelConfig
+from model.network import BackboneNet, build_model
 from search.config import TrainConfig
 from search.pruners import next_rung
 from search.training.compile_policy import CompilePolicy

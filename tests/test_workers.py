@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,8 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 from servers import PASSWORD, server_url
 
 from search import attrs
-from search.study import budget, move_target
-from storage import open_storage
+from search.study import budget, fail_stale_trials, move_target
+from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 
 # One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.
 MICRO_SPACE = """base: tiny
@@ -268,3 +270,54 @@ def test_journal_workers_in_other_time_zones_fail_only_a_dead_trial(
     epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
     output = finish([spawn_worker(los_angeles, tmp_path, "long")])[0]
     assert_resumed(study, running.number, epoch, output)
+
+
+# `hpo worker`, its first trial pausing itself (SIGSTOP: a paused VM, a long outage: its
+# heartbeats stop) as it reports epoch 2, and failing with a CUDA error once continued.
+PAUSES_THEN_FAILS = """
+import os, signal, sys
+from search.cli import main
+from search.training.objective import TrialRunner
+record, paused = TrialRunner._record, []
+def pause_then_fail(self, trial, history, new=None):
+    if new and history[-1]["epoch"] == 2 and not paused:
+        paused.append(trial.number)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return record(self, trial, history, new)
+TrialRunner._record = pause_then_fail
+sys.argv[0] = "hpo"
+main()
+"""
+
+
+def test_a_taken_over_copy_that_fails_leaves_the_checkpoint_to_its_retry(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
+) -> None:
+    url = hpo_env["HPO_STORAGE"]
+    made = run_hpo(
+        "create", "--study", "over", "--trials", "1", "--space", str(micro_space),
+        "--dataset", "synthetic", "--epochs", "6", "--pruner", "none", "--heartbeat", "1",
+        "--checkpoint-interval", "0", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    worker = subprocess.Popen(
+        [sys.executable, "-c", PAUSES_THEN_FAILS, "worker", "--study", "over"], env=hpo_env,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    _, status = os.waitpid(worker.pid, os.WUNTRACED)  # until it has paused itself
+    assert os.WIFSTOPPED(status), worker.communicate()[0]
+    # Another worker's stale check fails the trial and queues its retry.
+    study = optuna.load_study(study_name="over", storage=open_storage(url, HeartbeatPolicy(1)))
+    while study.get_trials()[0].state == TrialState.RUNNING:
+        fail_stale_trials(study)
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGCONT)
+    output = finish([worker])[0]
+    assert "dropping this copy" in output and "not discarded" not in output, output
+    # The late copy's error left the checkpoint: its own worker ran the retry from it.
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE, output
+    assert retry.user_attrs.get("resumed_from_epoch", 0) >= 1, output
+    files = [p.name for p in default_artifact_dir(url).iterdir() if p.is_file()]
+    assert files == [retry.user_attrs["checkpoint"]["artifact_id"]]

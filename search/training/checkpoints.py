@@ -20,9 +20,11 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial
 
 from search import attrs
-from storage.optuna_private import forget_artifact, replace_artifact
+from storage.optuna_private import forget_artifact, is_running, replace_artifact
 
 
 class CheckpointStore:
@@ -37,6 +39,7 @@ class CheckpointStore:
         self.directory = directory
         self.say = say  # where a refused checkpoint is reported
         self.artifacts = FileSystemArtifactStore(str(directory))
+        self._gone: set[str] = set()  # artifacts of failed chains this worker looked for
 
     def save(
         self,
@@ -46,16 +49,25 @@ class CheckpointStore:
     ) -> None:
         """Write `state` as the trial's checkpoint. Off the training thread, `lock` is the one
         the training thread holds while it touches the trial: its attrs are one plain dict,
-        which Optuna deep-copies to read, and a key added meanwhile fails the copy."""
+        which Optuna deep-copies to read, and a key added meanwhile fails the copy.
+
+        A trial another worker failed as stale is no longer its chain's live member: its
+        retry resumes from the chain's file, or has replaced it. Such a copy writes no file
+        (UpdateFinishedTrialError): its trial is read just before the file is replaced, and a
+        new file's listing is written before the file (upload_artifact).
+        """
         lock = lock or nullcontext()
         with lock:
             record = trial.user_attrs.get(attrs.CHECKPOINT)
+        owned = bool(record) and record["owner"] == trial.number
         with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
             path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
             torch.save(state, path)
             # An inherited record points at the failed trial's file: this trial needs its own.
-            if record and record["owner"] == trial.number:
+            if owned:
                 artifact_id = record["artifact_id"]
+                if not is_running(trial):
+                    raise UpdateFinishedTrialError(f"trial {trial.number} was failed elsewhere")
                 replace_artifact(self.artifacts, artifact_id, path)
             else:
                 artifact_id = upload_artifact(
@@ -66,8 +78,13 @@ class CheckpointStore:
                 )
         new_record = {"artifact_id": artifact_id, "epoch": state["epoch"], "owner": trial.number}
         with lock:
-            trial.set_user_attr(attrs.CHECKPOINT, new_record)
-            if record and record["owner"] != trial.number:
+            try:
+                trial.set_user_attr(attrs.CHECKPOINT, new_record)
+            except UpdateFinishedTrialError:
+                if not owned:  # a new file no record names: the retry has its original's
+                    self._remove_file(artifact_id)
+                raise
+            if record and not owned:
                 # Nothing resumes from the inherited file now: this trial's retry would
                 # inherit this trial's record. One checkpoint per chain.
                 self._remove(trial, record["artifact_id"])
@@ -105,18 +122,40 @@ class CheckpointStore:
         """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for
         good): its own, or the one it inherited and had not replaced yet (its chain ends).
 
-        Removed as the dashboard removes an artifact: the file, and its listing set to null.
+        The record goes first: writing it fails on a trial another worker failed as stale
+        (UpdateFinishedTrialError), whose retry resumes from this file, and then nothing is
+        touched. The file goes as the dashboard removes an artifact: listing set to null.
         """
         record = trial.user_attrs.get(attrs.CHECKPOINT)
         if not record:
             return
-        self._remove(trial, record["artifact_id"])
         trial.set_user_attr(attrs.CHECKPOINT, None)
+        self._remove(trial, record["artifact_id"])
+
+    def remove_given_up(self, failed: list[FrozenTrial]) -> list[int]:
+        """Delete the checkpoint files of chains that failed for good, as the study sees them
+        (search.study.queue_owed_retries): no one resumes from them, and the trial that ended
+        each chain (its worker died, or ran out of memory again) cannot. Their listings stay:
+        a finished trial's attributes are read-only. Returns the numbers whose file it deleted."""
+        deleted = []
+        for trial in failed:
+            record = trial.user_attrs.get(attrs.CHECKPOINT)
+            if record and record["artifact_id"] not in self._gone:
+                if self._remove_file(record["artifact_id"]):
+                    deleted.append(trial.number)
+                self._gone.add(record["artifact_id"])
+        return deleted
 
     def _remove(self, trial: optuna.Trial, artifact_id: str) -> None:
-        with suppress(ArtifactNotFound):  # on another machine's folder, or removed already
-            self.artifacts.remove(artifact_id)
         forget_artifact(trial, artifact_id)  # a retry inherits its original's listing too
+        self._remove_file(artifact_id)
+
+    def _remove_file(self, artifact_id: str) -> bool:
+        try:
+            self.artifacts.remove(artifact_id)
+        except ArtifactNotFound:  # on another machine's folder, or removed already
+            return False
+        return True
 
 
 class TrialCheckpoints:

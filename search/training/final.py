@@ -17,7 +17,9 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from data import ImageSet, final_data, load_dataset
+from data.batches import ImageSet
+from data.dataset import load_dataset
+from data.loader import final_data
 from search import attrs
 from search.artifacts import artifact_dir
 from search.config import FINAL_EPOCHS, ConfigError, TrialConfig, load_config_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -14,8 +15,8 @@ import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 
-from data import RunData
-from model import count_parameters
+from data.loader import RunData
+from model.counts import count_parameters
 from search import attrs
 from search.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.cost import gflops_per_image, refuse_over_cap
@@ -25,7 +26,7 @@ from search.space import sample_config
 from search.training.checkpoints import CheckpointStore, TrialCheckpoints
 from search.training.compile_policy import CompilePolicy
 from search.training.run import Run, start_run
-from search.training.trainer import DeviceRecipe, EpochStats
+from search.training.trainer import DeviceRecipe, DivergedError, EpochStats
 from storage import StorageUnavailable
 from storage.optuna_private import original_number
 
@@ -38,7 +39,7 @@ class TrialInterrupted(Exception):
 class WorkerInfo:
     name: str  # unique per worker process, seeds its sampler
     host: str
-    gpu: str  # CUDA_VISIBLE_DEVICES of the worker, or "cpu"
+    gpu: str  # the GPU it trains on, by its CUDA_VISIBLE_DEVICES name (fleet.worker_gpu), or "cpu"
 
 
 @dataclass
@@ -94,8 +95,16 @@ class TrialRunner:
         try:
             with checkpoints:  # leaving it waits for the write in flight
                 return self._train(trial, run, history, checkpoints, clock)
-        except (TrialInterrupted, StorageUnavailable, UpdateFinishedTrialError):
-            raise  # stopped, storage gone, or taken over: its retry resumes from the checkpoint
+        except (
+            TrialInterrupted,
+            StorageUnavailable,
+            UpdateFinishedTrialError,
+            torch.OutOfMemoryError,
+        ):
+            # Stopped, storage gone, taken over, or out of memory (retried once): the retry
+            # resumes from the checkpoint. A chain that fails for good loses it later
+            # (CheckpointStore.remove_given_up).
+            raise
         except Exception:
             # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
             self._discard_checkpoint(trial)
@@ -112,6 +121,8 @@ class TrialRunner:
             return
         try:
             self.checkpoints.discard(trial)
+        except UpdateFinishedTrialError:
+            pass  # taken over: its retry resumes from the file, which is left as it was
         except Exception as err:
             self.say(f"trial {trial.number}: checkpoint not discarded ({type(err).__name__})")
 
@@ -147,7 +158,10 @@ class TrialRunner:
                 pruned = trial.should_prune()
             if pruned:
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
-        return score(history)
+        value = score(history)
+        if not math.isfinite(value):  # told as a value, Optuna would fail it as a crash
+            raise DivergedError(f"validation loss is {value} after the last epoch")
+        return value
 
     def _seed(self, trial: optuna.Trial) -> int:
         """Per trial, not per worker history; a retry replays the run it continues, so it is

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from data import DeviceLoader, RunData
-from model import build_model
+from data.loader import DeviceLoader, RunData
+from model.network import build_model
 from search.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.training.compile_policy import CompilePolicy
 from search.training.trainer import DeviceRecipe, Trainer

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import BackboneNet, train_step_flops
+from model.counts import train_step_flops
+from model.network import BackboneNet
 from search.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
 from search.training.compile_policy import CompilePolicy
 

@@ -14,7 +14,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
-from search.study import budget, claim_trial, fail_stale_trials
+from search.study import budget, claim_trial, fail_stale_trials, owes_retry
 from search.training.memory import memory_note, release_trial_memory
 from search.training.objective import TrialInterrupted, TrialRunner
 from storage import StorageUnavailable, queue_retry
@@ -22,8 +22,6 @@ from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
-# How the fail reason of a trial that ran out of device memory begins.
-OUT_OF_MEMORY_REASON = "OutOfMemoryError"
 
 
 @dataclass
@@ -52,7 +50,8 @@ def run_worker(
     retries_possible = has_heartbeat(study)
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
-        fail_stale_trials(study)
+        given_up = fail_stale_trials(study)
+        forget_given_up(runner, given_up, say)
         trial = claim_trial(study)
         if trial is None:
             state = budget(study)
@@ -114,9 +113,10 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner)
         return stop_trial(study, trial, str(stop))
     except torch.OutOfMemoryError:
         # What the device had, read now; the memory itself is released once this has returned.
-        trial.set_user_attr(attrs.OUT_OF_MEMORY, trial.user_attrs.get(attrs.OUT_OF_MEMORY, 0) + 1)
+        ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY, [])
+        trial.set_user_attr(attrs.OUT_OF_MEMORY, [*ran_out, trial.number])
         note = memory_note(runner.recipe.device)
-        trial.set_user_attr(attrs.FAIL_REASON, f"{OUT_OF_MEMORY_REASON}: {note}")
+        trial.set_user_attr(attrs.FAIL_REASON, f"{attrs.OUT_OF_MEMORY_PREFIX}{note}")
         return _tell(study, trial, state=TrialState.FAIL)
     except Exception as err:  # one bad config (NaN, bug in it) must not stop the worker
         trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
@@ -153,21 +153,34 @@ def stop_trial(study: optuna.Study, trial: optuna.Trial, why: str) -> FrozenTria
 
 
 def ran_out_of_memory(trial: FrozenTrial) -> bool:
-    reason = trial.user_attrs.get(attrs.FAIL_REASON) or ""
-    return trial.state == TrialState.FAIL and reason.startswith(OUT_OF_MEMORY_REASON)
+    ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY) or []
+    return trial.state == TrialState.FAIL and trial.number in ran_out
 
 
 def retry_out_of_memory(
     study: optuna.Study, failed: FrozenTrial, say: Callable[[str], None]
 ) -> None:
-    """Say so; re-queue the trial once at its parameters (memory is back now: another process
-    sharing the GPU may have held it), fail it for good if its retry ran out of memory too."""
+    """Say so; re-queue the trial once at its parameters, from its checkpoint (memory is back
+    now: another process sharing the GPU may have held it), fail it for good if its retry ran
+    out of memory too. Were this worker to die before the retry, fail_stale_trials queues it."""
     params = failed.user_attrs.get(attrs.PARAMS)
     batch = (failed.user_attrs.get(attrs.CONFIG) or {}).get("train", {}).get("batch_size")
     size = "before it was built" if params is None else f"{params:,} parameters, batch {batch}"
-    again = failed.user_attrs.get(attrs.OUT_OF_MEMORY, 1) > 1
-    verdict = "failed for good: its retry ran out too" if again else "retrying it once"
-    had = failed.user_attrs[attrs.FAIL_REASON].removeprefix(f"{OUT_OF_MEMORY_REASON}: ")
+    retried = owes_retry(failed)
+    verdict = "retrying it once" if retried else "failed for good: its retry ran out too"
+    had = failed.user_attrs[attrs.FAIL_REASON].removeprefix(attrs.OUT_OF_MEMORY_PREFIX)
     say(f"trial {failed.number} ran out of memory ({size}; {had}); {verdict}")
-    if not again:
+    if retried:
         queue_retry(study, failed)
+
+
+def forget_given_up(
+    runner: TrialRunner, given_up: list[FrozenTrial], say: Callable[[str], None]
+) -> None:
+    """Delete the checkpoints of chains the study shows failed for good (crashed past
+    max_retry, or out of memory twice): nobody else would."""
+    store = getattr(runner, "checkpoints", None)  # any objective will do, one without too
+    if store is None:
+        return
+    for number in store.remove_given_up(given_up):
+        say(f"trial {number} failed for good: deleted its chain's checkpoint")
