@@ -185,7 +185,7 @@ def _forward_stops(workers: list[subprocess.Popen], progress: SearchProgress) ->
         progress.say(f"{signal.Signals(signum).name}: passing it on to {len(workers)} workers")
         for worker in workers:
             if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
+                worker.send_signal(signum)  # a second Ctrl-C still means "exit now"
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)

@@ -279,15 +279,19 @@ def unseen_gpus_note(worker: WorkerInfo) -> str:
 
 
 def install_stop_handlers(progress: SearchProgress) -> threading.Event:
-    """First SIGINT/SIGTERM: finish the epoch, checkpoint, re-queue the trial. Second: exit now."""
+    """SIGINT/SIGTERM: finish the epoch, checkpoint, re-queue the trial. A second SIGINT (Ctrl-C
+    twice) exits now; a second SIGTERM is the same request again: Slurm signals every process
+    of a step, so a fleet's child gets the scheduler's SIGTERM and its parent's."""
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
         if stop.is_set():
-            os._exit(128 + signum)
+            if signum == signal.SIGINT:
+                os._exit(128 + signum)
+            return
         stop.set()
         name = signal.Signals(signum).name
-        progress.say(f"{name}: stopping after this epoch (again to exit now)")
+        progress.say(f"{name}: stopping after this epoch (Ctrl-C again to exit now)")
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
