@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,15 @@ def hpo_env(data_dir: Path, tmp_path: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",  # two workers on two cores: no oversubscription
     )
     return env
+
+
+@pytest.fixture
+def own_folder() -> Iterator[Path]:
+    """A folder for a server of the test's own (tests/servers.py OwnServer)."""
+    # Not under pytest's tmp_path: the postgres user must reach it, and root's is private.
+    folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_hpo(

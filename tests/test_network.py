@@ -4,11 +4,8 @@ standby and a full server are waited out; a refusal stays a refusal (tests/test_
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +23,7 @@ from test_outages import (
     assert_study_done,
     create_study,
     logs,
+    running,
     spawn,
     wait_for_running,
 )
@@ -181,24 +179,6 @@ def test_a_read_only_answer_is_retried_on_a_new_connection(kind: str, read_only:
     assert storage.get_trial(trial_id).user_attrs == {"written": "after the fail-over"}
     assert len(said) == 2 and "read" in said[0].lower(), said
     assert said[1].startswith("storage reachable again"), said
-
-
-@pytest.fixture
-def own_folder() -> Iterator[Path]:
-    # Not under pytest's tmp_path: the postgres user must reach it, and root's is private.
-    folder = Path(tempfile.mkdtemp(prefix="hpo-network-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running(server: OwnPostgres) -> Iterator[OwnPostgres]:
-    server.start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.stop()
 
 
 def test_a_standby_is_waited_for_until_it_is_promoted(own_folder: Path) -> None:

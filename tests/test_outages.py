@@ -4,9 +4,7 @@ tests' own (stopped and started again), real worker processes, real kill -9."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 import warnings
@@ -43,14 +41,6 @@ from storage import RetryPolicy, StorageUnavailable, StorageURLError, open_stora
 # running trial's last heartbeat is older than the grace.
 OUTAGE_S = 6
 TRIALS = 4
-
-
-@pytest.fixture
-def own_folder() -> Iterator[Path]:
-    # Not under pytest's tmp_path: the postgres user must reach it, and root's is private.
-    folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
