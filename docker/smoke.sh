@@ -206,7 +206,12 @@ stop_a_worker_mid_trial() {
     # podman-compose applies stop_grace_period to its own stop and down only; a bare
     # `podman stop` waits 10 s before SIGKILL unless told the compose file's 2 minutes.
     podman stop --time 120 "$worker" >/dev/null
-    say "worker 1 stopped (exit $(podman inspect "$worker" --format '{{.State.ExitCode}}')): $(podman logs --tail 1 "$worker" 2>&1)"
+    say "worker 1 stopped (exit $(podman inspect "$worker" --format '{{.State.ExitCode}}')): $(podman logs --tail 2 "$worker" 2>&1 | head -1)"
+    # As after `podman-compose stop worker`, carry on: it takes its GPU slot back.
+    podman start "$worker" >/dev/null
+    wait_for 60 sh -c "[ \$(podman logs $worker 2>&1 | grep -c 'one-gpu: GPU') = 2 ]" \
+        || die "the restarted worker 1 claimed no GPU"
+    say "worker 1 started again: $(podman logs "$worker" 2>&1 | grep 'one-gpu: GPU' | tail -1)"
 }
 
 hpo_in() { podman exec "$(container dashboard)" hpo "$@"; }
