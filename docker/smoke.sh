@@ -224,9 +224,13 @@ check_study() {
     hpo_in status --study "$STUDY" | sed 's/^/  /'
     hpo_in status --study "$STUDY" | grep -qE "finished / target.* $TRIALS / $TRIALS" \
         || die "the study holds other than $TRIALS finished trials"
-    # The trial stopped mid-way was retried (Optuna's retry callback) and its retry resumed
-    # from the checkpoint: a resumed_from_epoch of at least 1, and it finished.
-    podman exec -e STUDY="$STUDY" "$(container dashboard)" python3 -c '
+    podman exec -e STUDY="$STUDY" "$(container dashboard)" python3 -W ignore -c "$RESUMED_CHECK" \
+        || die "the stopped trial was not resumed from its checkpoint"
+}
+
+# Every trial stopped mid-way (fail_reason "interrupted: ...") has a retry (Optuna's retry
+# callback) that finished after resuming from its checkpoint: resumed_from_epoch >= 1.
+RESUMED_CHECK='
 import os, optuna
 from optuna.storages import RetryFailedTrialCallback as Retry
 study = optuna.load_study(study_name=os.environ["STUDY"], storage=os.environ["HPO_STORAGE"])
@@ -235,12 +239,13 @@ assert stopped, "no trial was interrupted"
 for trial in stopped:
     chain = [t for t in study.trials if Retry.retried_trial_number(t) == trial.number]
     for t in [trial, *chain]:
-        print(f"  trial {t.number}: {t.state.name}, retry of {Retry.retried_trial_number(t)},"
-              f" resumed_from_epoch {t.user_attrs.get(\"resumed_from_epoch\")}")
+        resumed = t.user_attrs.get("resumed_from_epoch")
+        reason = t.user_attrs.get("fail_reason") or "-"
+        print(f"  trial {t.number}: {t.state.name}, retry of {Retry.retried_trial_number(t)}, "
+              f"resumed from epoch {resumed}; {reason}")
     done = [t for t in chain if t.state.name in ("COMPLETE", "PRUNED")]
     assert done and done[-1].user_attrs.get("resumed_from_epoch", 0) >= 1, "no retry resumed"
-' || die "the stopped trial was not resumed from its checkpoint"
-}
+'
 
 check_dashboard() {
     local page=http://127.0.0.1:8080/dashboard/ profile
