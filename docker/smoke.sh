@@ -234,7 +234,9 @@ RESUMED_CHECK='
 import os, optuna
 from optuna.storages import RetryFailedTrialCallback as Retry
 study = optuna.load_study(study_name=os.environ["STUDY"], storage=os.environ["HPO_STORAGE"])
-stopped = [t for t in study.trials if t.user_attrs.get("fail_reason", "").startswith("interrupted")]
+# A retry inherits its user attributes, the fail_reason too: the stopped ones are the FAILs.
+stopped = [t for t in study.trials if t.state.name == "FAIL"
+           and t.user_attrs.get("fail_reason", "").startswith("interrupted")]
 assert stopped, "no trial was interrupted"
 for trial in stopped:
     chain = [t for t in study.trials if Retry.retried_trial_number(t) == trial.number]
