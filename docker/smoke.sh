@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docker/compose.yaml run for real, with podman, on a host with no GPU and no image registry:
 #
-#   bash docker/smoke.sh        (as root; about 4 minutes once the images are built)
+#   bash docker/smoke.sh        (as root; 2-6 minutes on 2 cores once the images are built)
 #
 # It builds the images from Debian's packages (a root file system made by mmdebstrap, imported
 # as the base of a CPU-torch image and of a PostgreSQL image), brings the stack up with
@@ -54,8 +54,9 @@ check_tools() {
     [ ! -e "$ROOT/docker/.env" ] || die "docker/.env exists: move it aside (the smoke writes its own)"
 }
 
-# podman 4.3 on this kind of host: crun refuses its hybrid cgroup hierarchy, there is no
-# systemd to manage cgroups, and the default ulimits exceed what the host allows.
+# podman 4.3 on this kind of host: its default ulimits exceed what the host allows (runc
+# fails on RLIMIT_NOFILE), there is no systemd to manage cgroups, and crun would refuse the
+# hybrid cgroup v1 hierarchy.
 runtime_config() {
     mkdir -p "$CACHE"
     cat >"$CACHE/containers.conf" <<'EOF'
