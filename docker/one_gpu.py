@@ -8,6 +8,9 @@ lock file, in a volume all replicas mount, it can flock; CUDA_VISIBLE_DEVICES th
 command that GPU alone. The lock is held by the command itself (its file descriptor survives
 exec), and the kernel drops it when the container stops, so a restarted worker finds a free
 GPU again. Replicas beyond the GPU count wait for one.
+
+ONE_GPU_COUNT, where set, is the number of GPUs to share out instead of the count torch sees:
+docker/smoke.sh sets it on a host without GPUs, so that its replicas still race for the locks.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def main() -> None:
     command = sys.argv[1:]
     if not command:
         sys.exit("usage: one-gpu COMMAND [ARG...]")
-    count = torch.cuda.device_count()
+    count = int(os.environ.get("ONE_GPU_COUNT") or torch.cuda.device_count())
     if count == 0:
         sys.exit("one-gpu: no GPU is visible; is the NVIDIA container toolkit set up?")
     waiting = False

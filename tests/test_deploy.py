@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -569,3 +570,104 @@ def test_one_gpu_refuses_to_start_without_a_gpu() -> None:
         [sys.executable, str(DOCKER / "one_gpu.py"), "true"], capture_output=True, text=True
     )
     assert ran.returncode == 1 and "no GPU is visible" in ran.stderr
+
+
+# --- docker/smoke.sh: the compose stack with podman -----------------------------------------
+
+SMOKE_SCRIPT = DOCKER / "smoke.sh"
+SMOKE = DOCKER / "smoke"
+
+
+def podman_compose() -> str:
+    """The dev install's podman-compose: CI must have it, elsewhere its absence skips."""
+    found = Path(sys.executable).with_name("podman-compose")
+    if found.exists():
+        return str(found)
+    if os.environ.get("CI"):
+        pytest.fail("podman-compose is missing from the venv (pyproject's dev extras have it)")
+    pytest.skip("podman-compose is not installed (pip install -e '.[dev]')")
+
+
+def smoke_settings() -> dict[str, str]:
+    lines = (SMOKE / "env").read_text().splitlines()
+    pairs = (re.fullmatch(r"([A-Z_]+)=(.*)", line) for line in lines)
+    return {m[1]: m[2] for m in pairs if m}
+
+
+def compose_config(tmp_path: Path, settings: dict[str, str], *files: Path) -> dict:
+    """The stack as podman-compose resolves it with `settings` as its env file (runs no
+    podman); a developer's docker/.env is not read."""
+    env_file = tmp_path / f"{len(list(tmp_path.iterdir()))}.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in settings.items()))
+    names = [arg for path in files for arg in ("-f", str(path))]
+    done = subprocess.run(
+        [podman_compose(), "--dry-run", "--env-file", str(env_file), "-p", "hpo-smoke", *names,
+         "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return yaml.safe_load(done.stdout)
+
+
+def test_podman_compose_runs_the_compose_file_with_the_smoke_settings(tmp_path: Path) -> None:
+    settings = smoke_settings() | {"POSTGRES_PASSWORD": PLACEHOLDER}
+    override = SMOKE / "compose.override.yaml"
+    smoke = compose_config(tmp_path, settings, DOCKER / "compose.yaml", override)
+    real = compose_config(tmp_path, {"POSTGRES_PASSWORD": PLACEHOLDER}, DOCKER / "compose.yaml")
+    # Only the image of postgres is swapped; everything else of the file is as it runs anywhere.
+    smoke_db, real_db = smoke["services"]["postgres"], real["services"]["postgres"]
+    assert smoke_db["image"] == settings["POSTGRES_IMAGE"] and real_db["image"] == "postgres:17"
+    assert {k: v for k, v in smoke_db.items() if k != "image"} == {
+        k: v for k, v in real_db.items() if k != "image"
+    }
+    for name in ("init", "worker", "dashboard"):
+        assert smoke["services"][name]["depends_on"] == real["services"][name]["depends_on"]
+    assert smoke["volumes"] == real["volumes"]
+    # init creates the tiny synthetic study and downloads nothing; with the defaults, CIFAR-10
+    (smoke_init,) = smoke["services"]["init"]["command"]
+    (real_init,) = real["services"]["init"]["command"]
+    assert "--space tiny --dataset synthetic" in smoke_init
+    assert "--space default --dataset cifar10" in real_init
+    assert real_init.endswith("if [ cifar10 = cifar10 ]; then hpo download; fi")
+    assert smoke_init.endswith("if [ synthetic = cifar10 ]; then hpo download; fi")
+    # The smoke's workers: no GPU reservation (podman refuses it without NVIDIA's CDI spec),
+    # and two GPU slots for one-gpu to share out; the real file keeps the reservation.
+    smoke_worker, real_worker = smoke["services"]["worker"], real["services"]["worker"]
+    assert "deploy" not in smoke_worker and smoke_worker["environment"]["ONE_GPU_COUNT"] == "2"
+    (device,) = real_worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    rest = ("deploy", "environment", "command")
+    assert {k: v for k, v in smoke_worker.items() if k not in rest} == {
+        k: v for k, v in real_worker.items() if k not in rest
+    }
+
+
+def test_the_smoke_settings_are_ones_the_cli_accepts() -> None:
+    compose = yaml.safe_load(
+        interpolate(_raw("compose.yaml"), smoke_settings() | {"POSTGRES_PASSWORD": PLACEHOLDER})
+    )
+    env = compose["services"]["init"]["environment"]
+    commands = [args for argv in [["sh", "-c", *compose["services"]["init"]["command"]]]
+                for args in hpo_arguments(argv)]  # fmt: skip
+    assert [parse_hpo(args, env, "smoke init") for args in commands] == ["create", "download"]
+
+
+@pytest.mark.smoke
+@pytest.mark.timeout(1800)
+def test_the_compose_stack_runs_for_real_with_podman() -> None:
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (apt-get install podman runc mmdebstrap uidmap)")
+    if os.geteuid() != 0:
+        pytest.skip("docker/smoke.sh runs podman as root")
+    done = subprocess.run(
+        ["bash", str(SMOKE_SCRIPT)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PODMAN_COMPOSE": podman_compose()},
+        check=False,
+    )
+    print(done.stdout[-5000:], done.stderr[-3000:])
+    assert done.returncode == 0
+    assert "passed, stack removed" in done.stdout
