@@ -73,8 +73,9 @@ class Run:
         p99 = claims[min(len(claims) - 1, int(0.99 * len(claims)))]
         s = self.samples
         logged = self.logged_waits
+        rate = self.finished / self.seconds
         return (
-            f"| {self.workers} | {self.kind} | {self.finished} | {self.finished / self.seconds:.1f} "
+            f"| {self.workers} | {self.kind} | {self.finished} | {rate:.1f} "
             f"| {p50:.0f} / {p99:.0f} | {s.summary(s.study_row_waits)}; {logged['study row']} "
             f"| {s.summary(s.trial_row_waits)}; {logged['trial row']} "
             f"| {s.summary(s.pooler_waiting)} | {max(s.pooler_clients)} | {max(s.backends)} "
@@ -115,7 +116,8 @@ def main() -> None:
             run = one_run(kind, size, args)
             rows.append(run.row())
             print(f"{kind} x{size}: {run.finished} trials in {run.seconds:.1f} s after a "
-                  f"{run.startup_s:.0f} s start; torch loaded: {run.torch}", flush=True)  # fmt: skip
+                  f"{run.startup_s:.0f} s start; torch loaded: {run.torch}; {run.row()}",
+                  flush=True)  # fmt: skip
     print(HEADER)
     print("\n".join(rows))
 
@@ -134,7 +136,7 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
     )
 
     folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
-    load = "{:.1f}".format(os.getloadavg()[0])
+    load = f"{os.getloadavg()[0]:.1f}"
     try:
         with fleet_servers(folder, args.max_connections, args.pool_size) as (postgres, bouncer):
             name = f"{kind}-{size}-{uuid.uuid4().hex[:6]}"
@@ -148,7 +150,7 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
                 for _ in range(size):
                     fleet.spawn(sys.executable, __file__, "--trials", str(args.trials),
                                 "optuna-worker", "--url", bouncer.url, "--study", name)  # fmt: skip
-            fleet.wait_until_running(study, size, timeout=900)
+            fleet.wait_until_running(study, size, timeout=1800)
             startup_s = time.monotonic() - started
             log_start = (postgres.folder / "log").stat().st_size
             sampler = Sampler(postgres, bouncer)

@@ -33,7 +33,7 @@ from storage import open_storage
 from storage._open import SERVER_CONNECTIONS
 
 WORKERS = 32
-TRIALS = 200
+TRIALS = 120
 KILLS = 2
 
 
