@@ -78,6 +78,7 @@ class Run:
             f"| {self.workers} | {self.kind} | {self.finished} | {rate:.1f} "
             f"| {p50:.0f} / {p99:.0f} | {s.summary(s.study_row_waits)}; {logged['study row']} "
             f"| {s.summary(s.trial_row_waits)}; {logged['trial row']} "
+            f"| {s.summary(s.heartbeat_row_waits)}; {logged['heartbeat row']} "
             f"| {s.summary(s.pooler_waiting)} | {max(s.pooler_clients)} | {max(s.backends)} "
             f"| {self.rss_mib:.0f} / {self.pss_mib:.0f} | {self.load} |"
         )
@@ -86,8 +87,9 @@ class Run:
 HEADER = (
     "| workers | run | trials finished | trials/s | claim p50 / p99 ms "
     "| study-row lock waiters (sampled; logged >10 ms) | trial-row lock waiters (same) "
+    "| heartbeat-row lock waiters (same) "
     "| clients queued at PgBouncer | client connections | server backends "
-    "| RSS / PSS per worker MiB | load at start |\n" + "|---" * 12 + "|"
+    "| RSS / PSS per worker MiB | load at start |\n" + "|---" * 13 + "|"
 )
 
 
@@ -137,10 +139,11 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
 
     folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
     load = f"{os.getloadavg()[0]:.1f}"
+    name = f"{kind}-{size}-{uuid.uuid4().hex[:6]}"
+    fleet = Fleet("", name, folder / "fleet", epoch_s=args.epoch_s)
     try:
         with fleet_servers(folder, args.max_connections, args.pool_size) as (postgres, bouncer):
-            name = f"{kind}-{size}-{uuid.uuid4().hex[:6]}"
-            fleet = Fleet(bouncer.url, name, folder / "fleet", epoch_s=args.epoch_s)
+            fleet.url = bouncer.url
             started = time.monotonic()
             if kind == "ours":
                 study = create_fleet_study(bouncer.url, name, args.trials)
@@ -176,13 +179,17 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
             ends = [end for worker in spans.values() for _, _, end in worker]
             finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             (rss, pss), torch = memory
-            return Run(
+            run = Run(
                 kind, size, args.trials, finished, max(ends) - fleet.gate_opened, startup_s,
                 [1000 * gap for gap in claim_times(spans)], sampler.samples,
                 logged_lock_waits(postgres, log_start), rss, pss, torch, load,
             )  # fmt: skip
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    except BaseException:
+        for process in fleet.workers.values():  # those left: the folder is kept, to read
+            process.kill()
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    return run
 
 
 def wait_for_ends(fleet: object, count: int) -> None:

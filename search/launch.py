@@ -207,7 +207,7 @@ def run_local_worker(
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
     from search.training.worker import run_worker  # the loop itself needs no torch
 
-    stand_in = bench_objective()
+    stand_in = bench_objective()  # None but in bench/fleet.py's fleets: the objective trains
     worker = this_worker(options.slot) if stand_in is None else None
     name = worker.name if worker else f"{socket.gethostname()}/bench/pid{os.getpid()}"
     heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)

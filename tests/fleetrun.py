@@ -83,6 +83,7 @@ class Fleet:
     epoch_s: float = 0.05
     workers: dict[int, subprocess.Popen] = field(default_factory=dict)
     killed: dict[int, int] = field(default_factory=dict)  # pid -> trial it was running
+    output: dict[int, Path] = field(default_factory=dict)  # pid -> its stdout and stderr
     gate_opened: float = 0.0
 
     def __post_init__(self) -> None:
@@ -103,11 +104,13 @@ class Fleet:
         return env
 
     def spawn(self, *command: str) -> subprocess.Popen:
-        log = (self.folder / f"out-{len(self.workers) + len(self.killed)}.txt").open("w")
-        process = subprocess.Popen(
-            command, env=self.env(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
-        )
+        path = self.folder / f"out-{len(self.output)}.txt"
+        with path.open("w") as log:
+            process = subprocess.Popen(
+                command, env=self.env(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
+            )
         self.workers[process.pid] = process
+        self.output[process.pid] = path
         return process
 
     def spawn_hpo_workers(self, count: int) -> None:
@@ -118,9 +121,9 @@ class Fleet:
         """Until `count` trials run: every worker holds one, waiting at the gate."""
         deadline = time.monotonic() + timeout
         while len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < count:
-            exited = {pid: p.returncode for pid, p in self.workers.items() if p.poll() is not None}
+            exited = [pid for pid, p in self.workers.items() if p.poll() is not None]
             if exited or time.monotonic() > deadline:
-                raise AssertionError(f"workers not all running: exited {exited}\n{self.outputs()}")
+                raise AssertionError(f"not all running; exited:\n{self.outputs(exited)}")
             time.sleep(0.2)
 
     def open_gate(self) -> None:
@@ -164,9 +167,12 @@ class Fleet:
                 codes[pid] = None
         return codes
 
-    def outputs(self, last: int = 3) -> str:
-        files = sorted(self.folder.glob("out-*.txt"))[-last:]
-        return "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in files)
+    def outputs(self, pids: list[int] | None = None) -> str:
+        """What these workers (by default those that failed) printed, the end of it."""
+        if pids is None:
+            pids = [pid for pid, p in self.workers.items() if p.returncode not in (0, None)]
+        texts = [f"--- {pid}: {self.output[pid].read_text()[-3000:]}" for pid in pids[:3]]
+        return "\n".join(texts)
 
     def spans(self) -> dict[int, list[tuple[int, float, float]]]:
         """Per worker process: (trial number, objective start, objective end), in order."""
@@ -227,6 +233,7 @@ class Samples:
     backends: list[int] = field(default_factory=list)  # client backends on the server
     study_row_waits: list[int] = field(default_factory=list)  # waiting on the study row
     trial_row_waits: list[int] = field(default_factory=list)  # waiting on a trial row
+    heartbeat_row_waits: list[int] = field(default_factory=list)  # on a trial's heartbeat
     pooler_waiting: list[int] = field(default_factory=list)  # clients queued for a server
     pooler_clients: list[int] = field(default_factory=list)
     pooler_max_wait_s: float = 0.0
@@ -259,6 +266,7 @@ class Sampler(threading.Thread):
         s.backends.append(len(rows))
         s.study_row_waits.append(sum("FROM studies" in q for q in waiting))
         s.trial_row_waits.append(sum("FROM trials" in q for q in waiting))
+        s.heartbeat_row_waits.append(sum("FROM trial_heartbeats" in q for q in waiting))
         pool = next(p for p in self.bouncer.show("POOLS") if p["database"] == "postgres")
         s.pooler_waiting.append(int(pool["cl_waiting"]))
         s.pooler_clients.append(int(pool["cl_active"]) + int(pool["cl_waiting"]))
@@ -268,20 +276,20 @@ class Sampler(threading.Thread):
 
 def logged_lock_waits(postgres: OwnPostgres, since: int) -> dict[str, int]:
     """Lock waits over deadlock_timeout (10 ms) in the server's log after byte `since`, by
-    the row they waited for: the study row (trial inserts) or a trial row (claims, tells)."""
+    the row they waited for: the study row (trial inserts), a trial row (claims, tells) or
+    a trial's heartbeat row (the heartbeat written before each claim, and the beats)."""
     text = (postgres.folder / "log").read_bytes()[since:].decode(errors="replace")
-    counts = {"study row": 0, "trial row": 0, "other": 0}
+    counts = {"study row": 0, "trial row": 0, "heartbeat row": 0, "other": 0}
     for match in re.finditer(r"still waiting for .*?\n(?:.*\n)*?.*STATEMENT:\s+(.*)", text):
-        statement = match.group(1)
-        kind = (
-            "study row"
-            if "studies" in statement
-            else "trial row"
-            if "trials" in statement
-            else "other"
-        )
-        counts[kind] += 1
+        counts[_locked_row(match.group(1))] += 1
     return counts
+
+
+def _locked_row(statement: str) -> str:
+    for table, row in (("trial_heartbeats", "heartbeat row"), ("studies", "study row")):
+        if f"FROM {table}" in statement or f"INTO {table}" in statement:
+            return row
+    return "trial row" if "trials" in statement else "other"
 
 
 def memory_mib(pids: list[int]) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import HPO
+from conftest import HPO, run_hpo
 from fleetrun import (
     Fleet,
     check_study,
@@ -29,6 +29,7 @@ from fleetrun import (
 from servers import server_url
 from test_workers import MICRO_SPACE
 
+from search.launch import BENCH_OBJECTIVE_ENV
 from storage import open_storage
 from storage._open import SERVER_CONNECTIONS
 
@@ -95,6 +96,15 @@ def test_a_training_worker_holds_two_connections(hpo_env: dict, tmp_path: Path) 
         time.sleep(0.02)
     assert worker.wait() == 0, worker.stdout.read()
     assert mid_trial and max(mid_trial) == 2 and max(counts) == 2, (max(counts), mid_trial[-5:])
+
+
+def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
+    env[BENCH_OBJECTIVE_ENV] = "stand_in:no_such_objective"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    result = run_hpo("worker", "--study", "x", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no_such_objective" in result.stderr
 
 
 @pytest.mark.timeout(600)
