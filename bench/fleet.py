@@ -221,7 +221,10 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def create_optuna_study(url: str, name: str) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=optuna_storage(url))
+    from fleetrun import watching_storage
+
+    optuna.create_study(study_name=name, storage=optuna_storage(url))
+    return optuna.load_study(study_name=name, storage=watching_storage(url))
 
 
 def optuna_worker(url: str, name: str, trials: int) -> None:

@@ -33,7 +33,7 @@ from servers import OwnPgBouncer, OwnPostgres
 
 from search.launch import BENCH_OBJECTIVE_ENV, StudyRequest, create_study
 from search.progress import SearchProgress
-from storage import open_storage
+from storage import RetryPolicy, open_storage
 from storage.optuna_private import RETRY_HISTORY_KEY, retried_numbers, retry_of
 
 TESTS = Path(__file__).resolve().parent
@@ -70,7 +70,13 @@ def create_fleet_study(url: str, name: str, trials: int) -> optuna.Study:
         dataset="synthetic", pruner="none", heartbeat=HEARTBEAT_S,
     )  # fmt: skip
     create_study(request, SearchProgress(Console(quiet=True)))
-    return optuna.load_study(study_name=name, storage=open_storage(url))
+    return optuna.load_study(study_name=name, storage=watching_storage(url))
+
+
+def watching_storage(url: str) -> optuna.storages.BaseStorage:
+    """The driver's own: it waits, as a worker does, while the pooler queues it behind the
+    fleet's transactions."""
+    return open_storage(url, retry=RetryPolicy(say=lambda _: None))
 
 
 @dataclass
