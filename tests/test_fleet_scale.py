@@ -102,6 +102,11 @@ def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
     env[BENCH_OBJECTIVE_ENV] = "stand_in:no_such_objective"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["HPO_STORAGE"] = f"sqlite:///{tmp_path / 'hpo.db'}"
+    made = run_hpo(
+        "create", "--study", "x", "--trials", "1", "--space", "tiny", env=env, cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
     result = run_hpo("worker", "--study", "x", env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no_such_objective" in result.stderr
