@@ -31,8 +31,8 @@ SQLITE_BUSY_TIMEOUT_S = 60
 # Opens of a new database, while another process may be creating its tables.
 SCHEMA_ATTEMPTS = 3
 # Connections one process opens to a server, at most (docs/DEPLOY.md): a worker's trial and
-# its heartbeat thread each need one at once, and Optuna's schema check at open nests two. A
-# third thread (a checkpoint writer) waits for one: a call holds it for milliseconds.
+# its heartbeat thread each need one at once. A third thread (a checkpoint writer) waits for
+# one: a call holds it for milliseconds.
 SERVER_CONNECTIONS = 2
 SERVER_POOL = {
     "pool_size": SERVER_CONNECTIONS,
@@ -187,7 +187,10 @@ def _rdb_storage(
     heartbeat: HeartbeatPolicy | None,
     retry: RetryPolicy | None,
 ) -> RDBStorage:
-    kwargs: dict = {"engine_kwargs": engine_kwargs}
+    # Optuna's schema check at open holds a transaction open while it takes a second
+    # connection: behind a pooler in transaction mode, workers opening at once can hold every
+    # server connection that way, each waiting for another. _check_schema asks one at a time.
+    kwargs: dict = {"engine_kwargs": engine_kwargs, "skip_compatibility_check": True}
     if retry is not None:
         kwargs["retry"] = retry
     if heartbeat is not None:
@@ -198,7 +201,19 @@ def _rdb_storage(
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return storage_class(url, **kwargs)
+        storage = storage_class(url, **kwargs)
+    _check_schema(storage)
+    return storage
+
+
+def _check_schema(storage: RDBStorage) -> None:
+    """The tables must be at the schema this Optuna writes (Optuna's own check, unnested)."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise StorageURLError(
+            f"the study database's tables are at Optuna schema {current}, this Optuna "
+            f"{optuna.__version__} needs {head}: `optuna storage upgrade --storage URL`"
+        )
 
 
 def _require_sqlite_file(url: str) -> None:
