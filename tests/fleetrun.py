@@ -292,10 +292,11 @@ def logged_lock_waits(postgres: OwnPostgres, since: int) -> dict[str, int]:
 
 
 def _locked_row(statement: str) -> str:
-    for table, row in (("trial_heartbeats", "heartbeat row"), ("studies", "study row")):
-        if f"FROM {table}" in statement or f"INTO {table}" in statement:
-            return row
-    return "trial row" if "trials" in statement else "other"
+    """The log holds a statement's first line only: SQLAlchemy names the table in front of
+    every column there (SELECT studies.study_id ...), or after INSERT INTO / UPDATE."""
+    found = re.search(r"\b(studies|trial_heartbeats|trials)\b", statement)
+    rows = {"studies": "study row", "trial_heartbeats": "heartbeat row", "trials": "trial row"}
+    return rows[found.group(1)] if found else "other"
 
 
 def memory_mib(pids: list[int]) -> tuple[float, float]:
