@@ -122,8 +122,8 @@ def test_a_fleet_through_pgbouncer_ends_at_exactly_n(own_folder: Path) -> None:
         fleet.spawn_hpo_workers(WORKERS)
         fleet.wait_until_running(study, WORKERS, timeout=300)
         assert not any(torch_loaded(pid) for pid in fleet.workers)
-        # Each holds two client connections of PgBouncer's, no more (tests/servers.py).
-        assert {connections_of(pid, bouncer.port) for pid in fleet.workers} == {2}
+        # Each holds at most two client connections of PgBouncer's (one while it waits).
+        assert max(connections_of(pid, bouncer.port) for pid in fleet.workers) <= 2
         fleet.open_gate()
         for _ in range(KILLS):
             fleet.kill_mid_trial()
