@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,15 +41,20 @@ from storage import (
     RetryPolicy,
     StorageUnavailable,
     StorageURLError,
+    close_storage,
     open_storage,
 )
 
 if TYPE_CHECKING:
-    from search.training.objective import WorkerInfo
+    from search.training.objective import TrialRunner, WorkerInfo
     from search.training.worker import WorkerSummary
 
 # Exit code of a worker that gave up on a lost storage (sysexits EX_TEMPFAIL: try again later).
 EXIT_STORAGE_UNAVAILABLE = 75
+# Benchmarks and tests of the study machinery (bench/fleet.py) run `hpo worker` with a
+# stand-in objective, MODULE:NAME of a callable that takes the trial, instead of training: a
+# fleet of hundreds on one machine, each process without torch. Its trials train nothing.
+BENCH_OBJECTIVE_ENV = "HPO_BENCH_OBJECTIVE"
 
 
 @dataclass(frozen=True)
@@ -151,16 +158,19 @@ def create_study(
     With `retry`, an unreachable storage is waited for (StorageUnavailable past its limit)."""
     check_study_name(request.study)
     storage = open_storage(request.storage, retry=retry)
-    settings, created = create_or_join(
-        storage, request.study, request.new_settings(), request.trials
-    )
-    if created:
-        from search.dashboard import write_study_note  # optuna-dashboard: only for a new study
+    try:
+        settings, created = create_or_join(
+            storage, request.study, request.new_settings(), request.trials
+        )
+        if created:
+            from search.dashboard import write_study_note  # optuna-dashboard: a new study only
 
-        write_study_note(join(storage, request.study), settings, request.trials)
-    else:
-        settings.check_flags(request.flags())
-        move_target(join(storage, request.study), request.trials)
+            write_study_note(join(storage, request.study), settings, request.trials)
+        else:
+            settings.check_flags(request.flags())
+            move_target(join(storage, request.study), request.trials)
+    finally:
+        close_storage(storage)  # a worker of this process opens its own
     verb = "created" if created else "joined"
     progress.say(
         f"{verb} study {request.study!r}: space {settings.space_name}, {settings.epochs} epochs, "
@@ -187,7 +197,11 @@ def stored_settings(
     study_name: str, storage_url: str, retry: RetryPolicy | None = None
 ) -> StudySettings:
     """The settings of an existing study; StudyError if there is none."""
-    return load_settings(open_storage(storage_url, reader=True, retry=retry), study_name)
+    storage = open_storage(storage_url, reader=True, retry=retry)
+    try:
+        return load_settings(storage, study_name)
+    finally:
+        close_storage(storage)  # a worker of this process opens its own
 
 
 def run_local_worker(
@@ -198,24 +212,18 @@ def run_local_worker(
     progress: SearchProgress,
 ) -> WorkerSummary | None:
     """Run trials in this process until the study's target is met (or a stop/timeout)."""
-    # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
-    from data.dataset import load_dataset
-    from data.loader import search_data
-    from search.artifacts import artifact_dir
-    from search.training.checkpoints import CheckpointStore
-    from search.training.compile_policy import share_compile_caches
-    from search.training.objective import TrialRunner
-    from search.training.run import pick_device
-    from search.training.trainer import DeviceRecipe
-    from search.training.worker import run_worker
+    from search.training.worker import run_worker  # the loop itself needs no torch
 
-    worker = this_worker(options.slot)
+    stand_in = bench_objective()  # None but in bench/fleet.py's fleets: the objective trains
+    worker = this_worker(options.slot) if stand_in is None else None
+    name = worker.name if worker else f"{socket.gethostname()}/bench/pid{os.getpid()}"
     heartbeat = HeartbeatPolicy(interval_s=settings.heartbeat_s)
     retry = RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
     # Heartbeats on every storage, so a dead worker's trial is failed and retried.
     storage = open_storage(storage_url, heartbeat, retry=retry)
-    study = join_as_worker(storage, study_name, settings, worker.name)
-    progress.say(f"worker {worker.name} joined study {study_name!r}{unseen_gpus_note(worker)}")
+    study = join_as_worker(storage, study_name, settings, name)
+    note = unseen_gpus_note(worker) if worker else ""
+    progress.say(f"worker {name} joined study {study_name!r}{note}")
     state = budget(study)
     if state.done and state.running == 0:
         progress.say(
@@ -224,22 +232,7 @@ def run_local_worker(
         )
         return None
     stop = install_stop_handlers(progress)
-    share_compile_caches()  # before anything compiles: every worker here reuses the kernels
-    recipe = DeviceRecipe.for_device(pick_device(progress.say))
-    images = load_dataset(settings.dataset, options.data_dir)
-    runner = TrialRunner(
-        settings=settings,
-        data=search_data(images, recipe.device),
-        recipe=recipe,
-        worker=worker,
-        checkpoints=CheckpointStore(
-            artifact_dir(options.artifact_dir, storage_url), say=progress.say
-        ),
-        on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
-        stop=stop,
-        compile_mode=options.compile,
-        say=progress.say,
-    )
+    runner = stand_in or training_runner(settings, storage_url, options, worker, stop, progress)
 
     def on_trial_end(trial: optuna.trial.FrozenTrial) -> None:
         state, best = budget(study), best_summary(study)
@@ -258,6 +251,56 @@ def run_local_worker(
     given_up = f" ({final.given_up} failed for good)" if final.given_up else ""
     progress.say(f"{verb}: {final.finished}/{final.target} trials finished{given_up}; best {best}")
     return summary
+
+
+def training_runner(
+    settings: StudySettings,
+    storage_url: str,
+    options: WorkerOptions,
+    worker: WorkerInfo,
+    stop: threading.Event,
+    progress: SearchProgress,
+) -> TrialRunner:
+    """The objective that trains: the data on the device, checkpoints, compile caches."""
+    # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
+    from data.dataset import load_dataset
+    from data.loader import search_data
+    from search.artifacts import artifact_dir
+    from search.training.checkpoints import CheckpointStore
+    from search.training.compile_policy import share_compile_caches
+    from search.training.objective import TrialRunner
+    from search.training.run import pick_device
+    from search.training.trainer import DeviceRecipe
+
+    share_compile_caches()  # before anything compiles: every worker here reuses the kernels
+    recipe = DeviceRecipe.for_device(pick_device(progress.say))
+    images = load_dataset(settings.dataset, options.data_dir)
+    return TrialRunner(
+        settings=settings,
+        data=search_data(images, recipe.device),
+        recipe=recipe,
+        worker=worker,
+        checkpoints=CheckpointStore(
+            artifact_dir(options.artifact_dir, storage_url), say=progress.say
+        ),
+        on_epoch=lambda trial, stats: progress.epoch(trial, stats, settings.epochs),
+        stop=stop,
+        compile_mode=options.compile,
+        say=progress.say,
+    )
+
+
+def bench_objective() -> Callable[[optuna.Trial], float] | None:
+    """The stand-in objective $HPO_BENCH_OBJECTIVE names; None (train) where it is unset."""
+    spec = os.environ.get(BENCH_OBJECTIVE_ENV)
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        objective = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise StudyError(f"{BENCH_OBJECTIVE_ENV}={spec}: not a MODULE:NAME ({err})") from None
+    return objective
 
 
 def this_worker(slot: int | None = None) -> WorkerInfo:

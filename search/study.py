@@ -27,6 +27,7 @@ The invariant (tests/test_budget_machine.py checks it after every step):
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 import zlib
@@ -195,10 +196,15 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
     queue = [t for t in _counted(trials, target) if t.state == TrialState.WAITING]
     # A retry resumes from a checkpoint: run it before fresh trials.
     queue.sort(key=lambda trial: not _is_retry(trial))
-    for waiting in queue:
-        trial = claim_waiting_trial(study, waiting)
+    while queue:
+        trial = claim_waiting_trial(study, queue.pop(0))
         if trial is not None:
             return trial
+        # Another worker took it, as the others of a fleet, trying the same order, will take
+        # the next: the rest in random order spreads them over the queue, where they queued
+        # behind one row lock after another (docs/BENCHMARKS.md, "A fleet on one database").
+        random.shuffle(queue)
+        queue.sort(key=lambda trial: not _is_retry(trial))
     return None
 
 

@@ -12,7 +12,7 @@ from storage._heartbeat import (
     queue_retry,
 )
 from storage._network import NetworkBounds
-from storage._open import open_storage
+from storage._open import close_storage, open_storage
 from storage._retry import DEFAULT_STORAGE_RETRY_S, RetryPolicy, StorageUnavailable
 from storage._urls import (
     DEFAULT_STORAGE_URL,
@@ -35,6 +35,7 @@ __all__ = [
     "StorageURLError",
     "StorageUnavailable",
     "backend_of",
+    "close_storage",
     "default_artifact_dir",
     "has_heartbeat",
     "open_storage",

@@ -24,6 +24,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import sqlalchemy.engine
 import sqlalchemy.event
 
+from storage._urls import with_prepare_threshold
+
 # Longest a storage call waits with no byte from the server (per wait, not per query: a long
 # answer that streams in never hits it). It must exceed any legitimate silence: Optuna's
 # largest read (every trial of a study of thousands, with their intermediate values) starts
@@ -112,7 +114,7 @@ def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     # libpq has keepalives and tcp_user_timeout but no read timeout, which a hung proxy or
     # server (one that still acks every packet) needs: the connection class adds one.
     args, params = parsed.get_dialect()().create_connect_args(parsed)
-    connect = {**bounds.postgresql_args(), **params}
+    connect = {**bounds.postgresql_args(), **with_prepare_threshold(params)}
     return {"creator": _PostgresConnector(tuple(args), connect, bounds.answer_s)}
 
 

@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
-from storage._network import server_engine_kwargs, with_redis_timeouts
+from storage._network import NetworkBounds, server_engine_kwargs, with_redis_timeouts
 from storage._retry import RetryPolicy, StorageUnavailable, with_retries
 from storage._urls import (
     StorageURLError,
@@ -30,8 +30,19 @@ from storage._urls import (
 SQLITE_BUSY_TIMEOUT_S = 60
 # Opens of a new database, while another process may be creating its tables.
 SCHEMA_ATTEMPTS = 3
-# One worker process runs one trial at a time: a small pool, checked before use.
-SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
+# Connections one process opens to a server, at most (docs/DEPLOY.md): a worker's trial and
+# its heartbeat thread each need one at once. A third thread (a checkpoint writer) waits for
+# one: a call holds it for milliseconds.
+SERVER_CONNECTIONS = 2
+SERVER_POOL = {
+    "pool_size": SERVER_CONNECTIONS,
+    "max_overflow": 0,
+    "pool_pre_ping": True,  # checked before use: a server restart left it dead
+    "pool_recycle": 1800,
+}
+# A thread waits for a free connection longer than another thread's call can hold one (each
+# wait of that call for the server is bounded, storage/_network.py).
+POOL_WAIT_CALLS = 3
 # Backends reached over a network, which may not be up yet when a worker starts.
 SERVER_BACKENDS = ("postgresql", "mysql", "journal-redis")
 
@@ -105,6 +116,14 @@ def open_storage(
         ) from err
 
 
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Close the connections a database storage pools. A process that opened one for a look
+    (the settings, before a worker opens its own) would hold them until the collector finds
+    the storage, which after gc.freeze may be never: a worker's connections would double."""
+    if isinstance(storage, RDBStorage):
+        storage.engine.dispose()
+
+
 def _open_journal(
     url: str, backend: str, heartbeat: HeartbeatPolicy | None, retry: RetryPolicy | None
 ) -> HeartbeatJournalStorage:
@@ -136,7 +155,9 @@ def _open_rdb(
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
         engine_kwargs: dict = {"connect_args": connect_args}
     else:
-        engine_kwargs = {**SERVER_POOL, **server_engine_kwargs(url, backend)}
+        pool_wait_s = POOL_WAIT_CALLS * NetworkBounds.from_env().call_s
+        engine_kwargs = {**SERVER_POOL, "pool_timeout": pool_wait_s}
+        engine_kwargs.update(server_engine_kwargs(url, backend))
     writer = backend == "sqlite" and not reader
     classes = (SQLiteStorage, RetryingSQLiteStorage) if writer else (RDBStorage, RetryingRDBStorage)
     storage_class = classes[0] if retry is None else classes[1]
@@ -166,7 +187,10 @@ def _rdb_storage(
     heartbeat: HeartbeatPolicy | None,
     retry: RetryPolicy | None,
 ) -> RDBStorage:
-    kwargs: dict = {"engine_kwargs": engine_kwargs}
+    # Optuna's schema check at open holds a transaction open while it takes a second
+    # connection: behind a pooler in transaction mode, workers opening at once can hold every
+    # server connection that way, each waiting for another. _check_schema asks one at a time.
+    kwargs: dict = {"engine_kwargs": engine_kwargs, "skip_compatibility_check": True}
     if retry is not None:
         kwargs["retry"] = retry
     if heartbeat is not None:
@@ -177,7 +201,19 @@ def _rdb_storage(
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return storage_class(url, **kwargs)
+        storage = storage_class(url, **kwargs)
+    _check_schema(storage)
+    return storage
+
+
+def _check_schema(storage: RDBStorage) -> None:
+    """The tables must be at the schema this Optuna writes (Optuna's own check, unnested)."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise StorageURLError(
+            f"the study database's tables are at Optuna schema {current}, this Optuna "
+            f"{optuna.__version__} needs {head}: `optuna storage upgrade --storage URL`"
+        )
 
 
 def _require_sqlite_file(url: str) -> None:

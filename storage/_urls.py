@@ -19,6 +19,10 @@ JOURNAL_FILE_PREFIX = "journal://"
 REDIS_SCHEMES = ("redis", "rediss")
 # Query parameters that carry a secret in SQLAlchemy and redis URLs.
 SECRET_QUERY_KEYS = ("password", "passwd", "sslpassword")
+# psycopg prepares a statement on the server once it ran 5 times on a connection. A pooler in
+# transaction mode (PgBouncer before 1.21) runs the next transaction on another server
+# connection, which never saw it: `?prepare_threshold=none` turns preparing off (docs/DEPLOY.md).
+PREPARE_THRESHOLD_KEY = "prepare_threshold"
 
 
 class StorageURLError(ValueError):
@@ -99,3 +103,19 @@ def scrub(text: str, url: str) -> str:
     for secret in secrets:
         text = text.replace(unquote(secret), "***").replace(secret, "***")
     return text
+
+
+def with_prepare_threshold(params: dict) -> dict:
+    """psycopg's connect arguments with `prepare_threshold` from the URL as psycopg takes it:
+    a whole number, or None for never (the URL can only say "none")."""
+    text = params.get(PREPARE_THRESHOLD_KEY)
+    if not isinstance(text, str):
+        return params
+    if text.lower() in ("none", ""):
+        return {**params, PREPARE_THRESHOLD_KEY: None}
+    if not text.isdigit():
+        raise StorageURLError(
+            f"?{PREPARE_THRESHOLD_KEY}={text}: a whole number of runs before psycopg prepares "
+            "a statement, or none (behind PgBouncer in transaction mode)"
+        )
+    return {**params, PREPARE_THRESHOLD_KEY: int(text)}

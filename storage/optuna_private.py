@@ -43,6 +43,11 @@ def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Tri
     public way to claim a chosen one (a retry before fresh tickets, only tickets in budget).
     """
     try:
+        # A read first, without a lock: in a fleet most tickets a worker tries were just taken,
+        # and a claim (a heartbeat, then the trial's row lock) on each queued every worker
+        # behind the same rows (docs/BENCHMARKS.md, "A fleet on one database").
+        if study._storage.get_trial(waiting._trial_id).state != TrialState.WAITING:
+            return None
         # The storage compares and sets: False when another worker claimed it first.
         if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
             return optuna.Trial(study, waiting._trial_id)

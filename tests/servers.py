@@ -98,7 +98,7 @@ class OwnPostgres(OwnServer):
     """initdb in a temporary folder; as root, run as the `postgres` user (it refuses root).
     `settings` are server settings for each start (max_connections=5, hot_standby=off)."""
 
-    def __init__(self, folder: Path, **settings: str | int):
+    def __init__(self, folder: Path, **settings: object):
         super().__init__(folder)
         self.settings = settings
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -173,6 +173,66 @@ class OwnMariaDB(OwnServer):
         except Exception:
             return False
         return True
+
+
+class OwnPgBouncer(OwnServer):
+    """Debian's pgbouncer on a free port in front of an own PostgreSQL, in transaction mode
+    by default: a server connection is lent to a client for one transaction. As root, run
+    as the `postgres` user (it refuses root). Its admin console answers `show(...)`."""
+
+    PROGRAM = "/usr/sbin/pgbouncer"
+
+    def __init__(self, folder: Path, postgres: OwnPostgres, **settings: object):
+        folder.mkdir(exist_ok=True)
+        super().__init__(folder)
+        if not Path(self.PROGRAM).exists():
+            _missing(f"pgbouncer ({self.PROGRAM})")
+        (folder / "users.txt").write_text('"postgres" ""\n')
+        config = {
+            "listen_addr": "127.0.0.1", "listen_port": self.port, "unix_socket_dir": "",
+            "auth_type": "trust", "auth_file": folder / "users.txt", "admin_users": "postgres",
+            "pool_mode": "transaction", "max_client_conn": 1000, "default_pool_size": 20,
+            "logfile": folder / "log", "pidfile": folder / "pid", **settings,
+        }  # fmt: skip
+        lines = ["[databases]", f"* = host=127.0.0.1 port={postgres.port}", "[pgbouncer]"]
+        lines += [f"{name} = {value}" for name, value in config.items()]
+        (folder / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+        # psycopg must not prepare statements: the next transaction may get another server
+        # connection (docs/DEPLOY.md).
+        self.plain_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.url = f"{self.plain_url}?prepare_threshold=none"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [self.PROGRAM, str(self.folder / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.wait_until_up()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def is_up(self) -> bool:
+        return _connects(self.plain_url)
+
+    def show(self, what: str) -> list[dict[str, str]]:
+        """The admin console's SHOW WHAT (POOLS, CLIENTS, SERVERS), a dict per row."""
+        result = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "pgbouncer",
+             "-AF", "\t", "-c", f"SHOW {what}"],
+            check=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        header, *rows = result.stdout.splitlines()[:-1]  # the last line counts the rows
+        names = header.split("\t")
+        return [dict(zip(names, row.split("\t"), strict=True)) for row in rows]
 
 
 def _mariadbd() -> str | None:

@@ -27,12 +27,9 @@ from search.training.checkpoints import CheckpointStore, TrialCheckpoints
 from search.training.compile_policy import CompilePolicy
 from search.training.run import Run, start_run
 from search.training.trainer import DeviceRecipe, DivergedError, EpochStats
+from search.training.worker import TrialInterrupted
 from storage import StorageUnavailable
 from storage.optuna_private import original_number
-
-
-class TrialInterrupted(Exception):
-    """A stop was requested; the trial's last epoch is checkpointed and it should be retried."""
 
 
 @dataclass(frozen=True)

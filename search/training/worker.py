@@ -7,21 +7,27 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
-import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.study import budget, claim_trial, fail_stale_trials, owes_retry
-from search.training.memory import memory_note, release_trial_memory
-from search.training.objective import TrialInterrupted, TrialRunner
+from search.training.memory import device_out_of_memory, memory_note, release_trial_memory
 from storage import StorageUnavailable, queue_retry
 from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
 
+if TYPE_CHECKING:  # the loop itself needs no torch: only the objective that trains does
+    from search.training.objective import TrialRunner
+
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
+
+
+class TrialInterrupted(Exception):
+    """A stop was requested; the trial's last epoch is checkpointed and it should be retried."""
 
 
 @dataclass
@@ -111,7 +117,7 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner)
         return _tell(study, trial, state=TrialState.PRUNED)
     except TrialInterrupted as stop:
         return stop_trial(study, trial, str(stop))
-    except torch.OutOfMemoryError:
+    except device_out_of_memory():
         # What the device had, read now; the memory itself is released once this has returned.
         ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY, [])
         trial.set_user_attr(attrs.OUT_OF_MEMORY, [*ran_out, trial.number])
