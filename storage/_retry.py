@@ -71,15 +71,16 @@ class StorageUnavailable(RuntimeError):
 class RetryPolicy:
     """How long a worker waits out a lost storage, and where it says so.
 
-    Once it has given up, a call that finds the storage still lost raises at once: the
-    clean-up on the way out (the trial's summary) must not open a second window.
+    Once it has given up, a call that finds the storage still lost raises at once, with the
+    same line: the clean-up on the way out (the trial's summary) must not open a second
+    window, and whichever thread's error is printed says what the give-up said.
     """
 
     limit_s: float = DEFAULT_STORAGE_RETRY_S
     say: Callable[[str], None] = print
     first_delay_s: float = 0.5
     max_delay_s: float = 5.0
-    gave_up: bool = field(default=False, compare=False)
+    gave_up: str = field(default="", compare=False)  # the give-up's line, until an answer
 
     def __getstate__(self) -> dict[str, Any]:
         # `say` is a progress console's bound method in `hpo` (a lock inside, which does not
@@ -108,17 +109,17 @@ class RetryPolicy:
                     self.say(f"storage unreachable ({describe(err)}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip
                 if self.gave_up:
-                    raise StorageUnavailable(f"storage still unreachable, at {name}") from None
+                    raise StorageUnavailable(self.gave_up) from None
                 if now - lost_at >= self.limit_s:
-                    self.gave_up = True
-                    raise StorageUnavailable(
+                    self.gave_up = (
                         f"storage unreachable for {now - lost_at:.0f} s (--storage-retry-s "
                         f"{self.limit_s:g}), at {name}: {describe(err)}; giving up"
-                    ) from None
+                    )
+                    raise StorageUnavailable(self.gave_up) from None
                 time.sleep(min(delay, self.limit_s - (now - lost_at)))
                 delay = min(2 * delay, self.max_delay_s)
                 continue
-            self.gave_up = False
+            self.gave_up = ""
             if lost_at is not None:
                 on_loss()  # the outage ends now: a grace counted from here (stale_trial_ids)
                 self.say(f"storage reachable again after {time.monotonic() - lost_at:.0f} s")

@@ -47,8 +47,9 @@ EPOCHS = 10
 TRIALS = 6
 # The submitting shell's CUDA_VISIBLE_DEVICES: a worker that names it did not get Slurm's.
 SUBMIT_HOST_GPUS = "submit-host"
-# The one stub: without a CUDA driver torch counts no GPU, so `--gpus all` counts the names
-# Slurm gave the job instead. Loaded by every Python of the job through PYTHONPATH.
+# The one stub: without a CUDA driver torch counts no GPU, so a worker counts the names Slurm
+# gave its task instead, as CUDA would see them on a GPU node (a worker's name and `--gpus
+# all`); training still runs on the CPU. Loaded by every Python of a job through PYTHONPATH.
 GPU_COUNT_STUB = """import os
 import search.fleet
 search.fleet.visible_gpu_count = lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
@@ -252,11 +253,15 @@ def submit_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def slurm_env(hpo_env: dict, cluster: Cluster) -> Iterator[dict[str, str]]:
-    """The submitting shell: the suite's PostgreSQL exported, and a CUDA_VISIBLE_DEVICES of its
-    own that only Slurm's would replace in a task. Whatever the test left running is
-    cancelled after it, so the next one finds the node's GPUs free."""
-    env = {**hpo_env, "HPO_STORAGE": server_url("postgresql")}
+def slurm_env(hpo_env: dict, cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The submitting shell: the suite's PostgreSQL exported, a CUDA_VISIBLE_DEVICES of its
+    own that only Slurm's would replace in a task, and the GPU count stub. Whatever the test
+    left running is cancelled after it, so the next one finds the node's GPUs free."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "sitecustomize.py").write_text(GPU_COUNT_STUB)
+    python_path = os.pathsep.join(filter(None, [str(stub), hpo_env.get("PYTHONPATH")]))
+    env = {**hpo_env, "HPO_STORAGE": server_url("postgresql"), "PYTHONPATH": python_path}
     yield cluster.env({**env, "CUDA_VISIBLE_DEVICES": SUBMIT_HOST_GPUS})
     cluster.cancel_all()
 
@@ -362,13 +367,8 @@ def test_gres_gpu_2_with_gpus_all_pins_two_children_to_slurms_names(
     # The study is already full: each child joins, names itself and exits without training.
     study = create_study(slurm_env, submit_dir, trials=1, epochs=1)
     study.tell(claim_trial(study), 1.0)
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "sitecustomize.py").write_text(GPU_COUNT_STUB)
-    python_path = os.pathsep.join(filter(None, [str(stub), slurm_env.get("PYTHONPATH")]))
-    env = {**slurm_env, "PYTHONPATH": python_path}
     pair = ["--array=0", "--gres=gpu:2", str(SBATCH), study.study_name, "--gpus", "all"]
-    job = cluster.submit(*pair, env=env, cwd=submit_dir)
+    job = cluster.submit(*pair, env=slurm_env, cwd=submit_dir)
     (task,) = cluster.wait_ended(job)
     (output,) = outputs_of(submit_dir, job).values()
     assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), output
