@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from search import attrs  # noqa: E402
-from search.cost import gflops_per_image  # noqa: E402
-from search.settings import StudySettings  # noqa: E402
-from search.space import sample_config  # noqa: E402
-from search.study import create_or_join  # noqa: E402
+from search.rules import attrs  # noqa: E402
+from search.rules.cost import gflops_per_image  # noqa: E402
+from search.rules.settings import StudySettings  # noqa: E402
+from search.rules.space import sample_config  # noqa: E402
+from search.rules.study import create_or_join  # noqa: E402
 from storage import open_storage  # noqa: E402
 
 STUDY = "bench-cli"

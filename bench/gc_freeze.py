@@ -3,7 +3,7 @@
 search/training/memory.py runs a full `gc.collect()` after each trial so that a trial's model
 in a reference cycle is freed before the next one claims the GPU's memory. A full pass visits
 every object the process holds, most of them made at start-up (torch, torchvision, Optuna)
-and alive until exit; search/launch.py freezes those once, before the first trial.
+and alive until exit; search/commands/launch.py freezes those once, before the first trial.
 
     python bench/gc_freeze.py
 """

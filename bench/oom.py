@@ -31,9 +31,10 @@ import search.training.worker  # noqa: E402
 from data.dataset import load_dataset  # noqa: E402
 from data.loader import search_data
 from data.synthetic import write_synthetic
-from search import attrs, memory  # noqa: E402
-from search.settings import StudySettings  # noqa: E402
-from search.study import create_or_join, join_as_worker  # noqa: E402
+from search.rules import attrs  # noqa: E402
+from search.rules.settings import StudySettings  # noqa: E402
+from search.rules.study import create_or_join, join_as_worker  # noqa: E402
+from search.training import memory  # noqa: E402
 from search.training.objective import TrialRunner, WorkerInfo  # noqa: E402
 from search.training.trainer import DeviceRecipe  # noqa: E402
 from search.training.worker import run_worker  # noqa: E402

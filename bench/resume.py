@@ -25,7 +25,7 @@ from data.dataset import load_dataset
 from data.loader import search_data
 from data.synthetic import write_synthetic
 from model.config import REPORT_TABLE1, ModelConfig
-from search.config import TrainConfig, TrialConfig
+from search.rules.config import TrainConfig, TrialConfig
 from search.training.run import start_run
 from search.training.trainer import DeviceRecipe
 

@@ -29,7 +29,7 @@ import torch
 from model.config import REPORT_TABLE1, ModelConfig
 from model.counts import train_step_flops
 from model.network import build_model
-from search.space import load_space, sample_config
+from search.rules.space import load_space, sample_config
 
 # Batch 2: BatchNorm refuses one image on a 1x1 map; FLOPs are linear in the batch.
 COUNT_BATCH = 2

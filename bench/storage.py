@@ -1,7 +1,7 @@
 """How much bookkeeping each Optuna storage adds per trial, early and late in a study.
 
 W worker processes share one study per storage. The study is created as `hpo` creates one
-(search.study.create_or_join: a window of WAITING tickets, topped up by claims) and each
+(search.rules.study.create_or_join: a window of WAITING tickets, topped up by claims) and each
 worker runs the project's own loop, search.training.worker.run_worker: fail stale trials,
 claim_trial, run_trial (heartbeat, objective, tell), then the per-trial progress reads of
 `hpo` (budget and best trial). The objective computes nothing: two suggest_float calls,
@@ -44,10 +44,10 @@ import redis
 from optuna.trial import FrozenTrial, TrialState
 
 import search.training.worker
-from search.progress import best_summary
-from search.pruners import PRUNERS
-from search.settings import StudySettings
-from search.study import (
+from search.commands.progress import best_summary
+from search.rules.pruners import PRUNERS
+from search.rules.settings import StudySettings
+from search.rules.study import (
     budget,
     create_or_join,
     join,

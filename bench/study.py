@@ -3,8 +3,9 @@
     python bench/study.py --device cpu             # tiny space, small synthetic set: ~3 min
     python bench/study.py --device cuda --trials 24   # default space, 50,000 synthetic images
 
-The study is created as `hpo create` creates it (search.launch.create_study) in a SQLite file,
-and each worker is a process that runs what `hpo worker` runs (search.launch.join_search):
+The study is created as `hpo create` creates it (search.commands.launch.create_study) in a
+SQLite file, and each worker is a process that runs what `hpo worker` runs
+(search.commands.launch.join_search):
 its own start-up, data on the device once, then claim, objective, tell, progress, until the
 study's target is met. Each worker process wraps the project's functions with timers (main
 thread only) and writes what it measured to a JSON file; the parent adds the trials' own
@@ -47,15 +48,15 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-import search.launch  # noqa: E402
+import search.commands.launch  # noqa: E402
 import search.training.checkpoints  # noqa: E402
 import search.training.objective  # noqa: E402
 import search.training.trainer  # noqa: E402
 import search.training.worker  # noqa: E402
 from data.dataset import load_dataset  # noqa: E402
 from data.synthetic import synthetic_folder, write_synthetic  # noqa: E402
-from search.fleet import WorkerOptions  # noqa: E402
-from search.progress import SearchProgress  # noqa: E402
+from search.commands.fleet import WorkerOptions  # noqa: E402
+from search.commands.progress import SearchProgress  # noqa: E402
 
 OBJECTIVE_PHASES = ("sample", "build", "compile", "train", "eval", "checkpoint", "report", "prune")
 WORKER_PHASES = ("claim", "tell", "progress", "idle")
@@ -124,10 +125,10 @@ class Timers:
         search.training.worker.fail_stale_trials = look_for_work
         self.wrap(search.training.worker, "fail_stale_trials", "claim")
         self.wrap(search.training.worker, "claim_trial", "claim", after=self._claimed)
-        self.wrap(search.launch, "load_dataset", "data")
-        self.wrap(search.launch, "search_data", "data")
-        self.wrap(search.launch, "budget", "progress")
-        self.wrap(search.launch, "best_summary", "progress")
+        self.wrap(search.commands.launch, "load_dataset", "data")
+        self.wrap(search.commands.launch, "search_data", "data")
+        self.wrap(search.commands.launch, "budget", "progress")
+        self.wrap(search.commands.launch, "best_summary", "progress")
         self.wrap(optuna.study.Study, "tell", "tell")
         # Inside the objective; used only where a trial has no `seconds` attribute.
         self.wrap(search.training.objective, "sample_config", "sample")
@@ -168,7 +169,7 @@ def run_worker(spec: dict[str, Any]) -> None:
         timeout_s=spec["timeout"],
     )
     with open(spec["log"], "a") as log:
-        search.launch.join_search(
+        search.commands.launch.join_search(
             spec["study"], spec["storage"], options, SearchProgress(Console(file=log))
         )
     record = {
@@ -200,11 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     print_header(args, space, trials, epochs, len(images.train_labels))
 
     start = time.time()
-    request = search.launch.StudyRequest(
+    request = search.commands.launch.StudyRequest(
         study="bench", trials=trials, storage=storage, space=space, epochs=epochs,
         dataset="synthetic", pruner=args.pruner, checkpoint_interval=args.checkpoint_interval,
     )  # fmt: skip
-    search.launch.create_study(request, SearchProgress(Console(file=open(os.devnull, "w"))))  # noqa: SIM115
+    quiet = SearchProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    search.commands.launch.create_study(request, quiet)
     created = time.time()
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // args.workers))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "HPO_STORAGE": storage}

@@ -53,7 +53,7 @@ from data.synthetic import synthetic_folder, write_synthetic
 from model.config import REPORT_TABLE1, ModelConfig
 from model.counts import train_step_flops
 from model.network import build_model
-from search.config import TrainConfig
+from search.rules.config import TrainConfig
 from search.training.trainer import DeviceRecipe, Trainer
 
 CONFIGS = {

@@ -20,10 +20,21 @@ from rich.console import Console
 from data.cifar import DatasetMissingError, default_data_dir, download_cifar10
 from data.dataset import DATASETS
 from model.config import ModelConfigError
-from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
-from search.artifacts import artifact_dir as resolve_artifact_dir
-from search.compare import CompareRequest, run_compare
-from search.config import (
+from search.commands.compare import CompareRequest, run_compare
+from search.commands.export import (
+    best_document,
+    pareto_documents,
+    to_yaml,
+    to_yaml_documents,
+    trial_document,
+)
+from search.commands.fleet import WorkerOptions
+from search.commands.launch import StudyRequest, create_study, join_search, start_search
+from search.commands.progress import SearchProgress
+from search.commands.status import studies_table, study_status
+from search.rules.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
+from search.rules.artifacts import artifact_dir as resolve_artifact_dir
+from search.rules.config import (
     COMPILE_MODES,
     DEFAULT_COMPILE_MODE,
     DEFAULT_EPOCHS,
@@ -31,21 +42,11 @@ from search.config import (
     ConfigError,
     load_config_file,
 )
-from search.export import (
-    best_document,
-    pareto_documents,
-    to_yaml,
-    to_yaml_documents,
-    trial_document,
-)
-from search.fleet import GpuSpecError, WorkerOptions
-from search.launch import StudyRequest, create_study, join_search, start_search
-from search.progress import SearchProgress
-from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
-from search.settings import DEFAULT_SEED, SettingsConflict
-from search.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
-from search.status import studies_table, study_status
-from search.study import StudyError, join
+from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
+from search.rules.settings import DEFAULT_SEED, SettingsConflict
+from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
+from search.rules.study import StudyError, join
+from search.training.devices import GpuSpecError
 from storage import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_STORAGE_RETRY_S,
@@ -401,7 +402,7 @@ def train(
         # A bad file or URL is refused before the training plane (torch) loads.
         load_config_file(config)
         backend_of(storage)
-        from search.training.final import FinalRequest, run_final
+        from search.commands.train import FinalRequest, run_final
 
         request = FinalRequest(
             config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
@@ -452,7 +453,11 @@ def dashboard(
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
     """Serve optuna-dashboard on the studies: live plots, trials, notes and checkpoints."""
-    from search.dashboard import DashboardError, exposure_warning, open_dashboard  # its server
+    from search.commands.dashboard import (  # its server
+        DashboardError,
+        exposure_warning,
+        open_dashboard,
+    )
 
     with user_errors(DashboardError):
         artifacts = resolve_artifact_dir(artifact_dir, storage)
@@ -473,7 +478,10 @@ def report(
     top: Annotated[int, typer.Option(min=1, help="Rows in the table of best trials.")] = 10,
 ) -> None:
     """Write an offline HTML page (and PNGs) of a study's plots and its best trials."""
-    from search.report import ReportError, write_report  # plotting loads for this command only
+    from search.commands.report import (  # plotting loads for this command only
+        ReportError,
+        write_report,
+    )
 
     with user_errors(ReportError):
         written = write_report(join(open_storage(storage, reader=True), study), output, top)

@@ -287,7 +287,7 @@ def _settle_new_study(
 ) -> Any:
     """A lost creation: a study of that name now is this one's. It cannot be told from
     another process's, made after this request was lost on its way; both then complete it,
-    which search/study.py makes safe."""
+    which search/rules/study.py makes safe."""
     if study_name is None:
         return UNKNOWN
     try:

@@ -195,7 +195,7 @@ STALE_TRIAL_IDS = "_get_stale_trial_ids"
 def insert_key(template: FrozenTrial | None) -> tuple[str, object] | None:
     """What makes a trial insert one of a kind, as (attribute, value): a retry's chain
     history (a system attribute; each retry carries the chain so far, so no two retries share
-    one), or a one-off ticket's TICKET_KEY (a user attribute, search/study.py). None: a
+    one), or a one-off ticket's TICKET_KEY (a user attribute, search/rules/study.py). None: a
     plain ticket or trial, of which a second copy is harmless."""
     if template is None:
         return None

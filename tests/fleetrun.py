@@ -31,8 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from servers import OwnPgBouncer, OwnPostgres
 
-from search.launch import BENCH_OBJECTIVE_ENV, StudyRequest, create_study
-from search.progress import SearchProgress
+from search.commands.launch import BENCH_OBJECTIVE_ENV, StudyRequest, create_study
+from search.commands.progress import SearchProgress
 from storage import RetryPolicy, open_storage
 from storage.optuna_private import RETRY_HISTORY_KEY, retried_numbers, retry_of
 

@@ -1,4 +1,4 @@
-"""The study's budget rule (search/study.py's docstring) under random sequences of worker
+"""The study's budget rule (search/rules/study.py's docstring) under random sequences of worker
 events, on a real SQLite file: claims, crashes, stale trials, retries, over-cap draws, prunes,
 completions, errors, stops, target raises and lost answers, in any order.
 
@@ -25,10 +25,17 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from lossy import OUTSIDE_THE_LOOP, age_heartbeats, forget_losses, lossy_storage
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cost import is_over_cap, refuse_over_cap
-from search.launch import StudyRequest
-from search.study import budget, claim_trial, create_or_join, fail_stale_trials, join, move_target
-from search.training.objective import TrialInterrupted
+from search.commands.launch import StudyRequest
+from search.rules.cost import is_over_cap, refuse_over_cap
+from search.rules.study import (
+    budget,
+    claim_trial,
+    create_or_join,
+    fail_stale_trials,
+    join,
+    move_target,
+)
+from search.training.stops import TrialInterrupted
 from search.training.worker import run_trial, run_worker
 from storage import optuna_private
 
@@ -106,7 +113,7 @@ def twins(trials: list[FrozenTrial]) -> set[int]:
 
 def finished_chains(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The latest member of each chain, where it has ended and is no over-cap draw: the
-    study's finished trials, counted without search/study.py."""
+    study's finished trials, counted without search/rules/study.py."""
     ignored = twins(trials)
     latest = {
         chain_of(t): t for t in sorted(trials, key=lambda t: t.number) if t.number not in ignored

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from data.dataset import load_dataset
 from data.loader import search_data
-from search.settings import StudySettings
+from search.rules.settings import StudySettings
 from search.training import objective
 from search.training.checkpoints import CheckpointStore, to_host
 from search.training.objective import TrialInterrupted, TrialRunner, WorkerInfo

@@ -13,11 +13,11 @@ from conftest import HPO, run_hpo, tiny_start
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
-from search import attrs
-from search.artifacts import artifact_dir
-from search.config import TrialConfig
-from search.cost import gflops_per_image
-from search.study import budget
+from search.rules import attrs
+from search.rules.artifacts import artifact_dir
+from search.rules.config import TrialConfig
+from search.rules.cost import gflops_per_image
+from search.rules.study import budget
 from storage import open_storage
 
 

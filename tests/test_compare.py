@@ -22,10 +22,8 @@ from typer.testing import CliRunner
 
 from data.dataset import load_dataset
 from model.config import REPORT_TABLE1
-from search import attrs
-from search.artifacts import artifact_dir
 from search.cli import app
-from search.compare import (
+from search.commands.compare import (
     Entry,
     paired_difference,
     report_entry,
@@ -34,13 +32,15 @@ from search.compare import (
     top_entries,
     training_plan,
 )
-from search.config import StepArgs, TrialConfig
-from search.export import trial_document
-from search.report import write_report
-from search.settings import StudySettings
-from search.space import config_from_params, report_params_in, sample_config
-from search.status import study_table
-from search.study import create_or_join, load_settings
+from search.commands.export import trial_document
+from search.commands.report import write_report
+from search.commands.status import study_table
+from search.rules import attrs
+from search.rules.artifacts import artifact_dir
+from search.rules.config import StepArgs, TrialConfig
+from search.rules.settings import StudySettings
+from search.rules.space import config_from_params, report_params_in, sample_config
+from search.rules.study import create_or_join, load_settings
 from search.training.final import train_seeds
 from storage import open_storage
 

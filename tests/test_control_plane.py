@@ -21,7 +21,7 @@ import typer
 from test_dashboard import make_study
 
 from search.cli import app
-from search.export import best_document, to_yaml
+from search.commands.export import best_document, to_yaml
 
 STUDY = "plane"
 TRAINING = {"torch", "torchvision"}
@@ -166,7 +166,10 @@ def plane_env(workdir: Path) -> dict[str, str]:
 
 
 def test_the_configs_both_planes_share_import_without_torch() -> None:
-    shared = "data, model, search.config, search.space, search.settings, search.export"
+    shared = (
+        "data, model, search.rules.config, search.rules.space, search.rules.settings, "
+        "search.commands.export"
+    )
     code = f"import json, sys, {shared}; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert not {name.split(".")[0] for name in json.loads(done.stdout)} & HEAVY

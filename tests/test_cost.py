@@ -18,25 +18,25 @@ from rich.console import Console
 from data.dataset import load_dataset
 from data.loader import search_data
 from model.config import ModelConfig
-from search import attrs
-from search.cost import (
+from search.commands.launch import StudyRequest, create_study
+from search.commands.progress import SearchProgress
+from search.commands.status import study_table
+from search.rules import attrs
+from search.rules.cost import (
     SEARCH_TRAIN_IMAGES,
     TABLE1_GFLOPS,
     draw_costs,
     expected_epochs,
     is_over_cap,
-    probe_flops_per_s,
     refuse_over_cap,
     study_cost,
     study_pace,
 )
-from search.launch import StudyRequest, create_study
-from search.progress import SearchProgress
-from search.settings import StudySettings
-from search.space import DEFAULT_SPACE, TINY_SPACE
-from search.status import study_table
-from search.study import budget, create_or_join, join_as_worker
+from search.rules.settings import StudySettings
+from search.rules.space import DEFAULT_SPACE, TINY_SPACE
+from search.rules.study import budget, create_or_join, join_as_worker
 from search.training.objective import TrialRunner, WorkerInfo
+from search.training.probe import probe_flops_per_s
 from search.training.trainer import DeviceRecipe
 from search.training.worker import run_worker
 from storage import open_storage

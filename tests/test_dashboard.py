@@ -28,14 +28,19 @@ from typer.testing import CliRunner
 
 from model.counts import count_parameters
 from model.network import build_model
-from search import attrs
-from search.artifacts import artifact_dir
 from search.cli import app
-from search.cost import gflops_per_image
-from search.dashboard import DashboardError, exposure_warning, open_dashboard, write_study_note
-from search.settings import StudySettings
-from search.space import load_space, sample_config
-from search.study import budget, create_or_join, join, load_settings
+from search.commands.dashboard import (
+    DashboardError,
+    exposure_warning,
+    open_dashboard,
+    write_study_note,
+)
+from search.rules import attrs
+from search.rules.artifacts import artifact_dir
+from search.rules.cost import gflops_per_image
+from search.rules.settings import StudySettings
+from search.rules.space import load_space, sample_config
+from search.rules.study import budget, create_or_join, join, load_settings
 from search.training.checkpoints import CheckpointStore
 from search.training.objective import describe_architecture
 from storage import open_storage

@@ -25,11 +25,11 @@ from servers import OwnMariaDB, OwnPostgres, OwnRedis, OwnServer
 from test_outages import assert_study_done, logs, spawn, wait_for_line, wait_for_running
 from test_workers import MICRO_SPACE
 
-import search.study
-from search.launch import StudyRequest, create_study, stored_settings
-from search.progress import SearchProgress
-from search.space import load_space, report_table1_params, sample_config
-from search.study import budget, claim_trial, fail_stale_trials, queue_owed_retries
+import search.rules.study
+from search.commands.launch import StudyRequest, create_study, stored_settings
+from search.commands.progress import SearchProgress
+from search.rules.space import load_space, report_table1_params, sample_config
+from search.rules.study import budget, claim_trial, fail_stale_trials, queue_owed_retries
 from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage, optuna_private
 from storage._network import server_engine_kwargs, with_redis_timeouts
 
@@ -377,7 +377,7 @@ def test_a_study_creation_whose_answer_is_lost(
 ) -> None:
     """Before: the repeat took the study for another's, waited for its settings and failed,
     and so did every later start ("was not created by hpo")."""
-    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    monkeypatch.setattr(search.rules.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
     proxy.lose_answer(*STUDY_INSERT)
     space = tmp_path / "micro.yaml"
     space.write_text(MICRO_SPACE)
@@ -486,7 +486,7 @@ def test_twins_arise_on_redis_and_only_the_first_runs(
     """Two workers queue one retry at once: B fails a stale trial and reads no retry of it,
     and its insert of the retry is delayed in the network while A queues the same retry.
     The journal has no lock to refuse the second (RDB's keyed insert does: no twin there),
-    so twins arise; only the first counts or runs (search/study.py, _twins)."""
+    so twins arise; only the first counts or runs (search/rules/study.py, _twins)."""
     name, study = new_study(own_redis, tmp_path, epochs=1, trials=2)
     retry, heartbeat = RetryPolicy(limit_s=60, say=lambda _: None), HeartbeatPolicy(interval_s=1)
     a, b = (

@@ -13,7 +13,7 @@ from conftest import run_hpo
 from typer.testing import CliRunner
 
 from search.cli import app
-from search.fidelity import (
+from search.rules.fidelity import (
     MIN_TRIALS,
     pruner_rungs,
     ranks,
@@ -21,8 +21,8 @@ from search.fidelity import (
     spearman,
     study_fidelity,
 )
-from search.settings import StudySettings
-from search.study import create_or_join
+from search.rules.settings import StudySettings
+from search.rules.study import create_or_join
 from storage import open_storage, queue_retry
 
 EPOCHS = 9  # Hyperband from epoch 1 judges at epochs 1 and 3

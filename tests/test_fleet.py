@@ -17,12 +17,13 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from search import fleet
 from search.cli import app
-from search.fleet import GpuSpecError, WorkerOptions, gpu_names, parse_gpus
-from search.launch import StudyRequest, create_study, run_workers, this_worker
-from search.progress import SearchProgress
-from search.study import claim_trial
+from search.commands.fleet import WorkerOptions
+from search.commands.launch import StudyRequest, create_study, run_workers, this_worker
+from search.commands.progress import SearchProgress
+from search.rules.study import claim_trial
+from search.training import devices
+from search.training.devices import GpuSpecError, gpu_names, parse_gpus
 from storage import open_storage
 
 UUIDS = "GPU-0aa1c6e4-5b2f-4a3b-9c1d-111111111111,MIG-7f0e2d44-8c6a-5e1b-a2d3-222222222222"
@@ -30,7 +31,7 @@ UUIDS = "GPU-0aa1c6e4-5b2f-4a3b-9c1d-111111111111,MIG-7f0e2d44-8c6a-5e1b-a2d3-22
 
 @pytest.fixture
 def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "visible_gpu_count", lambda: 2)
 
 
 @pytest.mark.parametrize("visible", ["2,3", UUIDS])
@@ -109,7 +110,7 @@ def test_each_child_worker_gets_its_gpus_name(
 def test_a_worker_is_named_by_the_device_it_trains_on(
     visible: str | None, count: int, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fleet, "visible_gpu_count", lambda: count)
+    monkeypatch.setattr(devices, "visible_gpu_count", lambda: count)
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:

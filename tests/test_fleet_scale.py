@@ -25,7 +25,7 @@ from fleetrun import (
 from servers import server_url
 from test_workers import MICRO_SPACE
 
-from search.launch import BENCH_OBJECTIVE_ENV
+from search.commands.launch import BENCH_OBJECTIVE_ENV
 from storage import open_storage
 from storage._open import SERVER_CONNECTIONS
 

@@ -14,7 +14,7 @@ from conftest import run_hpo, tiny_start
 from optuna.trial import TrialState
 from test_search_rules import EPOCHS, one_trial_study, runner
 
-from search import attrs
+from search.rules import attrs
 from search.training.worker import run_worker
 from storage import open_storage
 

@@ -20,14 +20,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 from servers import SERVERS, server_url
 
-import search.study
-from search import attrs
-from search.fleet import WorkerOptions
-from search.launch import StudyRequest, startup_retry
-from search.progress import SearchProgress
-from search.space import load_space, report_table1_params, sample_config
-from search.status import study_table
-from search.study import (
+import search.rules.study
+from search.commands.fleet import WorkerOptions
+from search.commands.launch import StudyRequest, startup_retry
+from search.commands.progress import SearchProgress
+from search.commands.status import study_table
+from search.rules import attrs
+from search.rules.space import load_space, report_table1_params, sample_config
+from search.rules.study import (
     budget,
     claim_trial,
     create_or_join,
@@ -36,7 +36,7 @@ from search.study import (
     load_settings,
     move_target,
 )
-from search.training.objective import TrialInterrupted
+from search.training.stops import TrialInterrupted
 from search.training.worker import run_trial
 from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
@@ -91,7 +91,7 @@ def test_a_study_creation_whose_answer_is_lost_is_this_creation(
 ) -> None:
     """Before: the repeat found the study, took it for another's, waited for its settings
     and failed; so did every later start."""
-    monkeypatch.setattr(search.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
+    monkeypatch.setattr(search.rules.study, "SETTINGS_WAIT_S", 1.0)  # fail fast, not in 60 s
     storage = lossy_storage(tmp_path / "l.db")
     storage.lose("create_new_study")
     settings = StudyRequest(study="s", trials=3, storage="", space="tiny").new_settings()

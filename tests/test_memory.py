@@ -19,9 +19,9 @@ from test_workers import MICRO_SPACE
 
 from data.dataset import load_dataset
 from data.loader import search_data
-from search import attrs
-from search.settings import StudySettings
-from search.study import claim_trial, create_or_join, join_as_worker, queue_owed_retries
+from search.rules import attrs
+from search.rules.settings import StudySettings
+from search.rules.study import claim_trial, create_or_join, join_as_worker, queue_owed_retries
 from search.training.checkpoints import CheckpointStore
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.trainer import DeviceRecipe

@@ -18,7 +18,7 @@ from optuna.storages._heartbeat import BaseHeartbeat as OptunaBaseHeartbeat
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
 from optuna.trial import TrialState
 
-from search.study import fail_stale_trials
+from search.rules.study import fail_stale_trials
 from storage import HeartbeatPolicy, RetryPolicy, open_storage, optuna_private
 from storage import has_heartbeat as has_heartbeat_url
 from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, Heartbeat

@@ -31,10 +31,10 @@ from servers import (
 )
 from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
 
-from search.launch import StudyRequest
-from search.launch import create_study as create
-from search.progress import SearchProgress
-from search.study import budget
+from search.commands.launch import StudyRequest
+from search.commands.launch import create_study as create
+from search.commands.progress import SearchProgress
+from search.rules.study import budget
 from storage import RetryPolicy, StorageUnavailable, StorageURLError, open_storage
 
 # Longer than the heartbeat's grace (4 s, create_study): when the server is back, every

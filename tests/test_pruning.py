@@ -12,10 +12,10 @@ from optuna.trial import TrialState
 
 from data.dataset import load_dataset
 from data.loader import search_data
-from search import attrs
-from search.launch import StudyRequest
-from search.pruners import build_pruner, next_rung
-from search.study import create_or_join, join_as_worker
+from search.commands.launch import StudyRequest
+from search.rules import attrs
+from search.rules.pruners import build_pruner, next_rung
+from search.rules.study import create_or_join, join_as_worker
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.trainer import DeviceRecipe
 from search.training.worker import run_worker, stop_trial

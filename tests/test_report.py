@@ -13,11 +13,11 @@ from conftest import run_hpo
 from test_dashboard import chromium, make_study, render, visible_text
 from typer.testing import CliRunner
 
-from search import attrs
 from search.cli import app
-from search.config import TrialConfig
-from search.report import PAGE_NAME, PLOTS, ReportError, write_report
-from search.study import create_or_join, load_settings
+from search.commands.report import PAGE_NAME, PLOTS, ReportError, write_report
+from search.rules import attrs
+from search.rules.config import TrialConfig
+from search.rules.study import create_or_join, load_settings
 from storage import open_storage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

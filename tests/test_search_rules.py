@@ -24,11 +24,11 @@ from data.dataset import load_dataset
 from data.loader import search_data
 from data.synthetic import synthetic_folder
 from model.config import ModelConfig
-from search import attrs
-from search.config import StepArgs, TrainConfig
-from search.settings import StudySettings
-from search.space import sample_config
-from search.study import create_or_join, join_as_worker
+from search.rules import attrs
+from search.rules.config import StepArgs, TrainConfig
+from search.rules.settings import StudySettings
+from search.rules.space import sample_config
+from search.rules.study import create_or_join, join_as_worker
 from search.training.checkpoints import CheckpointStore
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.trainer import DeviceRecipe

@@ -32,8 +32,8 @@ from optuna.trial import FrozenTrial, TrialState
 from servers import IN_CI, _missing, free_port, server_url
 from test_workers import MICRO_SPACE
 
-from search import attrs
-from search.study import budget, claim_trial
+from search.rules import attrs
+from search.rules.study import budget, claim_trial
 from storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,8 @@ SUBMIT_HOST_GPUS = "submit-host"
 # gave its task instead, as CUDA would see them on a GPU node (a worker's name and `--gpus
 # all`); training still runs on the CPU. Loaded by every Python of a job through PYTHONPATH.
 GPU_COUNT_STUB = """import os
-import search.fleet
-search.fleet.visible_gpu_count = lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+from search.training import devices
+devices.visible_gpu_count = lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
 """
 
 

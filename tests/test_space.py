@@ -13,8 +13,8 @@ import yaml
 from model.config import REPORT_TABLE1
 from model.flops import train_flops_per_image
 from model.network import build_model
-from search.config import ConfigError, TrialConfig, load_config_file
-from search.space import (
+from search.rules.config import ConfigError, TrialConfig, load_config_file
+from search.rules.space import (
     BUILTIN_SPACES,
     MAX_POOLINGS,
     SpaceError,

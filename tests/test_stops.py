@@ -14,8 +14,8 @@ from conftest import run_hpo
 from optuna.trial import FrozenTrial, TrialState
 from test_workers import MICRO_SPACE, spawn_worker
 
-from search import attrs
-from search.study import budget
+from search.rules import attrs
+from search.rules.study import budget
 from storage import DEFAULT_MAX_RETRY, default_artifact_dir, open_storage
 
 # Many short epochs: each run is stopped a few epochs in, the last one still has some to train.

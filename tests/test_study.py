@@ -11,11 +11,11 @@ import pytest
 from optuna.trial import TrialState
 from servers import server_url
 
-from search.cost import refuse_over_cap
-from search.launch import StudyRequest
-from search.settings import SettingsConflict
-from search.space import report_table1_params
-from search.study import (
+from search.commands.launch import StudyRequest
+from search.rules.cost import refuse_over_cap
+from search.rules.settings import SettingsConflict
+from search.rules.space import report_table1_params
+from search.rules.study import (
     TICKET_WINDOW,
     StudyError,
     budget,

@@ -13,8 +13,8 @@ from data.augment_config import AugmentConfig
 from data.loader import DeviceLoader
 from model.config import ModelConfig
 from model.network import BackboneNet, build_model
-from search.config import TrainConfig
-from search.pruners import next_rung
+from search.rules.config import TrainConfig
+from search.rules.pruners import next_rung
 from search.training.compile_policy import CompilePolicy
 from search.training.trainer import DeviceRecipe, DivergedError, Trainer
 

@@ -16,8 +16,8 @@ from conftest import HPO, run_hpo
 from optuna.trial import FrozenTrial, TrialState
 from servers import PASSWORD, server_url
 
-from search import attrs
-from search.study import budget, fail_stale_trials, move_target
+from search.rules import attrs
+from search.rules.study import budget, fail_stale_trials, move_target
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 
 # One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.

@@ -1,2 +1,2 @@
-"""The training plane: trials and final trainings on a device. Only it imports torch;
-the control plane (the rest of search/) imports it inside the function that trains."""
+"""The training plane: trials and final trainings on a device. Imports the rules, never the
+commands; only it imports torch, and only in the modules that train."""

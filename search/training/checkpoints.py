@@ -23,7 +23,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial
 
-from search import attrs
+from search.rules import attrs
 from storage.optuna_private import forget_artifact, is_running, replace_artifact
 
 
@@ -134,7 +134,7 @@ class CheckpointStore:
 
     def remove_given_up(self, failed: list[FrozenTrial]) -> list[int]:
         """Delete the checkpoint files of chains that failed for good, as the study sees them
-        (search.study.queue_owed_retries): no one resumes from them, and the trial that ended
+        (search.rules.study.queue_owed_retries): no one resumes from them, and the trial that ended
         each chain (its worker died, or ran out of memory again) cannot. Their listings stay:
         a finished trial's attributes are read-only. Returns the numbers whose file it deleted."""
         deleted = []

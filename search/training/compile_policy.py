@@ -6,7 +6,7 @@ after each epoch, with
 
     t  the eager epoch just measured (seconds: training + validation),
     e  the epochs the trial will surely still run: up to the pruner's next rung, where it may
-       be stopped (search.pruners.next_rung), or to its last epoch,
+       be stopped (search.rules.pruners.next_rung), or to its last epoch,
     s  the speed-up compiling gives (compiled / eager images per second),
     c  the seconds compiling costs,
 

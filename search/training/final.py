@@ -1,5 +1,5 @@
-"""`hpo train`: train one config from scratch on all training images, once per seed, and
-test each seed once."""
+"""Final training: one config from scratch on all training images, once per seed, each
+seed tested once (`hpo train` and `hpo compare` run it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import statistics
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,65 +17,19 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from data.batches import ImageSet
-from data.dataset import load_dataset
 from data.loader import final_data
-from search import attrs
-from search.artifacts import artifact_dir
-from search.config import FINAL_EPOCHS, ConfigError, TrialConfig, load_config_file
-from search.cost import gflops_per_image, parameter_count
-from search.fleet import parse_gpus
-from search.progress import SearchProgress, format_epoch, format_mean_std
-from search.study import StudyError, join
+from search.rules import attrs
+from search.rules.config import ConfigError, TrialConfig
+from search.rules.cost import gflops_per_image, parameter_count
+from search.rules.study import StudyError, join
+from search.training.devices import parse_gpus
 from search.training.run import pick_device, start_run
 from search.training.trainer import DeviceRecipe
-from storage import StorageURLError, backend_of, open_storage
+from storage import StorageURLError, open_storage
 
 METRICS_FILE = "metrics.json"
 
 Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class FinalRequest:
-    """What `hpo train` was asked: a config file, and where to train and write it."""
-
-    config: Path
-    dataset: str
-    output_dir: Path
-    storage: str
-    epochs: int | None = None  # FINAL_EPOCHS if None; the config's recipe is kept either way
-    data_dir: Path | None = None
-    artifact_dir: Path | None = None
-    seeds: int = 1  # seeds 0 .. seeds-1
-    gpus: str | None = None  # 'all' or '0,1': seeds side by side, one process per GPU
-
-
-def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
-    """`hpo train`: train the config per seed, test it, write and attach weights and metrics."""
-    cfg, document = load_config_file(request.config)
-    cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
-    backend_of(request.storage)  # a malformed URL fails now, not after the training
-    make_output_dir(request.output_dir)
-    devices = seed_devices(request.gpus, progress.say)
-    if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
-        progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
-    images = load_dataset(request.dataset, request.data_dir)
-    output = request.output_dir
-    metrics = train_seeds(cfg, images, range(request.seeds), output, devices, progress.say)
-    for run in metrics["seeds"]:
-        progress.say(
-            f"seed {run['seed']}: test accuracy {run['test_acc']:.2%} "
-            f"(test loss {run['test_loss']:.4f})"
-        )
-    progress.say(
-        f"test accuracy {format_mean_std(metrics['test_acc'], percent=True)} over "
-        f"{len(metrics['seeds'])} seed(s) (test loss {format_mean_std(metrics['test_loss'])})"
-    )
-    progress.say(f"wrote {', '.join(metrics_files(metrics))} in {output}")
-    artifacts = artifact_dir(request.artifact_dir, request.storage)
-    source = document.get("source") or {}
-    progress.say(attach_final(request.storage, artifacts, source, output, metrics))
-    return metrics
 
 
 def make_output_dir(folder: Path) -> None:
@@ -138,7 +91,7 @@ def train_seed(
     history = []
     for stats in run.trainer.fit(run.train, None):
         history.append(stats)
-        say(format_epoch(f"seed {seed}", stats, cfg.train.epochs))
+        say(stats.line(f"seed {seed}", cfg.train.epochs))
     # fp32, no autocast: the number that is reported is not rounded to bf16 on the way.
     test_loss, test_acc = run.trainer.evaluate(run.held_out, full_precision=True)
     weights = weights_file(seed)

@@ -17,17 +17,17 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from data.loader import RunData
 from model.counts import count_parameters
-from search import attrs
-from search.config import DEFAULT_COMPILE_MODE, TrialConfig
-from search.cost import gflops_per_image, refuse_over_cap
-from search.pruners import next_rung
-from search.settings import StudySettings
-from search.space import sample_config
+from search.rules import attrs
+from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig
+from search.rules.cost import gflops_per_image, refuse_over_cap
+from search.rules.pruners import next_rung
+from search.rules.settings import StudySettings
+from search.rules.space import sample_config
 from search.training.checkpoints import CheckpointStore, TrialCheckpoints
 from search.training.compile_policy import CompilePolicy
 from search.training.run import Run, start_run
+from search.training.stops import TrialInterrupted
 from search.training.trainer import DeviceRecipe, DivergedError, EpochStats
-from search.training.worker import TrialInterrupted
 from storage import StorageUnavailable
 from storage.optuna_private import original_number
 
@@ -72,7 +72,7 @@ class TrialRunner:
         with clock("sample"):
             space = self.settings.search_space()
             cfg = sample_config(trial, space, self.settings.epochs)
-        # An over-cap draw ends here, PRUNED, before anything is built (search/cost.py).
+        # An over-cap draw ends here, PRUNED, before anything is built (search/rules/cost.py).
         refuse_over_cap(trial, gflops_per_image(cfg.model), space.max_gflops)
         with clock("build"):
             state = self._checkpoint(trial)

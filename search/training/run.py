@@ -10,7 +10,7 @@ import torch
 
 from data.loader import DeviceLoader, RunData
 from model.network import build_model
-from search.config import DEFAULT_COMPILE_MODE, TrialConfig
+from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig
 from search.training.compile_policy import CompilePolicy
 from search.training.trainer import DeviceRecipe, Trainer
 

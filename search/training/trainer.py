@@ -27,7 +27,7 @@ from torch import nn
 
 from model.counts import train_step_flops
 from model.network import BackboneNet
-from search.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
+from search.rules.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
 from search.training.compile_policy import CompilePolicy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -55,6 +55,18 @@ class EpochStats:
     compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
     train_seconds: float = 0.0  # training steps, less compiling
     eval_seconds: float = 0.0  # validation, less compiling
+
+    def line(self, label: str, epochs: int) -> str:
+        """The epoch as the console shows it: "trial 3 epoch 2/10  lr ...  train ...  val ..."."""
+        val = (
+            f"val {self.val_loss:.4f}  acc {self.val_acc:6.2%}" if self.val_loss is not None else ""
+        )
+        compiled = f"  (compile {self.compile_seconds:.1f}s)" if self.compile_seconds else ""
+        return (
+            f"{label} epoch {self.epoch:>3}/{epochs}  lr {self.start_lr:.2e}  "
+            f"train {self.train_loss:.4f}  {val}  "
+            f"{self.images_per_s:,.0f} img/s  {self.seconds:.1f}s{compiled}"
+        )
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from search import attrs
-from search.study import budget, claim_trial, fail_stale_trials, owes_retry
+from search.rules import attrs
+from search.rules.study import budget, claim_trial, fail_stale_trials, owes_retry
 from search.training.memory import device_out_of_memory, memory_note, release_trial_memory
+from search.training.stops import TrialInterrupted
 from storage import StorageUnavailable, queue_retry
 from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
 
@@ -24,10 +25,6 @@ if TYPE_CHECKING:  # the loop itself needs no torch: only the objective that tra
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
-
-
-class TrialInterrupted(Exception):
-    """A stop was requested; the trial's last epoch is checkpointed and it should be retried."""
 
 
 @dataclass

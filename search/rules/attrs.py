@@ -9,7 +9,7 @@ SETTINGS = "hpo:settings"  # StudySettings.to_dict(), written last when a study 
 TARGET = "hpo:target"  # finished trials the study should hold
 TARGET_RAISED = "hpo:target-raised-to-"  # + N: one per raise; the target is the largest
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
-COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/compare.py)
+COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/commands/compare.py)
 
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()

@@ -15,18 +15,11 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from search.cost import cost_lines
-from search.fleet import (
-    WorkerOptions,
-    gpu_names,
-    parse_gpus,
-    plan_slots,
-    run_fleet,
-    worker_gpu,
-)
-from search.progress import SearchProgress, best_summary
-from search.settings import StudySettings
-from search.study import (
+from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
+from search.commands.progress import SearchProgress, best_summary
+from search.rules.cost import GpuProbe, cost_lines
+from search.rules.settings import StudySettings
+from search.rules.study import (
     StudyError,
     budget,
     check_study_name,
@@ -36,6 +29,7 @@ from search.study import (
     load_settings,
     move_target,
 )
+from search.training.devices import cuda_is_here, gpu_names, parse_gpus, worker_gpu
 from storage import (
     HeartbeatPolicy,
     RetryPolicy,
@@ -163,7 +157,9 @@ def create_study(
             storage, request.study, request.new_settings(), request.trials
         )
         if created:
-            from search.dashboard import write_study_note  # optuna-dashboard: a new study only
+            from search.commands.dashboard import (
+                write_study_note,  # optuna-dashboard: a new study only
+            )
 
             write_study_note(join(storage, request.study), settings, request.trials)
         else:
@@ -177,9 +173,18 @@ def create_study(
         f"{settings.dataset}, pruner {settings.pruner}, target {request.trials} trials"
     )
     if created:  # priced once, for whoever creates the study (no GPU probe on a join)
-        for line in cost_lines(settings, request.trials):
+        for line in cost_lines(settings, request.trials, gpu_probe()):
             progress.say(line)
     return settings
+
+
+def gpu_probe() -> GpuProbe | None:
+    """The probe that prices the study in GPU-hours, where a GPU is here to be probed."""
+    if not cuda_is_here():
+        return None
+    from search.training.probe import gpu_rate  # the probe trains: it needs torch
+
+    return gpu_rate
 
 
 def planned_settings(request: StudyRequest, retry: RetryPolicy | None = None) -> StudySettings:
@@ -265,7 +270,7 @@ def training_runner(
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
     from data.dataset import load_dataset
     from data.loader import search_data
-    from search.artifacts import artifact_dir
+    from search.rules.artifacts import artifact_dir
     from search.training.checkpoints import CheckpointStore
     from search.training.compile_policy import share_compile_caches
     from search.training.objective import TrialRunner

@@ -11,12 +11,12 @@ from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
 
-from search import attrs
-from search.compare import rich_table
-from search.cost import format_duration, is_over_cap, study_pace
-from search.fidelity import fidelity_line
-from search.progress import best_summary
-from search.study import budget, join, load_settings
+from search.commands.compare import rich_table
+from search.commands.progress import best_summary
+from search.rules import attrs
+from search.rules.cost import format_duration, is_over_cap, study_pace
+from search.rules.fidelity import fidelity_line
+from search.rules.study import budget, join, load_settings
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
 

@@ -6,18 +6,16 @@ reported epoch after every other pruned trial, so it learns to avoid that corner
 space (tests/test_cost.py: told PRUNED, under 20% of late draws land over the cap; told
 FAIL, which TPE ignores, over half). Optuna's `constraints_func` would need the trial
 COMPLETE with a made-up value, which best_trial and the pruners would read, and the same
-function in every worker's sampler. The budget (search/study.py) does not count a skipped
+function in every worker's sampler. The budget (search/rules/study.py) does not count a skipped
 draw and makes a ticket in its place, so a study still trains exactly its target.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,16 +24,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from model.config import REPORT_TABLE1, ModelConfig
 from model.flops import train_flops_per_image
-from search import attrs
-from search.config import TrainConfig, TrialConfig
-from search.settings import StudySettings
-from search.space import SearchSpace, sample_config
+from search.rules import attrs
+from search.rules.config import TrialConfig
+from search.rules.settings import StudySettings
+from search.rules.space import SearchSpace, sample_config
 
 if TYPE_CHECKING:
-    import torch
-
     from model.network import BackboneNet
 
+# A measurement of the GPU the study will train on: its name and train FLOP/s on Table 1.
+GpuProbe = Callable[[], tuple[str, float]]
 TABLE1_GFLOPS = train_flops_per_image(REPORT_TABLE1) / 1e9
 # Images a search epoch trains on: the training set less the 10% validation split
 # (data.search_data); tests/test_cost.py checks the synthetic figure against the split.
@@ -134,36 +132,9 @@ def synthetic_curve(rng: np.random.Generator, epochs: int) -> np.ndarray:
     return floor + (2.3 - floor) * np.exp(-steps / pace) + rng.normal(0, 0.03, epochs)
 
 
-def probe_flops_per_s(
-    device: torch.device, model: ModelConfig = REPORT_TABLE1, batch_size: int = 256, steps: int = 8
-) -> float:
-    """Train FLOP/s of `device` on `model` with the real Trainer, eager, after a warm-up that
-    pays cuDNN's kernel choice. Small networks reach less of the device: a lower bound."""
-    import torch  # the probe trains: the one part of pricing that needs the device
-
-    from model.network import build_model
-    from search.training.trainer import DeviceRecipe, Trainer
-
-    torch.manual_seed(0)
-    train = TrainConfig(batch_size=batch_size, epochs=1, scheduler="constant")
-    recipe = DeviceRecipe.for_device(device)
-    trainer = Trainer(build_model(model), train, steps, recipe, compile_mode="off")
-    batch = (
-        torch.rand(batch_size, 3, 32, 32, device=device),
-        torch.randint(0, 10, (batch_size,), device=device),
-    )
-    trainer.train_epoch([batch] * 2)
-    start = time.perf_counter()
-    _, images = trainer.train_epoch([batch] * steps)  # ends reading the loss: synchronised
-    seconds = time.perf_counter() - start
-    del trainer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the workers that follow need the memory
-    return train_flops_per_image(model) * images / seconds
-
-
-def cost_lines(settings: StudySettings, trials: int) -> list[str]:
-    """What `hpo create`/`hpo start` print about the study's cost before it runs."""
+def cost_lines(settings: StudySettings, trials: int, gpu_probe: GpuProbe | None) -> list[str]:
+    """What `hpo create`/`hpo start` print about the study's cost before it runs; the hours
+    where the command could hand a probe of this machine's GPU (None: no GPU here)."""
     cost = study_cost(settings, trials)
     cap = settings.search_space().max_gflops
     return [
@@ -172,38 +143,23 @@ def cost_lines(settings: StudySettings, trials: int) -> list[str]:
         f"over max_gflops {cap:g} are skipped untrained",
         f"  {cost.epochs_per_trial:.1f} epochs per trial under {settings.pruner} (simulated) x "
         f"{cost.images_per_epoch:,} images x {trials} trials = {cost.pflop:.3g} PFLOP",
-        "  " + hours_line(cost),
+        "  " + hours_line(cost, gpu_probe),
     ]
 
 
-def hours_line(cost: StudyCost) -> str:
-    if not cuda_is_here():
+def hours_line(cost: StudyCost, gpu_probe: GpuProbe | None) -> str:
+    if gpu_probe is None:
         return "no GPU here: hours not estimated (a probe of the GPU gives them)"
-    import torch  # loaded by cuda_is_here
-
-    device = torch.device("cuda")
     try:
-        rate = probe_flops_per_s(device)
+        name, rate = gpu_probe()
     except RuntimeError as err:  # a GPU busy with other work (out of memory): say, go on
         return f"GPU probe failed, hours not estimated: {str(err).splitlines()[0]}"
     hours = cost.pflop * 1e15 / rate / 3600
     return (
-        f"{torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s on Table 1 (eager "
+        f"{name}: {rate / 1e12:.0f} TFLOP/s on Table 1 (eager "
         f"probe) -> about {hours:.1f} GPU-hours of training steps (small networks use a GPU "
         "less well; evaluation and overheads come on top)"
     )
-
-
-def cuda_is_here() -> bool:
-    """Whether a CUDA GPU is visible. The driver and CUDA_VISIBLE_DEVICES are asked first, so
-    a machine that cannot have one never imports torch (loading CUDA costs seconds)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
-        return False
-    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)

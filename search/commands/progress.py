@@ -9,9 +9,9 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from search import attrs
-from search.cost import is_over_cap
-from search.study import Budget
+from search.rules import attrs
+from search.rules.cost import is_over_cap
+from search.rules.study import Budget
 
 if TYPE_CHECKING:
     from search.training.trainer import EpochStats
@@ -56,7 +56,7 @@ class SearchProgress:
         )
 
     def epoch(self, trial: optuna.Trial, stats: EpochStats, epochs: int) -> None:
-        self.console.print(format_epoch(f"trial {trial.number:>4}", stats, epochs), highlight=False)
+        self.console.print(stats.line(f"trial {trial.number:>4}", epochs), highlight=False)
 
     def trial_end(self, trial: FrozenTrial, state: Budget, best: str) -> None:
         self.console.print(
@@ -66,18 +66,6 @@ class SearchProgress:
 
     def say(self, message: str) -> None:
         self.console.print(message, highlight=False)
-
-
-def format_epoch(label: str, stats: EpochStats, epochs: int) -> str:
-    val = (
-        f"val {stats.val_loss:.4f}  acc {stats.val_acc:6.2%}" if stats.val_loss is not None else ""
-    )
-    compiled = f"  (compile {stats.compile_seconds:.1f}s)" if stats.compile_seconds else ""
-    return (
-        f"{label} epoch {stats.epoch:>3}/{epochs}  lr {stats.start_lr:.2e}  "
-        f"train {stats.train_loss:.4f}  {val}  "
-        f"{stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s{compiled}"
-    )
 
 
 def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str:

@@ -1,7 +1,7 @@
 """Study settings: chosen once when a study is created, stored in it, used by every worker.
 
-Each default is written once, here or in the room that owns it (epochs: search/config.py,
-datasets: data/, heartbeat: storage/, pruners: search/pruners.py); the CLI derives its
+Each default is written once, here or in the room that owns it (epochs: search/rules/config.py,
+datasets: data/, heartbeat: storage/, pruners: search/rules/pruners.py); the CLI derives its
 help and choices from these.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 import optuna
 
 from data.dataset import DATASETS
-from search.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
-from search.config import DEFAULT_EPOCHS, from_mapping
-from search.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner
-from search.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
+from search.rules.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
+from search.rules.config import DEFAULT_EPOCHS, from_mapping
+from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner
+from search.rules.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
 from storage import DEFAULT_HEARTBEAT_S
 
 DEFAULT_SEED = 0

@@ -20,18 +20,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from search import attrs
-from search.artifacts import artifact_dir
-from search.config import FINAL_EPOCHS, TrialConfig
-from search.export import best_document
-from search.progress import SearchProgress, format_mean_std
-from search.settings import StudySettings
-from search.space import (
+from search.commands.export import best_document
+from search.commands.progress import SearchProgress, format_mean_std
+from search.rules import attrs
+from search.rules.artifacts import artifact_dir
+from search.rules.config import FINAL_EPOCHS, TrialConfig
+from search.rules.settings import StudySettings
+from search.rules.space import (
     config_from_params,
     report_params_in,
     report_table1_params,
 )
-from search.study import StudyError, budget, join, load_settings
+from search.rules.study import StudyError, budget, join, load_settings
 from storage import open_storage
 
 REPORT = "report"
@@ -334,7 +334,7 @@ def _attach(
 ) -> str:
     """The table as study artifacts, in a study attribute (for status and report) and in the
     dashboard's study note."""
-    from search.dashboard import write_study_note
+    from search.commands.dashboard import write_study_note
     from search.training.final import attach_to_study, open_for_writing
 
     study = open_for_writing(request.storage, request.study)

@@ -16,9 +16,9 @@ import optuna_dashboard
 import yaml
 from optuna.artifacts import FileSystemArtifactStore
 
-from search import attrs
-from search.settings import StudySettings
-from search.study import join, name_objective
+from search.rules import attrs
+from search.rules.settings import StudySettings
+from search.rules.study import join, name_objective
 from storage import open_storage, redact_url
 
 

@@ -25,12 +25,12 @@ from matplotlib.axes import Axes
 from optuna.trial import FrozenTrial, TrialState
 from plotly.graph_objects import Figure
 
-from search import attrs
-from search.compare import COLUMNS, explanation, table_rows
-from search.cost import pareto_front, trial_gflop
-from search.fidelity import fidelity_line
-from search.settings import METRIC_NAME
-from search.study import name_objective
+from search.commands.compare import COLUMNS, explanation, table_rows
+from search.rules import attrs
+from search.rules.cost import pareto_front, trial_gflop
+from search.rules.fidelity import fidelity_line
+from search.rules.settings import METRIC_NAME
+from search.rules.study import name_objective
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

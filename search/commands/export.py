@@ -12,10 +12,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from search import attrs
-from search.config import TrialConfig
-from search.cost import pareto_front, trial_gflop
-from search.study import StudyError
+from search.rules import attrs
+from search.rules.config import TrialConfig
+from search.rules.cost import pareto_front, trial_gflop
+from search.rules.study import StudyError
 from storage import redact_url
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
-from search import attrs
-from search.pruners import next_rung
+from search.rules import attrs
+from search.rules.pruners import next_rung
 from storage.optuna_private import one_per_chain
 
 # Fewer trials than this rank too few pairs to say anything: "too few trials", no number.

@@ -4,7 +4,7 @@ The budget is a queue of WAITING trials ("tickets"). A worker only runs a trial 
 from the queue (claiming is atomic in every Optuna storage). Tickets are ranked by trial
 number; only the first N (the target) count, so workers together never run more than N,
 and a retry of a crashed trial takes its place instead of adding one. A draw over the
-space's cost cap (search/cost.py) is no trial of the budget: it leaves the ranking, and the
+space's cost cap (search/rules/cost.py) is no trial of the budget: it leaves the ranking, and the
 next ticket, or a new one, takes its place. The queue is kept TICKET_WINDOW tickets ahead of
 the workers rather than filled with all N at once: Optuna re-reads every unfinished trial on
 each get_trials, so N waiting tickets would make every claim, pruner call and progress line
@@ -38,10 +38,10 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.trial import FrozenTrial, TrialState
 
-from search import attrs
-from search.cost import is_over_cap
-from search.settings import METRIC_NAME, StudySettings
-from search.space import DEFAULT_SPACE_NAME, report_table1_params
+from search.rules import attrs
+from search.rules.cost import is_over_cap
+from search.rules.settings import METRIC_NAME, StudySettings
+from search.rules.space import DEFAULT_SPACE_NAME, report_table1_params
 from storage import queue_retry
 from storage.optuna_private import (
     TICKET_KEY,

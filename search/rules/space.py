@@ -14,7 +14,7 @@ import yaml
 from data.augment_config import AugmentConfig
 from model.config import REPORT_TABLE1, ModelConfig
 from model.flops import train_flops_per_image
-from search.config import SCHEDULERS, CosineArgs, OneCycleArgs, TrainConfig, TrialConfig
+from search.rules.config import SCHEDULERS, CosineArgs, OneCycleArgs, TrainConfig, TrialConfig
 
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
@@ -42,7 +42,7 @@ class SearchSpace:
     batch_size: tuple[int, ...]
     schedulers: tuple[str, ...]
     augment: AugmentConfig
-    # Train FLOPs per image (GFLOP) above which a draw is skipped untrained (search/cost.py).
+    # Train FLOPs per image (GFLOP) above which a draw is skipped untrained (search/rules/cost.py).
     max_gflops: float
 
     def __post_init__(self) -> None:

@@ -1,0 +1,64 @@
+"""`hpo train`: a config file trained per seed and tested, its weights and metrics written and
+attached to the study it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.dataset import load_dataset
+from search.commands.progress import SearchProgress, format_mean_std
+from search.rules.artifacts import artifact_dir
+from search.rules.config import FINAL_EPOCHS, load_config_file
+from search.training.final import (
+    attach_final,
+    make_output_dir,
+    metrics_files,
+    seed_devices,
+    train_seeds,
+)
+from storage import backend_of
+
+
+@dataclass(frozen=True)
+class FinalRequest:
+    """What `hpo train` was asked: a config file, and where to train and write it."""
+
+    config: Path
+    dataset: str
+    output_dir: Path
+    storage: str
+    epochs: int | None = None  # FINAL_EPOCHS if None; the config's recipe is kept either way
+    data_dir: Path | None = None
+    artifact_dir: Path | None = None
+    seeds: int = 1  # seeds 0 .. seeds-1
+    gpus: str | None = None  # 'all' or '0,1': seeds side by side, one process per GPU
+
+
+def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
+    """`hpo train`: train the config per seed, test it, write and attach weights and metrics."""
+    cfg, document = load_config_file(request.config)
+    cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
+    backend_of(request.storage)  # a malformed URL fails now, not after the training
+    make_output_dir(request.output_dir)
+    devices = seed_devices(request.gpus, progress.say)
+    if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
+        progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
+    images = load_dataset(request.dataset, request.data_dir)
+    output = request.output_dir
+    metrics = train_seeds(cfg, images, range(request.seeds), output, devices, progress.say)
+    for run in metrics["seeds"]:
+        progress.say(
+            f"seed {run['seed']}: test accuracy {run['test_acc']:.2%} "
+            f"(test loss {run['test_loss']:.4f})"
+        )
+    progress.say(
+        f"test accuracy {format_mean_std(metrics['test_acc'], percent=True)} over "
+        f"{len(metrics['seeds'])} seed(s) (test loss {format_mean_std(metrics['test_loss'])})"
+    )
+    progress.say(f"wrote {', '.join(metrics_files(metrics))} in {output}")
+    artifacts = artifact_dir(request.artifact_dir, request.storage)
+    source = document.get("source") or {}
+    progress.say(attach_final(request.storage, artifacts, source, output, metrics))
+    return metrics
