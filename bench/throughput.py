@@ -267,7 +267,7 @@ def job(opts: Options, barrier: object, results: object, seconds: float, threads
     barrier.wait()
     start, images = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        images += trainer.train_epoch(itertools.islice(batches, chunk))[1]
+        images += trainer.train_epoch(itertools.islice(batches, chunk)).images
     results.put(images / (time.perf_counter() - start))
 
 

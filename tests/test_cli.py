@@ -70,7 +70,7 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     assert weights
 
     # The weights and metrics are artifacts of the study the config came from.
-    assert "attached model-seed0.pt, metrics.json to study 'demo'" in trained.stdout
+    assert "attached model-seed0.pt, metrics.json, learning-rate.png" in trained.stdout
     final = load(hpo_env, "demo").user_attrs[attrs.FINAL]
     assert final["trial"] == study.best_trial.number
     assert final["test_acc"] == metrics["test_acc"]["mean"]

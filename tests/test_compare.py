@@ -33,6 +33,7 @@ from search.commands.compare import (
     training_plan,
 )
 from search.commands.export import trial_document
+from search.commands.figures import TRAINING_FIGURES
 from search.commands.report import write_report
 from search.commands.status import study_table
 from search.rules import attrs
@@ -80,11 +81,9 @@ def test_train_seeds_keeps_every_seed_and_repeats_one(
     assert [run["seed"] for run in two["seeds"]] == [0, 1]
     for run in two["seeds"]:
         assert f"seed {run['seed']}: test accuracy {pct(run['test_acc'])}%" in done.stdout
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "metrics.json",
-        "model-seed0.pt",
-        "model-seed1.pt",
-    ]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        ["metrics.json", "model-seed0.pt", "model-seed1.pt", *TRAINING_FIGURES]
+    )
     acc = [run["test_acc"] for run in two["seeds"]]
     assert two["test_acc"] == {"mean": statistics.mean(acc), "std": statistics.stdev(acc)}
     assert two["epochs"] == 1 and two["train_images"] == 600  # all of them: train + validation
@@ -113,7 +112,7 @@ def test_seeds_side_by_side_train_as_one_after_another(
     apart = train_seeds(cfg, images, [0, 1], tmp_path / "apart", [cpu, cpu])
     alone = train_seeds(cfg, images, [0, 1], tmp_path / "alone", [cpu])
     assert [run["seed"] for run in apart["seeds"]] == [0, 1]
-    for field in ("test_acc", "test_loss", "train_loss"):
+    for field in ("test_acc", "test_loss", "train_loss", "train_acc", "lr"):
         assert [r[field] for r in apart["seeds"]] == [r[field] for r in alone["seeds"]]
     assert {"model-seed0.pt", "model-seed1.pt"} < {p.name for p in (tmp_path / "apart").iterdir()}
 

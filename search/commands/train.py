@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from data.dataset import load_dataset
+from search.commands.figures import write_training_figures
 from search.commands.progress import SearchProgress, format_mean_std
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, load_config_file
@@ -37,7 +38,8 @@ class FinalRequest:
 
 
 def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
-    """`hpo train`: train the config per seed, test it, write and attach weights and metrics."""
+    """`hpo train`: train the config per seed, test it, write and attach weights, metrics and
+    the per-epoch figures."""
     cfg, document = load_config_file(request.config)
     cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
@@ -57,6 +59,7 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
         f"test accuracy {format_mean_std(metrics['test_acc'], percent=True)} over "
         f"{len(metrics['seeds'])} seed(s) (test loss {format_mean_std(metrics['test_loss'])})"
     )
+    metrics["figures"] = write_training_figures(metrics, output)
     progress.say(f"wrote {', '.join(metrics_files(metrics))} in {output}")
     artifacts = artifact_dir(request.artifact_dir, request.storage)
     source = document.get("source") or {}

@@ -103,7 +103,10 @@ def train_seed(
         "test_loss": test_loss,
         "train_seconds": round(sum(s.seconds for s in history), 3),
         "images_per_s": round(statistics.fmean(s.images_per_s for s in history), 1),
+        # Per epoch, for the report's Figures 2-4 (hpo train draws them).
+        "lr": [s.start_lr for s in history],
         "train_loss": [round(s.train_loss, 5) for s in history],
+        "train_acc": [round(s.train_acc, 5) for s in history],
         "device": str(recipe.device),
         "weights": weights,
     }
@@ -114,8 +117,9 @@ def weights_file(seed: int) -> str:
 
 
 def metrics_files(metrics: dict[str, Any]) -> list[str]:
-    """The files a run wrote: its weights, one per seed, then metrics.json."""
-    return [run["weights"] for run in metrics["seeds"]] + [METRICS_FILE]
+    """The files a run wrote: its weights, one per seed, metrics.json, then its figures."""
+    weights = [run["weights"] for run in metrics["seeds"]]
+    return [*weights, METRICS_FILE, *metrics.get("figures", [])]
 
 
 def mean_std(values: list[float]) -> dict[str, float | None]:

@@ -35,7 +35,7 @@ def probe_flops_per_s(
     )
     trainer.train_epoch([batch] * 2)
     start = time.perf_counter()
-    _, images = trainer.train_epoch([batch] * steps)  # ends reading the loss: synchronised
+    images = trainer.train_epoch([batch] * steps).images  # ends reading the loss: synchronised
     seconds = time.perf_counter() - start
     del trainer
     if device.type == "cuda":

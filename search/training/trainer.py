@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class DivergedError(RuntimeError):
 class EpochStats:
     epoch: int  # 1-based
     train_loss: float
+    train_acc: float  # on the training batches as the model saw them (augmented, in train mode)
     val_loss: float | None
     val_acc: float | None
     seconds: float
@@ -67,6 +68,14 @@ class EpochStats:
             f"train {self.train_loss:.4f}  {val}  "
             f"{self.images_per_s:,.0f} img/s  {self.seconds:.1f}s{compiled}"
         )
+
+
+class TrainPass(NamedTuple):
+    """One pass over the training batches."""
+
+    loss: float  # mean
+    accuracy: float
+    images: int
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,7 @@ class Trainer:
             start = time.perf_counter()
             start_lr = self.optimizer.param_groups[0]["lr"]
             compiled_before = set(self._first_calls)
-            train_loss, images = self.train_epoch(train)
+            train_loss, train_acc, images = self.train_epoch(train)
             train_seconds = time.perf_counter() - start
             val_loss, val_acc = self.evaluate(val) if val is not None else (None, None)
             eval_seconds = time.perf_counter() - start - train_seconds
@@ -179,6 +188,7 @@ class Trainer:
             stats = EpochStats(
                 epoch=self.epoch,
                 train_loss=train_loss,
+                train_acc=train_acc,
                 val_loss=val_loss,
                 val_acc=val_acc,
                 seconds=time.perf_counter() - start,
@@ -205,23 +215,26 @@ class Trainer:
         elif stats.compile_seconds and learn and self._eager_images_per_s:
             policy.learn(stats.compile_seconds, stats.images_per_s / self._eager_images_per_s)
 
-    def train_epoch(self, batches: Batches) -> tuple[float, int]:
-        """One pass over ``batches``; returns the mean training loss and the images seen."""
+    def train_epoch(self, batches: Batches) -> TrainPass:
+        """One pass over ``batches``: the mean training loss and accuracy, the images seen."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
         images = 0
         for x, y in batches:
             with self._timing_first_call("train", len(y)):
-                loss = self._train_step(x, y)
+                loss, right = self._train_step(x, y)
             loss_sum += loss.float() * len(y)
+            correct += right
             images += len(y)
-        mean_loss = loss_sum.item() / max(images, 1)  # the epoch's one wait for the device
+        loss_total, correct_total = torch.stack([loss_sum, correct]).tolist()  # the one wait
+        mean_loss = loss_total / max(images, 1)
         if not math.isfinite(mean_loss):
             raise DivergedError(f"training loss is {mean_loss} in epoch {self.epoch + 1}")
-        return mean_loss, images
+        return TrainPass(mean_loss, correct_total / max(images, 1), images)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self._train_loss(self.model, self._format(x), y, self.autocast_dtype)
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, right = self._train_loss(self.model, self._format(x), y, self.autocast_dtype)
         loss.backward()
         if self.cfg.grad_clip > 0:
             # Clipped by value, as in the tutorial code the report's grad_clip=0.1 comes from.
@@ -232,7 +245,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.scheduler in PER_STEP_SCHEDULERS:
             self.scheduler.step()
-        return loss.detach()
+        return loss.detach(), right
 
     @torch.no_grad()
     def evaluate(self, batches: Batches, full_precision: bool = False) -> tuple[float, float]:
@@ -322,10 +335,11 @@ def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
 
 def _train_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's loss to step on, and how many of its images the model got right."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(x)
-    return F.cross_entropy(logits.float(), y)
+    return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
 
 def _eval_sums(
