@@ -275,6 +275,8 @@ def start(
     raise typer.Exit(code)
 
 
+# The per-machine options repeat start's: typer reads a command's options from its signature,
+# and `start` is `create` plus `worker`.
 @command
 def worker(
     study: Annotated[str, typer.Option(help="An existing study to work on.")],
