@@ -11,6 +11,7 @@ Run from the repository root:
     .venv/bin/python bench/cli.py               # 9 rounds
     .venv/bin/python bench/cli.py --rounds 15 --trials 200
     .venv/bin/python bench/cli.py --checkout ../main   # another checkout's hpo, same study
+    .venv/bin/python bench/cli.py --smoke       # one round, 5 trials: seconds
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def make_study(url: str, trials: int) -> None:
         study.tell(trial, rng.uniform(0.3, 2.0))
 
 
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--rounds", "1", "--trials", "5"]
+
+
 def commands(url: str) -> dict[str, list[str]]:
     hpo, optuna_cli = str(BIN / "hpo"), str(BIN / "optuna")
     return {
@@ -102,7 +107,10 @@ def main() -> None:
     parser.add_argument(
         "--checkout", type=Path, default=ROOT, help="the checkout whose hpo runs (PYTHONPATH)"
     )
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with tempfile.TemporaryDirectory() as scratch:

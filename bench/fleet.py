@@ -93,6 +93,10 @@ HEADER = (
 )
 
 
+# --smoke: the smallest fleet, one run of each kind (the suite runs it).
+SMOKE = ["--sizes", "2", "--trials", "6", "--kills", "1"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,32,128", help="worker counts, comma-separated")
@@ -106,7 +110,10 @@ def main() -> None:
     worker = sub.add_parser("optuna-worker", help="one bare Optuna worker (the driver starts it)")
     worker.add_argument("--url")
     worker.add_argument("--study")
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
     if args.command == "optuna-worker":
         optuna_worker(args.url, args.study, args.trials)
         return

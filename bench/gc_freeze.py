@@ -6,10 +6,12 @@ every object the process holds, most of them made at start-up (torch, torchvisio
 and alive until exit; search/commands/launch.py freezes those once, before the first trial.
 
     python bench/gc_freeze.py
+    python bench/gc_freeze.py --rounds 3    # or --smoke: the same, 3 rounds
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import sys
@@ -25,8 +27,11 @@ import torchvision  # noqa: E402, F401
 
 from search.training import objective, worker  # noqa: E402, F401
 
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--rounds", "3"]
 
-def median_pass_ms(rounds: int = 9) -> float:
+
+def median_pass_ms(rounds: int) -> float:
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -36,9 +41,15 @@ def median_pass_ms(rounds: int = 9) -> float:
 
 
 def main() -> None:
-    before = median_pass_ms()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9, help="collections timed, each way")
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
+    args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
+    before = median_pass_ms(args.rounds)
     gc.freeze()
-    after = median_pass_ms()
+    after = median_pass_ms(args.rounds)
     print(f"gc.collect after a trial: {before:.0f} ms; with start-up frozen: {after:.2f} ms")
 
 

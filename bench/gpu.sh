@@ -11,6 +11,7 @@
 #
 #   bench/gpu.sh                  # CUDA; figures in bench-cuda-<UTC time>.txt
 #   bench/gpu.sh --device cpu     # the same steps at CPU sizes (a few minutes), end to end
+#   bench/gpu.sh --smoke          # every step at its smallest size, on the CPU (the suite runs it)
 #
 # Environment: PYTHON (default .venv/bin/python, else python), OUT (the figures file), DATA
 # (the synthetic set, kept between runs), STUDY_S (seconds after which the study's workers
@@ -19,7 +20,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cuda
-if [[ "${1:-}" == "--device" ]]; then DEVICE=${2:?--device needs cpu or cuda}; fi
+SMOKE=false
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE=${2:?--device needs cpu or cuda}; shift 2 ;;
+    --smoke) SMOKE=true; shift ;;
+    *) echo "bench/gpu.sh: unknown argument $1 (--device cpu|cuda, --smoke)" >&2; exit 2 ;;
+  esac
+done
+if [[ "$SMOKE" == true ]]; then DEVICE=cpu; fi
 if [[ -x .venv/bin/python ]]; then DEFAULT_PYTHON=.venv/bin/python; else DEFAULT_PYTHON=python; fi
 PYTHON=${PYTHON:-$DEFAULT_PYTHON}
 OUT=${OUT:-bench-$DEVICE-$(date -u +%Y%m%d-%H%M).txt}
@@ -35,21 +44,27 @@ step() {
 # synthetic set; then the study's status: which worker ran which trial, none failed.
 two_per_gpu() {
   local url="sqlite:///$DATA/two-per-gpu-$$.db"
+  mkdir -p "$DATA"
   step timeout 240 "$PYTHON" -m search.cli start --study two-per-gpu --storage "$url" \
-    --trials 8 --space tiny --epochs 3 --dataset synthetic --data-dir "$DATA" \
-    --jobs-per-gpu 2 "$@"
+    --space tiny --dataset synthetic --data-dir "$DATA" --jobs-per-gpu 2 "$@"
   step "$PYTHON" -m search.cli status --study two-per-gpu --storage "$url"
 }
 
 {
   echo "bench/gpu.sh --device $DEVICE, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  if [[ "$DEVICE" == cuda ]]; then
+  if [[ "$SMOKE" == true ]]; then  # on the CPU, whatever --device says
+    step "$PYTHON" bench/throughput.py --smoke
+    step "$PYTHON" bench/study.py --smoke --data-dir "$DATA"  # its 200 images serve the next
+    two_per_gpu --trials 2 --epochs 1
+    step "$PYTHON" bench/oom.py --smoke
+    step "$PYTHON" bench/resume.py --smoke
+  elif [[ "$DEVICE" == cuda ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --rounds 2
     step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --config small --rounds 2
     step timeout 420 "$PYTHON" bench/study.py --device cuda --data-dir "$DATA" \
       --trials 200 --workers 2 --timeout "${STUDY_S:-240}"
-    two_per_gpu --gpus all
+    two_per_gpu --trials 8 --epochs 3 --gpus all
     step timeout 120 "$PYTHON" bench/oom.py --device cuda
     step timeout 180 "$PYTHON" bench/resume.py --device cuda --data-dir "$DATA/resume"
   else
@@ -57,7 +72,7 @@ two_per_gpu() {
       --batch-size 32 --images 200 --rounds 1
     step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --rounds 1
     step "$PYTHON" bench/study.py --device cpu --trials 4 --epochs 3 --images 1000
-    two_per_gpu
+    two_per_gpu --trials 4 --epochs 2  # the 240 s bound holds on a busy CPU too
     step "$PYTHON" bench/oom.py --device cpu
     step "$PYTHON" bench/resume.py --device cpu --images 1000 --epochs 3
   fi

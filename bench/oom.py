@@ -5,6 +5,8 @@
     python bench/oom.py --device cpu    # a CPU cannot run out this way: the first two trials
                                         # raise torch.OutOfMemoryError in training instead
 
+    python bench/oom.py --smoke         # the CPU's, on 200 images: seconds
+
 A real worker loop, study (SQLite) and objective. After each trial it prints what this
 process still holds on the device beyond the filler (CUDA: allocated and reserved), or, on
 the CPU, whether the trial's model is still alive, and how long the release took.
@@ -41,6 +43,8 @@ from search.training.worker import run_worker  # noqa: E402
 from storage import open_storage  # noqa: E402
 
 MIB = 2**20
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--device", "cpu", "--images", "200"]  # past the tiny space's largest batch
 
 
 @dataclass
@@ -71,9 +75,13 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--leave-gib", type=float, default=0.5, help="free GPU memory left")
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--images", type=int, default=1000, help="synthetic training images")
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
     root = Path(tempfile.mkdtemp(prefix="hpo-oom-"))
-    write_synthetic(root, train_per_class=100, test_per_class=10)
+    write_synthetic(root, train_per_class=args.images // 10, test_per_class=10)
     space = "default" if args.device == "cuda" else "tiny"
     settings = StudySettings.for_space(space, epochs=1, dataset="synthetic", pruner="none")
     storage = open_storage(f"sqlite:///{root / 'oom.db'}")

@@ -2,6 +2,7 @@
 
     python bench/resume.py --device cpu     # small config, 2,000 images, 4 epochs: minutes
     python bench/resume.py --device cuda    # Table 1, 10,000 images, 6 epochs
+    python bench/resume.py --smoke          # small config, 300 images, 2 epochs: seconds
 
 One config, one seed, four runs: uninterrupted twice (the device's own run-to-run spread:
 on CUDA, cuDNN's benchmark picks and atomic reductions), resumed from a checkpoint written
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from search.rules.config import TrainConfig, TrialConfig
 from search.training.run import start_run
 from search.training.trainer import DeviceRecipe
 
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--device", "cpu", "--images", "300", "--epochs", "2", "--resume-after", "1"]
 SMALL = ModelConfig(channels=[[3, 32, 64], [64, 128, 256]], blocks=[2, 2], dropout=0.2)
 
 
@@ -54,7 +58,10 @@ def main() -> None:
     parser.add_argument("--resume-after", type=int, default=2)
     parser.add_argument("--compile", default="off", choices=("auto", "on", "off"))
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
     on_cuda = args.device == "cuda"
     images = args.images or (10_000 if on_cuda else 2_000)
     epochs = args.epochs or (6 if on_cuda else 4)

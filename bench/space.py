@@ -2,6 +2,7 @@
 
     python bench/space.py default              # or tiny, or a space YAML file
     python bench/space.py default --draws 300 --seed 0
+    python bench/space.py --smoke              # the default space, 10 draws: seconds
 
 RandomSampler draws from the prior, which is what TPE draws before it has learned anything,
 through the project's real `sample_config`; each draw is priced by `model.train_step_flops`
@@ -31,6 +32,8 @@ from model.counts import train_step_flops
 from model.network import build_model
 from search.rules.space import load_space, sample_config
 
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--draws", "10"]
 # Batch 2: BatchNorm refuses one image on a 1x1 map; FLOPs are linear in the batch.
 COUNT_BATCH = 2
 
@@ -69,10 +72,15 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("space", help="default, tiny or a space YAML file")
+    parser.add_argument(
+        "space", nargs="?", default="default", help="default (the default), tiny or a YAML file"
+    )
     parser.add_argument("--draws", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *sys.argv[1:]])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     costs = draw_costs(args.space, args.draws, args.seed)

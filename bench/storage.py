@@ -12,7 +12,7 @@ plus the sampler's and the pruner's.
 
 Run from the repository root:
 
-    .venv/bin/python -m bench.storage --quick
+    .venv/bin/python -m bench.storage --smoke     # seconds: 2 workers, SQLite and journal
     .venv/bin/python -m bench.storage --storages postgresql --trials 2000
 """
 
@@ -57,6 +57,8 @@ from storage import HeartbeatPolicy, StorageURLError, has_heartbeat, open_storag
 
 STORAGES = ("sqlite", "journal", "postgresql", "mysql", "redis")
 DEFAULT_STORAGES = "sqlite,journal,postgresql,mysql"
+# --smoke: seconds, on the storages that share no server with other runs (the suite runs it).
+SMOKE = ["--workers", "2", "--reports", "5", "--trials", "40", "--storages", "sqlite,journal"]
 PHASES = ("claim", "suggest", "report", "prune", "tell", "progress")
 # Seconds the parent waits for all workers to finish one storage's run.
 RUN_TIMEOUT_S = 3600.0
@@ -409,7 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=next(iter(PRUNERS)),
         help="the study's pruner, as `hpo --pruner` (default: hpo's)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 workers, 5 reports, 40")
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
     parser.add_argument(
         "--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/hpo_bench"
     )
@@ -421,8 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "afterwards",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.workers, args.reports, args.trials = 2, 5, 40
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
     args.storages = [s.strip() for s in args.storages.split(",") if s.strip()]
     unknown = set(args.storages) - set(STORAGES)
     if unknown:

@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+import data.dataset  # noqa: E402
+import data.loader  # noqa: E402
 import search.commands.launch  # noqa: E402
 import search.training.checkpoints  # noqa: E402
 import search.training.objective  # noqa: E402
@@ -68,6 +70,8 @@ MODES = {
     "cpu": ("tiny", 12, 9, 2_500),
     "cuda": ("default", 24, 20, 50_000),
 }
+# --smoke: the smallest study that still runs every phase, on the CPU (the suite runs it).
+SMOKE = ["--device", "cpu", "--trials", "1", "--epochs", "1", "--images", "200"]
 
 
 # --- worker process -----------------------------------------------------------------------------
@@ -125,8 +129,9 @@ class Timers:
         search.training.worker.fail_stale_trials = look_for_work
         self.wrap(search.training.worker, "fail_stale_trials", "claim")
         self.wrap(search.training.worker, "claim_trial", "claim", after=self._claimed)
-        self.wrap(search.commands.launch, "load_dataset", "data")
-        self.wrap(search.commands.launch, "search_data", "data")
+        # The worker imports these where trials run (the control plane stays torch-free).
+        self.wrap(data.dataset, "load_dataset", "data")
+        self.wrap(data.loader, "search_data", "data")
         self.wrap(search.commands.launch, "budget", "progress")
         self.wrap(search.commands.launch, "best_summary", "progress")
         self.wrap(optuna.study.Study, "tell", "tell")
@@ -349,6 +354,7 @@ def print_header(args: argparse.Namespace, space: str, trials: int, epochs: int,
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=sorted(MODES), default="cuda")
     parser.add_argument("--space", help="default: tiny on cpu, default on cuda")
@@ -366,7 +372,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, help="keeps the synthetic set between runs")
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
+    args = parser.parse_args(argv)
+    return parser.parse_args([*SMOKE, *argv]) if args.smoke else args
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/throughput.py --device cpu      # small config, batch 256: about a minute
     python bench/throughput.py --device cuda     # Table 1, batch 512, 50,000 images
     python bench/throughput.py --device cuda --config small --batch-size 256 --jobs 1,2,4
+    python bench/throughput.py --smoke       # small config, 100 images, batch 32: seconds
 
 Both pipelines train the same architecture from the same initial weights on the same
 synthetic CIFAR-shaped images (data.write_synthetic: no network needed).
@@ -64,6 +65,8 @@ CONFIGS = {
 # The tutorial's augmentation, on the project's side too.
 AUGMENT = AugmentConfig(crop_padding=4, flip=True, rotation_degrees=0.0)
 VAL_FRACTION = 0.1
+# --smoke: the smallest run (the suite runs it).
+SMOKE = ["--device", "cpu", "--images", "100", "--batch-size", "32", "--rounds", "1"]
 
 
 @dataclass(frozen=True)
@@ -360,7 +363,11 @@ def parse(argv: list[str] | None) -> tuple[Options, list[int] | None, float]:
     parser.add_argument("--data-dir", type=Path, help="keep the synthetic set here for reuse")
     parser.add_argument("--jobs", help="e.g. 1,2,4: J concurrent trainings on the one device")
     parser.add_argument("--seconds", type=float, default=20.0, help="per --jobs measurement")
+    parser.add_argument("--smoke", action="store_true", help=" ".join(SMOKE) + " (seconds)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *argv])
     on_cuda = args.device == "cuda"
     config = args.config or ("table1" if on_cuda else "small")
     opts = Options(

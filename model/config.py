@@ -98,6 +98,8 @@ class ModelConfig:
             "image_size": self.image_size,
         }
 
+    # Shaped like data's AugmentConfig.from_dict: model/ and data/ import neither each other
+    # nor a common module (ARCHITECTURE's arrows), so the few lines of the key check repeat.
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         if not isinstance(data, Mapping):

@@ -6,8 +6,9 @@ without torch; a command that trains imports the training plane inside its funct
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -196,12 +197,19 @@ CompileOption = Annotated[
 ]
 
 
+def command(function: Callable[..., None]) -> Callable[..., None]:
+    """A command whose help is its docstring with each paragraph on one line: typer shows a
+    paragraph's own line breaks, which break sentences mid-line; the terminal wraps instead."""
+    paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
+    return app.command(help="\n\n".join(" ".join(p.split()) for p in paragraphs))(function)
+
+
 def study_request(study: str, trials: int, storage: str, **flags: object) -> StudyRequest:
     values = {k: v.value if isinstance(v, Enum) else v for k, v in flags.items()}
     return StudyRequest(study=study, trials=trials, storage=storage, **values)
 
 
-@app.command()
+@command
 def create(
     study: StudyOption,
     trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold.")],
@@ -225,7 +233,7 @@ def create(
         create_study(request, SearchProgress(console))
 
 
-@app.command()
+@command
 def start(
     study: Annotated[str, typer.Option(help="Study name; created if new, joined if it exists.")],
     trials: Annotated[
@@ -267,7 +275,9 @@ def start(
     raise typer.Exit(code)
 
 
-@app.command()
+# The per-machine options repeat start's: typer reads a command's options from its signature,
+# and `start` is `create` plus `worker`.
+@command
 def worker(
     study: Annotated[str, typer.Option(help="An existing study to work on.")],
     storage: StorageOption = DEFAULT_STORAGE_URL,
@@ -292,7 +302,7 @@ def worker(
     raise typer.Exit(code)
 
 
-@app.command()
+@command
 def download(data_dir: DataDirOption = None) -> None:
     """Download and verify CIFAR-10 into the data directory (done on first use otherwise)."""
     with user_errors():
@@ -300,7 +310,7 @@ def download(data_dir: DataDirOption = None) -> None:
     console.print(f"CIFAR-10 verified in {folder}")
 
 
-@app.command()
+@command
 def status(
     study: Annotated[
         str | None, typer.Option(help="Study to show; all studies if left out.")
@@ -317,7 +327,7 @@ def status(
         )
 
 
-@app.command()
+@command
 def best(
     study: Annotated[str, typer.Option(help="Study to export from.")],
     output: Annotated[
@@ -377,7 +387,7 @@ SeedGpusOption = Annotated[
 ]
 
 
-@app.command()
+@command
 def train(
     config: Annotated[Path, typer.Option(help="YAML config written by `hpo best`.")],
     epochs: FinalEpochsOption = None,
@@ -410,7 +420,7 @@ def train(
         run_final(request, SearchProgress(console))
 
 
-@app.command()
+@command
 def compare(
     study: Annotated[str, typer.Option(help="Study whose best configs face the report's.")],
     seeds: SeedsOption = 3,
@@ -440,7 +450,7 @@ def compare(
         run_compare(request, SearchProgress(console))
 
 
-@app.command()
+@command
 def dashboard(
     storage: StorageOption = DEFAULT_STORAGE_URL,
     host: Annotated[
@@ -468,7 +478,7 @@ def dashboard(
     server.serve(on_ready=lambda: console.print(server.banner(), highlight=False, soft_wrap=True))
 
 
-@app.command()
+@command
 def report(
     study: Annotated[str, typer.Option(help="Study to report on.")],
     output: Annotated[

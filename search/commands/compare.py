@@ -18,10 +18,10 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from rich.table import Table
 
 from search.commands.export import best_document
 from search.commands.progress import SearchProgress, format_mean_std
+from search.commands.tables import FittedTable
 from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
@@ -111,7 +111,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     markdown = to_markdown(table)
     (request.output_dir / FILES[0]).write_text(markdown)
     (request.output_dir / FILES[1]).write_text(json.dumps(table, indent=2) + "\n")
-    progress.console.print(rich_table(table))
+    progress.console.print(compare_table(table))
     progress.say(explanation(table))
     progress.say(f"wrote {', '.join(FILES)} in {request.output_dir}")
     progress.say(_attach(request, settings, table, markdown))
@@ -296,13 +296,14 @@ def _difference(diff: dict[str, float | None] | None) -> str:
     return f"{mean} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
 
 
-def rich_table(table: dict[str, Any]) -> Table:
-    shown = Table(title="best configs against the report's (test set)", title_justify="left")
-    for column in COLUMNS:
-        shown.add_column(column)
-    for row in table_rows(table):
-        shown.add_row(*row)
-    return shown
+def compare_table(table: dict[str, Any]) -> FittedTable:
+    """The table for a terminal: compare.md and compare.json keep every column."""
+    return FittedTable(
+        "best configs against the report's (test set)",
+        COLUMNS,
+        table_rows(table),
+        least_wanted=("images/s", "train time", "params", "train GFLOP/image", "search val loss"),
+    )
 
 
 def to_markdown(table: dict[str, Any]) -> str:

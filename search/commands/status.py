@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
 
-from search.commands.compare import rich_table
+from search.commands.compare import compare_table
 from search.commands.progress import best_summary
 from search.rules import attrs
 from search.rules.cost import format_duration, is_over_cap, study_pace
@@ -40,6 +40,8 @@ def study_table(
     state = budget(study)
     counts = Counter(t.state.name.lower() for t in trials)
     summary = Table(title=f"study {study.study_name}", show_header=False, title_justify="left")
+    summary.add_column()
+    summary.add_column(overflow="fold")  # a long path or line wraps, never cut short
     summary.add_row("finished / target", f"{state.finished} / {state.target}")
     if state.given_up:
         given_up = f"{state.given_up} (counted as finished: an error, or crashed past max_retry)"
@@ -64,13 +66,13 @@ def study_table(
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
     shown = [summary]
     if attrs.COMPARE in study.user_attrs:  # the latest `hpo compare`
-        shown.append(rich_table(study.user_attrs[attrs.COMPARE]))
+        shown.append(compare_table(study.user_attrs[attrs.COMPARE]))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
         return Group(*shown)
     table = Table(title="running", title_justify="left")
     for column in ("trial", "epoch", "last val loss", "worker", "architecture"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for trial in running:
         label = f"{trial.number} (stale)" if trial.number in stale else str(trial.number)
         last = (

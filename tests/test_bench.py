@@ -1,0 +1,73 @@
+"""Every script under bench/ still runs: each at its smallest size (`--smoke`, on the CPU), and
+bench/gpu.sh's steps end to end, so that a module moved or renamed fails here, not on the one
+GPU run. Benches are found by glob: one added later is covered, and must have a `--smoke`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = sorted((ROOT / "bench").glob("*.py"))
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """The benches' temporary folders (tempfile's), removed after the test; not under pytest's
+    tmp_path, which the postgres user of bench/fleet.py's own server cannot reach."""
+    folder = Path(tempfile.mkdtemp(prefix="hpo-bench-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_env(scratch: Path) -> dict[str, str]:
+    """This tree's code first (an editable install may name another checkout)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+
+
+def shown(run: subprocess.CompletedProcess) -> str:
+    return (
+        f"exit {run.returncode}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}"
+    )
+
+
+def test_the_benches_are_found() -> None:
+    assert {"study.py", "oom.py", "throughput.py"} <= {bench.name for bench in BENCHES}
+
+
+@pytest.mark.parametrize("bench", BENCHES, ids=lambda bench: bench.name)
+def test_bench_runs_at_its_smallest_size(bench: Path, scratch: Path) -> None:
+    # A script without the flag may ignore an unknown argument and run at full size.
+    assert '"--smoke"' in bench.read_text(), f"{bench.name} has no --smoke"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--smoke"],
+        cwd=ROOT, env=bench_env(scratch), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, shown(run)
+    assert any(char.isdigit() for char in run.stdout), f"no figures printed\n{shown(run)}"
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_step_on_the_cpu(scratch: Path) -> None:
+    out = scratch / "figures.txt"
+    env = {**bench_env(scratch), "PYTHON": sys.executable, "OUT": str(out),
+           "DATA": str(scratch / "data")}  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, shown(run)
+    figures = out.read_text()
+    for step in ("throughput.py", "study.py", "search.cli start", "oom.py", "resume.py"):
+        assert f"{step} " in figures, f"no {step} step\n{figures[-3000:]}"
+    assert "complete 2, pruned 0, fail 0" in figures, figures[-3000:]  # two jobs, one study
+    assert figures.rstrip().splitlines()[-1].startswith("done ")
