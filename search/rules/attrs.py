@@ -10,6 +10,8 @@ TARGET = "hpo:target"  # finished trials the study should hold
 TARGET_RAISED = "hpo:target-raised-to-"  # + N: one per raise; the target is the largest
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
 COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/commands/compare.py)
+# + a worker's name: its latest environment fault, {"at": UTC time, "what": one line}
+MACHINE_FAULT = "hpo:machine-fault:"
 
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()

@@ -1,0 +1,83 @@
+"""A storage's "not now", told from its "no" (DEPLOY.md §8, "Whose fault is it"): a full
+PgBouncer is waited out like an outage, at start-up and mid-study, with the suite's own
+PgBouncer and real `hpo` processes."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import optuna
+import psycopg
+import pytest
+from servers import OwnPgBouncer, OwnPostgres
+from test_outages import create_study, logs, spawn, wait_for_line
+
+from storage import RetryPolicy, open_storage
+
+# Client connections the pooler takes: the tests fill them all.
+MAX_CLIENTS = 3
+
+
+@pytest.fixture
+def small_bouncer() -> Iterator[OwnPgBouncer]:
+    """The suite's PgBouncer in front of an own PostgreSQL, taking MAX_CLIENTS clients."""
+    folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
+    postgres = OwnPostgres(folder)
+    postgres.start()
+    pooler = OwnPgBouncer(folder / "bouncer", postgres, max_client_conn=MAX_CLIENTS)
+    try:
+        pooler.start()
+        pooler.postgres_url = postgres.url
+        yield pooler
+    finally:
+        pooler.stop()
+        postgres.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fill(pooler: OwnPgBouncer, stack: ExitStack) -> None:
+    """Take every client slot the pooler has left; closing `stack` gives them back."""
+    plain = pooler.plain_url.replace("postgresql+psycopg", "postgresql")
+    for _ in range(MAX_CLIENTS + 1):
+        try:
+            stack.enter_context(psycopg.connect(plain))
+        except psycopg.OperationalError as err:
+            assert "no more connections allowed" in str(err)
+            return
+    raise AssertionError(f"the pooler took more than {MAX_CLIENTS} clients")
+
+
+def test_a_full_pooler_is_waited_out_mid_study(small_bouncer: OwnPgBouncer) -> None:
+    said: list[str] = []
+    slots = ExitStack()
+
+    def say(line: str) -> None:  # the pooler's slots come back once the wait is said
+        said.append(line)
+        if "storage unreachable" in line:
+            slots.close()
+
+    storage = open_storage(small_bouncer.url, retry=RetryPolicy(limit_s=60, say=say))
+    study = optuna.create_study(storage=storage)
+    storage.engine.dispose()  # the next call opens a new connection, as a pool does
+    fill(small_bouncer, slots)
+    study.set_user_attr("after", "the pooler had room again")
+    assert study.user_attrs["after"] == "the pooler had room again"
+    assert "no more connections allowed" in said[0], said
+
+
+def test_a_worker_starting_behind_a_full_pooler_waits(
+    small_bouncer: OwnPgBouncer, hpo_env: dict, tmp_path: Path
+) -> None:
+    create_study(small_bouncer.postgres_url, tmp_path, "pooler", trials=1)
+    with ExitStack() as slots:
+        fill(small_bouncer, slots)
+        worker = spawn(hpo_env, tmp_path, "worker", "worker", "--study", "pooler",
+                       "--storage", small_bouncer.url, "--storage-retry-s", "120")  # fmt: skip
+        wait_for_line(tmp_path, "worker", "no more connections allowed")
+    assert worker.wait(timeout=300) == 0, logs(tmp_path, "worker")
+    study = optuna.load_study(study_name="pooler", storage=open_storage(small_bouncer.postgres_url))
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"], logs(tmp_path, "worker")
