@@ -86,3 +86,33 @@ def test_a_study_on_a_full_checkpoint_disk_scores_every_trial(
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 4, states
     shown = run_hpo("status", "--study", "full-disk", env=hpo_env, cwd=tmp_path)
     assert "No space left on device" in shown.stdout, shown.stdout
+
+
+def test_hpo_train_on_a_full_disk_still_tells_its_test_accuracy(
+    small_disk: Path, hpo_env: dict, tmp_path: Path
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {channels: [[3, 8]], blocks: [1]}\n")
+    fill(small_disk)
+    output = small_disk / "final"
+    result = run_hpo("train", "--config", str(config), "--dataset", "synthetic", "--epochs", "1",
+                     "--output-dir", str(output), env=hpo_env, cwd=tmp_path)  # fmt: skip
+    said = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in said, said
+    assert f"model-seed0.pt not written to {output}: No space left on device" in said, said
+    assert "test accuracy" in said and f"wrote nothing in {output}" in said, said
+    assert list(output.iterdir()) == []  # no half-written file left
+
+
+def test_hpo_report_on_a_full_disk_is_one_line(
+    small_disk: Path, hpo_env: dict, tmp_path: Path
+) -> None:
+    study = optuna.create_study(study_name="r", storage=open_storage(hpo_env["HPO_STORAGE"]))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2, n_trials=4)
+    fill(small_disk)
+    result = run_hpo("report", "--study", "r", "-o", str(small_disk / "r"), env=hpo_env,
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot write the report to" in result.stderr
+    assert "No space left on device" in result.stderr

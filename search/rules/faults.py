@@ -8,8 +8,11 @@ the person watching sees why trials stopped checkpointing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
 
 import optuna
 
@@ -22,6 +25,22 @@ def machine_fault_line(err: OSError, what: str, where: object = None) -> str:
     why = err.strerror or type(err).__name__
     where = where or err.filename
     return f"{what} not written{f' to {where}' if where else ''}: {why}"[:300]
+
+
+def write_or_say(
+    path: Path, write: Callable[[BinaryIO], object], say: Callable[[str], None]
+) -> bool:
+    """`write(file)` into `path`; a disk that refuses it is said in one line, and what it
+    left of the file removed. True if the file was written."""
+    try:
+        with path.open("wb") as file:  # a file, not a path: torch.save on a path would turn
+            write(file)  # an OSError (ENOSPC) into a RuntimeError nobody can act on
+    except OSError as err:
+        say(machine_fault_line(err, path.name, path.parent))
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def record_machine_fault(study: optuna.Study, worker: str, line: str) -> None:
