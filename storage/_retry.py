@@ -50,12 +50,15 @@ except ImportError:  # the [redis] extra is not installed
 
 # Seconds a worker waits out a database it lost (a restart, a fail-over) before giving up.
 DEFAULT_STORAGE_RETRY_S = 300.0
-# Exceptions that mean "the connection is gone", not "the request was wrong". Optuna's RDB
-# storage re-raises SQLAlchemy's as StorageInternalError, so causes are searched too.
+# Exceptions that mean "the connection is gone" (or "no connection now"), not "the request
+# was wrong". Optuna's RDB storage re-raises SQLAlchemy's as StorageInternalError, so causes
+# are searched too. A wait for one of the pool's connections that ran out (two calls streaming
+# large answers on a slow link hold both) is the link's fault, not the trial's: waited out too.
 CONNECTION_LOST = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.DisconnectionError,
+    sqlalchemy.exc.TimeoutError,
     ConnectionError,
     *REDIS_LOST,
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,10 +15,14 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
+from faultproxy import FaultProxy
 from servers import OwnPgBouncer, OwnPostgres
+from test_network import BOUND_S, ROW_BYTES, _large_study, postgres_proxy  # noqa: F401
 from test_outages import create_study, logs, spawn, wait_for_line
 
 from storage import RetryPolicy, open_storage
+from storage._network import TIMEOUT_ENV
+from storage._open import SERVER_CONNECTIONS
 
 # Client connections the pooler takes: the tests fill them all.
 MAX_CLIENTS = 3
@@ -81,3 +87,36 @@ def test_a_worker_starting_behind_a_full_pooler_waits(
     assert worker.wait(timeout=300) == 0, logs(tmp_path, "worker")
     study = optuna.load_study(study_name="pooler", storage=open_storage(small_bouncer.postgres_url))
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"], logs(tmp_path, "worker")
+
+
+@pytest.mark.slow
+def test_a_wait_for_a_pooled_connection_is_waited_out(
+    postgres_proxy: tuple[FaultProxy, str],  # noqa: F811 (the fixture, imported)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two calls streaming large answers on a slow link hold both pooled connections past a
+    third thread's pool wait (POOL_WAIT_CALLS x call_s, 6 s here): the heartbeat survives
+    it, and the third call is retried, not raised into the trial."""
+    proxy, url = postgres_proxy
+    study, _ = _large_study(rows=16)
+    monkeypatch.setenv(TIMEOUT_ENV, str(BOUND_S))
+    said: list[str] = []
+    storage = open_storage(url, retry=RetryPolicy(limit_s=120, say=said.append))
+    trial_id = storage.create_new_trial(study._study_id)
+    proxy.trickle(ROW_BYTES, 0.9)  # 3.2 MB in 16 pieces: about 14 s per read
+    readers = [
+        threading.Thread(target=storage.get_all_trials, args=(study._study_id,))
+        for _ in range(SERVER_CONNECTIONS)
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 60
+    while storage.engine.pool.checkedout() < SERVER_CONNECTIONS:  # both held: the squeeze
+        assert time.monotonic() < deadline, "the readers never held both connections"
+        time.sleep(0.05)
+    storage.record_heartbeat(trial_id)  # never raises: a heartbeat thread must not die
+    storage.set_trial_user_attr(trial_id, "after", "a connection came back")
+    for reader in readers:
+        reader.join()
+    assert storage.get_trial(trial_id).user_attrs["after"] == "a connection came back"
+    assert any("TimeoutError" in line for line in said), said
