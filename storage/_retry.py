@@ -44,7 +44,15 @@ from storage.optuna_private import (
 try:
     import redis.exceptions
 
-    REDIS_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    # A fail-over's answers are "not now" too: READONLY (a primary demoted to a replica),
+    # MASTERDOWN (a replica that lost its primary), LOADING (BusyLoadingError, a restart
+    # reading its data back: a ConnectionError to redis-py).
+    REDIS_LOST = (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.MasterDownError,
+    )
 except ImportError:  # the [redis] extra is not installed
     REDIS_LOST = ()
 

@@ -16,9 +16,9 @@ import optuna
 import psycopg
 import pytest
 from faultproxy import FaultProxy
-from servers import OwnPgBouncer, OwnPostgres
+from servers import OwnPgBouncer, OwnPostgres, OwnRedis, free_port
 from test_network import BOUND_S, ROW_BYTES, _large_study, postgres_proxy  # noqa: F401
-from test_outages import create_study, logs, spawn, wait_for_line
+from test_outages import create_study, logs, running, spawn, wait_for_line
 
 from storage import RetryPolicy, open_storage
 from storage._network import TIMEOUT_ENV
@@ -120,3 +120,42 @@ def test_a_wait_for_a_pooled_connection_is_waited_out(
         reader.join()
     assert storage.get_trial(trial_id).user_attrs["after"] == "a connection came back"
     assert any("TimeoutError" in line for line in said), said
+
+
+def write(study: optuna.Study) -> None:
+    study.set_user_attr("after", "the fail-over")
+
+
+def read(study: optuna.Study) -> None:
+    study.get_trials()
+
+
+@pytest.mark.parametrize(
+    ("serve_stale_data", "call", "answer"),
+    [("yes", write, "ReadOnlyError"), ("no", read, "MasterDownError")],
+    ids=["READONLY", "MASTERDOWN"],
+)
+def test_a_redis_fail_over_is_waited_out(
+    own_folder: Path, serve_stale_data: str, call, answer: str
+) -> None:
+    """The journal's redis-server demoted (REPLICAOF a primary that is not there: it keeps
+    its data and answers READONLY to a write, or MASTERDOWN to any call where it serves no
+    stale data), then promoted back once the storage has said it waits."""
+    server = OwnRedis(own_folder)
+    with running(server):
+        admin = server.client()
+        said: list[str] = []
+
+        def say(line: str) -> None:
+            said.append(line)
+            if "storage unreachable" in line:
+                admin.replicaof("NO", "ONE")  # promoted back
+
+        storage = open_storage(server.url, retry=RetryPolicy(limit_s=60, say=say))
+        study = optuna.create_study(storage=storage)
+        admin.config_set("replica-serve-stale-data", serve_stale_data)
+        admin.replicaof("127.0.0.1", free_port())
+        call(study)
+        assert answer in said[0], said
+        write(study)  # the promoted server takes writes again, with its data
+        assert study.user_attrs["after"] == "the fail-over"
