@@ -10,6 +10,7 @@ import dataclasses
 import io
 import pickle
 import sqlite3
+import threading
 from pathlib import Path
 
 import optuna
@@ -125,6 +126,49 @@ def test_a_creation_lost_while_another_process_creates_the_study_joins_it(
     study = join(storage, "s")
     assert budget(study).target == 5
     assert load_settings(storage, "s") == theirs.new_settings()
+
+
+@pytest.mark.parametrize(("first_trials", "second_trials"), [(5, 2), (2, 5)])
+def test_two_creators_interleaved_store_one_settings_and_the_larger_target(
+    first_trials: int, second_trials: int, tmp_path: Path
+) -> None:
+    """This creation's request was lost; another `hpo start` creates the study and is held
+    just before it writes the settings; this one's repeat takes the study for its own and
+    completes it. Before: both stored their settings and both were told they created the
+    study (their workers would train different epochs in it), and the target was the first
+    written, not the largest."""
+    path, made = tmp_path / "l.db", []
+    theirs = StudyRequest(study="s", trials=first_trials, storage="", space="tiny", epochs=3)
+    held, go_on = threading.Event(), threading.Event()
+    other = lossy_storage(path)
+    write = other.set_study_user_attr
+
+    def held_before_the_settings(study_id: int, key: str, value: object) -> None:
+        if key == attrs.SETTINGS and not held.is_set():
+            held.set()
+            go_on.wait(timeout=60)
+        write(study_id, key, value)
+
+    other.set_study_user_attr = held_before_the_settings
+    creator = threading.Thread(
+        target=lambda: made.append(create_or_join(other, "s", theirs.new_settings(), first_trials))
+    )
+
+    def meanwhile(_: str) -> None:  # said while this creation waits out its lost connection
+        if not creator.is_alive() and not held.is_set():
+            creator.start()
+            assert held.wait(timeout=60)
+
+    storage = lossy_storage(path, say=meanwhile)
+    storage.lose("create_new_study", before=True)
+    ours = StudyRequest(study="s", trials=second_trials, storage="", space="tiny", epochs=1)
+    mine = create_or_join(storage, "s", ours.new_settings(), second_trials)
+    go_on.set()
+    creator.join(timeout=60)
+    stored = load_settings(storage, "s")
+    assert [mine[1], made[0][1]].count(True) == 1, (mine, made)  # exactly one creator
+    assert mine[0] == made[0][0] == stored  # the workers of both train one recipe
+    assert budget(join(storage, "s")).target == 5  # the larger: a target only goes up
 
 
 def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
