@@ -354,8 +354,9 @@ def owes_retry(trial: FrozenTrial, crash_policy: RetryCrashedTrial | None = None
     """Whether a failed trial is owed a retry: a stop is; a first run out of memory is (the
     memory may be back); a crash is while `crash_policy` (the storage's stale-trial callback;
     none without heartbeats) allows; a failure of its own objective is not. A retry inherits
-    its original's fail_reason: a stop or an out-of-memory reason is the trial's own only
-    where the chain's record of those lists the trial."""
+    its original's fail_reason until it runs (the objective clears it): a stop or an
+    out-of-memory reason is the trial's own only where the chain's record of those lists
+    the trial."""
     if trial.number in stopped_numbers(trial):
         return True
     ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY) or []
