@@ -29,6 +29,7 @@ from search.commands.status import study_table
 from search.rules import attrs
 from search.rules.space import load_space, report_table1_params, sample_config
 from search.rules.study import (
+    FIRST_TICKET,
     budget,
     claim_trial,
     create_or_join,
@@ -41,6 +42,7 @@ from search.training.stops import TrialInterrupted
 from search.training.worker import run_trial
 from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
+from storage.optuna_private import TICKET_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 
@@ -192,6 +194,32 @@ def test_a_lost_insert_of_the_report_ticket_makes_one(where: str, tmp_path: Path
         study.tell(trial, 1.0)
     finished = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(finished) == 3 and report_configs(finished) == [0]
+    # One row, not a copy the budget then ignores: the keyed insert made none.
+    assert first_tickets(study) == [0]
+
+
+def first_tickets(study: optuna.Study) -> list[int]:
+    return [t.number for t in study.get_trials() if t.user_attrs.get(TICKET_KEY) == FIRST_TICKET]
+
+
+def test_a_copy_of_the_report_ticket_a_storage_made_anyway_is_no_ticket(tmp_path: Path) -> None:
+    """On a journal storage a repeated insert (redis-py repeats a command itself) can leave a
+    copy of the report's ticket; ranked inside the target, it must not run the report's
+    config twice: the next ticket takes its place."""
+    storage = open_storage(f"journal://{tmp_path / 'j.log'}")
+    settings = StudyRequest(study="s", trials=3, storage="").new_settings()  # default space
+    create_or_join(storage, "s", settings, 3)
+    study = join(storage, "s")
+    copy = {TICKET_KEY: FIRST_TICKET}
+    study.enqueue_trial(report_table1_params(), user_attrs=copy, skip_if_exists=False)
+    move_target(study, 4)  # the copy (trial 3) ranks fourth: inside the target
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert first_tickets(study) == [0, 3]
+    assert len(finished) == 4 and report_configs(finished) == [0]
 
 
 def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path) -> None:
