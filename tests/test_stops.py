@@ -158,3 +158,14 @@ def test_a_retry_that_completes_reads_complete_not_its_originals_stop(
     finished = study.tell(retry, retry.user_attrs["value"])
     assert finished.user_attrs.get(attrs.FAIL_REASON) is None
     assert "interrupted" not in _ending(finished)
+
+
+def test_a_second_ctrl_c_exits_at_once(hpo_env: dict, tmp_path: Path) -> None:
+    """Ctrl-C twice: the worker exits now (130), without finishing its epoch, stopping its
+    trial or queuing a retry; the trial is left RUNNING to go stale and be retried as a
+    crash (a repeated SIGTERM, by contrast, is one stop: the test above)."""
+    study = one_trial_study(hpo_env, tmp_path)
+    code, output = interrupt(study, hpo_env, tmp_path, signal.SIGINT, set(), again=True)
+    assert code == 128 + signal.SIGINT, output
+    assert "SIGINT: stopping after this epoch" in output
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING], output

@@ -8,15 +8,18 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import optuna
 import psycopg
+import pymysql
 import pytest
 from faultproxy import FaultProxy
-from servers import OwnPgBouncer, OwnPostgres, OwnRedis, free_port
+from optuna.trial import TrialState
+from servers import DATABASE, OwnPgBouncer, OwnPostgres, OwnRedis, free_port, server_url
 from test_network import BOUND_S, ROW_BYTES, _large_study, postgres_proxy  # noqa: F401
 from test_outages import create_study, logs, running, spawn, wait_for_line
 
@@ -159,3 +162,32 @@ def test_a_redis_fail_over_is_waited_out(
         assert answer in said[0], said
         write(study)  # the promoted server takes writes again, with its data
         assert study.user_attrs["after"] == "the fail-over"
+
+
+def test_a_mariadb_lock_wait_timeout_is_retried() -> None:
+    """A finish waits for its trial's row, which another transaction holds past the pool's
+    connections' lock wait (1 s here): MariaDB's 1205 rolls the statement back, and the
+    worker repeats it, as it does a deadlock; the holder lets go once the wait is said."""
+    holder = pymysql.connect(host="127.0.0.1", user="root", database=DATABASE)
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "storage unreachable" in line:
+            holder.rollback()
+
+    said: list[str] = []
+    storage = open_storage(server_url("mysql"), retry=RetryPolicy(limit_s=60, say=say))
+    study = optuna.create_study(storage=storage, study_name=f"lock-{uuid.uuid4().hex[:8]}")
+    trial_id = study.ask()._trial_id
+    pooled = [storage.engine.connect() for _ in range(storage.engine.pool.checkedin())]
+    for connection in pooled:
+        connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+        connection.close()
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT * FROM trials WHERE trial_id = %s FOR UPDATE", (trial_id,))
+        assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+    finally:
+        holder.close()
+    assert "1205" in said[0], said
+    assert storage.get_trial(trial_id).state == TrialState.COMPLETE
