@@ -121,17 +121,18 @@ def complete_creation(
     study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else [{}]
     _add_tickets(study, min(target, TICKET_WINDOW), first, creator=token)
-    winner = _first_creator(study.get_trials(deepcopy=False))
+    # No ticket at all (a target of 0, made by tests only): this creator's stand.
+    winner = _first_creator(study.get_trials(deepcopy=False)) or token
     chosen = StudySettings.from_dict(study.user_attrs[f"{attrs.PROPOSED_SETTINGS}{winner}"])
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(attrs.SETTINGS, chosen.to_dict())
     return chosen, winner == token
 
 
-def _first_creator(trials: list[FrozenTrial]) -> str:
+def _first_creator(trials: list[FrozenTrial]) -> str | None:
     """The creator token on the study's first one-off ticket (its later copies are none)."""
     firsts = [t for t in trials if t.user_attrs.get(TICKET_KEY) == FIRST_TICKET]
-    return min(firsts, key=lambda t: t.number).user_attrs[attrs.CREATOR]
+    return min(firsts, key=lambda t: t.number).user_attrs[attrs.CREATOR] if firsts else None
 
 
 def name_objective(study: optuna.Study) -> None:
