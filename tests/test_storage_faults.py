@@ -17,6 +17,7 @@ import optuna
 import psycopg
 import pymysql
 import pytest
+from conftest import run_hpo
 from faultproxy import FaultProxy
 from optuna.trial import TrialState
 from servers import DATABASE, OwnPgBouncer, OwnPostgres, OwnRedis, free_port, server_url
@@ -90,6 +91,11 @@ def test_a_worker_starting_behind_a_full_pooler_waits(
     assert worker.wait(timeout=300) == 0, logs(tmp_path, "worker")
     study = optuna.load_study(study_name="pooler", storage=open_storage(small_bouncer.postgres_url))
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"], logs(tmp_path, "worker")
+    # Whoever watches the study sees why its worker waited.
+    shown = run_hpo("status", "--study", "pooler", "--storage", small_bouncer.postgres_url,
+                    env=hpo_env, cwd=tmp_path)  # fmt: skip
+    assert "last machine fault" in shown.stdout, shown.stdout
+    assert "no more connections allowed" in shown.stdout, shown.stdout
 
 
 @pytest.mark.slow
