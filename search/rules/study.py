@@ -118,6 +118,8 @@ def complete_creation(
     study.set_user_attr(
         f"{attrs.PROPOSED_SETTINGS}{token}", settings.to_dict()
     )  # before its ticket
+    if attrs.TARGET not in study.user_attrs:  # read by people and scripts; _target is the
+        study.set_user_attr(attrs.TARGET, target)  # largest of it and the raises
     study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else [{}]
     _add_tickets(study, min(target, TICKET_WINDOW), first, creator=token)
