@@ -211,7 +211,8 @@ def _until_silent(gen: Any, bound_s: float) -> Any:
 
 
 # PostgreSQL's refusals at connect carry no SQLSTATE, only the server's FATAL message; these
-# FATALs are a server that is starting, stopping, full or a standby, which waiting changes.
+# FATALs are a server (or pooler) that is starting, stopping, full or a standby, which
+# waiting changes.
 POSTGRESQL_TRANSIENT = (
     "starting up",
     "shutting down",
@@ -223,6 +224,15 @@ POSTGRESQL_TRANSIENT = (
     "too many connections for",  # a role's or database's CONNECTION LIMIT
     "administrator command",
     "conflict with recovery",
+    # PgBouncer's "not now": full, its server unreachable or refusing it for a while, a
+    # client queued past query_wait_timeout, a database PAUSEd or DISABLEd for maintenance.
+    "no more connections allowed",  # past max_client_conn (or max_db/user_connections)
+    "pgbouncer cannot connect to server",
+    "query_wait_timeout",
+    "server login has been failing",
+    "database does not allow connections",  # DISABLE
+    "is paused",
+    "is disabled",
 )
 # MySQL's and MariaDB's answers that refuse this user for good: credentials, the database,
 # permissions. Any other error is about this moment (a deadlock, a lock wait timeout, a full

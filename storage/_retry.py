@@ -44,18 +44,29 @@ from storage.optuna_private import (
 try:
     import redis.exceptions
 
-    REDIS_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    # A fail-over's answers are "not now" too: READONLY (a primary demoted to a replica),
+    # MASTERDOWN (a replica that lost its primary), LOADING (BusyLoadingError, a restart
+    # reading its data back: a ConnectionError to redis-py).
+    REDIS_LOST = (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.MasterDownError,
+    )
 except ImportError:  # the [redis] extra is not installed
     REDIS_LOST = ()
 
 # Seconds a worker waits out a database it lost (a restart, a fail-over) before giving up.
 DEFAULT_STORAGE_RETRY_S = 300.0
-# Exceptions that mean "the connection is gone", not "the request was wrong". Optuna's RDB
-# storage re-raises SQLAlchemy's as StorageInternalError, so causes are searched too.
+# Exceptions that mean "the connection is gone" (or "no connection now"), not "the request
+# was wrong". Optuna's RDB storage re-raises SQLAlchemy's as StorageInternalError, so causes
+# are searched too. A wait for one of the pool's connections that ran out (two calls streaming
+# large answers on a slow link hold both) is the link's fault, not the trial's: waited out too.
 CONNECTION_LOST = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.DisconnectionError,
+    sqlalchemy.exc.TimeoutError,
     ConnectionError,
     *REDIS_LOST,
 )
@@ -81,18 +92,23 @@ class RetryPolicy:
     first_delay_s: float = 0.5
     max_delay_s: float = 5.0
     gave_up: str = field(default="", compare=False)  # the give-up's line, until an answer
+    # The last outage waited out, as one line, and who is told of it once it has ended (the
+    # worker records it where `hpo status` shows it).
+    last_outage: str = field(default="", compare=False)
+    on_back: Callable[[str], None] | None = field(default=None, compare=False)
+    _telling: bool = field(default=False, compare=False, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # `say` is a progress console's bound method in `hpo` (a lock inside, which does not
-        # pickle); a copy says its lines on stdout instead.
-        return {**self.__dict__, "say": print}
+        # pickle); a copy says its lines on stdout instead, and tells no one of an outage.
+        return {**self.__dict__, "say": print, "on_back": None}
 
     def call(self, name: str, function: Callable[[], Any], on_loss: Callable[[], None]) -> Any:
         """`function()`, retried while the connection is lost, up to `limit_s`.
 
         `on_loss()` is called at each lost attempt, and once more when the storage answers.
         """
-        delay, lost_at = self.first_delay_s, None
+        delay, lost_at, first_error = self.first_delay_s, None, ""
         while True:
             started = time.monotonic()
             try:
@@ -105,8 +121,8 @@ class RetryPolicy:
                 if lost_at is None and not self.gave_up:
                     # Since the call that got no answer began: a silent network takes up to
                     # NetworkBounds.call_s to say so, and that time counts against the limit.
-                    lost_at = started
-                    self.say(f"storage unreachable ({describe(err)}); retrying for up to "
+                    lost_at, first_error = started, describe(err)
+                    self.say(f"storage unreachable ({first_error}); retrying for up to "
                              f"{self.limit_s:g} s")  # fmt: skip
                 if self.gave_up:
                     raise StorageUnavailable(self.gave_up) from None
@@ -122,8 +138,21 @@ class RetryPolicy:
             self.gave_up = ""
             if lost_at is not None:
                 on_loss()  # the outage ends now: a grace counted from here (stale_trial_ids)
-                self.say(f"storage reachable again after {time.monotonic() - lost_at:.0f} s")
+                waited = time.monotonic() - lost_at
+                self.say(f"storage reachable again after {waited:.0f} s")
+                self._tell_back(f"storage unreachable for {waited:.0f} s ({first_error})")
             return result
+
+    def _tell_back(self, outage: str) -> None:
+        """Keep the outage and tell `on_back`, whose own storage call is not told again."""
+        self.last_outage = outage
+        if self.on_back is None or self._telling:
+            return
+        self._telling = True
+        try:
+            self.on_back(outage)
+        finally:
+            self._telling = False
 
 
 def is_connection_lost(err: BaseException | None) -> bool:

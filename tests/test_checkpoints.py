@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import suppress
@@ -220,3 +223,58 @@ def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
     with pytest.raises(DivergedError, match="validation loss is nan after the last epoch"):
         run_one_trial(tmp_path, data_dir, interval_s=0, trial=study.ask())
     assert checkpoint_files(tmp_path) == []
+
+
+SCRATCH_THEN = """
+import os, sys, tempfile, time
+from pathlib import Path
+from search.training.checkpoints import scratch_prefix
+scratch = tempfile.mkdtemp(prefix=scratch_prefix(), dir=sys.argv[1])
+(Path(scratch) / "trial-0-checkpoint.pt").write_bytes(b"PK half a checkpoint")
+print(scratch, flush=True)
+{then}
+"""
+
+
+def scratch_of_a_process(directory: Path, then: str) -> tuple[subprocess.Popen, Path]:
+    """A real process that starts a checkpoint write in `directory`, then runs `then`."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SCRATCH_THEN.format(then=then), str(directory)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return process, Path(process.stdout.readline().strip())
+
+
+@pytest.mark.slow
+def test_a_write_killed_midway_leaves_no_scratch_past_the_next_start(tmp_path: Path) -> None:
+    directory = tmp_path / "artifacts"
+    directory.mkdir()
+    killed, left = scratch_of_a_process(directory, "os.kill(os.getpid(), 9)")
+    assert killed.wait(timeout=60) == -signal.SIGKILL and left.is_dir()
+    alive, in_flight = scratch_of_a_process(directory, "time.sleep(600)")
+    try:
+        CheckpointStore(directory)  # the next worker's start on this host
+        assert not left.exists()  # its process is gone: nobody finishes that write
+        assert in_flight.is_dir()  # another live worker's write in flight is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+    CheckpointStore(directory)
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize("keep", [0.5, 10], ids=["half", "ten-bytes"])
+def test_a_truncated_checkpoint_is_refused_as_damaged(tmp_path: Path, keep: float) -> None:
+    """A file cut short (a full disk, a copy interrupted) reads as damaged, not as a file
+    refused for what it would run."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    said: list[str] = []
+    store = CheckpointStore(tmp_path / "artifacts", say=said.append)
+    trial = study.ask()
+    store.save(trial, {"epoch": 1, "weights": torch.zeros(1000)})
+    [path] = checkpoint_files(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    queue_retry(study, study.tell(trial, state=TrialState.FAIL))
+    assert store.load(study.ask()) is None
+    assert len(said) == 1 and "damaged or truncated" in said[0], said

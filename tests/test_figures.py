@@ -44,7 +44,7 @@ def test_each_figure_draws_every_seeds_series(tmp_path: Path) -> None:
         assert [list(line.get_ydata()) for line in ax.lines] == [run[series] for run in seeds]
         assert [line.get_label() for line in ax.lines] == ["seed 0", "seed 1"]
         assert ax.get_yscale() == ("log" if log else "linear")
-    written = write_training_figures({"seeds": seeds}, tmp_path)
+    written = write_training_figures({"seeds": seeds}, tmp_path, print)
     assert written == list(TRAINING_FIGURES)
     for name in written:
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import pickle
 import sqlite3
+import threading
 from pathlib import Path
 
 import optuna
@@ -28,6 +29,7 @@ from search.commands.status import study_table
 from search.rules import attrs
 from search.rules.space import load_space, report_table1_params, sample_config
 from search.rules.study import (
+    FIRST_TICKET,
     budget,
     claim_trial,
     create_or_join,
@@ -40,6 +42,7 @@ from search.training.stops import TrialInterrupted
 from search.training.worker import run_trial
 from storage import HeartbeatPolicy, RetryPolicy, StorageUnavailable, open_storage, optuna_private
 from storage._open import _begin_immediate
+from storage.optuna_private import TICKET_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 
@@ -127,6 +130,49 @@ def test_a_creation_lost_while_another_process_creates_the_study_joins_it(
     assert load_settings(storage, "s") == theirs.new_settings()
 
 
+@pytest.mark.parametrize(("first_trials", "second_trials"), [(5, 2), (2, 5)])
+def test_two_creators_interleaved_store_one_settings_and_the_larger_target(
+    first_trials: int, second_trials: int, tmp_path: Path
+) -> None:
+    """This creation's request was lost; another `hpo start` creates the study and is held
+    just before it writes the settings; this one's repeat takes the study for its own and
+    completes it. Before: both stored their settings and both were told they created the
+    study (their workers would train different epochs in it), and the target was the first
+    written, not the largest."""
+    path, made = tmp_path / "l.db", []
+    theirs = StudyRequest(study="s", trials=first_trials, storage="", space="tiny", epochs=3)
+    held, go_on = threading.Event(), threading.Event()
+    other = lossy_storage(path)
+    write = other.set_study_user_attr
+
+    def held_before_the_settings(study_id: int, key: str, value: object) -> None:
+        if key == attrs.SETTINGS and not held.is_set():
+            held.set()
+            go_on.wait(timeout=60)
+        write(study_id, key, value)
+
+    other.set_study_user_attr = held_before_the_settings
+    creator = threading.Thread(
+        target=lambda: made.append(create_or_join(other, "s", theirs.new_settings(), first_trials))
+    )
+
+    def meanwhile(_: str) -> None:  # said while this creation waits out its lost connection
+        if not creator.is_alive() and not held.is_set():
+            creator.start()
+            assert held.wait(timeout=60)
+
+    storage = lossy_storage(path, say=meanwhile)
+    storage.lose("create_new_study", before=True)
+    ours = StudyRequest(study="s", trials=second_trials, storage="", space="tiny", epochs=1)
+    mine = create_or_join(storage, "s", ours.new_settings(), second_trials)
+    go_on.set()
+    creator.join(timeout=60)
+    stored = load_settings(storage, "s")
+    assert [mine[1], made[0][1]].count(True) == 1, (mine, made)  # exactly one creator
+    assert mine[0] == made[0][0] == stored  # the workers of both train one recipe
+    assert budget(join(storage, "s")).target == 5  # the larger: a target only goes up
+
+
 def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
     table1 = report_table1_params()
     return [t.number for t in trials if t.params == table1]
@@ -148,6 +194,32 @@ def test_a_lost_insert_of_the_report_ticket_makes_one(where: str, tmp_path: Path
         study.tell(trial, 1.0)
     finished = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(finished) == 3 and report_configs(finished) == [0]
+    # One row, not a copy the budget then ignores: the keyed insert made none.
+    assert first_tickets(study) == [0]
+
+
+def first_tickets(study: optuna.Study) -> list[int]:
+    return [t.number for t in study.get_trials() if t.user_attrs.get(TICKET_KEY) == FIRST_TICKET]
+
+
+def test_a_copy_of_the_report_ticket_a_storage_made_anyway_is_no_ticket(tmp_path: Path) -> None:
+    """On a journal storage a repeated insert (redis-py repeats a command itself) can leave a
+    copy of the report's ticket; ranked inside the target, it must not run the report's
+    config twice: the next ticket takes its place."""
+    storage = open_storage(f"journal://{tmp_path / 'j.log'}")
+    settings = StudyRequest(study="s", trials=3, storage="").new_settings()  # default space
+    create_or_join(storage, "s", settings, 3)
+    study = join(storage, "s")
+    copy = {TICKET_KEY: FIRST_TICKET}
+    study.enqueue_trial(report_table1_params(), user_attrs=copy, skip_if_exists=False)
+    move_target(study, 4)  # the copy (trial 3) ranks fourth: inside the target
+    space = load_space(settings.space_name)
+    while (trial := claim_trial(study)) is not None:
+        sample_config(trial, space, settings.epochs)
+        study.tell(trial, 1.0)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert first_tickets(study) == [0, 3]
+    assert len(finished) == 4 and report_configs(finished) == [0]
 
 
 def test_a_stale_fail_whose_answer_is_lost_still_queues_the_retry(tmp_path: Path) -> None:

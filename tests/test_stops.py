@@ -12,10 +12,13 @@ from pathlib import Path
 import optuna
 from conftest import run_hpo
 from optuna.trial import FrozenTrial, TrialState
+from test_checkpoints import run_one_trial
 from test_workers import MICRO_SPACE, spawn_worker
 
+from search.commands.progress import _ending
 from search.rules import attrs
 from search.rules.study import budget
+from search.training.worker import stop_trial
 from storage import DEFAULT_MAX_RETRY, default_artifact_dir, open_storage
 
 # Many short epochs: each run is stopped a few epochs in, the last one still has some to train.
@@ -133,9 +136,36 @@ def test_a_trial_crashed_past_max_retry_is_failed_for_good(hpo_env: dict, tmp_pa
     # Its last checkpoint (~225 MB for Table 1) went with it, deleted by that worker.
     assert "trial 3 failed for good: deleted its chain's checkpoint" in output, output
     artifacts = default_artifact_dir(hpo_env["HPO_STORAGE"])
-    assert [p.name for p in artifacts.iterdir() if p.is_file()] == []
+    # Nothing at all: no file, and no scratch folder of a write the kills cut short.
+    assert [p.name for p in artifacts.iterdir()] == []
     state = budget(study)
     assert (state.finished, state.given_up, state.running, state.waiting) == (1, 1, 0, 0)
     shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "failed for good" in shown.stdout, shown.stdout
+
+
+def test_a_retry_that_completes_reads_complete_not_its_originals_stop(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A stopped trial's retry inherits its attributes, the stop's reason among them; once
+    it has run to its end, nothing of it says "interrupted" (the compose smoke's status did)."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    stop_trial(study, study.ask(), "stopped after epoch 1")
+    retry = study.ask()  # the queued retry
+    assert retry.user_attrs[attrs.FAIL_REASON].startswith(attrs.STOPPED_PREFIX)
+    _, retry = run_one_trial(tmp_path, data_dir, interval_s=3600, trial=retry)
+    finished = study.tell(retry, retry.user_attrs["value"])
+    assert finished.user_attrs.get(attrs.FAIL_REASON) is None
+    assert "interrupted" not in _ending(finished)
+
+
+def test_a_second_ctrl_c_exits_at_once(hpo_env: dict, tmp_path: Path) -> None:
+    """Ctrl-C twice: the worker exits now (130), without finishing its epoch, stopping its
+    trial or queuing a retry; the trial is left RUNNING to go stale and be retried as a
+    crash (a repeated SIGTERM, by contrast, is one stop: the test above)."""
+    study = one_trial_study(hpo_env, tmp_path)
+    code, output = interrupt(study, hpo_env, tmp_path, signal.SIGINT, set(), again=True)
+    assert code == 128 + signal.SIGINT, output
+    assert "SIGINT: stopping after this epoch" in output
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING], output

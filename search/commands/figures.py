@@ -4,8 +4,11 @@ split and reads the test set once, so there is no held-out curve to draw."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from search.rules.faults import write_or_say
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -18,15 +21,20 @@ TRAINING_FIGURES = {
 }
 
 
-def write_training_figures(metrics: dict[str, Any], output: Path) -> list[str]:
-    """Draw each figure over every seed's epochs into `output`; the files written."""
+def write_training_figures(
+    metrics: dict[str, Any], output: Path, say: Callable[[str], None]
+) -> list[str]:
+    """Draw each figure over every seed's epochs into `output`; the files written (a disk that
+    refuses one is said, as for the weights: the machine's fault, not the run's)."""
     import matplotlib.pyplot as plt
 
+    written = []
     for name, (series, label, log) in TRAINING_FIGURES.items():
         figure = training_figure(metrics["seeds"], series, label, log)
-        figure.savefig(output / name, dpi=100)
+        if write_or_say(output / name, lambda file: figure.savefig(file, format="png"), say):
+            written.append(name)
         plt.close(figure)
-    return list(TRAINING_FIGURES)
+    return written
 
 
 def training_figure(seeds: list[dict[str, Any]], series: str, label: str, log: bool) -> Figure:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import os
@@ -18,6 +19,7 @@ import optuna
 from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
 from search.commands.progress import SearchProgress, best_summary
 from search.rules.cost import GpuProbe, cost_lines
+from search.rules.faults import record_machine_fault
 from search.rules.settings import StudySettings
 from search.rules.study import (
     StudyError,
@@ -99,6 +101,7 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
         settings = create_study(request, progress, retry)
     except StorageUnavailable as err:
         return gave_up(err)
+    note_outage(request.storage, request.study, retry)
     return run_workers(request.study, request.storage, settings, options, progress)
 
 
@@ -106,10 +109,12 @@ def join_search(
     study_name: str, storage_url: str, options: WorkerOptions, progress: SearchProgress
 ) -> int:
     """`hpo worker`: run this machine's workers on an existing study."""
+    retry = startup_retry(options, progress)
     try:
-        settings = stored_settings(study_name, storage_url, startup_retry(options, progress))
+        settings = stored_settings(study_name, storage_url, retry)
     except StorageUnavailable as err:
         return gave_up(err)
+    note_outage(storage_url, study_name, retry)
     return run_workers(study_name, storage_url, settings, options, progress)
 
 
@@ -117,6 +122,17 @@ def startup_retry(options: WorkerOptions, progress: SearchProgress) -> RetryPoli
     """A worker that starts before its database is up (compose, Kubernetes) waits for it,
     as long as it would wait out an outage."""
     return RetryPolicy(limit_s=options.storage_retry_s, say=progress.say)
+
+
+def note_outage(storage_url: str, study_name: str, retry: RetryPolicy) -> None:
+    """A storage outage waited out at start-up (a full pooler, a database not up yet), kept
+    where `hpo status` shows the study's last machine fault."""
+    if retry.last_outage:
+        storage = open_storage(storage_url, retry=retry)
+        try:
+            record_machine_fault(join(storage, study_name), socket.gethostname(), retry.last_outage)
+        finally:
+            close_storage(storage)
 
 
 def gave_up(err: StorageUnavailable) -> int:
@@ -227,6 +243,7 @@ def run_local_worker(
     # Heartbeats on every storage, so a dead worker's trial is failed and retried.
     storage = open_storage(storage_url, heartbeat, retry=retry)
     study = join_as_worker(storage, study_name, settings, name)
+    retry.on_back = functools.partial(record_machine_fault, study, name)  # for `hpo status`
     note = unseen_gpus_note(worker) if worker else ""
     progress.say(f"worker {name} joined study {study_name!r}{note}")
     state = budget(study)

@@ -93,4 +93,4 @@ def _ending(trial: FrozenTrial) -> str:
         return f"complete  val_loss {trial.value:.4f}  acc {acc:.2%}"
     if trial.state == TrialState.PRUNED:
         return f"pruned after epoch {trial.last_step}"
-    return f"failed: {trial.user_attrs.get(attrs.FAIL_REASON, 'unknown')}"
+    return f"failed: {trial.user_attrs.get(attrs.FAIL_REASON) or 'unknown'}"

@@ -63,11 +63,16 @@ class Report:
 
 
 def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
-    """Write report.html and one PNG per plot under `output`."""
+    """Write report.html and one PNG per plot under `output`; a disk that refuses it (full,
+    read-only) is one line (ReportError)."""
     try:
         output.mkdir(parents=True, exist_ok=True)
+        return _write_report(study, output, top)
     except OSError as err:
         raise ReportError(f"cannot write the report to {output}: {err.strerror or err}") from err
+
+
+def _write_report(study: optuna.Study, output: Path, top: int) -> Report:
     if attrs.SETTINGS in study.user_attrs:
         name_objective(study)  # a study made before the objective was named
     trials = study.get_trials(deepcopy=False)

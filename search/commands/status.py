@@ -15,6 +15,7 @@ from search.commands.compare import compare_table
 from search.commands.progress import best_summary
 from search.rules import attrs
 from search.rules.cost import format_duration, is_over_cap, study_pace
+from search.rules.faults import last_machine_fault
 from search.rules.fidelity import fidelity_line
 from search.rules.study import budget, join, load_settings
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
@@ -61,6 +62,9 @@ def study_table(
     summary.add_row("rungs rank like the end", fidelity_line(study))
     if artifact_dir is not None:
         summary.add_row("checkpoints", folder_size(artifact_dir))
+    fault = last_machine_fault(study.user_attrs)
+    if fault is not None:
+        summary.add_row("last machine fault", fault)
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")

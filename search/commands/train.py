@@ -59,8 +59,8 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
         f"test accuracy {format_mean_std(metrics['test_acc'], percent=True)} over "
         f"{len(metrics['seeds'])} seed(s) (test loss {format_mean_std(metrics['test_loss'])})"
     )
-    metrics["figures"] = write_training_figures(metrics, output)
-    progress.say(f"wrote {', '.join(metrics_files(metrics))} in {output}")
+    metrics["figures"] = write_training_figures(metrics, output, progress.say)
+    progress.say(f"wrote {', '.join(metrics_files(metrics, output)) or 'nothing'} in {output}")
     artifacts = artifact_dir(request.artifact_dir, request.storage)
     source = document.get("source") or {}
     progress.say(attach_final(request.storage, artifacts, source, output, metrics))

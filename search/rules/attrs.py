@@ -8,8 +8,12 @@ read them through these names.
 SETTINGS = "hpo:settings"  # StudySettings.to_dict(), written last when a study is created
 TARGET = "hpo:target"  # finished trials the study should hold
 TARGET_RAISED = "hpo:target-raised-to-"  # + N: one per raise; the target is the largest
+# + a creator's token: the settings that creator proposes (search/rules/study.py)
+PROPOSED_SETTINGS = "hpo:settings-proposed-by-"
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
 COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/commands/compare.py)
+# + a worker's name: its latest environment fault, {"at": UTC time, "what": one line}
+MACHINE_FAULT = "hpo:machine-fault:"
 
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()
@@ -24,6 +28,7 @@ BEST_VAL_LOSS = "best_val_loss"
 VAL_ACC = "val_acc"
 IMAGES_PER_S = "images_per_s"
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
+CREATOR = "hpo:creator"  # on a study's first ticket: the token of the creator whose settings hold
 CHECKPOINT = "checkpoint"  # the artifact holding the trial's latest epoch checkpoint
 FAIL_REASON = "fail_reason"
 # Numbers of the chain's trials that ran out of device memory (a retry inherits the list).

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
 
 # Tickets queued ahead of the workers; more than the workers of most studies (8 GPUs x 2).
 TICKET_WINDOW = 16
+# The TICKET_KEY of a study's first ticket, which names its creator (complete_creation).
+FIRST_TICKET = "first-0"
 # A joining process waits this long for the creator to finish writing the settings.
 SETTINGS_WAIT_S = 60.0
 
@@ -89,26 +92,49 @@ def check_study_name(name: str) -> str:
 def create_or_join(
     storage: optuna.storages.BaseStorage, name: str, settings: StudySettings, target: int
 ) -> tuple[StudySettings, bool]:
-    """Create study `name` with `settings` and `target` tickets, or read the existing one's."""
+    """Create study `name` with `settings` and `target` tickets, or read the existing one's.
+    Returns the study's settings, and whether this call's were the ones stored."""
     check_study_name(name)
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction=settings.direction)
     except DuplicatedStudyError:
         return load_settings(storage, name), False
-    # A creation whose answer was lost is taken for this one's (storage/_retry.py); where
-    # another's landed in between, both complete the study: the first target and settings
-    # stay, and the report's ticket is one.
+    return complete_creation(study, settings, target, uuid.uuid4().hex)
+
+
+def complete_creation(
+    study: optuna.Study, settings: StudySettings, target: int, token: str
+) -> tuple[StudySettings, bool]:
+    """Complete a new study as creator `token`.
+
+    A creation whose answer was lost is taken for this one's (storage/_retry.py); where
+    another's landed in between, both complete the study, their steps interleaved. So every
+    step is one a second creator may repeat: the target is a raise (the largest holds), the
+    first ticket is a one-off (one counts), and the settings are those proposed by the creator
+    whose first ticket came first (trial numbers are the one order every storage keeps):
+    each creator writes the same ones, and exactly one is told it created the study.
+    """
     name_objective(study)
-    if attrs.TARGET not in study.user_attrs:
-        study.set_user_attr(attrs.TARGET, target)
-    first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else []
-    _add_tickets(study, min(target, TICKET_WINDOW), first)
-    stored = study.user_attrs.get(attrs.SETTINGS)
-    if stored is not None:
-        return StudySettings.from_dict(stored), False
+    study.set_user_attr(
+        f"{attrs.PROPOSED_SETTINGS}{token}", settings.to_dict()
+    )  # before its ticket
+    if attrs.TARGET not in study.user_attrs:  # read by people and scripts; _target is the
+        study.set_user_attr(attrs.TARGET, target)  # largest of it and the raises
+    study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)
+    first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else [{}]
+    _add_tickets(study, min(target, TICKET_WINDOW), first, creator=token)
+    # No ticket at all (a target of 0, made by tests only): this creator's stand.
+    winner = _first_creator(study.get_trials(deepcopy=False)) or token
+    chosen = StudySettings.from_dict(study.user_attrs[f"{attrs.PROPOSED_SETTINGS}{winner}"])
     # Written last: a study with settings is ready for joining workers.
-    study.set_user_attr(attrs.SETTINGS, settings.to_dict())
-    return settings, True
+    study.set_user_attr(attrs.SETTINGS, chosen.to_dict())
+    return chosen, winner == token
+
+
+def _first_creator(trials: list[FrozenTrial]) -> str | None:
+    """The creator token on the study's first one-off ticket (its later copies are none)."""
+    firsts = [t for t in trials if t.user_attrs.get(TICKET_KEY) == FIRST_TICKET]
+    return min(firsts, key=lambda t: t.number).user_attrs[attrs.CREATOR] if firsts else None
 
 
 def name_objective(study: optuna.Study) -> None:
@@ -222,13 +248,16 @@ def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
     return count
 
 
-def _add_tickets(study: optuna.Study, count: int, first: list[dict]) -> None:
+def _add_tickets(
+    study: optuna.Study, count: int, first: list[dict], creator: str | None = None
+) -> None:
     """`count` tickets, the first ones with these parameters. Those are one-off tickets
-    (TICKET_KEY): an insert repeated after a lost answer adds no second copy, and a copy that
-    a storage made anyway (redis-py repeats a command itself) is no ticket (_tickets)."""
+    (TICKET_KEY), marked with their `creator`: an insert repeated after a lost answer adds no
+    second copy, and a copy that a storage made anyway (redis-py repeats a command itself, or
+    a second creator raced this one) is no ticket (_tickets)."""
     for i in range(count):
         if i < len(first):
-            one_off = {TICKET_KEY: f"first-{i}"}
+            one_off = {TICKET_KEY: f"first-{i}", **({attrs.CREATOR: creator} if creator else {})}
             study.enqueue_trial(first[i], user_attrs=one_off, skip_if_exists=False)
         else:
             study.enqueue_trial({}, skip_if_exists=False)
@@ -328,8 +357,9 @@ def owes_retry(trial: FrozenTrial, crash_policy: RetryCrashedTrial | None = None
     """Whether a failed trial is owed a retry: a stop is; a first run out of memory is (the
     memory may be back); a crash is while `crash_policy` (the storage's stale-trial callback;
     none without heartbeats) allows; a failure of its own objective is not. A retry inherits
-    its original's fail_reason: a stop or an out-of-memory reason is the trial's own only
-    where the chain's record of those lists the trial."""
+    its original's fail_reason until it runs (the objective clears it): a stop or an
+    out-of-memory reason is the trial's own only where the chain's record of those lists
+    the trial."""
     if trial.number in stopped_numbers(trial):
         return True
     ran_out = trial.user_attrs.get(attrs.OUT_OF_MEMORY) or []

@@ -2,12 +2,17 @@
 
 A trial checkpoints at most once per interval of training, and always after its last epoch
 and on a graceful stop; the training thread only copies the state to host memory, a
-background thread writes it (TrialCheckpoints).
+background thread writes it (TrialCheckpoints). A checkpoint the disk refuses (full, read-only,
+vanished) is the machine's fault, not the trial's: the trial goes on without it and says so
+(search/rules/faults.py).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -24,7 +29,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial
 
 from search.rules import attrs
+from search.rules.faults import machine_fault_line, record_machine_fault
 from storage.optuna_private import forget_artifact, is_running, replace_artifact
+
+# Scratch folders inside the artifact folder, one per write in flight: `.scratch-PID@HOST-`
+# and a random suffix. A worker killed mid-write leaves its own; the next store opened on that
+# host removes those of dead processes, and any host's older than STALE_SCRATCH_S.
+SCRATCH_PREFIX = ".scratch-"
+STALE_SCRATCH_S = 24 * 3600.0
 
 
 class CheckpointStore:
@@ -35,9 +47,13 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: Path, say: Callable[[str], None] = print):
-        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.say = say  # where a refused checkpoint is reported
+        self.say = say  # where a refused or unwritten checkpoint is reported
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_scratch(directory)
+        except OSError as err:  # each checkpoint then says why it is not written
+            say(f"artifact folder {directory} not usable: {err.strerror or err}")
         self.artifacts = FileSystemArtifactStore(str(directory))
         self._gone: set[str] = set()  # artifacts of failed chains this worker looked for
 
@@ -60,9 +76,10 @@ class CheckpointStore:
         with lock:
             record = trial.user_attrs.get(attrs.CHECKPOINT)
         owned = bool(record) and record["owner"] == trial.number
-        with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=self.directory) as scratch:
             path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
-            torch.save(state, path)
+            with path.open("wb") as file:  # torch.save on a path turns an OSError (ENOSPC)
+                torch.save(state, file)  # into a RuntimeError nobody can act on
             # An inherited record points at the failed trial's file: this trial needs its own.
             if owned:
                 artifact_id = record["artifact_id"]
@@ -105,6 +122,9 @@ class CheckpointStore:
             except ArtifactNotFound:
                 # Written on a machine that does not share this artifact directory.
                 return None
+            except OSError as err:  # the disk's fault: the retry starts over, not fails
+                self.say(f"trial {trial.number}: checkpoint not read: {err.strerror or err}")
+                return None
             return self._load_plain_state(path, self.directory / record["artifact_id"])
 
     def _load_plain_state(self, path: Path, shown_as: Path) -> dict[str, Any] | None:
@@ -113,10 +133,11 @@ class CheckpointStore:
         run code in every worker that resumes a trial; such a file is refused instead."""
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            self.say(f"refused checkpoint {shown_as}: not a plain state ({reason[:120]})")
-            return None
+        except pickle.UnpicklingError as err:
+            self.say(f"refused checkpoint {shown_as}: not a plain state ({_first_line(err)})")
+        except (RuntimeError, EOFError, OSError) as err:  # not a whole zip archive
+            self.say(f"refused checkpoint {shown_as}: damaged or truncated ({_first_line(err)})")
+        return None
 
     def discard(self, trial: optuna.Trial) -> None:
         """Delete the checkpoint of a trial that nothing will resume (pruned, or failed for
@@ -155,7 +176,44 @@ class CheckpointStore:
             self.artifacts.remove(artifact_id)
         except ArtifactNotFound:  # on another machine's folder, or removed already
             return False
+        except OSError as err:  # a read-only or vanished disk: the file stays, said once here
+            self.say(f"checkpoint {artifact_id} not deleted: {err.strerror or err}")
+            return False
         return True
+
+
+def scratch_prefix() -> str:
+    return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+
+
+def remove_stale_scratch(directory: Path) -> None:
+    """Remove the scratch folders of writes that died with their worker (a kill mid-write):
+    this host's whose process is gone (or is this one, which has written nothing yet), and
+    any host's older than STALE_SCRATCH_S."""
+    host = socket.gethostname()
+    for folder in directory.glob(f"{SCRATCH_PREFIX}*"):
+        pid, _, rest = folder.name.removeprefix(SCRATCH_PREFIX).partition("@")
+        here = rest.rpartition("-")[0] == host and pid.isdigit()
+        with suppress(OSError):  # removed by another worker meanwhile
+            old = time.time() - folder.stat().st_mtime > STALE_SCRATCH_S
+            if old or (here and not _alive(int(pid))):
+                shutil.rmtree(folder)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines()[0] if str(err) else type(err).__name__)[:120]
 
 
 class TrialCheckpoints:
@@ -177,6 +235,8 @@ class TrialCheckpoints:
         self._last = time.monotonic()
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._fault: str | None = None  # the last write's machine fault, told by wait()
+        self._told: set[str] = set()
         self.trial_lock = threading.Lock()
 
     def offer(self, state: Callable[[], dict[str, Any]], force: bool = False) -> bool:
@@ -200,6 +260,9 @@ class TrialCheckpoints:
             self._writer.join()
             self._writer = None
             self.seconds += time.perf_counter() - start
+        fault, self._fault = self._fault, None
+        if fault is not None:
+            self._tell(fault)
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -207,8 +270,26 @@ class TrialCheckpoints:
     def _write(self, state: dict[str, Any]) -> None:
         try:
             self.store.save(self.trial, state, self.trial_lock)
+        except OSError as err:
+            if isinstance(err, ConnectionError | TimeoutError):  # a storage's, not the disk's
+                self._error = err
+            else:  # the machine's fault, not the trial's: it goes on without this one
+                self._fault = machine_fault_line(err, "checkpoint", self.store.directory)
         except BaseException as err:  # raised on the training thread by wait()
             self._error = err
+
+    def _tell(self, fault: str) -> None:
+        """Say a checkpoint the disk refused, loudly, once per trial and kind of fault, and
+        record it where `hpo status` shows it."""
+        if fault in self._told:
+            return
+        self._told.add(fault)
+        self.store.say(
+            f"trial {self.trial.number}: {fault}; it trains on without it (the machine's "
+            "fault, not the trial's: a crash now restarts it from its last checkpoint)"
+        )
+        worker = self.trial.user_attrs.get(attrs.WORKER, "?")
+        record_machine_fault(self.trial.study, worker, fault)
 
     def __enter__(self) -> TrialCheckpoints:
         return self

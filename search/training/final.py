@@ -21,6 +21,7 @@ from data.loader import final_data
 from search.rules import attrs
 from search.rules.config import ConfigError, TrialConfig
 from search.rules.cost import gflops_per_image, parameter_count
+from search.rules.faults import machine_fault_line, write_or_say
 from search.rules.study import StudyError, join
 from search.training.devices import parse_gpus
 from search.training.run import pick_device, start_run
@@ -79,7 +80,8 @@ def train_seeds(
         "seeds": runs,
         "config": cfg.to_dict(),
     }
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    text = json.dumps(metrics, indent=2) + "\n"
+    write_or_say(output_dir / METRICS_FILE, lambda file: file.write(text.encode()), say)
     return metrics
 
 
@@ -96,7 +98,8 @@ def train_seed(
     test_loss, test_acc = run.trainer.evaluate(run.held_out, full_precision=True)
     weights = weights_file(seed)
     state = {"config": cfg.to_dict(), "seed": seed, "state_dict": run.trainer.model.state_dict()}
-    torch.save(state, output_dir / weights)
+    # A disk that refuses the weights is said; the seed's test figures still count.
+    written = write_or_say(output_dir / weights, lambda file: torch.save(state, file), say)
     return {
         "seed": seed,
         "test_acc": test_acc,
@@ -108,7 +111,7 @@ def train_seed(
         "train_loss": [round(s.train_loss, 5) for s in history],
         "train_acc": [round(s.train_acc, 5) for s in history],
         "device": str(recipe.device),
-        "weights": weights,
+        "weights": weights if written else None,
     }
 
 
@@ -116,10 +119,12 @@ def weights_file(seed: int) -> str:
     return f"model-seed{seed}.pt"
 
 
-def metrics_files(metrics: dict[str, Any]) -> list[str]:
-    """The files a run wrote: its weights, one per seed, metrics.json, then its figures."""
-    weights = [run["weights"] for run in metrics["seeds"]]
-    return [*weights, METRICS_FILE, *metrics.get("figures", [])]
+def metrics_files(metrics: dict[str, Any], output_dir: Path) -> list[str]:
+    """The files a run wrote: its weights, one per seed, metrics.json, then its figures (those
+    its disk took: write_or_say removed any it refused)."""
+    weights = [run["weights"] for run in metrics["seeds"] if run["weights"]]
+    files = [*weights, METRICS_FILE, *metrics.get("figures", [])]
+    return [file for file in files if (output_dir / file).is_file()]
 
 
 def mean_std(values: list[float]) -> dict[str, float | None]:
@@ -175,8 +180,11 @@ def attach_final(
         study = open_for_writing(storage_url, name)
     except (StorageURLError, StudyError) as err:
         return f"not attached to study {name!r}: {err}"
-    files = metrics_files(metrics)
-    ids = attach_to_study(study, artifacts, [output_dir / file for file in files])
+    files = metrics_files(metrics, output_dir)
+    try:
+        ids = attach_to_study(study, artifacts, [output_dir / file for file in files])
+    except OSError as err:  # the machine's fault: the files stay in output_dir
+        return f"not attached to study {name!r}: {machine_fault_line(err, 'artifacts', artifacts)}"
     study.set_user_attr(
         attrs.FINAL,
         {

@@ -166,6 +166,10 @@ class TrialRunner:
         return self.settings.seed + original_number(trial)
 
     def _describe(self, trial: optuna.Trial, cfg: TrialConfig, params: int) -> None:
+        if trial.user_attrs.get(attrs.FAIL_REASON) is not None:
+            # A retry's, inherited from its original (a stop, out of memory): this run has
+            # not failed, and a COMPLETE retry must not read "interrupted".
+            trial.set_user_attr(attrs.FAIL_REASON, None)
         trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
         trial.set_user_attr(attrs.ARCHITECTURE, describe_architecture(cfg))
         trial.set_user_attr(attrs.PARAMS, params)

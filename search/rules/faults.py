@@ -1,0 +1,64 @@
+"""Whose fault is it: the trial's config, or the machine it runs on (DEPLOY.md §8).
+
+A trial is failed for good only for what its config did. A file this worker cannot write (a
+full, read-only or vanished disk: any OSError) is the machine's fault: the trial goes on
+without that file, the worker says so, and the study records it (`hpo status` shows it), so
+the person watching sees why trials stopped checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import suppress
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import optuna
+
+from search.rules import attrs
+
+
+def machine_fault_line(err: OSError, what: str, where: object = None) -> str:
+    """One line naming what was not written, where, and why (errno's words, no traceback);
+    `where` defaults to the file the error names."""
+    why = err.strerror or type(err).__name__
+    where = where or err.filename
+    return f"{what} not written{f' to {where}' if where else ''}: {why}"[:300]
+
+
+def write_or_say(
+    path: Path, write: Callable[[BinaryIO], object], say: Callable[[str], None]
+) -> bool:
+    """`write(file)` into `path`; a disk that refuses it is said in one line, and what it
+    left of the file removed. True if the file was written."""
+    try:
+        with path.open("wb") as file:  # a file, not a path: torch.save on a path would turn
+            write(file)  # an OSError (ENOSPC) into a RuntimeError nobody can act on
+    except OSError as err:
+        say(machine_fault_line(err, path.name, path.parent))
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def record_machine_fault(study: optuna.Study, worker: str, line: str) -> None:
+    """The worker's latest environment fault, one attribute per worker (no two writers of
+    one key). Best effort: the fault is said in the worker's log either way."""
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with suppress(Exception):
+        study.set_user_attr(f"{attrs.MACHINE_FAULT}{worker}", {"at": stamp, "what": line})
+
+
+def last_machine_fault(study_attrs: dict) -> str | None:
+    """The latest fault any worker recorded, as `what (worker W, at UTC)`; None if none."""
+    faults = [
+        (value["at"], key.removeprefix(attrs.MACHINE_FAULT), value["what"])
+        for key, value in study_attrs.items()
+        if key.startswith(attrs.MACHINE_FAULT) and isinstance(value, dict)
+    ]
+    if not faults:
+        return None
+    at, worker, what = max(faults)
+    return f"{what} (worker {worker}, {at} UTC)"
