@@ -5,6 +5,7 @@ split and reads the test set once, so there is no held-out curve to draw."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ def write_training_figures(
     written = []
     for name, (series, label, log) in TRAINING_FIGURES.items():
         figure = training_figure(metrics["seeds"], series, label, log)
-        if write_or_say(output / name, lambda file: figure.savefig(file, format="png"), say):
+        if write_or_say(output / name, partial(figure.savefig, format="png"), say):
             written.append(name)
         plt.close(figure)
     return written
