@@ -72,6 +72,14 @@ def has_heartbeat(study: optuna.Study) -> bool:
     return is_heartbeat_enabled(study._storage)
 
 
+def heartbeat_interval_s(study: optuna.Study) -> int | None:
+    """Seconds between the heartbeats of the study's storage; None without heartbeats.
+
+    Missing API: a study's storage is not public.
+    """
+    return study._storage.get_heartbeat_interval() if has_heartbeat(study) else None
+
+
 def stale_trial_callback(study: optuna.Study) -> Callable[[optuna.Study, FrozenTrial], None] | None:
     """What the study's storage does with a stale trial it failed (None without heartbeats).
 

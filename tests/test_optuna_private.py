@@ -61,6 +61,15 @@ def go_stale(study: optuna.Study) -> optuna.Trial:
     return trial
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_the_heartbeat_interval_is_the_storages(tmp_path: Path, kind: str) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else f"journal://{tmp_path / 'j'}"
+    study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(3)))
+    assert optuna_private.heartbeat_interval_s(study) == 3
+    without = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
+    assert optuna_private.heartbeat_interval_s(without) is None
+
+
 @pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
 def test_heartbeats_and_stale_trials_are_seen(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'o.db'}"
