@@ -47,6 +47,17 @@ def test_claiming_a_chosen_waiting_trial_happens_once(tmp_path: Path) -> None:
     assert optuna_private.claim_waiting_trial(study, waiting) is None
 
 
+def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    assert claimed is not None and study._thread_local.cached_all_trials is seen
+    assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
+    study.tell(claimed, 1.0)
+    assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
+
+
 def go_stale(study: optuna.Study) -> optuna.Trial:
     """A trial that sends one heartbeat and falls silent: stale once its 2 s grace is past
     (polled for, not slept through)."""

@@ -216,9 +216,11 @@ def claim_trial(study: optuna.Study, view: StudyView | None = None) -> optuna.Tr
     # The tickets a top-up adds rank behind those queued: the view is read again for them
     # only where the queue it holds is empty.
     if _top_up(study, view.trials, view.target) and not queue:
-        queue = _queue(StudyView(view.target, study.get_trials(deepcopy=False)))
+        view = StudyView(view.target, study.get_trials(deepcopy=False))
+        queue = _queue(view)
     while queue:
-        trial = claim_waiting_trial(study, queue.pop(0))
+        # The sampler starts the trial from the view, read just now, not from a read of its own.
+        trial = claim_waiting_trial(study, queue.pop(0), view.trials)
         if trial is not None:
             return trial
         # Another worker took it, as the others of a fleet, trying the same order, will take

@@ -64,7 +64,8 @@ def run_worker(
             # Waiting pays only where a dead worker's trial can come back (heartbeats).
             if state.waiting == 0 and (state.running == 0 or not retries_possible):
                 break
-            stop.wait(IDLE_POLL_S)
+            if stop.wait(IDLE_POLL_S):
+                break
             # An idle worker waits for the stale trials: it looks at every turn.
             view, given_up = read_at_boundary(study, fail_stale=True)
             continue
