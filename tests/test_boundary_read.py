@@ -12,7 +12,15 @@ from optuna.trial import TrialState
 
 from search.commands.launch import StudyRequest
 from search.commands.progress import best_summary
-from search.rules.study import budget, claim_trial, create_or_join, join, read_at_boundary
+from search.rules.study import (
+    TICKET_WINDOW,
+    budget,
+    claim_trial,
+    create_or_join,
+    join,
+    read_at_boundary,
+    read_study,
+)
 from search.training.worker import run_worker
 from storage import HeartbeatPolicy, open_storage
 from storage.optuna_private import mark_stopped
@@ -50,3 +58,19 @@ def test_a_retry_owed_at_the_boundary_is_run_before_the_worker_exits(tmp_path: P
     ran = []
     run_worker(study, lambda trial: ran.append(trial.number) or 1.0, threading.Event())
     assert len(ran) == 1 and budget(study).done
+
+
+def test_a_claim_from_a_stale_read_takes_the_ticket_its_top_up_made(tmp_path: Path) -> None:
+    """Where the others took every ticket the worker's read showed, it claims the one its own
+    top-up just made (read again), rather than idling with a ticket queued."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    settings = StudyRequest(study="s", trials=1, storage="", space="tiny").new_settings()
+    create_or_join(open_storage(url), "s", settings, TICKET_WINDOW + 1)
+    mine, others = join(open_storage(url), "s"), join(open_storage(url), "s")
+    assert claim_trial(others) is not None
+    view = read_study(mine)  # TICKET_WINDOW - 1 queued: a claim from it tops up one more
+    while claim_trial(others, read_study(others)) is not None:
+        if len(others.get_trials(states=(TrialState.RUNNING,))) == TICKET_WINDOW:
+            break
+    claimed = claim_trial(mine, view)
+    assert claimed is not None and claimed.number == TICKET_WINDOW

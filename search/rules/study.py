@@ -212,12 +212,18 @@ def claim_trial(study: optuna.Study, view: StudyView | None = None) -> optuna.Tr
     From `view` where given (a worker's read of this trial boundary), else read now."""
     if view is None:
         view = read_study(study)
+    added = _top_up(study, view.trials, view.target)
+    trial = _claim_first(study, view)
+    # The tickets a top-up adds rank behind those queued: the study is read again for them
+    # only where the others' tickets were all taken.
+    if trial is None and added:
+        trial = _claim_first(study, StudyView(view.target, study.get_trials(deepcopy=False)))
+    return trial
+
+
+def _claim_first(study: optuna.Study, view: StudyView) -> optuna.Trial | None:
+    """Claim the first ticket of the view's queue that no one else takes first."""
     queue = _queue(view)
-    # The tickets a top-up adds rank behind those queued: the view is read again for them
-    # only where the queue it holds is empty.
-    if _top_up(study, view.trials, view.target) and not queue:
-        view = StudyView(view.target, study.get_trials(deepcopy=False))
-        queue = _queue(view)
     while queue:
         # The sampler starts the trial from the view, read just now, not from a read of its own.
         trial = claim_waiting_trial(study, queue.pop(0), view.trials)
