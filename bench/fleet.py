@@ -194,9 +194,12 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
             codes = fleet.wait(timeout=1800)
             sampler.done.set()
             sampler.join()
-            assert set(codes.values()) == {0}, (codes, fleet.outputs())
             if kind == "ours":
+                assert set(codes.values()) == {0}, (codes, fleet.outputs())
                 check_study(study, args.trials, fleet.killed)
+            else:  # a bare worker whose trial was failed as stale (starved of CPU) exits 1
+                crashed = sum(code != 0 for code in codes.values())
+                print(f"optuna x{size}: {crashed} of {len(codes)} workers exited non-zero")
             spans = fleet.spans()
             ends = [end for worker in spans.values() for _, _, end in worker]
             finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
