@@ -16,12 +16,18 @@ start new ones); bare Optuna's runs are not killed. Figures per run:
   pg_stat_activity (mean, max), and waits over 10 ms in the server's log (log_lock_waits);
 - the pooler: clients connected and clients queued for a server connection (SHOW POOLS);
 - connections: client connections the workers hold, server connections (backends);
-- RSS and PSS per worker process mid-run, and whether any loaded torch.
+- RSS and PSS per worker process mid-run, and whether any loaded torch;
+- storage traffic per trial: statements (each a round trip), transactions (a BEGIN and a
+  COMMIT more each) and rows read, counted in every worker by SQLAlchemy's engine events
+  (tests/stand_in.py) from its first trial's start to its last;
+- bookkeeping per trial: the claim p50 plus the objective's own storage calls (its median
+  time less its sleeps), and what share that is of a trial of the small config on a GPU.
 
 Run from the repository root (the full run takes ~20 minutes on 2 cores):
 
     .venv/bin/python bench/fleet.py --sizes 8,32,128 --trials 1000
     .venv/bin/python bench/fleet.py --sizes 8 --trials 100 --kinds ours   # a quick look
+    .venv/bin/python bench/fleet.py --smoke    # one worker of each, a few trials
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:1] = [str(ROOT), str(ROOT / "tests")]
 
 KINDS = ("ours", "optuna")
+# A pruned trial of the small config on a GPU, what the bookkeeping is a share of: Hyperband's
+# first rung (3 epochs) at 2.05 s an epoch (45,000 images at issue 4's 21,900 img/s eager on an
+# H100; docs/BENCHMARKS.md, "GPU: not measured here").
+GPU_TRIAL_S = 3 * 45_000 / 21_900
 # The driver's own imports (fleetrun: the test servers, the `hpo` modules) wait for the
 # driver: a bare Optuna worker loads only Optuna and the stand-in.
 
@@ -60,6 +70,8 @@ class Run:
     seconds: float
     startup_s: float
     claim_ms: list[float]
+    storage_ms: float  # the objective's median time less its sleeps
+    traffic: tuple[float, float, float]  # statements, transactions, rows read per trial
     samples: object
     logged_waits: dict[str, int]
     rss_mib: float
@@ -74,9 +86,14 @@ class Run:
         s = self.samples
         logged = self.logged_waits
         rate = self.finished / self.seconds
+        statements, transactions, rows = self.traffic
+        bookkeeping_s = (p50 + self.storage_ms) / 1000
+        share = bookkeeping_s / (bookkeeping_s + GPU_TRIAL_S)
         return (
             f"| {self.workers} | {self.kind} | {self.finished} | {rate:.1f} "
-            f"| {p50:.0f} / {p99:.0f} | {s.summary(s.study_row_waits)}; {logged['study row']} "
+            f"| {p50:.0f} / {p99:.0f} | {statements:.0f} / {transactions:.0f} / {rows:.0f} "
+            f"| {bookkeeping_s * 1000:.0f} ms, {share:.1%} "
+            f"| {s.summary(s.study_row_waits)}; {logged['study row']} "
             f"| {s.summary(s.trial_row_waits)}; {logged['trial row']} "
             f"| {s.summary(s.heartbeat_row_waits)}; {logged['heartbeat row']} "
             f"| {s.summary(s.pooler_waiting)} | {max(s.pooler_clients)} | {max(s.backends)} "
@@ -86,10 +103,12 @@ class Run:
 
 HEADER = (
     "| workers | run | trials finished | trials/s | claim p50 / p99 ms "
+    "| statements / transactions / rows read per trial "
+    "| bookkeeping per trial, share of a GPU trial "
     "| study-row lock waiters (sampled; logged >10 ms) | trial-row lock waiters (same) "
     "| heartbeat-row lock waiters (same) "
     "| clients queued at PgBouncer | client connections | server backends "
-    "| RSS / PSS per worker MiB | load at start |\n" + "|---" * 13 + "|"
+    "| RSS / PSS per worker MiB | load at start |\n" + "|---" * 15 + "|"
 )
 
 
@@ -106,6 +125,7 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=40)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--epoch-s", type=float, default=0.05)
+    parser.add_argument("--smoke", action="store_true", help="one worker of each, 6 trials")
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser("optuna-worker", help="one bare Optuna worker (the driver starts it)")
     worker.add_argument("--url")
@@ -117,6 +137,8 @@ def main() -> None:
     if args.command == "optuna-worker":
         optuna_worker(args.url, args.study, args.trials)
         return
+    if args.smoke:
+        args.sizes, args.trials, args.kills = "1", 6, 0
     print(f"# bench/fleet.py on {os.cpu_count()} cores, {args.trials} trials a run, "
           f"max_connections {args.max_connections}, PgBouncer pool {args.pool_size}")  # fmt: skip
     rows = []
@@ -147,7 +169,7 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
     folder = Path(tempfile.mkdtemp(prefix="hpo-own-server-"))
     load = f"{os.getloadavg()[0]:.1f}"
     name = f"{kind}-{size}-{uuid.uuid4().hex[:6]}"
-    fleet = Fleet("", name, folder / "fleet", epoch_s=args.epoch_s)
+    fleet = Fleet("", name, folder / "fleet", epoch_s=args.epoch_s, count_reads=True)
     try:
         with fleet_servers(folder, args.max_connections, args.pool_size) as (postgres, bouncer):
             fleet.url = bouncer.url
@@ -179,16 +201,20 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
             codes = fleet.wait(timeout=1800)
             sampler.done.set()
             sampler.join()
-            assert set(codes.values()) == {0}, (codes, fleet.outputs())
             if kind == "ours":
+                assert set(codes.values()) == {0}, (codes, fleet.outputs())
                 check_study(study, args.trials, fleet.killed)
+            else:  # a bare worker whose trial was failed as stale (starved of CPU) exits 1
+                crashed = sum(code != 0 for code in codes.values())
+                print(f"optuna x{size}: {crashed} of {len(codes)} workers exited non-zero")
             spans = fleet.spans()
             ends = [end for worker in spans.values() for _, _, end in worker]
             finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             (rss, pss), torch = memory
             run = Run(
                 kind, size, args.trials, finished, max(ends) - fleet.gate_opened, startup_s,
-                [1000 * gap for gap in claim_times(spans)], sampler.samples,
+                [1000 * gap for gap in claim_times(spans)], storage_ms(spans, args.epoch_s),
+                fleet.traffic_per_trial(), sampler.samples,
                 logged_lock_waits(postgres, log_start), rss, pss, torch, load,
             )  # fmt: skip
     except BaseException:
@@ -197,6 +223,14 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
         raise
     shutil.rmtree(folder, ignore_errors=True)
     return run
+
+
+def storage_ms(spans: dict, epoch_s: float) -> float:
+    """The objective's median time less its sleeps: its suggestions, reports and prune checks."""
+    from stand_in import EPOCHS
+
+    times = [end - start for worker in spans.values() for _, start, end in worker]
+    return 1000 * (statistics.median(times) - EPOCHS * epoch_s)
 
 
 def wait_for_ends(fleet: object, count: int) -> None:

@@ -105,7 +105,7 @@ def main() -> None:
         )
     base_allocated = torch.cuda.memory_allocated() if filler is not None else 0
 
-    def after(trial: optuna.trial.FrozenTrial) -> None:
+    def after(trial: optuna.trial.FrozenTrial, _view: object) -> None:
         if filler is not None:
             held = torch.cuda.memory_allocated() - base_allocated
             reserved = torch.cuda.memory_reserved() - base_allocated

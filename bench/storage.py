@@ -2,13 +2,13 @@
 
 W worker processes share one study per storage. The study is created as `hpo` creates one
 (search.rules.study.create_or_join: a window of WAITING tickets, topped up by claims) and each
-worker runs the project's own loop, search.training.worker.run_worker: fail stale trials,
-claim_trial, run_trial (heartbeat, objective, tell), then the per-trial progress reads of
-`hpo` (budget and best trial). The objective computes nothing: two suggest_float calls,
-then E trial.report + trial.should_prune calls
-(the pruner is asked but not obeyed, so every trial does the same work). A trial's time,
-from the end of the previous one to its own end, is therefore bookkeeping: the storage's,
-plus the sampler's and the pruner's.
+worker runs the project's own loop, search.training.worker.run_worker: claim_trial, run_trial
+(heartbeat, objective, tell), then one read of the study (stale trials failed once per
+heartbeat interval) from which it shows `hpo`'s per-trial progress (budget and best
+trial). The objective computes nothing: two suggest_float calls, then E trial.report +
+trial.should_prune calls (the pruner is asked but not obeyed, so every trial does the same
+work). A trial's time, from the end of the previous one to its own end, is therefore
+bookkeeping: the storage's, plus the sampler's and the pruner's.
 
 Run from the repository root:
 
@@ -48,7 +48,7 @@ from search.commands.progress import best_summary
 from search.rules.pruners import PRUNERS
 from search.rules.settings import StudySettings
 from search.rules.study import (
-    budget,
+    StudyView,
     create_or_join,
     join,
     join_as_worker,
@@ -83,12 +83,12 @@ class TrialTiming:
     number: int
     start: float
     end: float
-    claim: float  # fail_stale_trials + claim_trial + heartbeat start
+    claim: float  # claim_trial + heartbeat start
     suggest: float
     report: float
     prune: float
-    tell: float  # study.tell + heartbeat stop
-    progress: float  # budget() + best trial, as `hpo` shows after each trial
+    tell: float  # study.tell + heartbeat stop + the worker's read of the study (stale trials)
+    progress: float  # budget + best trial from that read, as `hpo` shows after each trial
     compute: float  # the objective's own arithmetic
 
     @property
@@ -161,11 +161,12 @@ def run_until_empty(study: optuna.Study, reports: int) -> list[TrialTiming]:
     timings: list[TrialTiming] = []
     previous_end = time.perf_counter()
 
-    def on_trial_end(trial: FrozenTrial) -> None:
+    def on_trial_end(trial: FrozenTrial, view: StudyView) -> None:
         nonlocal previous_end
         told = time.perf_counter()
-        budget(study)  # what `hpo` reads after each trial to show its progress
-        best_summary(study)
+        # What `hpo` shows after each trial, from the worker's read of the study (in "tell")
+        view.budget  # noqa: B018
+        best_summary(study, view.trials)
         end = time.perf_counter()
         timings.append(
             TrialTiming(

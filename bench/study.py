@@ -12,7 +12,8 @@ thread only) and writes what it measured to a JSON file; the parent adds the tri
 `seconds` attribute (the phases the objective records) and prints the breakdown:
 
     start-up  process (interpreter, imports), data (read + split + device copy), other
-    claim     fail_stale_trials + claim_trial          tell      study.tell
+    claim     the read of the study between trials (read_at_boundary: stale trials, the
+              view) + claim_trial                      tell      study.tell
     progress  budget + best trial after each trial     idle      waiting with nothing to claim
     in the objective: sample, build, compile, train, eval, checkpoint, report, prune
     other     what no timer covers (heartbeat thread, progress lines, exit)
@@ -116,18 +117,18 @@ class Timers:
             self.worker[phase] += seconds
 
     def install(self) -> None:
-        stale = search.training.worker.fail_stale_trials
+        look = search.training.worker.read_at_boundary
 
-        def look_for_work(study: optuna.Study) -> Any:  # the first call of each loop turn
+        def look_for_work(study: optuna.Study, fail_stale: bool) -> Any:  # before each claim
             now = time.time()
             self.first_claim = self.first_claim or now
             if self.idle_since is not None:
                 self.worker["idle"] += now - self.idle_since
                 self.idle_since = None
-            return stale(study)
+            return look(study, fail_stale)
 
-        search.training.worker.fail_stale_trials = look_for_work
-        self.wrap(search.training.worker, "fail_stale_trials", "claim")
+        search.training.worker.read_at_boundary = look_for_work
+        self.wrap(search.training.worker, "read_at_boundary", "claim")
         self.wrap(search.training.worker, "claim_trial", "claim", after=self._claimed)
         # The worker imports these where trials run (the control plane stays torch-free).
         self.wrap(data.dataset, "load_dataset", "data")

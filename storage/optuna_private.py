@@ -36,8 +36,12 @@ STOPS_KEY = "hpo:stopped"
 TICKET_KEY = "hpo:ticket"
 
 
-def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
+def claim_waiting_trial(
+    study: optuna.Study, waiting: FrozenTrial, trials: list[FrozenTrial] | None = None
+) -> optuna.Trial | None:
     """Move this WAITING trial to RUNNING if no one else did first; the Trial, or None.
+    `trials`: the study's trials as the caller has just read them, which the sampler then
+    starts the trial from instead of reading them again.
 
     Missing API: `study.ask()` pops whichever WAITING trial the storage likes; there is no
     public way to claim a chosen one (a retry before fresh tickets, only tickets in budget).
@@ -50,10 +54,22 @@ def claim_waiting_trial(study: optuna.Study, waiting: FrozenTrial) -> optuna.Tri
             return None
         # The storage compares and sets: False when another worker claimed it first.
         if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            if trials is not None:
+                sample_from(study, trials)
             return optuna.Trial(study, waiting._trial_id)
     except UpdateFinishedTrialError:
         pass
     return None
+
+
+def sample_from(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Have the sampler read these trials, until the next tell, where it reads the study's
+    trials through its cache (with a constant liar, TPE still reads the running ones itself).
+
+    Missing API: a sampler reads the trials through Study._get_trials's cache, per thread,
+    which `ask` empties and `tell` drops; nothing public hands it trials read just before.
+    """
+    study._thread_local.cached_all_trials = trials
 
 
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
@@ -70,6 +86,14 @@ def has_heartbeat(study: optuna.Study) -> bool:
     Missing API: a study's storage is not public, nor is this check.
     """
     return is_heartbeat_enabled(study._storage)
+
+
+def heartbeat_interval_s(study: optuna.Study) -> int | None:
+    """Seconds between the heartbeats of the study's storage; None without heartbeats.
+
+    Missing API: a study's storage is not public.
+    """
+    return study._storage.get_heartbeat_interval() if has_heartbeat(study) else None
 
 
 def stale_trial_callback(study: optuna.Study) -> Callable[[optuna.Study, FrozenTrial], None] | None:

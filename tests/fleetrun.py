@@ -87,6 +87,7 @@ class Fleet:
     study: str
     folder: Path
     epoch_s: float = 0.05
+    count_reads: bool = False  # the stand-in counts each worker's storage traffic
     workers: dict[int, subprocess.Popen] = field(default_factory=dict)
     killed: dict[int, int] = field(default_factory=dict)  # pid -> trial it was running
     output: dict[int, Path] = field(default_factory=dict)  # pid -> its stdout and stderr
@@ -107,6 +108,8 @@ class Fleet:
             OMP_NUM_THREADS="1",
         )
         env[BENCH_OBJECTIVE_ENV] = "stand_in:objective"
+        if self.count_reads:
+            env["STAND_IN_COUNT_READS"] = "1"
         return env
 
     def spawn(self, *command: str) -> subprocess.Popen:
@@ -192,6 +195,21 @@ class Fleet:
                 else:
                     spans.append((int(number), started.pop(int(number)), float(stamp)))
         return found
+
+    def traffic_per_trial(self) -> tuple[float, float, float]:
+        """Statements, transactions and rows read per trial (count_reads), over the workers:
+        from each one's first trial start to its last, so a cycle holds everything a worker
+        does for a trial (the tell, the stale check, the claim, the sampler, the reports)."""
+        totals, cycles = [0, 0, 0], 0
+        for path in self.folder.glob("*.reads"):
+            lines = [[int(n) for n in line.split()] for line in path.read_text().splitlines()]
+            if len(lines) > 1:
+                totals = [
+                    t + last - first
+                    for t, first, last in zip(totals, lines[0], lines[-1], strict=True)
+                ]
+                cycles += len(lines) - 1
+        return tuple(t / max(cycles, 1) for t in totals)
 
 
 # --- what the study must hold at the end ----------------------------------------------------

@@ -47,6 +47,17 @@ def test_claiming_a_chosen_waiting_trial_happens_once(tmp_path: Path) -> None:
     assert optuna_private.claim_waiting_trial(study, waiting) is None
 
 
+def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    assert claimed is not None and study._thread_local.cached_all_trials is seen
+    assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
+    study.tell(claimed, 1.0)
+    assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
+
+
 def go_stale(study: optuna.Study) -> optuna.Trial:
     """A trial that sends one heartbeat and falls silent: stale once its 2 s grace is past
     (polled for, not slept through)."""
@@ -59,6 +70,15 @@ def go_stale(study: optuna.Study) -> optuna.Trial:
         time.sleep(0.2)
     assert optuna_private.stale_trial_numbers(study, 1, 2) == {trial.number}
     return trial
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_the_heartbeat_interval_is_the_storages(tmp_path: Path, kind: str) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else f"journal://{tmp_path / 'j'}"
+    study = optuna.create_study(storage=open_storage(url, HeartbeatPolicy(3)))
+    assert optuna_private.heartbeat_interval_s(study) == 3
+    without = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
+    assert optuna_private.heartbeat_interval_s(without) is None
 
 
 @pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)

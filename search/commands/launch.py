@@ -23,6 +23,7 @@ from search.rules.faults import record_machine_fault
 from search.rules.settings import StudySettings
 from search.rules.study import (
     StudyError,
+    StudyView,
     budget,
     check_study_name,
     create_or_join,
@@ -256,8 +257,8 @@ def run_local_worker(
     stop = install_stop_handlers(progress)
     runner = stand_in or training_runner(settings, storage_url, options, worker, stop, progress)
 
-    def on_trial_end(trial: optuna.trial.FrozenTrial) -> None:
-        state, best = budget(study), best_summary(study)
+    def on_trial_end(trial: optuna.trial.FrozenTrial, view: StudyView) -> None:
+        state, best = view.budget, best_summary(study, view.trials)
         progress.trial_end(trial, state, best)
         progress.show_budget(study_name, state, best)
 

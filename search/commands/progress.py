@@ -76,11 +76,16 @@ def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str
     return show(stat["mean"]) + (f" ± {show(std)}" if std is not None else "")
 
 
-def best_summary(study: optuna.Study) -> str:
-    try:
-        best = study.best_trial
-    except ValueError:
+def best_summary(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> str:
+    """The best complete trial's value and number: of `trials` where given (a worker's read
+    of the study, search.rules.study.StudyView: no read of its own), else of the study's."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
         return "-"
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    best = pick(complete, key=lambda trial: trial.value)
     return f"{best.value:.4f} (trial {best.number})"
 
 

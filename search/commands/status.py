@@ -17,7 +17,7 @@ from search.rules import attrs
 from search.rules.cost import format_duration, is_over_cap, study_pace
 from search.rules.faults import last_machine_fault
 from search.rules.fidelity import fidelity_line
-from search.rules.study import budget, join, load_settings
+from search.rules.study import join, load_settings, read_study
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
 
@@ -37,8 +37,8 @@ def study_table(
     stale: set[int] | frozenset[int] = frozenset(),
     artifact_dir: Path | None = None,
 ) -> Group:
-    trials = study.get_trials(deepcopy=False)
-    state = budget(study)
+    view = read_study(study)
+    trials, state = view.trials, view.budget
     counts = Counter(t.state.name.lower() for t in trials)
     summary = Table(title=f"study {study.study_name}", show_header=False, title_justify="left")
     summary.add_column()
@@ -57,7 +57,7 @@ def study_table(
     summary.add_row("not started", str(state.waiting))
     summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
     summary.add_row("pace", pace_line(trials, state.finished, state.target))
-    summary.add_row("best", best_summary(study))
+    summary.add_row("best", best_summary(study, trials))
     summary.add_row("trial time", time_by_phase(trials))
     summary.add_row("rungs rank like the end", fidelity_line(study))
     if artifact_dir is not None:

@@ -33,6 +33,7 @@ import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import optuna
@@ -187,13 +188,32 @@ def load_settings(storage: optuna.storages.BaseStorage, name: str) -> StudySetti
         time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class StudyView:
+    """The study as read once: its target and its trials. Optuna's cache keeps the finished
+    trials, so a read fetches only the unfinished ones, with their params and attributes; a
+    worker reads one view per trial boundary and takes the owed retries, the claim and the
+    budget and best-trial lines from it (docs/BENCHMARKS.md, "Exactly N at bare Optuna's
+    speed")."""
+
+    target: int
+    trials: list[FrozenTrial]
+
+    @cached_property
+    def budget(self) -> Budget:
+        counted = _counted(self.trials, self.target)
+        finished = sum(t.state.is_finished() for t in counted)
+        running = sum(t.state == TrialState.RUNNING for t in counted)
+        given_up = sum(t.state == TrialState.FAIL for t in counted)
+        return Budget(self.target, finished, running, self.target - finished - running, given_up)
+
+
+def read_study(study: optuna.Study) -> StudyView:
+    return StudyView(_target(study), study.get_trials(deepcopy=False))
+
+
 def budget(study: optuna.Study) -> Budget:
-    target = _target(study)
-    counted = _counted(study.get_trials(deepcopy=False), target)
-    finished = sum(t.state.is_finished() for t in counted)
-    running = sum(t.state == TrialState.RUNNING for t in counted)
-    given_up = sum(t.state == TrialState.FAIL for t in counted)
-    return Budget(target, finished, running, target - finished - running, given_up)
+    return read_study(study).budget
 
 
 def move_target(study: optuna.Study, target: int) -> Budget:
@@ -213,17 +233,26 @@ def move_target(study: optuna.Study, target: int) -> Budget:
     return budget(study)
 
 
-def claim_trial(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically take one WAITING ticket, retries first; None when none is left to start."""
-    target = _target(study)
-    trials = study.get_trials(deepcopy=False)
-    if _top_up(study, trials, target):
-        trials = study.get_trials(deepcopy=False)
-    queue = [t for t in _counted(trials, target) if t.state == TrialState.WAITING]
-    # A retry resumes from a checkpoint: run it before fresh trials.
-    queue.sort(key=lambda trial: not _is_retry(trial))
+def claim_trial(study: optuna.Study, view: StudyView | None = None) -> optuna.Trial | None:
+    """Atomically take one WAITING ticket, retries first; None when none is left to start.
+    From `view` where given (a worker's read of this trial boundary), else read now."""
+    if view is None:
+        view = read_study(study)
+    added = _top_up(study, view.trials, view.target)
+    trial = _claim_first(study, view)
+    # The tickets a top-up adds rank behind those queued: the study is read again for them
+    # only where the others' tickets were all taken.
+    if trial is None and added:
+        trial = _claim_first(study, StudyView(view.target, study.get_trials(deepcopy=False)))
+    return trial
+
+
+def _claim_first(study: optuna.Study, view: StudyView) -> optuna.Trial | None:
+    """Claim the first ticket of the view's queue that no one else takes first."""
+    queue = _queue(view)
     while queue:
-        trial = claim_waiting_trial(study, queue.pop(0))
+        # The sampler starts the trial from the view, read just now, not from a read of its own.
+        trial = claim_waiting_trial(study, queue.pop(0), view.trials)
         if trial is not None:
             return trial
         # Another worker took it, as the others of a fleet, trying the same order, will take
@@ -232,6 +261,13 @@ def claim_trial(study: optuna.Study) -> optuna.Trial | None:
         random.shuffle(queue)
         queue.sort(key=lambda trial: not _is_retry(trial))
     return None
+
+
+def _queue(view: StudyView) -> list[FrozenTrial]:
+    """The WAITING tickets of the budget, retries first: a retry resumes from a checkpoint."""
+    queue = [t for t in _counted(view.trials, view.target) if t.state == TrialState.WAITING]
+    queue.sort(key=lambda trial: not _is_retry(trial))
+    return queue
 
 
 def _top_up(study: optuna.Study, trials: list[FrozenTrial], target: int) -> int:
@@ -330,27 +366,44 @@ def fail_stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Fail (and so retry) trials whose worker stopped sending heartbeats, then queue any
     retry still owed (a worker died, or lost its storage, between a FAIL and its retry).
     Returns the failed trials owed no retry (queue_owed_retries)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return queue_owed_retries(study)
+    return read_at_boundary(study, fail_stale=True)[1]
+
+
+def read_at_boundary(study: optuna.Study, fail_stale: bool) -> tuple[StudyView, list[FrozenTrial]]:
+    """A worker's one read of the study between two trials: the stale trials failed first
+    (where `fail_stale`), then the view, with every retry owed queued (read again only where
+    one was). Returns the view and the failed trials owed no retry (queue_owed_retries)."""
+    if fail_stale:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    view = read_study(study)
+    queued, given_up = _queue_owed_retries(study, view.trials)
+    return (read_study(study) if queued else view), given_up
 
 
 def queue_owed_retries(study: optuna.Study) -> list[FrozenTrial]:
     """Queue every retry owed (owes_retry) that is not queued yet. Returns the failed trials
     that no trial retries and none is owed: their chains have failed for good."""
-    trials = study.get_trials(deepcopy=False)
+    return _queue_owed_retries(study, study.get_trials(deepcopy=False))[1]
+
+
+def _queue_owed_retries(
+    study: optuna.Study, trials: list[FrozenTrial]
+) -> tuple[int, list[FrozenTrial]]:
+    """queue_owed_retries on these trials; also returns how many retries it queued."""
     retried = retried_numbers(trials)
     callback = stale_trial_callback(study)
-    given_up = []
+    queued, given_up = 0, []
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.number in retried:
             continue
         if owes_retry(trial, callback):
             queue_retry(study, trial)
+            queued += 1
         else:
             given_up.append(trial)
-    return given_up
+    return queued, given_up
 
 
 def owes_retry(trial: FrozenTrial, crash_policy: RetryCrashedTrial | None = None) -> bool:

@@ -14,11 +14,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from search.rules import attrs
-from search.rules.study import budget, claim_trial, fail_stale_trials, owes_retry
+from search.rules.study import StudyView, claim_trial, owes_retry, read_at_boundary
 from search.training.memory import device_out_of_memory, memory_note, release_trial_memory
 from search.training.stops import TrialInterrupted
 from storage import StorageUnavailable, queue_retry
-from storage.optuna_private import has_heartbeat, heartbeat, mark_stopped
+from storage.optuna_private import has_heartbeat, heartbeat, heartbeat_interval_s, mark_stopped
 
 if TYPE_CHECKING:  # the loop itself needs no torch: only the objective that trains does
     from search.training.objective import TrialRunner
@@ -37,7 +37,7 @@ def run_worker(
     study: optuna.Study,
     runner: TrialRunner,
     stop: threading.Event,
-    on_trial_end: Callable[[FrozenTrial], None] | None = None,
+    on_trial_end: Callable[[FrozenTrial, StudyView], None] | None = None,
     timeout_s: float | None = None,
     say: Callable[[str], None] = print,
 ) -> WorkerSummary:
@@ -47,21 +47,27 @@ def run_worker(
     worker dies is failed by its heartbeat and re-queued, and someone must run the retry.
     Every storage has heartbeats; a study opened without them exits when nothing is left
     to claim. StorageUnavailable (an outage past the retry limit) is raised to the caller.
+    Between two trials the study is read once (read_at_boundary): `on_trial_end` gets the
+    ended trial and that read, which the next claim uses too.
     """
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     retries_possible = has_heartbeat(study)
+    stale_check = StaleCheck(heartbeat_interval_s(study))
+    # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
+    view, given_up = read_at_boundary(study, stale_check.due())
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-        # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
-        given_up = fail_stale_trials(study)
         forget_given_up(runner, given_up, say)
-        trial = claim_trial(study)
+        trial = claim_trial(study, view)
         if trial is None:
-            state = budget(study)
+            state = view.budget
             # Waiting pays only where a dead worker's trial can come back (heartbeats).
             if state.waiting == 0 and (state.running == 0 or not retries_possible):
                 break
-            stop.wait(IDLE_POLL_S)
+            if stop.wait(IDLE_POLL_S):
+                break
+            # An idle worker waits for the stale trials: it looks at every turn.
+            view, given_up = read_at_boundary(study, fail_stale=True)
             continue
         finished = run_trial(study, trial, runner, say)
         # Out here nothing refers to the trial's frames any more: its memory can go back.
@@ -69,10 +75,28 @@ def run_worker(
         if finished is not None and ran_out_of_memory(finished):
             retry_out_of_memory(study, finished, say)
         summary.ran += 1
+        view, given_up = read_at_boundary(study, stale_check.due())
         if on_trial_end is not None and finished is not None:
-            on_trial_end(finished)
+            on_trial_end(finished, view)
     summary.interrupted = stop.is_set()
     return summary
+
+
+class StaleCheck:
+    """Due once per heartbeat interval (never without heartbeats). A trial is stale after a
+    grace of more than one interval without a heartbeat, so a look per trial finds it no
+    sooner, and each look reads every running trial of the study."""
+
+    def __init__(self, interval_s: float | None) -> None:
+        self.interval_s = interval_s
+        self.last = -float("inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.interval_s is None or now - self.last < self.interval_s:
+            return False
+        self.last = now
+        return True
 
 
 def run_trial(
