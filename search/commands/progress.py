@@ -81,7 +81,10 @@ def best_summary(study: optuna.Study) -> str:
         best = study.best_trial
     except ValueError:
         return "-"
-    return f"{best.value:.4f} (trial {best.number})"
+    acc = best.user_attrs.get(attrs.VAL_ACC)
+    return f"{best.value:.4f} (trial {best.number})" + (
+        f", val acc {acc:.2%}" if acc is not None else ""
+    )
 
 
 def _ending(trial: FrozenTrial) -> str:

@@ -248,6 +248,23 @@ class TrialConfig:
             raise ConfigError(str(err)) from err
 
 
+def describe_recipe(cfg: TrialConfig) -> str:
+    """The optimizer and every recipe lever that is on, in one line (a trial attribute)."""
+    train, augment = cfg.train, cfg.augment
+    parts = [f"sgd nesterov momentum {train.momentum:.3f}" if train.optimizer == "sgd" else "adamw"]
+    if train.label_smoothing:
+        parts.append(f"label smoothing {train.label_smoothing:.3f}")
+    if train.ema_decay:
+        parts.append(f"ema {train.ema_decay:.4f}")
+    if augment.cuts:
+        parts.append(f"cutout {augment.cutout_size}px p {augment.cutout_prob:.2f}")
+    if augment.mixes:
+        parts.append(f"{augment.mix} alpha {augment.mix_alpha:.2f} p {augment.mix_prob:.2f}")
+    if augment.tta != "none":
+        parts.append(f"tta {augment.tta}")
+    return ", ".join(parts)
+
+
 def load_config_file(path: Path) -> tuple[TrialConfig, dict[str, Any]]:
     """The TrialConfig in a YAML file `hpo best` wrote, and the whole document."""
     try:

@@ -63,17 +63,6 @@ class EpochStats:
     # Validation cross-entropy at the temperature fitted on the same predictions (recipe.py).
     val_calibrated_loss: float | None = None
 
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The held-out score of a model: plain cross-entropy on the true labels, accuracy, and
-    the cross-entropy at the one temperature that suits these predictions best."""
-
-    loss: float
-    acc: float
-    calibrated_loss: float
-    temperature: float
-
     def line(self, label: str, epochs: int) -> str:
         """The epoch as the console shows it: "trial 3 epoch 2/10  lr ...  train ...  val ..."."""
         val = (
@@ -85,6 +74,17 @@ class Evaluation:
             f"train {self.train_loss:.4f}  {val}  "
             f"{self.images_per_s:,.0f} img/s  {self.seconds:.1f}s{compiled}"
         )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The held-out score of a model: plain cross-entropy on the true labels, accuracy, and
+    the cross-entropy at the one temperature that suits these predictions best."""
+
+    loss: float
+    acc: float
+    calibrated_loss: float
+    temperature: float
 
 
 @dataclass(frozen=True)
