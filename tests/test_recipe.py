@@ -4,6 +4,7 @@ stays fair: the trial value is cross-entropy on the true labels, blind to a temp
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import run_hpo
 from test_trainer import TINY, batches
 
 from data.augment import cutout_batch, evaluation_views, mix_batch
@@ -21,6 +23,7 @@ from data.augment_config import AugmentConfig
 from data.dataset import load_dataset
 from data.loader import DeviceLoader, Labelled, RunData, final_data, search_data
 from model.network import build_model
+from search.rules import attrs
 from search.rules.config import TrainConfig, TrialConfig
 from search.rules.settings import StudySettings
 from search.rules.space import (
@@ -32,11 +35,13 @@ from search.rules.space import (
     report_table1_params,
     sample_config,
 )
+from search.rules.study import create_or_join
 from search.training.final import train_seed
 from search.training.objective import TrialRunner, WorkerInfo
 from search.training.recipe import calibrated_cross_entropy
 from search.training.run import start_run
 from search.training.trainer import DeviceRecipe, Trainer
+from storage import open_storage
 
 CPU = torch.device("cpu")
 # fp32: compared with sums done by hand, without bf16 rounding in between.
@@ -366,3 +371,65 @@ def test_a_config_written_before_the_levers_loads_with_them_off() -> None:
     }
     cfg = TrialConfig.from_dict(old)
     assert (cfg.train.optimizer, cfg.train.ema_decay, cfg.augment.tta) == ("adamw", 0.0, "none")
+
+
+# --- end to end, with real `hpo` processes -----------------------------------------------------
+
+ALL_ON = _tiny_params(
+    optimizer="sgd", sgd_lr=0.05, momentum=0.9, label_smoothing=0.1, weight_averaging=True,
+    ema_decay=0.95, cutout=True, cutout_size=4, cutout_prob=0.5, mix="cutmix", mix_alpha=0.5,
+    mix_prob=0.5, tta="flip_shift",
+)  # fmt: skip
+ALL_ON.pop("lr")
+
+
+@pytest.mark.slow
+def test_a_trial_with_every_lever_on_completes_exports_trains_and_compares(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    url = hpo_env["HPO_STORAGE"]
+    drawn = run_hpo(
+        "start", "--study", "drawn", "--space", "tiny", "--dataset", "synthetic",
+        "--trials", "2", "--epochs", "1", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert drawn.returncode == 0, drawn.stdout + drawn.stderr
+    for trial in optuna.load_study(study_name="drawn", storage=open_storage(url)).trials:
+        assert set(SWITCHES) <= set(trial.params), trial.params
+
+    settings = StudySettings.for_space("tiny", epochs=1, dataset="synthetic", pruner="none")
+    create_or_join(open_storage(url), "levers", settings, 0)
+    study = optuna.load_study(study_name="levers", storage=open_storage(url))
+    study.enqueue_trial(ALL_ON)
+    study.set_user_attr(attrs.TARGET, 1)
+    worker = run_hpo("worker", "--study", "levers", env=hpo_env, cwd=tmp_path)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    best = run_hpo("best", "--study", "levers", "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
+    exported = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    want = config_from_params(ALL_ON, settings.search_space(), 1).to_dict()
+    for section in ("train", "augment"):
+        for key, value in want[section].items():
+            if key != "lr_by_epoch":
+                assert exported[section][key] == value, (section, key)
+
+    trained = run_hpo(
+        "train", "--config", "best.yaml", "--dataset", "synthetic", "--epochs", "1",
+        "--seeds", "2", "--output-dir", "final", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert len(metrics["seeds"]) == 2 and metrics["config"]["augment"] == want["augment"]
+
+    compared = run_hpo(
+        "compare", "--study", "levers", "--seeds", "1", "--epochs", "1", "--top", "1",
+        env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    out = tmp_path / "runs" / "compare"
+    report = json.loads((out / "report" / "metrics.json").read_text())["config"]
+    assert (report["train"]["optimizer"], report["train"]["ema_decay"]) == ("adamw", 0.0)
+    assert (report["augment"]["mix"], report["augment"]["tta"]) == ("none", "none")
+    assert report["augment"]["cutout_size"] == 0 and report["train"]["label_smoothing"] == 0
+    levers = json.loads((out / "trial-0" / "metrics.json").read_text())["config"]
+    assert levers["augment"] == want["augment"]
