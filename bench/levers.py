@@ -29,9 +29,11 @@ from pathlib import Path
 # Run as a file, this folder would come first on sys.path; the project's root is wanted.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.throughput import CONFIGS, machine  # noqa: E402
+from data.augment import augment_batch, mix_batch  # noqa: E402
 from data.augment_config import TTA_MODES, AugmentConfig  # noqa: E402
 from data.loader import Labelled, RunData  # noqa: E402
 from search.rules.config import TrainConfig, TrialConfig  # noqa: E402
@@ -89,6 +91,48 @@ def eval_seconds(cfg: TrialConfig, data: RunData, recipe: DeviceRecipe, rounds: 
     return statistics.median(times)
 
 
+def median_seconds(work: Callable[[], object], now: Callable[[], float], repeats: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = now()
+        work()
+        times.append(now() - start)
+    return statistics.median(times)
+
+
+def per_step_costs(on: TrialConfig, data: RunData, recipe: DeviceRecipe, repeats: int) -> None:
+    """Each lever's own work per training step, against the step itself: steadier than whole
+    epochs on a loaded machine, where the epochs' noise is larger than the levers' cost."""
+    run = start_run(on, data, recipe, seed=0, compile_mode="off")
+    trainer, now = run.trainer, clock(recipe.device)
+    x, y = next(iter(run.train))
+    images = data.train.images[: len(y)].float().div(255)
+    labels = data.train.labels[: len(y)]
+    generator = torch.Generator(recipe.device).manual_seed(0)
+    weights = np.random.default_rng(0)
+    step = median_seconds(lambda: trainer._train_step(x, y), now, repeats)
+    costs = {
+        "the whole step (SGD)": step,
+        "average of the weights": median_seconds(trainer.average.update, now, repeats),
+        "crop + mirror (off)": median_seconds(
+            lambda: augment_batch(images, OFF_AUGMENT, generator), now, repeats
+        ),
+        "crop + mirror + cutout": median_seconds(
+            lambda: augment_batch(images, on.augment, generator), now, repeats
+        ),
+        "cutmix": median_seconds(
+            lambda: mix_batch(
+                images, labels, replace(on.augment, mix_prob=1.0), 10, generator, weights
+            ),
+            now,
+            repeats,
+        ),
+    }
+    for label, seconds in costs.items():
+        print(f"  per step: {label:<24} {seconds * 1e3:9.2f} ms  {seconds / step:6.1%} of a step")
+
+
 def bench_config(name: str, args: argparse.Namespace, recipe: DeviceRecipe) -> None:
     model = CONFIGS[name]
     data = random_data(args.images, recipe.device)
@@ -110,6 +154,7 @@ def bench_config(name: str, args: argparse.Namespace, recipe: DeviceRecipe) -> N
     for key, seconds in median.items():
         extra = seconds / median["every lever off"] - 1
         print(f"  {key:<16} {seconds:7.2f} s  {images / seconds:9,.0f} img/s  {extra:+.1%}")
+    per_step_costs(on, data, recipe, args.repeats)
     base = None
     for mode in TTA_MODES:
         cfg = replace(off, augment=replace(OFF_AUGMENT, tta=mode))
@@ -130,11 +175,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="training images: 45,000 on cuda, 256 on cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per setting")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per step part")
     parser.add_argument("--smoke", action="store_true", help="small config, CPU, a few seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.device, args.config, args.images, args.batch_size, args.rounds = (
-            "cpu", "small", 64, 32, 1,
+        args.device, args.config, args.images, args.batch_size, args.rounds, args.repeats = (
+            "cpu", "small", 64, 32, 1, 2,
         )  # fmt: skip
     if args.images is None:
         args.images = 45_000 if args.device == "cuda" else 256
