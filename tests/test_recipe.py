@@ -239,7 +239,8 @@ def test_logits_that_differ_by_a_temperature_score_the_same() -> None:
     for scale in (0.2, 5.0):  # as label smoothing (less confident) or none (more) would give
         scaled, fitted = calibrated_cross_entropy(logits * scale, labels)
         assert scaled == pytest.approx(base, rel=1e-6)
-        assert fitted == pytest.approx(temperature * scale, rel=1e-4)
+        # float32 losses know a flat minimum's place to about sqrt(eps), not its value
+        assert fitted == pytest.approx(temperature * scale, rel=1e-3)
         assert F.cross_entropy(logits * scale, labels).item() != pytest.approx(base, rel=1e-2)
 
 

@@ -15,7 +15,7 @@ from search.rules.config import TrainConfig
 
 # log(1/T) is searched in [-LOG_TEMPERATURE_RANGE, LOG_TEMPERATURE_RANGE]: T from 0.0025 to 400.
 LOG_TEMPERATURE_RANGE = 6.0
-TEMPERATURE_STEPS = 60  # golden-section steps: the bracket shrinks to 12 * 0.618**60 ~ 4e-12
+TEMPERATURE_STEPS = 40  # golden-section steps: the bracket shrinks to 12 * 0.618**40 ~ 5e-8
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -91,10 +91,16 @@ def calibrated_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tupl
 
     low = torch.tensor(-LOG_TEMPERATURE_RANGE, device=logits.device)
     high = torch.tensor(LOG_TEMPERATURE_RANGE, device=logits.device)
-    for _ in range(TEMPERATURE_STEPS):
-        left, right = high - GOLDEN * (high - low), low + GOLDEN * (high - low)
-        left_lower = loss(left) < loss(right)
-        low, high = torch.where(left_lower, low, left), torch.where(left_lower, right, high)
+    left, right = high - GOLDEN * (high - low), low + GOLDEN * (high - low)
+    at_left, at_right = loss(left), loss(right)
+    for _ in range(TEMPERATURE_STEPS):  # one new loss per step: the other point carries over
+        go_left = at_left < at_right
+        low, high = torch.where(go_left, low, left), torch.where(go_left, right, high)
+        kept, at_kept = torch.where(go_left, left, right), torch.where(go_left, at_left, at_right)
+        new = torch.where(go_left, high - GOLDEN * (high - low), low + GOLDEN * (high - low))
+        at_new = loss(new)
+        left, at_left = torch.where(go_left, new, kept), torch.where(go_left, at_new, at_kept)
+        right, at_right = torch.where(go_left, kept, new), torch.where(go_left, at_kept, at_new)
     best = (low + high) / 2
     value, temperature = torch.stack([loss(best), (-best).exp()]).tolist()  # one wait
     return value, temperature
