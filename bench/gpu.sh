@@ -62,6 +62,8 @@ two_per_gpu() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --rounds 2
     step "$PYTHON" bench/throughput.py --device cuda --data-dir "$DATA" --config small --rounds 2
+    # Issue 30: every recipe lever on against off, per epoch, and the eval cost of test-time views.
+    step timeout 300 "$PYTHON" bench/levers.py --device cuda --rounds 2
     step timeout 420 "$PYTHON" bench/study.py --device cuda --data-dir "$DATA" \
       --trials 200 --workers 2 --timeout "${STUDY_S:-240}"
     two_per_gpu --trials 8 --epochs 3 --gpus all
@@ -71,6 +73,7 @@ two_per_gpu() {
     step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --config table1 \
       --batch-size 32 --images 200 --rounds 1
     step "$PYTHON" bench/throughput.py --device cpu --data-dir "$DATA" --rounds 1
+    step "$PYTHON" bench/levers.py --device cpu --config small --rounds 1
     step "$PYTHON" bench/study.py --device cpu --trials 4 --epochs 3 --images 1000
     two_per_gpu --trials 4 --epochs 2  # the 240 s bound holds on a busy CPU too
     step "$PYTHON" bench/oom.py --device cpu

@@ -10,9 +10,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, mix_batch
 from .batches import ImageSet
 from .split import stratified_split
 
@@ -21,10 +22,12 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class DeviceLoader:
-    """Yields (images, labels) batches on `device`: float32 normalised images, int64 labels.
+    """Yields (images, targets) batches on `device`: float32 normalised images, and int64
+    labels, or label probabilities (B, num_classes) where the augmentation mixes images.
 
-    Epoch e is shuffled and augmented from a generator seeded with (seed, e), so the run
-    is reproducible and a resumed run can set `epoch` to replay from there.
+    Epoch e is shuffled and augmented from generators seeded with (seed, e), so the run
+    is reproducible and a resumed run can set `epoch` to replay from there: the epoch is all
+    a checkpoint needs to restore every augmentation generator.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class DeviceLoader:
         seed: int = 0,
         channels_last: bool = False,
         epoch: int = 0,
+        num_classes: int = 10,
     ) -> None:
         _check(images, labels, batch_size, drop_last)
         self.device = torch.device(device)
@@ -52,6 +56,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.num_samples = len(labels)
         self.epoch = epoch  # the next epoch to yield
+        self.num_classes = num_classes  # the width of mixed targets
         self._mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(CIFAR10_STD, device=self.device).view(1, -1, 1, 1)
 
@@ -63,11 +68,17 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device)
         generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        weights = np.random.default_rng([self.seed, self.epoch])  # mixing weights, host side
         self.epoch += 1
         order = self._order(generator)
+        mixes = self.augment is not None and self.augment.mixes
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self._prepare(self.images[index], generator), self.labels[index]
+            x, labels = self._prepare(self.images[index], generator), self.labels[index]
+            if mixes:
+                yield mix_batch(x, labels, self.augment, self.num_classes, generator, weights)
+            else:
+                yield x, labels
 
     def _order(self, generator: torch.Generator) -> torch.Tensor:
         if self.shuffle:
@@ -110,6 +121,7 @@ class RunData:
         epoch: int = 0,
         channels_last: bool = False,
         eval_batch_size: int = 1024,
+        num_classes: int = 10,
     ) -> tuple[DeviceLoader, DeviceLoader]:
         """(train, held-out) loaders. The training loader is reshuffled and augmented every
         epoch from (seed, epoch) and drops its partial last batch; `epoch` is where a resumed
@@ -125,6 +137,7 @@ class RunData:
             seed=seed,
             channels_last=channels_last,
             epoch=epoch,
+            num_classes=num_classes,
         )
         held_out = DeviceLoader(
             self.held_out.images,

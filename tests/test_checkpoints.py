@@ -215,8 +215,10 @@ def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
     monkeypatch.setattr(
         objective,
         "epoch_record",
-        lambda stats: (
-            {**record(stats), "val_loss": math.nan} if stats.epoch == 3 else record(stats)
+        lambda stats, calibrated: (
+            {**record(stats, calibrated), "val_loss": math.nan}
+            if stats.epoch == 3
+            else record(stats, calibrated)
         ),
     )
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))

@@ -36,11 +36,15 @@ from search.training.worker import run_worker
 from storage import open_storage
 
 EPOCHS = 4
-# One fixed tiny config, so two studies train the same trial.
+# One fixed tiny config, so two studies train the same trial; every recipe lever on, so a
+# resume restores SGD's momentum, the average of the weights and the augmentation generators.
 PARAMS = {
     "backbones": 1, "blocks_0": 1, "layers_0": 1, "width_0_1": 8, "kernel_size": 3,
-    "dropout": 0.2, "lr": 0.01, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64,
+    "dropout": 0.2, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64,
     "scheduler": "onecycle", "onecycle_pct_start": 0.3,
+    "optimizer": "sgd", "sgd_lr": 0.05, "momentum": 0.9, "label_smoothing": 0.1,
+    "weight_averaging": True, "ema_decay": 0.95, "cutout": True, "cutout_size": 4,
+    "cutout_prob": 0.5, "mix": "mixup", "mix_alpha": 0.5, "mix_prob": 0.5, "tta": "flip",
 }  # fmt: skip
 
 

@@ -38,6 +38,8 @@ def best_document(
         "metrics": {
             "val_loss": best.value,
             "val_acc": stored.get(attrs.VAL_ACC),
+            # Plain, at temperature 1, where val_loss is at the fitted one (StudySettings).
+            "val_cross_entropy": last_epoch(stored).get("val_cross_entropy"),
             "epoch": best.last_step,
             "images_per_s": stored.get(attrs.IMAGES_PER_S),
             "params": stored.get(attrs.PARAMS),
@@ -52,6 +54,11 @@ def best_document(
         },
         "versions": package_versions(),
     }
+
+
+def last_epoch(stored: dict[str, Any]) -> dict[str, Any]:
+    epochs = stored.get(attrs.EPOCHS) or [{}]
+    return epochs[-1]
 
 
 def with_lr_trace(config: TrialConfig, stored: dict[str, Any]) -> TrialConfig:

@@ -86,7 +86,10 @@ def best_summary(study: optuna.Study, trials: list[FrozenTrial] | None = None) -
         return "-"
     pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
     best = pick(complete, key=lambda trial: trial.value)
-    return f"{best.value:.4f} (trial {best.number})"
+    acc = best.user_attrs.get(attrs.VAL_ACC)
+    return f"{best.value:.4f} (trial {best.number})" + (
+        f", val acc {acc:.2%}" if acc is not None else ""
+    )
 
 
 def _ending(trial: FrozenTrial) -> str:

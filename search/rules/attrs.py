@@ -18,6 +18,7 @@ MACHINE_FAULT = "hpo:machine-fault:"
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()
 ARCHITECTURE = "architecture"  # one line: N, K, channels, kernel, dropout
+RECIPE = "recipe"  # one line: optimizer and the recipe levers on (config.describe_recipe)
 PARAMS = "params"
 DEVICE = "device"
 HOST = "host"
@@ -46,4 +47,4 @@ SECONDS = "seconds"  # the trial's time by phase, TRIAL_PHASES -> seconds
 TRIAL_PHASES = ("sample", "build", "compile", "train", "eval", "checkpoint", "report", "prune")
 
 # What every trial carries, as listed in the dashboard's study note.
-DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, GFLOPS, ARCHITECTURE, CONFIG, GPU, HOST)
+DESCRIBED = (VAL_ACC, IMAGES_PER_S, PARAMS, GFLOPS, ARCHITECTURE, RECIPE, CONFIG, GPU, HOST)

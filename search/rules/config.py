@@ -19,6 +19,8 @@ FINAL_EPOCHS = 90
 # --compile (torch.compile the model): the first is the default.
 COMPILE_MODES = ("auto", "on", "off")
 DEFAULT_COMPILE_MODE = COMPILE_MODES[0]
+# The optimizers a run can step with: the first is the report's.
+OPTIMIZERS = ("adamw", "sgd")
 # Sections `hpo best` writes beside the config; `hpo train` reads past them.
 REPORT_SECTIONS = ("metrics", "source", "versions")
 
@@ -106,7 +108,11 @@ def schedule_args(scheduler: str, raw: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer (AdamW), schedule and batch size of one training run."""
+    """Optimizer, loss, weight averaging, schedule and batch size of one training run.
+
+    Every recipe knob's default is off (the report's run), so a config written before the
+    knob existed trains as it did.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -115,6 +121,12 @@ class TrainConfig:
     epochs: int = DEFAULT_EPOCHS
     scheduler: str = SCHEDULERS[0]
     scheduler_args: dict[str, float] = field(default_factory=dict)
+    optimizer: str = OPTIMIZERS[0]
+    momentum: float = 0.9  # SGD's (Nesterov); AdamW ignores it
+    label_smoothing: float = 0.0  # of the training loss only; validation scores true labels
+    # Exponential moving average of the weights, per step; 0: none. Validation, checkpoints,
+    # the exported weights and the test use the average.
+    ema_decay: float = 0.0
     # The LR each epoch of a search trial ran at, for `hpo train` to replay a plateau schedule
     # (which has no validation loss to watch there); empty in the search itself.
     lr_by_epoch: tuple[float, ...] = ()
@@ -130,6 +142,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"train.{name}: must be an integer >= 1, got {value!r}")
+        self._check_recipe()
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(
                 f"train.scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
@@ -141,6 +154,18 @@ class TrainConfig:
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in trace):
             raise ConfigError("train.lr_by_epoch: must be a list of positive numbers")
         object.__setattr__(self, "lr_by_epoch", tuple(float(v) for v in trace))
+
+    def _check_recipe(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        for name, high in (("momentum", 1.0), ("label_smoothing", 1.0), ("ema_decay", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"train.{name}: must be a number, got {value!r}")
+            if not 0 <= value < high:
+                raise ConfigError(f"train.{name}: must lie in [0, {high}), got {value!r}")
 
     @property
     def schedule(self) -> Any:
@@ -221,6 +246,23 @@ class TrialConfig:
             raise
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from err
+
+
+def describe_recipe(cfg: TrialConfig) -> str:
+    """The optimizer and every recipe lever that is on, in one line (a trial attribute)."""
+    train, augment = cfg.train, cfg.augment
+    parts = [f"sgd nesterov momentum {train.momentum:.3f}" if train.optimizer == "sgd" else "adamw"]
+    if train.label_smoothing:
+        parts.append(f"label smoothing {train.label_smoothing:.3f}")
+    if train.ema_decay:
+        parts.append(f"ema {train.ema_decay:.4f}")
+    if augment.cuts:
+        parts.append(f"cutout {augment.cutout_size}px p {augment.cutout_prob:.2f}")
+    if augment.mixes:
+        parts.append(f"{augment.mix} alpha {augment.mix_alpha:.2f} p {augment.mix_prob:.2f}")
+    if augment.tta != "none":
+        parts.append(f"tta {augment.tta}")
+    return ", ".join(parts)
 
 
 def load_config_file(path: Path) -> tuple[TrialConfig, dict[str, Any]]:

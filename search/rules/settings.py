@@ -22,6 +22,13 @@ from storage import DEFAULT_HEARTBEAT_S
 DEFAULT_SEED = 0
 # The study's one objective, by name: what the dashboard and the report call it.
 METRIC_NAME = "validation loss"
+# How the final epoch's validation loss is scored (and what the pruner reads): plain
+# cross-entropy on the true labels, or the same at the one temperature fitted on the
+# validation predictions (search/training/recipe.py), so a config is not ranked down for the
+# confidence scale label smoothing or mixup gives its outputs. The first is what studies
+# created before the choice existed scored (the stored default); new studies take the last.
+VAL_SCORES = ("cross_entropy", "calibrated_cross_entropy")
+NEW_STUDY_VAL_SCORE = VAL_SCORES[-1]
 
 
 class SettingsConflict(ValueError):
@@ -40,12 +47,25 @@ class StudySettings:
     min_epochs: int = DEFAULT_MIN_EPOCHS  # before the pruner may stop a trial
     checkpoint_interval_s: int = DEFAULT_CHECKPOINT_INTERVAL_S
     direction: str = "minimize"  # validation loss
+    val_score: str = VAL_SCORES[0]  # a study stored without it scored so
 
     @classmethod
     def for_space(cls, space_name: str = DEFAULT_SPACE_NAME, **chosen: Any) -> StudySettings:
         """Settings of a new study: the named space, defaults for everything not chosen."""
         given = {key: value for key, value in chosen.items() if value is not None}
+        given.setdefault("val_score", NEW_STUDY_VAL_SCORE)
         return cls(space=load_space(space_name).to_dict(), space_name=space_name, **given)
+
+    def __post_init__(self) -> None:
+        if self.val_score not in VAL_SCORES:
+            raise ValueError(
+                f"val_score: must be one of {', '.join(VAL_SCORES)}, got {self.val_score!r}"
+            )
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether trials score their validation loss at a fitted temperature."""
+        return self.val_score == "calibrated_cross_entropy"
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         return build_pruner(self.pruner, self.epochs, self.min_epochs)

@@ -11,14 +11,24 @@ from typing import Any
 import optuna
 import yaml
 
-from data.augment_config import AugmentConfig
+from data.augment_config import MIXES, TTA_MODES, AugmentConfig
 from model.config import REPORT_TABLE1, ModelConfig
 from model.flops import train_flops_per_image
-from search.rules.config import SCHEDULERS, CosineArgs, OneCycleArgs, TrainConfig, TrialConfig
+from search.rules.config import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    CosineArgs,
+    OneCycleArgs,
+    TrainConfig,
+    TrialConfig,
+)
 
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
 MAX_POOLINGS = int(math.log2(IMAGE_SIZE))
+# Ranges of the recipe levers; those of UNIT_INTERVAL stay below 1.
+UNIT_INTERVAL = ("momentum", "label_smoothing", "ema_decay")
+RECIPE_RANGES = (*UNIT_INTERVAL, "sgd_lr", "cutout_size", "cutout_prob", "mix_alpha", "mix_prob")
 
 
 class SpaceError(ValueError):
@@ -44,8 +54,24 @@ class SearchSpace:
     augment: AugmentConfig
     # Train FLOPs per image (GFLOP) above which a draw is skipped untrained (search/rules/cost.py).
     max_gflops: float
+    # The recipe levers. Each switch's first choice in the default space is off (the report's
+    # run); a switch whose only choice is off is no parameter at all, and its ranges unused.
+    optimizers: tuple[str, ...]
+    sgd_lr: tuple[float, float]  # log scale; SGD's LR (AdamW's is `lr`)
+    momentum: tuple[float, float]  # SGD's Nesterov momentum
+    label_smoothing: tuple[float, float]
+    weight_averaging: tuple[bool, ...]  # an EMA of the weights, or not
+    ema_decay: tuple[float, float]  # per step
+    cutout: tuple[bool, ...]
+    cutout_size: tuple[int, int]  # pixels
+    cutout_prob: tuple[float, float]
+    mixes: tuple[str, ...]  # none, mixup, cutmix
+    mix_alpha: tuple[float, float]  # log scale
+    mix_prob: tuple[float, float]
+    tta: tuple[str, ...]  # test-time views: none, flip, flip_shift
 
     def __post_init__(self) -> None:
+        self._check_recipe()
         for name in ("backbones", "blocks", "layers", "width", "dropout", "lr"):
             low, high = getattr(self, name)
             if not low <= high:
@@ -84,6 +110,24 @@ class SearchSpace:
                 f"({cheapest:.3g} GFLOP per image): no draw could train"
             )
 
+    def _check_recipe(self) -> None:
+        for name in RECIPE_RANGES:
+            low, high = getattr(self, name)
+            top = 1 if name in ("cutout_prob", "mix_prob") else math.inf
+            if not 0 <= low <= high <= top or (name in UNIT_INTERVAL and high >= 1):
+                raise SpaceError(f"{name}: needs 0 <= low <= high in range, got [{low}, {high}]")
+        for name in ("sgd_lr", "mix_alpha"):
+            low, high = getattr(self, name)
+            if low <= 0:
+                raise SpaceError(f"{name}: needs 0 < low (log scale), got [{low}, {high}]")
+        for name, known in (("optimizers", OPTIMIZERS), ("mixes", MIXES), ("tta", TTA_MODES)):
+            chosen = getattr(self, name)
+            if not chosen or set(chosen) - set(known):
+                raise SpaceError(f"{name}: choose from {', '.join(known)}, got {list(chosen)}")
+        for name in ("weight_averaging", "cutout"):
+            if not getattr(self, name):
+                raise SpaceError(f"{name}: needs choices among true and false")
+
     def cheapest_model(self) -> ModelConfig:
         """The network of every range's low end: cost grows with each range."""
         chains, width_in = [], 3
@@ -105,7 +149,8 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchSpace:
-        return _override(DEFAULT_SPACE, raw)
+        """A stored space; one stored before the recipe levers existed keeps them off."""
+        return _override(DEFAULT_SPACE, {**LEVERS_OFF, **raw})
 
 
 DEFAULT_SPACE = SearchSpace(
@@ -126,7 +171,32 @@ DEFAULT_SPACE = SearchSpace(
     # ~6x Table 1 (4.1 GFLOP): skips the ~4% of draws that would take a third of the GPU
     # time, leaving a mean near Table 1's cost (docs/BENCHMARKS.md, "Search space cost").
     max_gflops=25.0,
+    optimizers=OPTIMIZERS,
+    sgd_lr=(0.01, 0.5),
+    momentum=(0.8, 0.99),
+    label_smoothing=(0.0, 0.3),
+    weight_averaging=(False, True),
+    # Horizons of ~100 to ~2,000 steps: a fraction of an epoch to a few of them.
+    ema_decay=(0.99, 0.9995),
+    cutout=(False, True),
+    cutout_size=(4, 16),
+    cutout_prob=(0.25, 1.0),
+    # Off: both slow the convergence of short trials (Zhang et al. 2018 train 200 epochs);
+    # a YAML space turns them on with `mixes: [none, mixup, cutmix]`.
+    mixes=(MIXES[0],),
+    mix_alpha=(0.1, 1.0),
+    mix_prob=(0.25, 1.0),
+    tta=TTA_MODES,
 )
+# A stored space without the levers (created before them): each switch off.
+LEVERS_OFF: dict[str, Any] = {
+    "optimizers": [OPTIMIZERS[0]],
+    "label_smoothing": [0.0, 0.0],
+    "weight_averaging": [False],
+    "cutout": [False],
+    "mixes": [MIXES[0]],
+    "tta": [TTA_MODES[0]],
+}
 
 TINY_SPACE = replace(
     DEFAULT_SPACE,
@@ -139,6 +209,10 @@ TINY_SPACE = replace(
     lr=(1e-3, 3e-2),
     batch_size=(64, 128),
     augment=AugmentConfig(crop_padding=2, flip=True, rotation_degrees=0.0),
+    # Every lever, so the suite exercises each; short runs want short averages.
+    ema_decay=(0.9, 0.99),
+    cutout_size=(2, 8),
+    mixes=MIXES,
 )
 
 DEFAULT_SPACE_NAME = "default"
@@ -203,7 +277,9 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 
 def _as(kind: type, value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (kind, int)):
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    if kind is not bool and (isinstance(value, bool) or not isinstance(value, (kind, int))):
         raise TypeError(f"expected {kind.__name__}, got {value!r}")
     return kind(value)
 
@@ -217,6 +293,7 @@ RANGE_KEYS = (
     "lr",
     "weight_decay",
     "grad_clip",
+    *RECIPE_RANGES,
 )
 
 
@@ -224,7 +301,7 @@ def sample_config(trial: optuna.Trial, space: SearchSpace, epochs: int) -> Trial
     """Ask the trial for one architecture and training recipe inside `space`."""
     model = _sample_model(trial, space)
     train = _sample_train(trial, space, epochs)
-    return TrialConfig(model=model, train=train, augment=space.augment)
+    return TrialConfig(model=model, train=train, augment=_sample_augment(trial, space))
 
 
 def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
@@ -258,14 +335,57 @@ def _suggest_width(trial: optuna.Trial, name: str, space: SearchSpace) -> int:
 def _sample_train(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrainConfig:
     scheduler = trial.suggest_categorical("scheduler", space.schedulers)
     return TrainConfig(
-        lr=trial.suggest_float("lr", *space.lr, log=True),
+        **_sample_optimizer(trial, space),
         weight_decay=trial.suggest_float("weight_decay", *space.weight_decay, log=True),
         grad_clip=trial.suggest_float("grad_clip", *space.grad_clip, log=True),
         batch_size=trial.suggest_categorical("batch_size", space.batch_size),
         epochs=epochs,
         scheduler=scheduler,
         scheduler_args=_sample_scheduler_args(trial, scheduler, epochs),
+        label_smoothing=_suggest_lever_range(trial, "label_smoothing", space.label_smoothing),
+        ema_decay=(
+            trial.suggest_float("ema_decay", *space.ema_decay)
+            if _switch(trial, "weight_averaging", space.weight_averaging)
+            else 0.0
+        ),
     )
+
+
+def _sample_optimizer(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """The optimizer and its own parameters: SGD's LR lives on another scale than AdamW's, so
+    each is a parameter of its own (TPE's groups keep them apart)."""
+    if _switch(trial, "optimizer", space.optimizers) == "sgd":
+        return {
+            "optimizer": "sgd",
+            "lr": trial.suggest_float("sgd_lr", *space.sgd_lr, log=True),
+            "momentum": trial.suggest_float("momentum", *space.momentum),
+        }
+    return {"lr": trial.suggest_float("lr", *space.lr, log=True)}
+
+
+def _sample_augment(trial: optuna.Trial, space: SearchSpace) -> AugmentConfig:
+    """The space's fixed augmentation, with the drawn cutout, mixing and test-time views."""
+    levers: dict[str, Any] = {"tta": _switch(trial, "tta", space.tta)}
+    if _switch(trial, "cutout", space.cutout):
+        levers["cutout_size"] = trial.suggest_int("cutout_size", *space.cutout_size)
+        levers["cutout_prob"] = trial.suggest_float("cutout_prob", *space.cutout_prob)
+    levers["mix"] = _switch(trial, "mix", space.mixes)
+    if levers["mix"] != MIXES[0]:
+        levers["mix_alpha"] = trial.suggest_float("mix_alpha", *space.mix_alpha, log=True)
+        levers["mix_prob"] = trial.suggest_float("mix_prob", *space.mix_prob)
+    return replace(space.augment, **levers)
+
+
+def _switch(trial: optuna.Trial, name: str, choices: tuple[Any, ...]) -> Any:
+    """A lever's choice; a lever the space offers one choice of is no parameter."""
+    if len(choices) == 1:
+        return choices[0]
+    return trial.suggest_categorical(name, choices)
+
+
+def _suggest_lever_range(trial: optuna.Trial, name: str, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return low if low == high else trial.suggest_float(name, low, high)
 
 
 def _sample_scheduler_args(trial: optuna.Trial, scheduler: str, epochs: int) -> dict[str, float]:
@@ -304,6 +424,26 @@ def report_table1_params() -> dict[str, Any]:
         plateau_factor=0.1,
         plateau_patience=10,
     )
+    return {**params, **levers_off(DEFAULT_SPACE)}
+
+
+def levers_off(space: SearchSpace) -> dict[str, Any]:
+    """The parameters that turn every recipe lever of `space` off (the report's recipe):
+    AdamW, no smoothing, no average, no cutout, no mixing, no test-time views. A lever the
+    space does not vary is no parameter."""
+    switches = {
+        "optimizer": (space.optimizers, OPTIMIZERS[0]),
+        "weight_averaging": (space.weight_averaging, False),
+        "cutout": (space.cutout, False),
+        "mix": (space.mixes, MIXES[0]),
+        "tta": (space.tta, TTA_MODES[0]),
+    }
+    params: dict[str, Any] = {
+        name: off for name, (choices, off) in switches.items() if len(choices) > 1
+    }
+    low, high = space.label_smoothing
+    if low != high:
+        params["label_smoothing"] = low
     return params
 
 
@@ -319,7 +459,9 @@ def report_params_in(space: SearchSpace) -> dict[str, Any]:
     layers, rounded to the space's step (at least one step); a batch size or kernel the space
     does not offer becomes its nearest choice, and a schedule the nearest in
     REPORT_SCHEDULE_STAND_INS; depth, K, dropout and the rest of the recipe stay the report's."""
-    params = report_table1_params()
+    exact = report_table1_params()
+    params = {name: exact[name] for name in exact if name not in levers_off(DEFAULT_SPACE)}
+    params.update(levers_off(space))
     scale = space.width[1] / DEFAULT_SPACE.width[1]
     step = space.width_step or 1  # log-scale widths: any integer
     for name, value in params.items():

@@ -97,7 +97,8 @@ def train_seed(
     # fp32, no autocast: the number that is reported is not rounded to bf16 on the way.
     test_loss, test_acc = run.trainer.evaluate(run.held_out, full_precision=True)
     weights = weights_file(seed)
-    state = {"config": cfg.to_dict(), "seed": seed, "state_dict": run.trainer.model.state_dict()}
+    weights_of = run.trainer.evaluated_model  # the average of the weights, where kept
+    state = {"config": cfg.to_dict(), "seed": seed, "state_dict": weights_of.state_dict()}
     # A disk that refuses the weights is said; the seed's test figures still count.
     written = write_or_say(output_dir / weights, lambda file: torch.save(state, file), say)
     return {

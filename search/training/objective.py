@@ -18,7 +18,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from data.loader import RunData
 from model.counts import count_parameters
 from search.rules import attrs
-from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig
+from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig, describe_recipe
 from search.rules.cost import gflops_per_image, refuse_over_cap
 from search.rules.pruners import next_rung
 from search.rules.settings import StudySettings
@@ -133,7 +133,7 @@ class TrialRunner:
     ) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
             clock.add_epoch(stats)
-            history.append(epoch_record(stats))
+            history.append(epoch_record(stats, self.settings.calibrated))
             if self.on_epoch is not None:
                 self.on_epoch(trial, stats)
             last = stats.epoch == run.trainer.cfg.epochs
@@ -172,6 +172,7 @@ class TrialRunner:
             trial.set_user_attr(attrs.FAIL_REASON, None)
         trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
         trial.set_user_attr(attrs.ARCHITECTURE, describe_architecture(cfg))
+        trial.set_user_attr(attrs.RECIPE, describe_recipe(cfg))
         trial.set_user_attr(attrs.PARAMS, params)
         trial.set_user_attr(attrs.DEVICE, device_name(self.recipe.device))
         trial.set_user_attr(attrs.HOST, self.worker.host)
@@ -240,12 +241,15 @@ class PhaseClock:
         return {phase: round(self.seconds[phase], 4) for phase in attrs.TRIAL_PHASES}
 
 
-def epoch_record(stats: EpochStats) -> dict:
-    """One epoch as the trial keeps it (in its attrs and its checkpoint)."""
+def epoch_record(stats: EpochStats, calibrated: bool) -> dict:
+    """One epoch as the trial keeps it (in its attrs and its checkpoint). val_loss is what the
+    pruner reads and the trial scores: at the fitted temperature in a `calibrated` study."""
+    val_loss = stats.val_calibrated_loss if calibrated else stats.val_loss
     return {
         "epoch": stats.epoch,
         "train_loss": round(stats.train_loss, 5),
-        "val_loss": stats.val_loss,  # unrounded: the trial's score may be this value
+        "val_loss": val_loss,  # unrounded: the trial's score may be this value
+        "val_cross_entropy": stats.val_loss,  # plain, at temperature 1
         "val_acc": round(stats.val_acc, 5),
         "lr": stats.start_lr,  # what `hpo train` replays for a plateau schedule
         "seconds": round(stats.seconds, 3),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
+from data.augment import evaluation_views
 from data.loader import DeviceLoader, RunData
 from model.network import build_model
 from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig
@@ -45,9 +47,17 @@ def start_run(
         seed=seed,
         epoch=epoch,
         channels_last=recipe.channels_last,
+        num_classes=cfg.model.num_classes,
     )
+    views = None if cfg.augment.tta == "none" else partial(evaluation_views, mode=cfg.augment.tta)
     trainer = Trainer(
-        model, cfg.train, len(train), recipe, compile_mode, compile_policy=compile_policy
+        model,
+        cfg.train,
+        len(train),
+        recipe,
+        compile_mode,
+        compile_policy=compile_policy,
+        eval_views=views,
     )
     if state is not None:
         trainer.load_state_dict(state)

@@ -1,4 +1,5 @@
-"""The training loop: AdamW + cross-entropy, one of five LR schedules, as fast as the device goes.
+"""The training loop: AdamW or SGD + cross-entropy, one of five LR schedules, optionally an
+average of the weights and test-time views at evaluation, as fast as the device goes.
 
 The trainer is handed loaders (iterables of device tensors); it never imports `data`.
 Losses stay on the device during an epoch and are read once at its end, so a step
@@ -29,8 +30,12 @@ from model.counts import train_step_flops
 from model.network import BackboneNet
 from search.rules.config import COMPILE_MODES, DEFAULT_COMPILE_MODE, TrainConfig
 from search.training.compile_policy import CompilePolicy
+from search.training.recipe import WeightAverage, build_optimizer, calibrated_cross_entropy
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# The views of a batch whose logits evaluation averages (test-time augmentation); handed in by
+# whoever owns the data, as the batches are.
+EvalViews = Callable[[torch.Tensor], list[torch.Tensor]]
 # Schedules that move every step; the others move once per epoch.
 PER_STEP_SCHEDULERS = ("onecycle", "cosine")
 # A training step under this many FLOPs is launch-bound on a GPU (under ~5 ms at 100 TFLOP/s,
@@ -56,6 +61,8 @@ class EpochStats:
     compile_seconds: float = 0.0  # spent compiling during this epoch (the first one, mostly)
     train_seconds: float = 0.0  # training steps, less compiling
     eval_seconds: float = 0.0  # validation, less compiling
+    # Validation cross-entropy at the temperature fitted on the same predictions (recipe.py).
+    val_calibrated_loss: float | None = None
 
     def line(self, label: str, epochs: int) -> str:
         """The epoch as the console shows it: "trial 3 epoch 2/10  lr ...  train ...  val ..."."""
@@ -76,6 +83,17 @@ class TrainPass(NamedTuple):
     loss: float  # mean
     accuracy: float
     images: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The held-out score of a model: plain cross-entropy on the true labels, accuracy, and
+    the cross-entropy at the one temperature that suits these predictions best."""
+
+    loss: float
+    acc: float
+    calibrated_loss: float
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,7 @@ class Trainer:
         compile_mode: str = DEFAULT_COMPILE_MODE,
         fused_blocks: bool | None = None,
         compile_policy: CompilePolicy | None = None,
+        eval_views: EvalViews | None = None,
     ):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -136,12 +155,10 @@ class Trainer:
         self.model = model.to(self.device, memory_format=self.memory_format)
         if isinstance(model, BackboneNet):
             model.fused = True if fused_blocks is None else fused_blocks
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            fused=self.device.type in ("cuda", "cpu"),
-        )
+        self.optimizer = build_optimizer(model, cfg, self.device)
+        # Validated, checkpointed, exported and tested in place of the model, where on.
+        self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.eval_views = eval_views
         self.optimizer.zero_grad(set_to_none=True)  # the steps expect no gradients left over
         self.scheduler = _build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.epoch = 0
@@ -151,7 +168,7 @@ class Trainer:
         # Compiled function -> (seconds, images) of its first call, where torch compiles it.
         self._first_calls: dict[str, tuple[float, int]] = {}
         self._train_loss: Callable[..., torch.Tensor] = _train_loss
-        self._eval_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _eval_sums
+        self._eval_logits: Callable[..., torch.Tensor] = _eval_logits
         self._eager_images_per_s: float | None = None  # the last eager epoch's, to learn from
         long_run = compile_mode == "auto" and compile_policy is None and self.device.type == "cuda"
         if compile_mode == "on" or long_run:
@@ -165,7 +182,7 @@ class Trainer:
         mode = _compile_mode(self.model, self.cfg.batch_size, self.device)
         _forget_other_models(self.model, mode)
         self._train_loss = _CompiledForOneShape(_train_loss, mode)
-        self._eval_sums = _CompiledForOneShape(_eval_sums, mode)
+        self._eval_logits = _CompiledForOneShape(_eval_logits, mode)
         self.compiled = True
 
     def fit(self, train: Batches, val: Batches | None) -> Iterator[EpochStats]:
@@ -176,9 +193,9 @@ class Trainer:
             compiled_before = set(self._first_calls)
             train_loss, train_acc, images = self.train_epoch(train)
             train_seconds = time.perf_counter() - start
-            val_loss, val_acc = self.evaluate(val) if val is not None else (None, None)
+            held_out = self.evaluation(val) if val is not None else None
             eval_seconds = time.perf_counter() - start - train_seconds
-            self._end_epoch(val_loss if val_loss is not None else train_loss)
+            self._end_epoch(held_out.loss if held_out is not None else train_loss)
             compiled = {k: v for k, v in self._first_calls.items() if k not in compiled_before}
             # The step that compiled says nothing about speed: leave it out where others ran.
             first_seconds, first_images = compiled.get("train", (0.0, 0))
@@ -189,8 +206,9 @@ class Trainer:
                 epoch=self.epoch,
                 train_loss=train_loss,
                 train_acc=train_acc,
-                val_loss=val_loss,
-                val_acc=val_acc,
+                val_loss=held_out and held_out.loss,
+                val_acc=held_out and held_out.acc,
+                val_calibrated_loss=held_out and held_out.calibrated_loss,
                 seconds=time.perf_counter() - start,
                 images_per_s=rate_images / rate_seconds,
                 lr=self.optimizer.param_groups[0]["lr"],
@@ -234,12 +252,16 @@ class Trainer:
         return TrainPass(mean_loss, correct_total / max(images, 1), images)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, right = self._train_loss(self.model, self._format(x), y, self.autocast_dtype)
+        loss, right = self._train_loss(
+            self.model, self._format(x), y, self.autocast_dtype, self.cfg.label_smoothing
+        )
         loss.backward()
         if self.cfg.grad_clip > 0:
             # Clipped by value, as in the tutorial code the report's grad_clip=0.1 comes from.
             nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         # Dropped now, not before the next backward: under CUDA graphs the gradients live in
         # memory that the next replay overwrites.
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,26 +269,42 @@ class Trainer:
             self.scheduler.step()
         return loss.detach(), right
 
-    @torch.no_grad()
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What is validated, checkpointed as the result, exported and tested: the average of
+        the weights where the recipe keeps one, else the model."""
+        return self.average.module if self.average is not None else self.model
+
     def evaluate(self, batches: Batches, full_precision: bool = False) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy over all batches.
+        """Mean cross-entropy and accuracy over all batches (see `evaluation`)."""
+        result = self.evaluation(batches, full_precision)
+        return result.loss, result.acc
+
+    @torch.no_grad()
+    def evaluation(self, batches: Batches, full_precision: bool = False) -> Evaluation:
+        """The evaluated model's score over all batches, each batch the mean logits of its
+        test-time views.
 
         full_precision: fp32 and eager, no autocast (the final test score, read once).
         """
-        self.model.eval()
+        model = self.evaluated_model.eval()
         dtype = None if full_precision else self.autocast_dtype
-        sums = _eval_sums if full_precision else self._eval_sums
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        images = 0
+        logits_of = _eval_logits if full_precision else self._eval_logits
+        outputs, labels = [], []
         for x, y in batches:
+            views = self.eval_views(x) if self.eval_views is not None else [x]
             with self._timing_first_call("eval", len(y)):
-                loss, right = sums(self.model, self._format(x), y, dtype)
-            loss_sum += loss
-            correct += right
-            images += len(y)
-        total_loss, total_correct = torch.stack([loss_sum, correct]).tolist()  # one wait
-        return total_loss / max(images, 1), total_correct / max(images, 1)
+                logits = sum(logits_of(model, self._format(view), dtype) for view in views)
+            outputs.append(logits / len(views))
+            labels.append(y)
+        if not outputs:
+            return Evaluation(math.nan, math.nan, math.nan, math.nan)
+        logits, y = torch.cat(outputs), torch.cat(labels)
+        loss, correct = torch.stack(
+            [F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()]
+        ).tolist()
+        calibrated, temperature = calibrated_cross_entropy(logits, y)
+        return Evaluation(loss, correct, calibrated, temperature)
 
     def _format(self, x: torch.Tensor) -> torch.Tensor:
         # A no-op when the loader already delivers this layout.
@@ -302,6 +340,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "average": self.average.state_dict() if self.average is not None else None,
             # Dropout draws from it: restored, a resumed run repeats the uninterrupted one.
             "rng": _rng_state(self.device),
             # Compiled and eager steps draw dropout differently: a resume keeps the decision.
@@ -314,6 +353,8 @@ class Trainer:
         _lay_out_like_parameters(self.optimizer)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.epoch = state["epoch"]
         if "rng" in state:  # checkpoints written before it was saved have none
             _set_rng_state(self.device, state["rng"])
@@ -334,21 +375,25 @@ def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _train_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype | None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's loss to step on, and how many of its images the model got right."""
+    """The batch's loss to step on: cross-entropy against labels, or against label
+    probabilities where batches are mixed; and how many images the model got right (against
+    a mixed image's larger share)."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(x)
-    return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
+    labels = y if y.dim() == 1 else y.argmax(1)
+    right = (logits.argmax(1) == labels).sum()
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), right
 
 
-def _eval_sums(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and the number of correct predictions of one batch."""
+def _eval_logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(x).float()
-    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(dim=1) == y).sum().float()
+        return model(x).float()
 
 
 class _CompiledForOneShape:
