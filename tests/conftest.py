@@ -17,6 +17,17 @@ from data.synthetic import write_synthetic
 HPO = str(Path(sys.executable).parent / "hpo")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The smoke test (docker/smoke.sh: minutes of podman) runs only where a -m expression
+    names it (`pytest -m smoke`): a selection of its own, `-m "not slow"`, leaves it out."""
+    if "smoke" in config.option.markexpr:
+        return
+    smoke = [item for item in items if item.get_closest_marker("smoke")]
+    if smoke:
+        config.hook.pytest_deselected(items=smoke)
+        items[:] = [item for item in items if not item.get_closest_marker("smoke")]
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic set small enough that a tiny trial takes a second or two on a CPU."""

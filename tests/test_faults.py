@@ -33,6 +33,9 @@ from search.rules.study import budget, claim_trial, fail_stale_trials, queue_owe
 from storage import HeartbeatPolicy, NetworkBounds, RetryPolicy, open_storage, optuna_private
 from storage._network import server_engine_kwargs, with_redis_timeouts
 
+# The module's own servers start once: under pytest-xdist its tests share one worker.
+pytestmark = pytest.mark.xdist_group("faults")
+
 TRIALS = 3
 # A deadline for a worker that should finish (not a timing assertion: a hung one fails by it).
 FINISH_S = 240
