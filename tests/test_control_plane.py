@@ -23,10 +23,6 @@ from test_dashboard import make_study
 from search.cli import app
 from search.commands.export import best_document, to_yaml
 
-# Every command runs once, in one interpreter (`outcomes`): under pytest-xdist the module's
-# tests share one worker.
-pytestmark = pytest.mark.xdist_group("control_plane")
-
 STUDY = "plane"
 TRAINING = {"torch", "torchvision"}
 PLOTTING = {"plotly", "matplotlib"}

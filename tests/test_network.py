@@ -250,6 +250,7 @@ def _turned_away(server: OwnPostgres, role: str) -> int:
     return (server.folder / "log").read_text().count(f"{role} FATAL:  {FULL}")
 
 
+@pytest.mark.slow
 def test_a_full_server_is_waited_out_at_start_and_mid_study(
     own_folder: Path, hpo_env: dict, tmp_path: Path
 ) -> None:

@@ -20,9 +20,6 @@ from servers import OwnPgBouncer, OwnPostgres
 from storage import RetryPolicy, StorageURLError, open_storage
 from storage.optuna_private import RETRY_HISTORY_KEY, RETRY_OF_KEY
 
-# The module's own servers start once: under pytest-xdist its tests share one worker.
-pytestmark = pytest.mark.xdist_group("pgbouncer")
-
 INSERTERS = 8
 
 

@@ -124,6 +124,7 @@ def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
     )
 
 
+@pytest.mark.slow
 def test_a_sigterm_mid_trial_through_real_workers_resumes_to_the_same_score(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -175,6 +176,7 @@ def with_noise_for_test_images(data_dir: Path, copy: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_the_search_never_reads_the_test_split(
     hpo_env: dict, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -215,6 +217,7 @@ def test_no_trial_is_pruned_at_its_last_epoch(epochs: int, data_dir: Path, tmp_p
 # --- choosing and exporting the best -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_best_exports_the_best_complete_trial_not_a_lower_pruned_or_failed_one(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -267,6 +270,7 @@ def lr_per_epoch(output: str) -> list[float]:
     ]
 
 
+@pytest.mark.slow
 def test_train_replays_the_plateau_lr_its_trial_followed_stretched_over_its_epochs(
     hpo_env: dict, tmp_path: Path
 ) -> None:

@@ -42,6 +42,7 @@ def assert_hidden(*texts: str) -> None:
         assert "Traceback" not in text, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", list(POSTGRES_FORMS))
 def test_no_command_or_worker_prints_the_password(form: str, hpo_env: dict, tmp_path: Path) -> None:
     server_url("postgresql")  # skips (fails in CI) without the server

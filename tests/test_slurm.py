@@ -36,8 +36,8 @@ from search.rules import attrs
 from search.rules.study import budget, claim_trial
 from storage import open_storage
 
-# One cluster on this host at a time: under pytest-xdist the module's tests share one worker.
-pytestmark = pytest.mark.xdist_group("slurm")
+# A cluster of its own and real jobs (tens of seconds each): the quick tier leaves them out.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "docker" / "slurm" / "worker.sbatch"
