@@ -106,6 +106,7 @@ def test_a_training_worker_holds_two_connections(hpo_env: dict, tmp_path: Path) 
     assert mid_trial and max(mid_trial) == 2 and max(counts) == 2, (max(counts), mid_trial[-5:])
 
 
+@pytest.mark.slow
 def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
     env[BENCH_OBJECTIVE_ENV] = "stand_in:no_such_objective"
