@@ -78,6 +78,7 @@ def scored(study: optuna.Study) -> optuna.trial.FrozenTrial:
 # --- resume -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_last_epoch_completes_the_trial(data_dir: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
     study, settings = one_trial_study(url, "last")
@@ -93,6 +94,7 @@ def test_a_stop_during_the_last_epoch_completes_the_trial(data_dir: Path, tmp_pa
     assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [2])
 def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
     stop_after: int, data_dir: Path, tmp_path: Path
@@ -197,6 +199,7 @@ def test_the_search_never_reads_the_test_split(
     assert noisy_run.user_attrs[attrs.VAL_ACC] == clean.user_attrs[attrs.VAL_ACC]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_no_trial_is_pruned_at_its_last_epoch(epochs: int, data_dir: Path, tmp_path: Path) -> None:
     study, settings = one_trial_study(f"sqlite:///{tmp_path / 'p.db'}", "p", epochs=epochs)

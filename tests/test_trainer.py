@@ -166,6 +166,7 @@ def loaders(seed: int = 0) -> tuple[DeviceLoader, DeviceLoader]:
     return train, DeviceLoader(images[64:], labels[64:], 32, CPU)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run() -> None:
     cfg = TrainConfig(lr=0.01, epochs=2, batch_size=16, scheduler="onecycle")
     train, val = loaders()
@@ -202,6 +203,7 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run() -> None:
     ],
     ids=["contiguous-to-channels-last", "channels-last-to-contiguous"],
 )
+@pytest.mark.slow
 def test_a_checkpoint_resumes_under_the_other_memory_layout(
     written: torch.memory_format, resumed: torch.memory_format
 ) -> None:
