@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,30 @@ import pytest
 from data.synthetic import write_synthetic
 
 HPO = str(Path(sys.executable).parent / "hpo")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    leave_out_smoke(config, items)
+    slow_files_first(items)
+
+
+def leave_out_smoke(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The smoke test (docker/smoke.sh: minutes of podman) runs only where a -m expression
+    names it (`pytest -m smoke`): a selection of its own, `-m "not slow"`, leaves it out."""
+    if "smoke" in config.option.markexpr:
+        return
+    smoke = [item for item in items if item.get_closest_marker("smoke")]
+    if smoke:
+        config.hook.pytest_deselected(items=smoke)
+        items[:] = [item for item in items if not item.get_closest_marker("smoke")]
+
+
+def slow_files_first(items: list[pytest.Item]) -> None:
+    """Files with the most slow tests first, each file's tests in their order. Under
+    `pytest -n 4 --dist loadfile --no-loadscope-reorder` a worker takes a whole file at a
+    time (its module-scoped servers start once), so the files taken last are short ones."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+from servers import free_port
+
 CHUNK = 65536
 # The client's message that ends a transaction (PostgreSQL's simple query "COMMIT", MySQL's
 # COM_QUERY "COMMIT"): its reply is the answer to the whole transaction.
@@ -75,9 +77,7 @@ class FaultProxy:
         self._rate = 0.0
         self._trickle = (CHUNK, 0.0)  # bytes, seconds
         self.rules: list[_Rule] = []  # pending, first one first
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._released = asyncio.Event()

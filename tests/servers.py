@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,9 +21,14 @@ import redis.retry
 import sqlalchemy
 
 PASSWORD = "s3cret-pw"  # trust auth ignores it; it must never be printed
-# Two checkouts may run their suites side by side on one machine, each with its own database.
-DATABASE = os.environ.get("HPO_TEST_DATABASE", "hpo_test")
-REDIS_DB = int(os.environ.get("HPO_TEST_REDIS_DB", "15"))
+# Two checkouts may run their suites side by side on one machine, each with its own database;
+# under pytest-xdist each worker (gw0, gw1, ...) takes its own database, Redis db and ports.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKER_INDEX = int(WORKER.removeprefix("gw") or 0)
+DATABASE = os.environ.get("HPO_TEST_DATABASE", "hpo_test") + (f"_{WORKER}" if WORKER else "")
+# Redis has 16 dbs: worker i takes the base minus i, round the 16 (study names are unique, so
+# a db two checkouts share is no conflict, only less tidy).
+REDIS_DB = (int(os.environ.get("HPO_TEST_REDIS_DB", "15")) - WORKER_INDEX) % 16
 SERVERS = {
     "postgresql": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{DATABASE}",
     "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{DATABASE}",
@@ -277,10 +284,28 @@ class OwnRedis(OwnServer):
             return False
 
 
+# Ports below Linux's ephemeral range (32768-60999): no outgoing connection takes one while a
+# server of the test's own is stopped, so it starts again on its port. Each xdist worker has
+# its own thousand and hands them out in turn from a random start (another checkout's suite
+# may be drawing from the same thousand).
+PORTS_PER_WORKER = 1000
+_FIRST_PORT = 20_000 + WORKER_INDEX % 12 * PORTS_PER_WORKER  # 12 thousands below 32768
+WORKER_PORTS = range(_FIRST_PORT, _FIRST_PORT + PORTS_PER_WORKER)
+_next_ports = itertools.islice(
+    itertools.cycle(WORKER_PORTS), random.randrange(PORTS_PER_WORKER), None
+)
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port nothing listens on, never the same twice in a row of a thousand."""
+    for port in itertools.islice(_next_ports, PORTS_PER_WORKER):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port in {WORKER_PORTS}")
 
 
 def _connects(url: str) -> bool:

@@ -281,7 +281,7 @@ def error(trial: optuna.Trial) -> float:
 
 RUNNERS = {"complete": complete, "prune": prune, "stop": stop, "error": error}
 
-TestBudgetMachine = pytest.mark.timeout(900)(BudgetMachine.TestCase)
+TestBudgetMachine = pytest.mark.slow(pytest.mark.timeout(900)(BudgetMachine.TestCase))
 TestBudgetMachine.settings = settings.get_profile("budget")
 
 

@@ -163,6 +163,7 @@ def run_one_trial(
     [(3600, 0, [3]), (0, 0, [1, 2, 3]), (3600, 1, [1]), (3600, 3, [3])],
     ids=["interval-then-last-epoch", "every-epoch", "on-stop", "stop-in-last-epoch"],
 )
+@pytest.mark.slow
 def test_a_trial_checkpoints_once_per_interval_and_at_its_last_epoch_or_stop(
     tmp_path: Path, data_dir: Path, interval_s: int, stop_after: int, written: list[int]
 ) -> None:
@@ -186,6 +187,7 @@ class Tripwire(dict):
         return dict(self)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_thread_and_the_training_thread_take_turns_on_the_attrs(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -207,6 +209,7 @@ def test_the_host_copy_shares_nothing_with_the_training_state() -> None:
     assert copy["history"] == [{"epoch": 1}] and isinstance(copy["rng"], tuple)
 
 
+@pytest.mark.slow
 def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

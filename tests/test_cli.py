@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from conftest import HPO, run_hpo, tiny_start
 from optuna.artifacts import FileSystemArtifactStore
@@ -19,6 +20,10 @@ from search.rules.config import TrialConfig
 from search.rules.cost import gflops_per_image
 from search.rules.study import budget
 from storage import open_storage
+
+# Each test runs several real `hpo` processes (seconds each): the quick tier leaves them out,
+# tests/test_control_plane.py runs the commands' user errors in one interpreter.
+pytestmark = pytest.mark.slow
 
 
 def load(env: dict[str, str], name: str) -> optuna.Study:

@@ -68,6 +68,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_train_seeds_keeps_every_seed_and_repeats_one(
     hpo_env: dict[str, str], data_dir: Path, tmp_path: Path, one_thread: None
 ) -> None:
@@ -102,6 +103,7 @@ def test_train_seeds_keeps_every_seed_and_repeats_one(
     assert all(torch.equal(first[k], v) for k, v in weights("again", 0).items())
 
 
+@pytest.mark.slow
 def test_seeds_side_by_side_train_as_one_after_another(
     data_dir: Path, tmp_path: Path, one_thread: None
 ) -> None:
@@ -139,6 +141,7 @@ ROW = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_compare_table_matches_the_per_seed_metrics(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:

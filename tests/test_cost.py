@@ -45,6 +45,7 @@ from storage import open_storage
 TINY_CAP_GFLOPS = 0.0022
 
 
+@pytest.mark.slow
 def test_over_cap_draws_never_train_nor_count_and_the_study_trains_exactly_n(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -240,6 +240,7 @@ def test_dashboard_shows_the_study_in_chromium(hpo_env: dict[str, str], tmp_path
     assert screenshot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_dashboard_polling_beside_a_running_worker_locks_nothing(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -129,6 +129,7 @@ def finish(
     return outputs
 
 
+@pytest.mark.slow
 def test_random_resets_for_a_whole_study(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -139,6 +140,7 @@ def test_random_resets_for_a_whole_study(
     assert_study_done(study, TRIALS)
 
 
+@pytest.mark.slow
 def test_random_resets_for_a_whole_study_on_mariadb(
     mariadb: OwnMariaDB, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -174,6 +176,7 @@ def test_every_driver_takes_its_bounds_from_the_storage_timeout(
     assert (redis["socket_timeout"], redis["socket_connect_timeout"]) == (["9"], ["3.0"])
 
 
+@pytest.mark.slow
 def test_a_short_blackhole_is_ridden_out(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -191,6 +194,7 @@ def test_a_short_blackhole_is_ridden_out(
     assert_study_done(study, TRIALS)
 
 
+@pytest.mark.slow
 def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -214,6 +218,7 @@ def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
     assert_study_done(study, TRIALS)
 
 
+@pytest.mark.slow
 def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -230,6 +235,7 @@ def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
 
 # Optuna's schema version read at open, and the study's settings (user attributes) read at
 # start-up; not the table checks before them, which the open's own schema retry covers.
+@pytest.mark.slow
 @pytest.mark.parametrize("needle", [b"FROM version_info", b"FROM study_user_attributes"])
 def test_a_reset_while_a_worker_starts_is_waited_out(
     needle: bytes, postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
@@ -307,6 +313,7 @@ def assert_each_failure_retried_once(study: optuna.Study) -> None:
     assert len(retries) == len(set(retries)), retries
 
 
+@pytest.mark.slow
 def test_a_tell_whose_answer_is_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -319,6 +326,7 @@ def test_a_tell_whose_answer_is_lost(
     assert_study_done(study, 2)
 
 
+@pytest.mark.slow
 def test_a_claim_whose_answer_and_heartbeat_are_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -331,6 +339,7 @@ def test_a_claim_whose_answer_and_heartbeat_are_lost(
     assert_study_done(study, 2)
 
 
+@pytest.mark.slow
 def test_a_stale_trial_fail_whose_answer_is_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -345,6 +354,7 @@ def test_a_stale_trial_fail_whose_answer_is_lost(
     assert_each_failure_retried_once(study)
 
 
+@pytest.mark.slow
 def test_a_retry_insert_whose_answer_is_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -423,6 +433,7 @@ def redis_proxy(own_redis: OwnRedis, request: pytest.FixtureRequest) -> Iterator
         yield faults
 
 
+@pytest.mark.slow
 def test_random_resets_for_a_whole_study_on_redis(
     own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -434,6 +445,7 @@ def test_random_resets_for_a_whole_study_on_redis(
     assert_each_failure_retried_once(study)
 
 
+@pytest.mark.slow
 def test_a_tell_whose_answer_is_lost_on_redis(
     own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -448,6 +460,7 @@ def test_a_tell_whose_answer_is_lost_on_redis(
     assert_each_failure_retried_once(study)
 
 
+@pytest.mark.slow
 def test_a_short_blackhole_is_ridden_out_on_redis(
     own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ def _shown(url: str, name: str, tmp_path: Path, env: dict[str, str]) -> tuple[st
     return status.stdout, (tmp_path / "r" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_status_and_report_show_each_rungs_rank_correlation(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:

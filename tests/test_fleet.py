@@ -68,6 +68,7 @@ def test_a_gpu_the_job_lacks_is_one_line_and_exit_2(
     assert not (tmp_path / "hpo.db").exists()  # refused before anything was stored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("visible", "spec"), [("2,3", "all"), (UUIDS, "1")])
 def test_each_child_worker_gets_its_gpus_name(
     visible: str, spec: str, two_gpus: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

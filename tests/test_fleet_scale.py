@@ -76,6 +76,7 @@ def test_threads_of_one_process_share_its_two_connections() -> None:
     assert peak == SERVER_CONNECTIONS == 2
 
 
+@pytest.mark.slow
 def test_a_training_worker_holds_two_connections(hpo_env: dict, tmp_path: Path) -> None:
     """A real `hpo worker` training on PostgreSQL (heartbeat and checkpoint threads beside
     its trial), its connections counted from start to exit: two, never more."""
@@ -105,6 +106,7 @@ def test_a_training_worker_holds_two_connections(hpo_env: dict, tmp_path: Path) 
     assert mid_trial and max(mid_trial) == 2 and max(counts) == 2, (max(counts), mid_trial[-5:])
 
 
+@pytest.mark.slow
 def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
     env[BENCH_OBJECTIVE_ENV] = "stand_in:no_such_objective"
@@ -119,6 +121,7 @@ def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None
     assert result.stderr.count("\n") == 1 and "no_such_objective" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_fleet_through_pgbouncer_ends_at_exactly_n(own_folder: Path) -> None:
     # 32 workers hold 64 client connections; the server admits 20, the pooler uses 10.

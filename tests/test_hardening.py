@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 from conftest import run_hpo, tiny_start
 from optuna.trial import TrialState
@@ -17,6 +18,9 @@ from test_search_rules import EPOCHS, one_trial_study, runner
 from search.rules import attrs
 from search.training.worker import run_worker
 from storage import open_storage
+
+# Each test trains or runs several real `hpo` processes: the quick tier leaves them out.
+pytestmark = pytest.mark.slow
 
 
 class RunsCode:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 from optuna.trial import TrialState
 from test_workers import MICRO_SPACE
@@ -56,6 +57,7 @@ class OutOfMemoryRunner(TrialRunner):
         return super()._train(trial, run, *args)
 
 
+@pytest.mark.slow
 def test_memory_is_back_before_the_next_trial_and_an_oom_is_retried_once(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -103,6 +105,7 @@ def _small_worker(data_dir: Path, tmp_path: Path, target: int, epochs: int, **ex
     return join_as_worker(storage, "oom", settings, "worker"), runner
 
 
+@pytest.mark.slow
 def test_an_oom_retry_resumes_from_the_checkpoint_and_a_second_oom_deletes_it(
     data_dir: Path, tmp_path: Path
 ) -> None:

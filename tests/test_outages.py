@@ -157,22 +157,26 @@ def two_workers_ride_out_an_outage(server: OwnServer, env: dict, cwd: Path) -> N
     assert_study_done(study, TRIALS)
 
 
+@pytest.mark.slow
 def test_a_postgresql_outage_is_waited_out(
     own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
     two_workers_ride_out_an_outage(own_postgres, hpo_env, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_mariadb_outage_is_waited_out(
     own_mariadb: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
     two_workers_ride_out_an_outage(own_mariadb, hpo_env, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_redis_outage_is_waited_out(own_redis: OwnServer, hpo_env: dict, tmp_path: Path) -> None:
     two_workers_ride_out_an_outage(own_redis, hpo_env, tmp_path)
 
 
+@pytest.mark.slow
 def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -199,6 +203,7 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
     hpo_env: dict, tmp_path: Path
 ) -> None:

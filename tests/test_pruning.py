@@ -29,6 +29,7 @@ GOOD = {
 
 
 # The bad trial fixes lr below the space on purpose.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr")
 def test_a_bad_trial_is_pruned_after_its_first_epoch(data_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)

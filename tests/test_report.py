@@ -98,6 +98,7 @@ def plotly_data(page: str, section: str) -> list[dict]:
     return decoder.raw_decode(rest)[0]
 
 
+@pytest.mark.slow
 def test_report_marks_the_pareto_front_and_best_exports_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = make_study(url, "costs", complete=8)  # one pruned and one failed trial too

@@ -81,6 +81,7 @@ def test_no_module_reaches_itself_through_its_imports() -> None:
                 todo.extend(graph.get(name, ()))
 
 
+@pytest.mark.slow
 def test_the_rules_import_without_torch() -> None:
     rules = sorted(module_name(path) for path in (SEARCH / "rules").glob("*.py"))
     code = f"import json, sys, {', '.join(rules)}; print(json.dumps(sorted(sys.modules)))"

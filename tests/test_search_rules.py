@@ -82,6 +82,7 @@ def scored(study: optuna.Study) -> optuna.trial.FrozenTrial:
 # --- resume -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_last_epoch_completes_the_trial(data_dir: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
     study, settings = one_trial_study(url, "last")
@@ -97,6 +98,7 @@ def test_a_stop_during_the_last_epoch_completes_the_trial(data_dir: Path, tmp_pa
     assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [2])
 def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
     stop_after: int, data_dir: Path, tmp_path: Path
@@ -128,6 +130,7 @@ def test_a_stopped_and_resumed_trial_scores_the_uninterrupted_run(
     )
 
 
+@pytest.mark.slow
 def test_a_sigterm_mid_trial_through_real_workers_resumes_to_the_same_score(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -179,6 +182,7 @@ def with_noise_for_test_images(data_dir: Path, copy: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_the_search_never_reads_the_test_split(
     hpo_env: dict, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -199,6 +203,7 @@ def test_the_search_never_reads_the_test_split(
     assert noisy_run.user_attrs[attrs.VAL_ACC] == clean.user_attrs[attrs.VAL_ACC]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_no_trial_is_pruned_at_its_last_epoch(epochs: int, data_dir: Path, tmp_path: Path) -> None:
     study, settings = one_trial_study(f"sqlite:///{tmp_path / 'p.db'}", "p", epochs=epochs)
@@ -219,6 +224,7 @@ def test_no_trial_is_pruned_at_its_last_epoch(epochs: int, data_dir: Path, tmp_p
 # --- choosing and exporting the best -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_best_exports_the_best_complete_trial_not_a_lower_pruned_or_failed_one(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -271,6 +277,7 @@ def lr_per_epoch(output: str) -> list[float]:
     ]
 
 
+@pytest.mark.slow
 def test_train_replays_the_plateau_lr_its_trial_followed_stretched_over_its_epochs(
     hpo_env: dict, tmp_path: Path
 ) -> None:

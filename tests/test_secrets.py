@@ -12,14 +12,16 @@ from urllib.parse import quote
 import pytest
 import yaml
 from conftest import HPO, run_hpo, tiny_start
-from servers import PASSWORD, server_url
+from servers import DATABASE, PASSWORD, server_url
 
 from storage import redact_url
 
 # Forms a URL carries a password in; trust auth (PostgreSQL) ignores it.
 POSTGRES_FORMS = {
-    "in the user info": "postgresql+psycopg://postgres:{pw}@127.0.0.1:5432/hpo_test",
-    "as a query parameter": "postgresql+psycopg://postgres@127.0.0.1:5432/hpo_test?password={pw}",
+    "in the user info": f"postgresql+psycopg://postgres:{{pw}}@127.0.0.1:5432/{DATABASE}",
+    "as a query parameter": (
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/{DATABASE}?password={{pw}}"
+    ),
 }
 # Forms that fail to connect (wrong port, driver not installed, no such server).
 FAILING_FORMS = [
@@ -40,6 +42,7 @@ def assert_hidden(*texts: str) -> None:
         assert "Traceback" not in text, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", list(POSTGRES_FORMS))
 def test_no_command_or_worker_prints_the_password(form: str, hpo_env: dict, tmp_path: Path) -> None:
     server_url("postgresql")  # skips (fails in CI) without the server

@@ -36,6 +36,9 @@ from search.rules import attrs
 from search.rules.study import budget, claim_trial
 from storage import open_storage
 
+# A cluster of its own and real jobs (tens of seconds each): the quick tier leaves them out.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "docker" / "slurm" / "worker.sbatch"
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"

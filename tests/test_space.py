@@ -35,6 +35,7 @@ def sampled_configs(space_name: str, count: int) -> list[TrialConfig]:
     return configs
 
 
+@pytest.mark.slow
 def test_tiny_configs_build_and_run_a_forward_pass() -> None:
     for cfg in sampled_configs("tiny", 25):
         logits = build_model(cfg.model)(torch.rand(2, 3, 32, 32))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import run_hpo
 from optuna.trial import FrozenTrial, TrialState
 from test_checkpoints import run_one_trial
@@ -97,6 +98,7 @@ def last_worker_run(study: optuna.Study, env: dict, cwd: Path) -> tuple[list[Fro
     return trials, output
 
 
+@pytest.mark.slow
 def test_three_sigterms_still_resume_the_trial_and_leave_every_crash_retry(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -123,6 +125,7 @@ def test_three_sigterms_still_resume_the_trial_and_leave_every_crash_retry(
     assert shown.returncode == 0 and "failed for good" not in shown.stdout, shown.stdout
 
 
+@pytest.mark.slow
 def test_a_trial_crashed_past_max_retry_is_failed_for_good(hpo_env: dict, tmp_path: Path) -> None:
     study = one_trial_study(hpo_env, tmp_path)
     done: set[int] = set()

@@ -148,6 +148,7 @@ def storage_url(backend: str, tmp_path: Path) -> str:
     return server_url(backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "journal", "redis", "postgresql", "mysql"])
 def test_concurrent_claims_never_hand_out_a_trial_twice(backend: str, tmp_path: Path) -> None:
     url, name = storage_url(backend, tmp_path), f"race-{uuid.uuid4().hex[:8]}"

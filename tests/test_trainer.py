@@ -166,6 +166,7 @@ def loaders(seed: int = 0) -> tuple[DeviceLoader, DeviceLoader]:
     return train, DeviceLoader(images[64:], labels[64:], 32, CPU)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run() -> None:
     cfg = TrainConfig(lr=0.01, epochs=2, batch_size=16, scheduler="onecycle")
     train, val = loaders()
@@ -202,6 +203,7 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run() -> None:
     ],
     ids=["contiguous-to-channels-last", "channels-last-to-contiguous"],
 )
+@pytest.mark.slow
 def test_a_checkpoint_resumes_under_the_other_memory_layout(
     written: torch.memory_format, resumed: torch.memory_format
 ) -> None:
@@ -284,6 +286,7 @@ def test_both_block_forms_train_alike(fused: bool) -> None:
     assert got.val_loss == pytest.approx(want.val_loss, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager() -> None:
     # 30-45 s on a 2-core CPU with inductor's cache cold (gcc builds each kernel), ~5 s warm.
     cfg = TrainConfig(epochs=2, grad_clip=0.0, scheduler="constant")
@@ -314,6 +317,7 @@ def test_compiled_training_matches_eager() -> None:
 # --- compile auto: only when it pays ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_auto_switches_to_compiled_mid_run_when_told_it_pays() -> None:
     # The model, batches and shapes of test_compiled_training_matches_eager: its kernels are
     # in inductor's cache by now. Told that compiling is free and doubles the speed, `auto`

@@ -75,6 +75,7 @@ def assert_exactly(study: optuna.Study, n: int) -> list[FrozenTrial]:
     ("backend", "workers", "trials"),
     [("postgresql", 4, 20), ("mysql", 2, 6), ("journal", 2, 6)],
 )
+@pytest.mark.slow
 def test_workers_on_one_study_stop_at_exactly_n(
     backend: str, workers: int, trials: int, hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
@@ -95,6 +96,7 @@ def test_workers_on_one_study_stop_at_exactly_n(
     assert all("Traceback" not in output and PASSWORD not in output for output in outputs)
 
 
+@pytest.mark.slow
 def test_start_with_jobs_per_gpu_runs_four_workers_on_sqlite(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
@@ -165,6 +167,7 @@ def assert_resumed(study: optuna.Study, failed_number: int, seen_epoch: int, out
     assert (state.finished, state.target, state.running, state.waiting) == (2, 2, 0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "journal", "redis"])
 def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
     backend: str, hpo_env: dict, tmp_path: Path, micro_space: Path
@@ -201,6 +204,7 @@ def wait_for_status_line(env: dict, cwd: Path, name: str, text: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
@@ -222,6 +226,7 @@ def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
     assert_resumed(study, running.number, epoch, output)
 
 
+@pytest.mark.slow
 def test_a_config_that_raises_does_not_stop_its_worker(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
@@ -247,6 +252,7 @@ def test_a_password_never_reaches_an_error_message(hpo_env: dict, tmp_path: Path
     assert "postgres:***@127.0.0.1:1" in result.stderr
 
 
+@pytest.mark.slow
 def test_journal_workers_in_other_time_zones_fail_only_a_dead_trial(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
@@ -291,6 +297,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_taken_over_copy_that_fails_leaves_the_checkpoint_to_its_retry(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
