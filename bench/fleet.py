@@ -112,8 +112,8 @@ HEADER = (
 )
 
 
-# --smoke: the smallest fleet, one run of each kind (the suite runs it).
-SMOKE = ["--sizes", "2", "--trials", "6", "--kills", "1"]
+# --smoke: the smallest fleet, one worker of each kind (the suite runs it).
+SMOKE = ["--sizes", "1", "--trials", "6", "--kills", "0"]
 
 
 def main() -> None:
@@ -125,7 +125,6 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=40)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--epoch-s", type=float, default=0.05)
-    parser.add_argument("--smoke", action="store_true", help="one worker of each, 6 trials")
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser("optuna-worker", help="one bare Optuna worker (the driver starts it)")
     worker.add_argument("--url")
@@ -137,8 +136,6 @@ def main() -> None:
     if args.command == "optuna-worker":
         optuna_worker(args.url, args.study, args.trials)
         return
-    if args.smoke:
-        args.sizes, args.trials, args.kills = "1", 6, 0
     print(f"# bench/fleet.py on {os.cpu_count()} cores, {args.trials} trials a run, "
           f"max_connections {args.max_connections}, PgBouncer pool {args.pool_size}")  # fmt: skip
     rows = []

@@ -174,6 +174,7 @@ def test_a_mariadb_lock_wait_timeout_is_retried() -> None:
     """A finish waits for its trial's row, which another transaction holds past the pool's
     connections' lock wait (1 s here): MariaDB's 1205 rolls the statement back, and the
     worker repeats it, as it does a deadlock; the holder lets go once the wait is said."""
+    url = server_url("mysql")  # creates this worker's database where it is missing
     holder = pymysql.connect(host="127.0.0.1", user="root", database=DATABASE)
 
     def say(line: str) -> None:
@@ -182,7 +183,7 @@ def test_a_mariadb_lock_wait_timeout_is_retried() -> None:
             holder.rollback()
 
     said: list[str] = []
-    storage = open_storage(server_url("mysql"), retry=RetryPolicy(limit_s=60, say=say))
+    storage = open_storage(url, retry=RetryPolicy(limit_s=60, say=say))
     study = optuna.create_study(storage=storage, study_name=f"lock-{uuid.uuid4().hex[:8]}")
     trial_id = study.ask()._trial_id
     pooled = [storage.engine.connect() for _ in range(storage.engine.pool.checkedin())]
