@@ -1,0 +1,42 @@
+"""The whole-study scenarios of tests/test_faults.py (random resets through a study, on
+PostgreSQL and MariaDB of the module's own), in a file of their own so that pytest-xdist
+runs them beside the rest of the faults (a worker takes a whole file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_faults
+from faultproxy import FaultProxy
+from servers import OwnMariaDB, OwnPostgres
+from test_faults import TRIALS, finish, new_study, via, workers
+from test_outages import assert_study_done
+
+# test_faults' fixtures (its servers, its proxy, the clean-up of workers), found by name here.
+mariadb, postgres, proxy = test_faults.mariadb, test_faults.postgres, test_faults.proxy
+no_worker_left = test_faults.no_worker_left
+
+
+@pytest.mark.slow
+def test_random_resets_for_a_whole_study(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+) -> None:
+    name, study = new_study(postgres, tmp_path)
+    proxy.random_resets(0.05)
+    finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 2), tmp_path, [0, 0])
+    assert proxy.resets > 0
+    assert_study_done(study, TRIALS)
+
+
+@pytest.mark.slow
+def test_random_resets_for_a_whole_study_on_mariadb(
+    mariadb: OwnMariaDB, hpo_env: dict, tmp_path: Path
+) -> None:
+    """Resets only: the proxy's statement rules read PostgreSQL's messages."""
+    name, study = new_study(mariadb, tmp_path)
+    with FaultProxy(mariadb.port, seed=3306) as proxy:
+        proxy.random_resets(0.05)
+        finish(workers(hpo_env, tmp_path, via(proxy, mariadb), name, 2), tmp_path, [0, 0])
+        assert proxy.resets > 0
+    assert_study_done(study, TRIALS)
