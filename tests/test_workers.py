@@ -18,7 +18,7 @@ from servers import PASSWORD, server_url
 
 from search.rules import attrs
 from search.rules.study import budget, fail_stale_trials, move_target
-from storage import HeartbeatPolicy, default_artifact_dir, open_storage
+from storage import HeartbeatPolicy, StorageURLError, default_artifact_dir, open_storage
 
 # One small ConvLayer per trial: a trial takes about a second, so the tests are about workers.
 MICRO_SPACE = """base: tiny
@@ -281,14 +281,16 @@ def test_journal_workers_in_other_time_zones_fail_only_a_dead_trial(
 # `hpo worker`, its first trial pausing itself (SIGSTOP: a paused VM, a long outage: its
 # heartbeats stop) as it reports epoch 2, and failing with a CUDA error once continued.
 PAUSES_THEN_FAILS = """
-import os, signal, sys
+import os, signal, sys, time
 from search.cli import main
 from search.training.objective import TrialRunner
 record, paused = TrialRunner._record, []
 def pause_then_fail(self, trial, history, new=None):
     if new and history[-1]["epoch"] == 2 and not paused:
         paused.append(trial.number)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        while not os.path.exists("go"):  # woken without it: the test frees SQLite's lock
+            os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(0.5)  # for the transaction another thread was stopped in
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     return record(self, trial, history, new)
 TrialRunner._record = pause_then_fail
@@ -315,10 +317,11 @@ def test_a_taken_over_copy_that_fails_leaves_the_checkpoint_to_its_retry(
     _, status = os.waitpid(worker.pid, os.WUNTRACED)  # until it has paused itself
     assert os.WIFSTOPPED(status), worker.communicate()[0]
     # Another worker's stale check fails the trial and queues its retry.
-    study = optuna.load_study(study_name="over", storage=open_storage(url, HeartbeatPolicy(1)))
+    study = load_beside_a_paused_worker(worker, url, "over")
     while study.get_trials()[0].state == TrialState.RUNNING:
         fail_stale_trials(study)
         time.sleep(0.2)
+    (tmp_path / "go").touch()
     worker.send_signal(signal.SIGCONT)
     output = finish([worker])[0]
     assert "dropping this copy" in output and "not discarded" not in output, output
@@ -328,3 +331,18 @@ def test_a_taken_over_copy_that_fails_leaves_the_checkpoint_to_its_retry(
     assert retry.user_attrs.get("resumed_from_epoch", 0) >= 1, output
     files = [p.name for p in default_artifact_dir(url).iterdir() if p.is_file()]
     assert files == [retry.user_attrs["checkpoint"]["artifact_id"]]
+
+
+def load_beside_a_paused_worker(worker: subprocess.Popen, url: str, name: str) -> optuna.Study:
+    """The study, though the paused worker may have stopped with SQLite's write lock held (a
+    heartbeat or checkpoint thread inside its transaction): woken without the go file, the
+    worker lets that transaction end and pauses again."""
+    while True:
+        try:
+            return optuna.load_study(study_name=name, storage=open_storage(url, HeartbeatPolicy(1)))
+        except StorageURLError as err:
+            if "database is locked" not in str(err):
+                raise
+        worker.send_signal(signal.SIGCONT)
+        _, status = os.waitpid(worker.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), worker.communicate()[0]
