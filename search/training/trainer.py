@@ -276,17 +276,28 @@ class Trainer:
         return self.average.module if self.average is not None else self.model
 
     def evaluate(self, batches: Batches, full_precision: bool = False) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy over all batches (see `evaluation`)."""
-        result = self.evaluation(batches, full_precision)
-        return result.loss, result.acc
-
-    @torch.no_grad()
-    def evaluation(self, batches: Batches, full_precision: bool = False) -> Evaluation:
-        """The evaluated model's score over all batches, each batch the mean logits of its
+        """Mean cross-entropy and accuracy over all batches, each batch the mean logits of its
         test-time views.
 
         full_precision: fp32 and eager, no autocast (the final test score, read once).
         """
+        held_out = self._held_out_logits(batches, full_precision)
+        return _loss_and_accuracy(*held_out) if held_out else (math.nan, math.nan)
+
+    def evaluation(self, batches: Batches) -> Evaluation:
+        """`evaluate`'s score, and the cross-entropy at the temperature fitted to the same
+        predictions (a trial's validation: the fit is paid there only)."""
+        held_out = self._held_out_logits(batches, full_precision=False)
+        if not held_out:
+            return Evaluation(math.nan, math.nan, math.nan, math.nan)
+        return Evaluation(*_loss_and_accuracy(*held_out), *calibrated_cross_entropy(*held_out))
+
+    @torch.no_grad()
+    def _held_out_logits(
+        self, batches: Batches, full_precision: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The evaluated model's logits over all batches (averaged over the test-time views),
+        and the labels; None where there were no batches."""
         model = self.evaluated_model.eval()
         dtype = None if full_precision else self.autocast_dtype
         logits_of = _eval_logits if full_precision else self._eval_logits
@@ -297,14 +308,7 @@ class Trainer:
                 logits = sum(logits_of(model, self._format(view), dtype) for view in views)
             outputs.append(logits / len(views))
             labels.append(y)
-        if not outputs:
-            return Evaluation(math.nan, math.nan, math.nan, math.nan)
-        logits, y = torch.cat(outputs), torch.cat(labels)
-        loss, correct = torch.stack(
-            [F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()]
-        ).tolist()
-        calibrated, temperature = calibrated_cross_entropy(logits, y)
-        return Evaluation(loss, correct, calibrated, temperature)
+        return (torch.cat(outputs), torch.cat(labels)) if outputs else None
 
     def _format(self, x: torch.Tensor) -> torch.Tensor:
         # A no-op when the loader already delivers this layout.
@@ -389,6 +393,13 @@ def _train_loss(
     labels = y if y.dim() == 1 else y.argmax(1)
     right = (logits.argmax(1) == labels).sum()
     return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), right
+
+
+def _loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    loss, accuracy = torch.stack(
+        [F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()]
+    ).tolist()  # one wait
+    return loss, accuracy
 
 
 def _eval_logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
