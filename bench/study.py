@@ -119,13 +119,13 @@ class Timers:
     def install(self) -> None:
         look = search.training.worker.read_at_boundary
 
-        def look_for_work(study: optuna.Study, fail_stale: bool) -> Any:  # before each claim
+        def look_for_work(study: optuna.Study, *args: Any) -> Any:  # before each claim
             now = time.time()
             self.first_claim = self.first_claim or now
             if self.idle_since is not None:
                 self.worker["idle"] += now - self.idle_since
                 self.idle_since = None
-            return look(study, fail_stale)
+            return look(study, *args)
 
         search.training.worker.read_at_boundary = look_for_work
         self.wrap(search.training.worker, "read_at_boundary", "claim")

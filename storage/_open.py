@@ -15,7 +15,12 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
-from storage._network import NetworkBounds, server_engine_kwargs, with_redis_timeouts
+from storage._network import (
+    NetworkBounds,
+    ping_after_idle,
+    server_engine_kwargs,
+    with_redis_timeouts,
+)
 from storage._retry import RetryPolicy, StorageUnavailable, with_retries
 from storage._urls import (
     StorageURLError,
@@ -25,6 +30,7 @@ from storage._urls import (
     scrub,
     sqlite_file,
 )
+from storage.optuna_private import StateQuery
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -37,7 +43,7 @@ SERVER_CONNECTIONS = 2
 SERVER_POOL = {
     "pool_size": SERVER_CONNECTIONS,
     "max_overflow": 0,
-    "pool_pre_ping": True,  # checked before use: a server restart left it dead
+    "pool_pre_ping": False,  # only after idling (ping_after_idle): Optuna's default on MySQL
     "pool_recycle": 1800,
 }
 # A thread waits for a free connection longer than another thread's call can hold one (each
@@ -58,21 +64,33 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class SQLiteStorage(RDBStorage):
-    """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate),
-    also once unpickled: RDBStorage.__setstate__ makes a new engine without the listener."""
+class RDBStorageWithStateQuery(StateQuery, RDBStorage):
+    """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look, and
+    pings a server's connection only after it sat idle (ping_after_idle), also once
+    unpickled: RDBStorage.__setstate__ makes a new engine without the engine's listeners."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
+        self._listen()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._listen()
+
+    def _listen(self) -> None:
+        if self.engine.dialect.name != "sqlite":  # a file: nothing to lose while idle
+            ping_after_idle(self.engine)
+
+
+class SQLiteStorage(RDBStorageWithStateQuery):
+    """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate)."""
+
+    def _listen(self) -> None:
         sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
 
 
 # Storage classes of a worker: every call waits out a lost connection (storage/_retry.py).
-RetryingRDBStorage = with_retries(RDBStorage, __name__)
+RetryingRDBStorage = with_retries(RDBStorageWithStateQuery, __name__)
 RetryingSQLiteStorage = with_retries(SQLiteStorage, __name__)
 RetryingHeartbeatJournalStorage = with_retries(HeartbeatJournalStorage, __name__)
 
@@ -159,8 +177,10 @@ def _open_rdb(
         engine_kwargs = {**SERVER_POOL, "pool_timeout": pool_wait_s}
         engine_kwargs.update(server_engine_kwargs(url, backend))
     writer = backend == "sqlite" and not reader
-    classes = (SQLiteStorage, RetryingSQLiteStorage) if writer else (RDBStorage, RetryingRDBStorage)
-    storage_class = classes[0] if retry is None else classes[1]
+    if writer:
+        storage_class = SQLiteStorage if retry is None else RetryingSQLiteStorage
+    else:
+        storage_class = RDBStorageWithStateQuery if retry is None else RetryingRDBStorage
     return _create_schema_once(
         lambda: _rdb_storage(storage_class, url, engine_kwargs, heartbeat, retry)
     )

@@ -36,6 +36,7 @@ from storage.optuna_private import (
     RDB_CREATE_TRIAL,
     RDB_PREPARE_TRIAL,
     STALE_TRIAL_IDS,
+    STATE_QUERY,
     insert_key,
     retry_insert_once,
     same_insert,
@@ -186,7 +187,8 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
     the thread must stay free to stop when its trial ends.
     """
     public = [name for name, value in vars(BaseStorage).items() if _is_call(name, value)]
-    names = [*public, *(name for name in RDB_CACHE_CALLS if hasattr(storage_class, name))]
+    private = [*RDB_CACHE_CALLS, STATE_QUERY]
+    names = [*public, *(name for name in private if hasattr(storage_class, name))]
 
     def __init__(self: Any, *args: Any, retry: RetryPolicy, **kwargs: Any) -> None:
         self._retry, self._last_loss = retry, float("-inf")

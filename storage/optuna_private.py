@@ -8,11 +8,13 @@ that moves one fails there first, by name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable, Container, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Container, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from threading import Event
 from types import SimpleNamespace
 
 import optuna
@@ -20,7 +22,12 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import _CachedStorage
-from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import (
+    BaseHeartbeat,
+    HeartbeatThread,
+    get_heartbeat_thread,
+    is_heartbeat_enabled,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 # System attributes RetryHeartbeatStaleTrialCallback writes on a retry. Its public readers
@@ -50,34 +57,100 @@ def claim_waiting_trial(
         # A read first, without a lock: in a fleet most tickets a worker tries were just taken,
         # and a claim (a heartbeat, then the trial's row lock) on each queued every worker
         # behind the same rows (docs/BENCHMARKS.md, "A fleet on one database").
-        if study._storage.get_trial(waiting._trial_id).state != TrialState.WAITING:
+        if trial_state(study._storage, waiting._trial_id) != TrialState.WAITING:
             return None
         # The storage compares and sets: False when another worker claimed it first.
         if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-            if trials is not None:
-                sample_from(study, trials)
-            return optuna.Trial(study, waiting._trial_id)
+            if trials is None:
+                return optuna.Trial(study, waiting._trial_id)
+            with sampling_from(study, trials):
+                return optuna.Trial(study, waiting._trial_id)
     except UpdateFinishedTrialError:
         pass
     return None
 
 
-def sample_from(study: optuna.Study, trials: list[FrozenTrial]) -> None:
-    """Have the sampler read these trials, until the next tell, where it reads the study's
-    trials through its cache (with a constant liar, TPE still reads the running ones itself).
+# The one-column read of a trial's state, which the RDB storages of storage/_open.py have
+# (StateQuery); a storage without it reads the whole trial.
+STATE_QUERY = "get_trial_state"
 
-    Missing API: a sampler reads the trials through Study._get_trials's cache, per thread,
-    which `ask` empties and `tell` drops; nothing public hands it trials read just before.
+
+def trial_state(storage: optuna.storages.BaseStorage, trial_id: int) -> TrialState:
+    """The trial's state as stored now.
+
+    Missing API: Optuna's cache in front of an RDBStorage (_CachedStorage) is private, and
+    its get_trial reads an unfinished trial whole: params, values, attributes and reports.
+    """
+    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
+    read_state = getattr(backend, STATE_QUERY, None)
+    return storage.get_trial(trial_id).state if read_state is None else read_state(trial_id)
+
+
+class StateQuery:
+    """An RDBStorage's read of one trial's state: one column of one row, in one statement
+    (get_trial takes six). Mixed into the RDBStorage classes of storage/_open.py.
+
+    Missing API: no storage reads a trial's state alone, and the session is private.
+    """
+
+    def get_trial_state(self, trial_id: int) -> TrialState:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            query = session.query(models.TrialModel.state)
+            state = query.filter(models.TrialModel.trial_id == trial_id).scalar()
+        if state is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        return state
+
+
+@contextmanager
+def sampling_from(study: optuna.Study, trials: list[FrozenTrial]) -> Iterator[None]:
+    """While the block starts a trial, the sampler reads these trials, not the study; until
+    the next tell, its cached reads take them too.
+
+    Missing API: a sampler reads the trials through Study._get_trials, whose per-thread cache
+    `tell` drops and which TPE with a constant liar bypasses (use_cache=False) for the running
+    trials; nothing public hands it trials read just before.
     """
     study._thread_local.cached_all_trials = trials
+    read = study._get_trials
+    study._get_trials = functools.partial(_cached_read, read)
+    try:
+        yield
+    finally:
+        del study._get_trials  # the class's method again
 
 
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
+def _cached_read(
+    read: Callable[..., list[FrozenTrial]],
+    deepcopy: bool = True,
+    states: Container[TrialState] | None = None,
+    use_cache: bool = False,
+) -> list[FrozenTrial]:
+    return read(deepcopy, states, use_cache=True)
+
+
+def heartbeat(
+    study: optuna.Study, trial: optuna.Trial, claimed: bool = False
+) -> AbstractContextManager:
     """Send the trial's heartbeats while the block runs (a no-op without heartbeats).
+    `claimed`: the claim sent the first beat (storage/_retry.py), so the first here waits one
+    interval; Optuna's thread beats at once, four statements more a trial.
 
     Missing API: Optuna starts this thread only inside `study.optimize`.
     """
-    return get_heartbeat_thread(trial._trial_id, study._storage)
+    thread = get_heartbeat_thread(trial._trial_id, study._storage)
+    if claimed and isinstance(thread, HeartbeatThread):
+        thread._record_heartbeat = _beat_after_waiting
+    return thread
+
+
+def _beat_after_waiting(trial_id: int, heartbeat: BaseHeartbeat, stop_event: Event) -> None:
+    """HeartbeatThread's loop, with its wait before each beat rather than after."""
+    while not stop_event.wait(timeout=heartbeat.get_heartbeat_interval()):
+        heartbeat.record_heartbeat(trial_id)
 
 
 def has_heartbeat(study: optuna.Study) -> bool:

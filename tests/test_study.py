@@ -41,7 +41,7 @@ def test_new_study_holds_target_tickets_and_default_space_starts_from_table1(
     waiting = join(storage, "d").get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 3
     assert waiting[0].system_attrs["fixed_params"] == report_table1_params()
-    assert waiting[1].system_attrs["fixed_params"] == {}
+    assert waiting[1].params == {} and waiting[1].system_attrs == {}  # a bare ticket
 
     again, created = create_or_join(storage, "d", tiny_settings(), 10)
     assert not created and again == default  # the stored settings win

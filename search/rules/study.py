@@ -198,6 +198,7 @@ class StudyView:
 
     target: int
     trials: list[FrozenTrial]
+    target_read: bool = True  # False: the target as read at an earlier boundary
 
     @cached_property
     def budget(self) -> Budget:
@@ -208,8 +209,12 @@ class StudyView:
         return Budget(self.target, finished, running, self.target - finished - running, given_up)
 
 
-def read_study(study: optuna.Study) -> StudyView:
-    return StudyView(_target(study), study.get_trials(deepcopy=False))
+def read_study(study: optuna.Study, target: int | None = None) -> StudyView:
+    """The study's view; `target`: its target as read before, taken instead of a read."""
+    trials = study.get_trials(deepcopy=False)
+    if target is None:
+        return StudyView(_target(study), trials)
+    return StudyView(target, trials, target_read=False)
 
 
 def budget(study: optuna.Study) -> Budget:
@@ -290,13 +295,15 @@ def _add_tickets(
     """`count` tickets, the first ones with these parameters. Those are one-off tickets
     (TICKET_KEY), marked with their `creator`: an insert repeated after a lost answer adds no
     second copy, and a copy that a storage made anyway (redis-py repeats a command itself, or
-    a second creator raced this one) is no ticket (_tickets)."""
+    a second creator raced this one) is no ticket (_tickets). The others are bare WAITING
+    trials: enqueue_trial({}) would also write an empty `fixed_params` attribute, two more
+    statements under the study row's lock, which every worker's top-up takes."""
     for i in range(count):
         if i < len(first):
             one_off = {TICKET_KEY: f"first-{i}", **({attrs.CREATOR: creator} if creator else {})}
             study.enqueue_trial(first[i], user_attrs=one_off, skip_if_exists=False)
         else:
-            study.enqueue_trial({}, skip_if_exists=False)
+            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
 
 
 def _counted(trials: list[FrozenTrial], target: int) -> list[FrozenTrial]:
@@ -369,17 +376,21 @@ def fail_stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     return read_at_boundary(study, fail_stale=True)[1]
 
 
-def read_at_boundary(study: optuna.Study, fail_stale: bool) -> tuple[StudyView, list[FrozenTrial]]:
+def read_at_boundary(
+    study: optuna.Study, fail_stale: bool, target: int | None = None
+) -> tuple[StudyView, list[FrozenTrial]]:
     """A worker's one read of the study between two trials: the stale trials failed first
     (where `fail_stale`), then the view, with every retry owed queued (read again only where
-    one was). Returns the view and the failed trials owed no retry (queue_owed_retries)."""
+    one was). `target`: the target as the worker read it before, taken instead of a read (a
+    target is only ever raised: an older one shows fewer tickets, never more). Returns the
+    view and the failed trials owed no retry (queue_owed_retries)."""
     if fail_stale:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-    view = read_study(study)
+    view = read_study(study, target)
     queued, given_up = _queue_owed_retries(study, view.trials)
-    return (read_study(study) if queued else view), given_up
+    return (read_study(study, view.target) if queued else view), given_up
 
 
 def queue_owed_retries(study: optuna.Study) -> list[FrozenTrial]:

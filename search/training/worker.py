@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # the loop itself needs no torch: only the objective that tra
 
 # How often an idle worker looks for new, retried or stale trials.
 IDLE_POLL_S = 2.0
+# How often a busy worker reads the study's target (two statements) rather than taking the
+# one it read before: a raise by `hpo start --trials` reaches its top-ups within this.
+TARGET_READ_S = 2.0
 
 
 @dataclass
@@ -53,12 +56,16 @@ def run_worker(
     summary = WorkerSummary()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     retries_possible = has_heartbeat(study)
-    stale_check = StaleCheck(heartbeat_interval_s(study))
+    stale_check, target_check = Every(heartbeat_interval_s(study)), Every(TARGET_READ_S)
     # A dead worker's trial is re-queued here, and claimed first, by whoever looks next.
     view, given_up = read_at_boundary(study, stale_check.due())
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         forget_given_up(runner, given_up, say)
         trial = claim_trial(study, view)
+        if trial is None and not view.target_read:
+            # None to claim under a target read a while ago: a raise may have made more.
+            view, given_up = read_at_boundary(study, stale_check.due())
+            continue
         if trial is None:
             state = view.budget
             # Waiting pays only where a dead worker's trial can come back (heartbeats).
@@ -75,17 +82,19 @@ def run_worker(
         if finished is not None and ran_out_of_memory(finished):
             retry_out_of_memory(study, finished, say)
         summary.ran += 1
-        view, given_up = read_at_boundary(study, stale_check.due())
+        target = None if target_check.due() else view.target
+        view, given_up = read_at_boundary(study, stale_check.due(), target)
         if on_trial_end is not None and finished is not None:
             on_trial_end(finished, view)
     summary.interrupted = stop.is_set()
     return summary
 
 
-class StaleCheck:
-    """Due once per heartbeat interval (never without heartbeats). A trial is stale after a
-    grace of more than one interval without a heartbeat, so a look per trial finds it no
-    sooner, and each look reads every running trial of the study."""
+class Every:
+    """Due once per `interval_s` (never where None). The stale check: a trial is stale after
+    a grace of more than one heartbeat interval, so a look per trial finds it no sooner, and
+    each look reads every running trial. The target: a raise reaches a busy worker's top-ups
+    within TARGET_READ_S, and a worker reads it afresh before it decides nothing is left."""
 
     def __init__(self, interval_s: float | None) -> None:
         self.interval_s = interval_s
@@ -113,7 +122,7 @@ def run_trial(
     settled by the storage, storage/_retry.py: it does not land here.)
     """
     try:
-        with heartbeat(study, trial):
+        with heartbeat(study, trial, claimed=True):
             return _run_and_tell(study, trial, runner)
     except UpdateFinishedTrialError:
         say(
