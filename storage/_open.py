@@ -64,7 +64,7 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class RDBStorageWithStateQuery(StateQuery, RDBStorage):
+class HpoRDBStorage(StateQuery, RDBStorage):
     """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look, and
     pings a server's connection only after it sat idle (ping_after_idle), also once
     unpickled: RDBStorage.__setstate__ makes a new engine without the engine's listeners."""
@@ -82,7 +82,7 @@ class RDBStorageWithStateQuery(StateQuery, RDBStorage):
             ping_after_idle(self.engine)
 
 
-class SQLiteStorage(RDBStorageWithStateQuery):
+class SQLiteStorage(HpoRDBStorage):
     """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate)."""
 
     def _listen(self) -> None:
@@ -90,7 +90,7 @@ class SQLiteStorage(RDBStorageWithStateQuery):
 
 
 # Storage classes of a worker: every call waits out a lost connection (storage/_retry.py).
-RetryingRDBStorage = with_retries(RDBStorageWithStateQuery, __name__)
+RetryingHpoRDBStorage = with_retries(HpoRDBStorage, __name__)
 RetryingSQLiteStorage = with_retries(SQLiteStorage, __name__)
 RetryingHeartbeatJournalStorage = with_retries(HeartbeatJournalStorage, __name__)
 
@@ -180,7 +180,7 @@ def _open_rdb(
     if writer:
         storage_class = SQLiteStorage if retry is None else RetryingSQLiteStorage
     else:
-        storage_class = RDBStorageWithStateQuery if retry is None else RetryingRDBStorage
+        storage_class = HpoRDBStorage if retry is None else RetryingHpoRDBStorage
     return _create_schema_once(
         lambda: _rdb_storage(storage_class, url, engine_kwargs, heartbeat, retry)
     )

@@ -18,6 +18,7 @@ from search.rules.study import (
     claim_trial,
     create_or_join,
     join,
+    move_target,
     read_at_boundary,
     read_study,
 )
@@ -74,3 +75,23 @@ def test_a_claim_from_a_stale_read_takes_the_ticket_its_top_up_made(tmp_path: Pa
             break
     claimed = claim_trial(mine, view)
     assert claimed is not None and claimed.number == TICKET_WINDOW
+
+
+def test_a_raise_read_late_still_runs_before_the_worker_exits(tmp_path: Path) -> None:
+    """A busy worker takes the target it read before (read_at_boundary's `target`); where
+    that older target shows nothing left to claim, it reads the target again rather than exit
+    with the raised trials unrun."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    settings = StudyRequest(study="t", trials=1, storage="", space="tiny").new_settings()
+    create_or_join(open_storage(url), "t", settings, 2)
+    study = join(open_storage(url, HeartbeatPolicy(1)), "t")
+    ran = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        if len(ran) == 2:  # the first boundary read the target; the next takes it as read
+            move_target(study, 4)
+        return 1.0
+
+    run_worker(study, objective, threading.Event())
+    assert len(ran) == 4 and budget(study).done

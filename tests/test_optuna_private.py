@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX  # noqa: F401  (the import is the test)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, _CachedStorage
@@ -56,6 +57,56 @@ def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_pat
     assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
     study.tell(claimed, 1.0)
     assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
+
+
+def test_while_a_trial_starts_even_an_uncached_read_takes_the_handed_trials(
+    tmp_path: Path,
+) -> None:
+    """TPE with a constant liar reads the running trials with use_cache=False."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    seen = study.get_trials(deepcopy=False)
+    study.ask()  # running, and not in `seen`
+    with optuna_private.sampling_from(study, seen):
+        assert study._get_trials(deepcopy=False, use_cache=False) is seen
+    assert len(study._get_trials(deepcopy=False, use_cache=False)) == 1  # the study's again
+    assert "_get_trials" not in vars(study)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_tickets_state_is_read_in_one_statement(tmp_path: Path, kind: str) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else f"journal://{tmp_path / 'j'}"
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({})
+    waiting = study.get_trials(deepcopy=False)[0]
+    selects = []
+    if kind == "sqlite":
+        sqlalchemy.event.listen(
+            storage.engine, "before_cursor_execute",
+            lambda *args: selects.append(args[2]) if args[2].startswith("SELECT") else None,
+        )  # fmt: skip
+    assert optuna_private.trial_state(study._storage, waiting._trial_id) == TrialState.WAITING
+    assert len(selects) == (1 if kind == "sqlite" else 0)  # a journal is read in memory
+    study.ask()
+    assert optuna_private.trial_state(study._storage, waiting._trial_id) == TrialState.RUNNING
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+@pytest.mark.parametrize("claimed", [False, True])
+def test_a_claimed_trials_heartbeats_start_one_interval_on(
+    tmp_path: Path, claimed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim sent one (storage/_retry.py): a block that ends within an interval sends
+    none of its own; Optuna's thread sends one at once."""
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(60))
+    )
+    trial = study.ask()
+    beats = []
+    monkeypatch.setattr(study._storage, "record_heartbeat", beats.append)
+    with optuna_private.heartbeat(study, trial, claimed=claimed):
+        pass
+    assert beats == ([] if claimed else [trial._trial_id])
 
 
 def go_stale(study: optuna.Study) -> optuna.Trial:
