@@ -6,8 +6,9 @@ transaction mode lending it --pool-size server connections (tests/servers.py). T
 is tests/stand_in.py: per trial two suggestions, then 3 epochs of a sleep (--epoch-s), a
 report and a prune check, so what is measured is the study machinery, not training. Every
 worker first claims a trial and waits at the stand-in's gate; the clock starts when the gate
-opens with the whole fleet running. Our runs also kill -9 --kills workers mid-trial (and
-start new ones); bare Optuna's runs are not killed. Figures per run:
+opens with the whole fleet running. Both runs kill -9 --kills workers mid-trial and start
+new ones of their kind: a heartbeat finds the trial stale, and ours queues its retry as
+Optuna's RetryFailedTrialCallback re-queues bare Optuna's. Figures per run:
 
 - trials/s: trials finished over the seconds from the gate to the last trial's end;
 - claim p50/p99: per worker, from one trial's objective returning to the next one's start
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,32,128", help="worker counts, comma-separated")
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--kills", type=int, default=3, help="kill -9 mid-trial, ours only")
+    parser.add_argument("--kills", type=int, default=3, help="kill -9 mid-trial, in each run")
     parser.add_argument("--max-connections", type=int, default=40)
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--epoch-s", type=float, default=0.05)
@@ -173,12 +174,9 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
             started = time.monotonic()
             if kind == "ours":
                 study = create_fleet_study(bouncer.url, name, args.trials)
-                fleet.spawn_hpo_workers(size)
             else:
                 study = create_optuna_study(bouncer.url, name)
-                for _ in range(size):
-                    fleet.spawn(sys.executable, __file__, "--trials", str(args.trials),
-                                "optuna-worker", "--url", bouncer.url, "--study", name)  # fmt: skip
+            spawn_workers(fleet, kind, size, args.trials)
             fleet.wait_until_running(study, size, timeout=1800)
             startup_s = time.monotonic() - started
             log_start = (postgres.folder / "log").stat().st_size
@@ -186,15 +184,15 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
             sampler.start()
             fleet.open_gate()
             memory = None
-            kills = args.kills if kind == "ours" else 0
-            for i in range(kills + 1):
-                wait_for_ends(fleet, args.trials * (i + 1) // (kills + 2))
+            for i in range(args.kills + 1):
+                wait_for_ends(fleet, args.trials * (i + 1) // (args.kills + 2))
                 memory = memory or (
                     memory_mib(list(fleet.workers)),
                     fleet_torch(fleet, torch_loaded),
                 )
-                if i < kills:
-                    fleet.kill_mid_trial()
+                if i < args.kills:
+                    fleet.kill_mid_trial(restart=False)
+                    spawn_workers(fleet, kind, 1, args.trials)
             codes = fleet.wait(timeout=1800)
             sampler.done.set()
             sampler.join()
@@ -220,6 +218,15 @@ def one_run(kind: str, size: int, args: argparse.Namespace) -> Run:
         raise
     shutil.rmtree(folder, ignore_errors=True)
     return run
+
+
+def spawn_workers(fleet: object, kind: str, count: int, trials: int) -> None:
+    if kind == "ours":
+        fleet.spawn_hpo_workers(count)
+        return
+    for _ in range(count):
+        fleet.spawn(sys.executable, __file__, "--trials", str(trials),
+                    "optuna-worker", "--url", fleet.url, "--study", fleet.study)  # fmt: skip
 
 
 def storage_ms(spans: dict, epoch_s: float) -> float:
