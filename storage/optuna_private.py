@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -132,25 +133,39 @@ def _cached_read(
     return read(deepcopy, states, use_cache=True)
 
 
-def heartbeat(
-    study: optuna.Study, trial: optuna.Trial, claimed: bool = False
-) -> AbstractContextManager:
-    """Send the trial's heartbeats while the block runs (a no-op without heartbeats).
-    `claimed`: the claim sent the first beat (storage/_retry.py), so the first here waits one
-    interval; Optuna's thread beats at once, four statements more a trial.
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
+    """Send the trial's heartbeats while the block runs (a no-op without heartbeats). Where
+    the claim sent one (storage/_retry.py, CLAIM_BEAT), the first is due one interval after
+    it; Optuna's thread beats at once, four statements more a trial.
 
     Missing API: Optuna starts this thread only inside `study.optimize`.
     """
     thread = get_heartbeat_thread(trial._trial_id, study._storage)
-    if claimed and isinstance(thread, HeartbeatThread):
-        thread._record_heartbeat = _beat_after_waiting
+    storage = study._storage
+    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
+    claimed, beaten_at = getattr(backend, CLAIM_BEAT, None) or (None, 0.0)
+    if claimed == trial._trial_id and isinstance(thread, HeartbeatThread):
+        thread._record_heartbeat = functools.partial(_beat_from, beaten_at)
     return thread
 
 
-def _beat_after_waiting(trial_id: int, heartbeat: BaseHeartbeat, stop_event: Event) -> None:
-    """HeartbeatThread's loop, with its wait before each beat rather than after."""
-    while not stop_event.wait(timeout=heartbeat.get_heartbeat_interval()):
+# Where a storage keeps its latest claim's beat: (trial id, when by time.monotonic).
+CLAIM_BEAT = "claim_beat"
+
+
+def _beat_from(
+    last_beat: float, trial_id: int, heartbeat: BaseHeartbeat, stop_event: Event
+) -> None:
+    """HeartbeatThread's loop, its first beat one interval after `last_beat` (at once where
+    that is past: a claim slow to start its trial must not go stale)."""
+    interval = heartbeat.get_heartbeat_interval()
+    first = last_beat + interval - time.monotonic()
+    if first > 0 and stop_event.wait(timeout=first):
+        return
+    while True:
         heartbeat.record_heartbeat(trial_id)
+        if stop_event.wait(timeout=interval):
+            return
 
 
 def has_heartbeat(study: optuna.Study) -> bool:

@@ -92,21 +92,33 @@ def test_a_tickets_state_is_read_in_one_statement(tmp_path: Path, kind: str) -> 
 
 
 @pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
-@pytest.mark.parametrize("claimed", [False, True])
-def test_a_claimed_trials_heartbeats_start_one_interval_on(
-    tmp_path: Path, claimed: bool, monkeypatch: pytest.MonkeyPatch
+def test_a_claimed_trials_heartbeats_go_on_from_its_claims_beat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The claim sent one (storage/_retry.py): a block that ends within an interval sends
-    none of its own; Optuna's thread sends one at once."""
-    study = optuna.create_study(
-        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(60))
-    )
-    trial = study.ask()
-    beats = []
+    """The claim sent one (storage/_retry.py): the trial's thread sends its first one interval
+    after that one, not at once; a trial not claimed so (ask) gets Optuna's at once; a claim
+    slow to start its trial gets one at once too (no gap past an interval)."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    storage = open_storage(url, HeartbeatPolicy(60), retry=RetryPolicy(say=lambda _: None))
+    study = optuna.create_study(storage=storage)
+    beats: list[int] = []
     monkeypatch.setattr(study._storage, "record_heartbeat", beats.append)
-    with optuna_private.heartbeat(study, trial, claimed=claimed):
+    study.enqueue_trial({})
+    claimed = optuna_private.claim_waiting_trial(study, study.get_trials()[0])
+    with optuna_private.heartbeat(study, claimed):
         pass
-    assert beats == ([] if claimed else [trial._trial_id])
+    assert beats == []
+    asked = study.ask()
+    with optuna_private.heartbeat(study, asked):
+        pass
+    assert beats == [asked._trial_id]
+    study.enqueue_trial({})
+    late = optuna_private.claim_waiting_trial(study, study.get_trials()[-1])
+    trial_id, beaten_at = storage.claim_beat
+    storage.claim_beat = (trial_id, beaten_at - 60)  # as if the trial started 60 s on
+    with optuna_private.heartbeat(study, late):
+        pass
+    assert beats == [asked._trial_id, late._trial_id]
 
 
 def go_stale(study: optuna.Study) -> optuna.Trial:

@@ -122,7 +122,7 @@ def run_trial(
     settled by the storage, storage/_retry.py: it does not land here.)
     """
     try:
-        with heartbeat(study, trial, claimed=True):
+        with heartbeat(study, trial):
             return _run_and_tell(study, trial, runner)
     except UpdateFinishedTrialError:
         say(
