@@ -65,7 +65,11 @@ def claim_waiting_trial(
             if trials is None:
                 return optuna.Trial(study, waiting._trial_id)
             with sampling_from(study, trials):
-                return optuna.Trial(study, waiting._trial_id)
+                trial = optuna.Trial(study, waiting._trial_id)
+                # Optuna samples at the first suggestion, reading the study then: here, from
+                # the trials the caller just read (a constant liar's running trials included).
+                trial.relative_params  # noqa: B018
+                return trial
     except UpdateFinishedTrialError:
         pass
     return None
@@ -108,8 +112,8 @@ class StateQuery:
 
 @contextmanager
 def sampling_from(study: optuna.Study, trials: list[FrozenTrial]) -> Iterator[None]:
-    """While the block starts a trial, the sampler reads these trials, not the study; until
-    the next tell, its cached reads take them too.
+    """While the block starts a trial and samples its relative params, the sampler reads
+    these trials, not the study; until the next tell, its cached reads take them too.
 
     Missing API: a sampler reads the trials through Study._get_trials, whose per-thread cache
     `tell` drops and which TPE with a constant liar bypasses (use_cache=False) for the running

@@ -54,6 +54,7 @@ def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_pat
     seen = study.get_trials(deepcopy=False)
     claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
     assert claimed is not None and study._thread_local.cached_all_trials is seen
+    assert claimed._relative_params is not None  # sampled at the claim, from `seen`
     assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
     study.tell(claimed, 1.0)
     assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
