@@ -58,7 +58,7 @@ from storage import HeartbeatPolicy, StorageURLError, has_heartbeat, open_storag
 STORAGES = ("sqlite", "journal", "postgresql", "mysql", "redis")
 DEFAULT_STORAGES = "sqlite,journal,postgresql,mysql"
 # --smoke: seconds, on the storages that share no server with other runs (the suite runs it).
-SMOKE = ["--workers", "2", "--reports", "5", "--trials", "40", "--storages", "sqlite,journal"]
+SMOKE = ["--workers", "2", "--reports", "5", "--trials", "12", "--storages", "sqlite,journal"]
 PHASES = ("claim", "suggest", "report", "prune", "tell", "progress")
 # Seconds the parent waits for all workers to finish one storage's run.
 RUN_TIMEOUT_S = 3600.0
