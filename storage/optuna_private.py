@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from threading import Event
 from types import SimpleNamespace
@@ -68,7 +68,10 @@ def claim_waiting_trial(
                 trial = optuna.Trial(study, waiting._trial_id)
                 # Optuna samples at the first suggestion, reading the study then: here, from
                 # the trials the caller just read (a constant liar's running trials included).
-                trial.relative_params  # noqa: B018
+                # Where the sampler fails, the first suggestion samples again and the trial
+                # fails of it, as it would have without this.
+                with suppress(Exception):
+                    trial.relative_params  # noqa: B018
                 return trial
     except UpdateFinishedTrialError:
         pass

@@ -298,3 +298,21 @@ def test_hyperband_builds_each_brackets_study_by_one_method() -> None:
     bracket = pruner._create_bracket_study(study, pruner._get_bracket_id(study, failed))
     assert [t.number for t in bracket.get_trials(deepcopy=False)] == [1]  # the retry
     assert bracket.direction == study.direction and bracket._storage is study._storage
+
+
+def test_a_sampler_failing_at_the_claim_fails_the_trial_not_the_claim(tmp_path: Path) -> None:
+    """Sampled at the claim, a sampler's error is met again at the first suggestion, inside
+    the objective, where it fails the trial (before: it would stop the worker's claim)."""
+
+    class Failing(optuna.samplers.RandomSampler):
+        def sample_relative(self, study: object, trial: object, space: object) -> dict:
+            raise RuntimeError("sampler broke")
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(storage=storage, sampler=Failing())
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    assert claimed is not None
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        claimed.suggest_float("x", 0.0, 1.0)
