@@ -89,9 +89,16 @@ def trial_state(storage: optuna.storages.BaseStorage, trial_id: int) -> TrialSta
     Missing API: Optuna's cache in front of an RDBStorage (_CachedStorage) is private, and
     its get_trial reads an unfinished trial whole: params, values, attributes and reports.
     """
-    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
-    read_state = getattr(backend, STATE_QUERY, None)
+    read_state = getattr(_uncached(storage), STATE_QUERY, None)
     return storage.get_trial(trial_id).state if read_state is None else read_state(trial_id)
+
+
+def _uncached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The storage behind Optuna's cache, which every RDBStorage is given (_CachedStorage).
+
+    Missing API: the cache and its backend are private.
+    """
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 class StateQuery:
@@ -148,9 +155,7 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManage
     Missing API: Optuna starts this thread only inside `study.optimize`.
     """
     thread = get_heartbeat_thread(trial._trial_id, study._storage)
-    storage = study._storage
-    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
-    claimed, beaten_at = getattr(backend, CLAIM_BEAT, None) or (None, 0.0)
+    claimed, beaten_at = getattr(_uncached(study._storage), CLAIM_BEAT, None) or (None, 0.0)
     if claimed == trial._trial_id and isinstance(thread, HeartbeatThread):
         thread._record_heartbeat = functools.partial(_beat_from, beaten_at)
     return thread
@@ -209,9 +214,7 @@ def stale_trial_numbers(study: optuna.Study, interval_s: int, grace_s: int) -> s
     Missing API: `optuna.storages.fail_stale_trials` fails them and nothing public lists
     them; a storage's heartbeat settings are fixed at open, so they are set here.
     """
-    storage = study._storage
-    if isinstance(storage, _CachedStorage):  # RDB, behind Optuna's cache
-        storage = storage._backend
+    storage = _uncached(study._storage)
     storage.heartbeat_interval, storage.grace_period = interval_s, grace_s
     stale_ids = set(storage._get_stale_trial_ids(study._study_id))
     return {t.number for t in study.get_trials(deepcopy=False) if t._trial_id in stale_ids}
