@@ -292,6 +292,20 @@ def forget_artifact(trial: optuna.Trial, artifact_id: str) -> None:
     trial.storage.set_trial_system_attr(trial._trial_id, listing, json.dumps(None))
 
 
+def listed_artifacts(trial: FrozenTrial) -> list[str]:
+    """The ids of the artifacts the trial lists and has not unlisted (forget_artifact); a
+    retry lists its original's too (Optuna copies a failed trial's system attributes).
+
+    Missing API: Optuna lists a trial's artifacts only in its system attributes, under a
+    private prefix (the dashboard reads them so).
+    """
+    return [
+        key.removeprefix(ARTIFACTS_ATTR_PREFIX)
+        for key, listing in trial.system_attrs.items()
+        if key.startswith(ARTIFACTS_ATTR_PREFIX) and json.loads(listing) is not None
+    ]
+
+
 def replace_artifact(store: FileSystemArtifactStore, artifact_id: str, path: Path) -> None:
     """Replace the artifact's content with the file at `path`, atomically.
 

@@ -87,6 +87,25 @@ def test_a_retry_chain_that_ends_leaves_no_checkpoint_but_a_complete_trials(
     assert checkpoint_files(tmp_path) == []
 
 
+def test_a_chain_failed_for_good_leaves_no_file_a_kill_cut_loose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed between its retry's new record and its removal of the inherited file
+    left that file named by no record; the chain's end removes it all the same (each file
+    the chain still lists goes)."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    store = CheckpointStore(tmp_path / "artifacts")
+    checkpointed_then_failed(study, store, epoch=1)
+    retry = study.ask()
+    with monkeypatch.context() as killed:  # the kill: nothing after the new record runs
+        killed.setattr(store, "_remove", lambda *args: None)
+        store.save(retry, {"epoch": 2})
+    assert len(checkpoint_files(tmp_path)) == 2
+    last = study.tell(retry, state=TrialState.FAIL)  # failed for good, say
+    deleted = store.remove_given_up([last])
+    assert deleted == [last.number] and checkpoint_files(tmp_path) == []
+
+
 def test_a_taken_over_copy_neither_deletes_nor_rewrites_the_chains_checkpoint(
     tmp_path: Path,
 ) -> None:

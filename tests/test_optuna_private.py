@@ -180,9 +180,10 @@ def test_forgetting_and_replacing_an_artifact(tmp_path: Path) -> None:
     source.write_bytes(b"two")
     optuna_private.replace_artifact(store, artifact_id, source)
     assert store.open_reader(artifact_id).read() == b"two" and not source.exists()
+    assert optuna_private.listed_artifacts(study.get_trials()[0]) == [artifact_id]
     optuna_private.forget_artifact(trial, artifact_id)
     listing = study.get_trials()[0].system_attrs[ARTIFACTS_ATTR_PREFIX + artifact_id]
-    assert listing == "null"
+    assert listing == "null" and optuna_private.listed_artifacts(study.get_trials()[0]) == []
 
 
 def test_the_private_names_storage_uses(tmp_path: Path) -> None:

@@ -30,7 +30,12 @@ from optuna.trial import FrozenTrial
 
 from search.rules import attrs
 from search.rules.faults import machine_fault_line, record_machine_fault
-from storage.optuna_private import forget_artifact, is_running, replace_artifact
+from storage.optuna_private import (
+    forget_artifact,
+    is_running,
+    listed_artifacts,
+    replace_artifact,
+)
 
 # Scratch folders inside the artifact folder, one per write in flight: `.scratch-PID@HOST-`
 # and a random suffix. A worker killed mid-write leaves its own; the next store opened on that
@@ -157,14 +162,19 @@ class CheckpointStore:
         """Delete the checkpoint files of chains that failed for good, as the study sees them
         (search.rules.study.queue_owed_retries): no one resumes from them, and the trial that ended
         each chain (its worker died, or ran out of memory again) cannot. Their listings stay:
-        a finished trial's attributes are read-only. Returns the numbers whose file it deleted."""
+        a finished trial's attributes are read-only. Returns the numbers whose file it deleted.
+
+        Every file the chain still lists goes, not only the record's: a worker killed between
+        a retry's new record and its removal of the inherited file (save) left that file
+        listed and named by no record."""
         deleted = []
         for trial in failed:
             record = trial.user_attrs.get(attrs.CHECKPOINT)
-            if record and record["artifact_id"] not in self._gone:
-                if self._remove_file(record["artifact_id"]):
-                    deleted.append(trial.number)
-                self._gone.add(record["artifact_id"])
+            files = {*listed_artifacts(trial), *([record["artifact_id"]] if record else [])}
+            removed = [self._remove_file(file) for file in sorted(files - self._gone)]
+            if any(removed):
+                deleted.append(trial.number)
+            self._gone |= files
         return deleted
 
     def _remove(self, trial: optuna.Trial, artifact_id: str) -> None:
