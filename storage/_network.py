@@ -23,7 +23,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy.engine
 import sqlalchemy.event
-import sqlalchemy.exc
 
 from storage._urls import with_prepare_threshold
 
@@ -117,33 +116,6 @@ def server_engine_kwargs(url: str, backend: str) -> dict[str, Any]:
     args, params = parsed.get_dialect()().create_connect_args(parsed)
     connect = {**bounds.postgresql_args(), **with_prepare_threshold(params)}
     return {"creator": _PostgresConnector(tuple(args), connect, bounds.answer_s)}
-
-
-# A pooled connection that sat idle this long is pinged before use: a server restart in the
-# meantime left it dead. One handed back moments ago is not: a trial's storage calls come back
-# to back, and SQLAlchemy's pool_pre_ping, which pings at every checkout, added a round trip
-# to each of them (~18 a trial; docs/BENCHMARKS.md, "Exactly N at bare Optuna's speed").
-PING_AFTER_IDLE_S = 1.0
-
-
-def ping_after_idle(engine: sqlalchemy.engine.Engine) -> None:
-    """pool_pre_ping, for connections idle more than PING_AFTER_IDLE_S only: a failed ping
-    drops every pooled connection (as pool_pre_ping does) and the pool opens a new one."""
-
-    def idle_from_now(dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
-
-    def ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        if time.monotonic() - record.info.get("idle_since", -math.inf) < PING_AFTER_IDLE_S:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except Exception as err:
-            raise sqlalchemy.exc.InvalidatePoolError(f"ping failed: {err}") from err
-
-    sqlalchemy.event.listen(engine, "connect", idle_from_now)  # a new connection is alive
-    sqlalchemy.event.listen(engine, "checkin", idle_from_now)
-    sqlalchemy.event.listen(engine, "checkout", ping_if_idle)
 
 
 def with_redis_timeouts(url: str) -> str:

@@ -15,12 +15,7 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalRedisBackend
 
 from storage._heartbeat import HeartbeatJournalStorage, HeartbeatPolicy
-from storage._network import (
-    NetworkBounds,
-    ping_after_idle,
-    server_engine_kwargs,
-    with_redis_timeouts,
-)
+from storage._network import NetworkBounds, server_engine_kwargs, with_redis_timeouts
 from storage._retry import RetryPolicy, StorageUnavailable, with_retries
 from storage._urls import (
     StorageURLError,
@@ -43,7 +38,7 @@ SERVER_CONNECTIONS = 2
 SERVER_POOL = {
     "pool_size": SERVER_CONNECTIONS,
     "max_overflow": 0,
-    "pool_pre_ping": False,  # only after idling (ping_after_idle): Optuna's default on MySQL
+    "pool_pre_ping": True,  # checked before use: a server restart left it dead
     "pool_recycle": 1800,
 }
 # A thread waits for a free connection longer than another thread's call can hold one (each
@@ -65,27 +60,19 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
 
 
 class HpoRDBStorage(StateQuery, RDBStorage):
-    """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look, and
-    pings a server's connection only after it sat idle (ping_after_idle), also once
-    unpickled: RDBStorage.__setstate__ makes a new engine without the engine's listeners."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self._listen()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._listen()
-
-    def _listen(self) -> None:
-        if self.engine.dialect.name != "sqlite":  # a file: nothing to lose while idle
-            ping_after_idle(self.engine)
+    """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look."""
 
 
 class SQLiteStorage(HpoRDBStorage):
-    """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate)."""
+    """An RDBStorage on SQLite whose transactions begin immediately (_begin_immediate),
+    also once unpickled: RDBStorage.__setstate__ makes a new engine without the listener."""
 
-    def _listen(self) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         sqlalchemy.event.listen(self.engine, "begin", _begin_immediate)
 
 

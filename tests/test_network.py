@@ -29,7 +29,7 @@ from test_outages import (
 )
 
 from storage import RetryPolicy, StorageUnavailable, open_storage
-from storage._network import PING_AFTER_IDLE_S, TIMEOUT_ENV
+from storage._network import TIMEOUT_ENV
 
 # The network bound in these tests ($HPO_STORAGE_TIMEOUT_S), and a large answer: six user
 # attributes of 200 kB, read in one query (every trial's attributes at once).
@@ -300,45 +300,3 @@ def test_a_full_server_is_waited_out_at_start_and_mid_study(
         output = logs(tmp_path, "w")
         assert "Traceback" not in output and "storage reachable again" in output, output
         assert_study_done(study, 3)
-
-
-@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
-def test_a_connection_is_pinged_after_idling_only(kind: str, monkeypatch) -> None:
-    """Back-to-back calls send no ping (pool_pre_ping sent one each); one after an idle spell
-    does, and a connection whose ping fails (the server restarted meanwhile) is replaced
-    without the call seeing it."""
-    storage = open_storage(server_url(kind))
-    engine = storage.engine
-    pings, failing = [], []
-    ping = engine.dialect.do_ping
-
-    def counted_ping(connection: object) -> bool:
-        pings.append(connection)
-        if failing:
-            failing.pop()
-            raise engine.dialect.loaded_dbapi.OperationalError("server closed the connection")
-        return ping(connection)
-
-    monkeypatch.setattr(engine.dialect, "do_ping", counted_ping)
-    for _ in list(engine.pool._pool.queue):  # each pooled one (one may have idled at open)
-        storage.get_all_studies()
-    pings.clear()
-    storage.get_all_studies()
-    storage.get_all_studies()
-    assert pings == []  # each in use moments ago
-    pooled = engine.pool._pool.queue
-    idle_all(pooled)
-    next_one = pooled[0].dbapi_connection
-    storage.get_all_studies()
-    assert pings == [next_one]
-    idle_all(pooled)
-    dead = pooled[0].dbapi_connection
-    failing.append(1)
-    storage.get_all_studies()  # answered on a new connection
-    assert pings[1] is dead and dead not in [r.dbapi_connection for r in pooled]
-
-
-def idle_all(pooled: object) -> None:
-    """As if the pooled connections had idled PING_AFTER_IDLE_S."""
-    for record in pooled:
-        record.info["idle_since"] -= PING_AFTER_IDLE_S

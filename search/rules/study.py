@@ -390,7 +390,7 @@ def read_at_boundary(
             optuna.storages.fail_stale_trials(study)
     view = read_study(study, target)
     queued, given_up = _queue_owed_retries(study, view.trials)
-    return (read_study(study, view.target) if queued else view), given_up
+    return (read_study(study, target) if queued else view), given_up
 
 
 def queue_owed_retries(study: optuna.Study) -> list[FrozenTrial]:
