@@ -32,7 +32,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from storage._network import refused_by_server
 from storage.optuna_private import (
-    CLAIM_BEAT,
     RDB_CACHE_CALLS,
     RDB_CREATE_TRIAL,
     RDB_PREPARE_TRIAL,
@@ -254,8 +253,6 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
             # to another worker's adds a beat to that worker's trial).
             beat = functools.partial(storage_class.record_heartbeat, self, trial_id)
             self._retry.call("heartbeat of a claim", beat, self._lost)
-            # The trial's heartbeat thread sends its first one interval after this one.
-            setattr(self, CLAIM_BEAT, (trial_id, time.monotonic()))
         return state_change(self, trial_id, state, values)
 
     namespace: dict[str, Any] = {name: retried(name) for name in names}

@@ -8,14 +8,11 @@ that moves one fails there first, by name.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import time
-from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Container, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from threading import Event
 from types import SimpleNamespace
 
 import optuna
@@ -23,12 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import _CachedStorage
-from optuna.storages._heartbeat import (
-    BaseHeartbeat,
-    HeartbeatThread,
-    get_heartbeat_thread,
-    is_heartbeat_enabled,
-)
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 # System attributes RetryHeartbeatStaleTrialCallback writes on a retry. Its public readers
@@ -62,17 +54,9 @@ def claim_waiting_trial(
             return None
         # The storage compares and sets: False when another worker claimed it first.
         if study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-            if trials is None:
-                return optuna.Trial(study, waiting._trial_id)
-            with sampling_from(study, trials):
-                trial = optuna.Trial(study, waiting._trial_id)
-                # Optuna samples at the first suggestion, reading the study then: here, from
-                # the trials the caller just read (a constant liar's running trials included).
-                # Where the sampler fails, the first suggestion samples again and the trial
-                # fails of it, as it would have without this.
-                with suppress(Exception):
-                    trial.relative_params  # noqa: B018
-                return trial
+            if trials is not None:
+                sample_from(study, trials)
+            return optuna.Trial(study, waiting._trial_id)
     except UpdateFinishedTrialError:
         pass
     return None
@@ -120,64 +104,24 @@ class StateQuery:
         return state
 
 
-@contextmanager
-def sampling_from(study: optuna.Study, trials: list[FrozenTrial]) -> Iterator[None]:
-    """While the block starts a trial and samples its relative params, the sampler reads
-    these trials, not the study; until the next tell, its cached reads take them too.
+def sample_from(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Have the sampler read these trials, until the next tell, where it reads the study's
+    trials through its cache (with a constant liar, TPE still reads the running ones itself,
+    at the trial's first suggestion: under its heartbeat, which a sampling at the claim is
+    not; docs/BENCHMARKS.md, "Exactly N at bare Optuna's speed").
 
-    Missing API: a sampler reads the trials through Study._get_trials, whose per-thread cache
-    `tell` drops and which TPE with a constant liar bypasses (use_cache=False) for the running
-    trials; nothing public hands it trials read just before.
+    Missing API: a sampler reads the trials through Study._get_trials's cache, per thread,
+    which `ask` empties and `tell` drops; nothing public hands it trials read just before.
     """
     study._thread_local.cached_all_trials = trials
-    read = study._get_trials
-    study._get_trials = functools.partial(_cached_read, read)
-    try:
-        yield
-    finally:
-        del study._get_trials  # the class's method again
-
-
-def _cached_read(
-    read: Callable[..., list[FrozenTrial]],
-    deepcopy: bool = True,
-    states: Container[TrialState] | None = None,
-    use_cache: bool = False,
-) -> list[FrozenTrial]:
-    return read(deepcopy, states, use_cache=True)
 
 
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:
-    """Send the trial's heartbeats while the block runs (a no-op without heartbeats). Where
-    the claim sent one (storage/_retry.py, CLAIM_BEAT), the first is due one interval after
-    it; Optuna's thread beats at once, four statements more a trial.
+    """Send the trial's heartbeats while the block runs (a no-op without heartbeats).
 
     Missing API: Optuna starts this thread only inside `study.optimize`.
     """
-    thread = get_heartbeat_thread(trial._trial_id, study._storage)
-    claimed, beaten_at = getattr(_uncached(study._storage), CLAIM_BEAT, None) or (None, 0.0)
-    if claimed == trial._trial_id and isinstance(thread, HeartbeatThread):
-        thread._record_heartbeat = functools.partial(_beat_from, beaten_at)
-    return thread
-
-
-# Where a storage keeps its latest claim's beat: (trial id, when by time.monotonic).
-CLAIM_BEAT = "claim_beat"
-
-
-def _beat_from(
-    last_beat: float, trial_id: int, heartbeat: BaseHeartbeat, stop_event: Event
-) -> None:
-    """HeartbeatThread's loop, its first beat one interval after `last_beat` (at once where
-    that is past: a claim slow to start its trial must not go stale)."""
-    interval = heartbeat.get_heartbeat_interval()
-    first = last_beat + interval - time.monotonic()
-    if first > 0 and stop_event.wait(timeout=first):
-        return
-    while True:
-        heartbeat.record_heartbeat(trial_id)
-        if stop_event.wait(timeout=interval):
-            return
+    return get_heartbeat_thread(trial._trial_id, study._storage)
 
 
 def has_heartbeat(study: optuna.Study) -> bool:

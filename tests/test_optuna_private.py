@@ -54,23 +54,9 @@ def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_pat
     seen = study.get_trials(deepcopy=False)
     claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
     assert claimed is not None and study._thread_local.cached_all_trials is seen
-    assert claimed._relative_params is not None  # sampled at the claim, from `seen`
     assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
     study.tell(claimed, 1.0)
     assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
-
-
-def test_while_a_trial_starts_even_an_uncached_read_takes_the_handed_trials(
-    tmp_path: Path,
-) -> None:
-    """TPE with a constant liar reads the running trials with use_cache=False."""
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
-    seen = study.get_trials(deepcopy=False)
-    study.ask()  # running, and not in `seen`
-    with optuna_private.sampling_from(study, seen):
-        assert study._get_trials(deepcopy=False, use_cache=False) is seen
-    assert len(study._get_trials(deepcopy=False, use_cache=False)) == 1  # the study's again
-    assert "_get_trials" not in vars(study)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -90,36 +76,6 @@ def test_a_tickets_state_is_read_in_one_statement(tmp_path: Path, kind: str) -> 
     assert len(selects) == (1 if kind == "sqlite" else 0)  # a journal is read in memory
     study.ask()
     assert optuna_private.trial_state(study._storage, waiting._trial_id) == TrialState.RUNNING
-
-
-@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
-def test_a_claimed_trials_heartbeats_go_on_from_its_claims_beat(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The claim sent one (storage/_retry.py): the trial's thread sends its first one interval
-    after that one, not at once; a trial not claimed so (ask) gets Optuna's at once; a claim
-    slow to start its trial gets one at once too (no gap past an interval)."""
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    storage = open_storage(url, HeartbeatPolicy(60), retry=RetryPolicy(say=lambda _: None))
-    study = optuna.create_study(storage=storage)
-    beats: list[int] = []
-    monkeypatch.setattr(study._storage, "record_heartbeat", beats.append)
-    study.enqueue_trial({})
-    claimed = optuna_private.claim_waiting_trial(study, study.get_trials()[0])
-    with optuna_private.heartbeat(study, claimed):
-        pass
-    assert beats == []
-    asked = study.ask()
-    with optuna_private.heartbeat(study, asked):
-        pass
-    assert beats == [asked._trial_id]
-    study.enqueue_trial({})
-    late = optuna_private.claim_waiting_trial(study, study.get_trials()[-1])
-    trial_id, beaten_at = storage.claim_beat
-    storage.claim_beat = (trial_id, beaten_at - 60)  # as if the trial started 60 s on
-    with optuna_private.heartbeat(study, late):
-        pass
-    assert beats == [asked._trial_id, late._trial_id]
 
 
 def go_stale(study: optuna.Study) -> optuna.Trial:
@@ -299,21 +255,3 @@ def test_hyperband_builds_each_brackets_study_by_one_method() -> None:
     bracket = pruner._create_bracket_study(study, pruner._get_bracket_id(study, failed))
     assert [t.number for t in bracket.get_trials(deepcopy=False)] == [1]  # the retry
     assert bracket.direction == study.direction and bracket._storage is study._storage
-
-
-def test_a_sampler_failing_at_the_claim_fails_the_trial_not_the_claim(tmp_path: Path) -> None:
-    """Sampled at the claim, a sampler's error is met again at the first suggestion, inside
-    the objective, where it fails the trial (before: it would stop the worker's claim)."""
-
-    class Failing(optuna.samplers.RandomSampler):
-        def sample_relative(self, study: object, trial: object, space: object) -> dict:
-            raise RuntimeError("sampler broke")
-
-    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}")
-    study = optuna.create_study(storage=storage, sampler=Failing())
-    study.enqueue_trial({})
-    seen = study.get_trials(deepcopy=False)
-    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
-    assert claimed is not None
-    with pytest.raises(RuntimeError, match="sampler broke"):
-        claimed.suggest_float("x", 0.0, 1.0)
