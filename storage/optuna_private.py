@@ -8,10 +8,11 @@ that moves one fails there first, by name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Container, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,14 +107,43 @@ class StateQuery:
 
 def sample_from(study: optuna.Study, trials: list[FrozenTrial]) -> None:
     """Have the sampler read these trials, until the next tell, where it reads the study's
-    trials through its cache (with a constant liar, TPE still reads the running ones itself,
-    at the trial's first suggestion: under its heartbeat, which a sampling at the claim is
-    not; docs/BENCHMARKS.md, "Exactly N at bare Optuna's speed").
+    trials through its cache; sample_relative_params has it read them where it would not.
 
     Missing API: a sampler reads the trials through Study._get_trials's cache, per thread,
     which `ask` empties and `tell` drops; nothing public hands it trials read just before.
     """
     study._thread_local.cached_all_trials = trials
+
+
+def sample_relative_params(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Sample the trial's relative params now, from the trials handed over by sample_from.
+    Optuna samples them at the first suggestion, and with a constant liar TPE then reads every
+    unfinished trial again, past the cache (7 statements and the running trials' rows;
+    docs/BENCHMARKS.md, "Exactly N at bare Optuna's speed"). Call it under the trial's
+    heartbeat: the sampler writes the params it drew, for the other workers' liars.
+    Where the sampler fails, the first suggestion samples again and the trial fails of it.
+
+    Missing API: TPE reads the running trials with use_cache=False, and the relative params
+    are sampled only by the property that the first suggestion reads.
+    """
+    handed = study._thread_local.cached_all_trials
+    if handed is None:
+        return
+    study._get_trials = functools.partial(_cached_read, study._get_trials)
+    try:
+        with suppress(Exception):
+            trial.relative_params  # noqa: B018
+    finally:
+        del study._get_trials  # the class's method again
+
+
+def _cached_read(
+    read: Callable[..., list[FrozenTrial]],
+    deepcopy: bool = True,
+    states: Container[TrialState] | None = None,
+    use_cache: bool = False,
+) -> list[FrozenTrial]:
+    return read(deepcopy, states, use_cache=True)
 
 
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> AbstractContextManager:

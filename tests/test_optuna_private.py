@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import TrialState
 
 from search.rules.study import fail_stale_trials
+from search.training.worker import run_trial
 from storage import HeartbeatPolicy, RetryPolicy, open_storage, optuna_private
 from storage import has_heartbeat as has_heartbeat_url
 from storage.optuna_private import RDB_CACHE_CALLS, STALE_TRIAL_IDS, Heartbeat
@@ -57,6 +59,73 @@ def test_the_sampler_starts_a_claimed_trial_from_the_trials_handed_to_it(tmp_pat
     assert study._get_trials(deepcopy=False, use_cache=True) is seen  # what samplers read
     study.tell(claimed, 1.0)
     assert study._thread_local.cached_all_trials is None  # the next trial reads afresh
+
+
+class ReadingSampler(optuna.samplers.RandomSampler):
+    """Reads the study's running trials as TPE with a constant liar does (use_cache=False),
+    keeps what it got, and waits, up to 10 s, for `beat` where one is given."""
+
+    def __init__(self, beat: threading.Event | None = None, fail: bool = False) -> None:
+        super().__init__(seed=0)
+        self.beat, self.fail, self.read, self.beaten = beat, fail, [], []
+
+    def infer_relative_search_space(self, study: object, trial: object) -> dict:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: object, space: object) -> dict:
+        if self.fail:
+            raise RuntimeError("sampler broke")
+        self.read.append(study._get_trials(deepcopy=False, use_cache=False))
+        if self.beat is not None:
+            self.beaten.append(self.beat.wait(timeout=10))
+        return {}
+
+
+def test_relative_params_are_sampled_from_the_handed_trials(tmp_path: Path) -> None:
+    """Even TPE's uncached read of the running trials takes the trials the claim handed."""
+    sampler = ReadingSampler()
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), sampler=sampler
+    )
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    optuna_private.sample_relative_params(study, claimed)
+    assert sampler.read == [seen] and sampler.read[0] is seen
+    assert claimed.relative_params == {} and len(sampler.read) == 1  # sampled once, not again
+    assert "_get_trials" not in vars(study)  # the class's method again
+    assert len(study._get_trials(deepcopy=False, use_cache=False)) == 1  # the study's own read
+
+
+def test_a_sampler_failing_at_the_start_fails_the_trial_at_its_first_suggestion(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(storage=storage, sampler=ReadingSampler(fail=True))
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    optuna_private.sample_relative_params(study, claimed)  # not here: the objective's error
+    assert "_get_trials" not in vars(study)
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        claimed.suggest_float("x", 0.0, 1.0)
+
+
+@pytest.mark.filterwarnings(HEARTBEAT_OUTSIDE_OPTIMIZE)
+def test_a_claimed_trial_is_sampled_under_its_heartbeat(tmp_path: Path) -> None:
+    """The sampler writes the params it drew: under random resets those writes' retries can
+    outlast the grace, so they run with the trial's heartbeat thread already beating (sampled
+    before it, a trial was failed as stale in test_faults_study)."""
+    beat = threading.Event()
+    sampler = ReadingSampler(beat)
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(60))
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    study._storage.record_heartbeat = lambda trial_id: beat.set()  # the thread's, not the claim's
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    finished = run_trial(study, claimed, lambda trial: 0.5)
+    assert finished.state == TrialState.COMPLETE and sampler.beaten == [True]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])

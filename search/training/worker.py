@@ -18,7 +18,13 @@ from search.rules.study import StudyView, claim_trial, owes_retry, read_at_bound
 from search.training.memory import device_out_of_memory, memory_note, release_trial_memory
 from search.training.stops import TrialInterrupted
 from storage import StorageUnavailable, queue_retry
-from storage.optuna_private import has_heartbeat, heartbeat, heartbeat_interval_s, mark_stopped
+from storage.optuna_private import (
+    has_heartbeat,
+    heartbeat,
+    heartbeat_interval_s,
+    mark_stopped,
+    sample_relative_params,
+)
 
 if TYPE_CHECKING:  # the loop itself needs no torch: only the objective that trains does
     from search.training.objective import TrialRunner
@@ -123,6 +129,7 @@ def run_trial(
     """
     try:
         with heartbeat(study, trial):
+            sample_relative_params(study, trial)
             return _run_and_tell(study, trial, runner)
     except UpdateFinishedTrialError:
         say(
