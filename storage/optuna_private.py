@@ -17,8 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
+from optuna.distributions import distribution_to_json
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import _CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
@@ -103,6 +105,81 @@ class StateQuery:
         if state is None:
             raise KeyError(f"no trial with id {trial_id}")
         return state
+
+
+class RetryInsert:
+    """An RDBStorage that inserts a retry in one statement per table. Optuna writes each of a
+    template's params and attributes through its update path (a read of the trial, a look for
+    an existing row, a check of the param's distribution against the study's, an insert): a
+    retry of a trained trial took 60 statements, each a chance for a flaky link to lose the
+    whole transaction, and it ran under the study row's lock (docs/BENCHMARKS.md). A retry's
+    params are its failed trial's, checked when that trial set them. Mixed into the RDBStorage
+    classes of storage/_open.py; any other template takes Optuna's path.
+
+    Missing API: a trial's insert (`_get_prepared_new_trial`), its session and the table
+    models are private.
+    """
+
+    def _get_prepared_new_trial(
+        self, study_id: int, template: FrozenTrial | None, session: object
+    ) -> object:
+        if template is None or RETRY_OF_KEY not in template.system_attrs:
+            return super()._get_prepared_new_trial(study_id, template, session)
+        from optuna.storages._rdb import models
+
+        trial = models.TrialModel(
+            study_id=study_id,
+            number=None,
+            state=template.state,
+            datetime_start=template.datetime_start,
+            datetime_complete=template.datetime_complete,
+        )
+        session.add(trial)
+        session.flush()  # the trial's id, which its rows name
+        for model, rows in _template_rows(models, trial.trial_id, template).items():
+            if rows:  # one statement a table (executemany)
+                session.execute(sqlalchemy.insert(model), rows)
+        trial.number = trial.count_past_trials(session)
+        return trial
+
+
+def _template_rows(models: object, trial_id: int, template: FrozenTrial) -> dict[type, list]:
+    """The rows Optuna's insert of `template` writes other than the trial's own, by table."""
+    values = [models.TrialValueModel.value_to_stored_repr(v) for v in template.values or []]
+    to_stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr
+    steps = [(step, *to_stored(value)) for step, value in template.intermediate_values.items()]
+    return {
+        models.TrialValueModel: [
+            {"trial_id": trial_id, "objective": i, "value": stored, "value_type": kind}
+            for i, (stored, kind) in enumerate(values)
+        ],
+        models.TrialParamModel: [
+            {
+                "trial_id": trial_id,
+                "param_name": name,
+                "param_value": template.distributions[name].to_internal_repr(value),
+                "distribution_json": distribution_to_json(template.distributions[name]),
+            }
+            for name, value in template.params.items()
+        ],
+        models.TrialUserAttributeModel: _attribute_rows(trial_id, template.user_attrs),
+        models.TrialSystemAttributeModel: _attribute_rows(trial_id, template.system_attrs),
+        models.TrialIntermediateValueModel: [
+            {
+                "trial_id": trial_id,
+                "step": step,
+                "intermediate_value": stored,
+                "intermediate_value_type": kind,
+            }
+            for step, stored, kind in steps
+        ],  # fmt: skip
+    }
+
+
+def _attribute_rows(trial_id: int, attributes: dict) -> list[dict]:
+    return [
+        {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attributes.items()
+    ]
 
 
 def sample_from(study: optuna.Study, trials: list[FrozenTrial]) -> None:

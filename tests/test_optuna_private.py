@@ -3,6 +3,7 @@ upgrade that moves one fails this file first, by name (storage/optuna_private.py
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import threading
@@ -19,6 +20,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, _Cache
 from optuna.storages._heartbeat import BaseHeartbeat as OptunaBaseHeartbeat
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # noqa: F401
 from optuna.trial import TrialState
+from servers import server_url
 
 from search.rules.study import fail_stale_trials
 from search.training.worker import run_trial
@@ -126,6 +128,49 @@ def test_a_claimed_trial_is_sampled_under_its_heartbeat(tmp_path: Path) -> None:
     claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
     finished = run_trial(study, claimed, lambda trial: 0.5)
     assert finished.state == TrialState.COMPLETE and sampler.beaten == [True]
+
+
+def a_trained_failed_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    trial = study.ask()
+    for i in range(8):
+        trial.suggest_float(f"p{i}", 1e-4, 1.0, log=i % 2 == 0)
+    trial.suggest_categorical("c", ["a", "b"])
+    for key in ("architecture", "config", "epochs", "checkpoint", "device", "host", "worker"):
+        trial.set_user_attr(key, {"epochs": [1, 2, 3]} if key == "epochs" else key)
+    trial.report(2.3, 1)
+    trial.report(float("inf"), 2)
+    return study.tell(trial, state=TrialState.FAIL)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("server", ["sqlite", "postgresql", "mysql"])
+def test_a_retry_is_inserted_in_a_few_statements_as_optuna_would(
+    tmp_path: Path, server: str
+) -> None:
+    """Optuna's insert writes each param and attribute in three or four statements (here 60),
+    each a chance for a flaky link to lose the whole transaction (test_faults_study's random
+    resets took minutes to queue one retry). The rows are those Optuna's insert writes."""
+    url = f"sqlite:///{tmp_path / 'o.db'}" if server == "sqlite" else server_url(server)
+    study = optuna.create_study(storage=open_storage(url))
+    failed = a_trained_failed_trial(study)
+    plain = optuna.create_study(
+        storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'p.db'}")
+    )
+    statements = []
+    sqlalchemy.event.listen(
+        study._storage._backend.engine, "before_cursor_execute",
+        lambda *args: statements.append(args[2]),
+    )  # fmt: skip
+    for into in (study, plain):
+        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(
+            into, copy.deepcopy(failed)
+        )
+    assert len(statements) <= 12, statements
+    ours, optunas = study.get_trials()[-1], plain.get_trials()[-1]
+    for field in ("state", "params", "distributions", "user_attrs", "system_attrs", "values"):
+        assert getattr(ours, field) == getattr(optunas, field), field
+    assert ours.intermediate_values == optunas.intermediate_values == {1: 2.3, 2: float("inf")}
+    assert ours.number == 1 and optuna_private.retry_of(ours) == failed.number
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
