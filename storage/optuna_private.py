@@ -111,7 +111,7 @@ class RetryInsert:
     """An RDBStorage that inserts a retry in one statement per table. Optuna writes each of a
     template's params and attributes through its update path (a read of the trial, a look for
     an existing row, a check of the param's distribution against the study's, an insert): a
-    retry of a trained trial took 60 statements, each a chance for a flaky link to lose the
+    retry of a trained trial took 56 statements, each a chance for a flaky link to lose the
     whole transaction, and it ran under the study row's lock (docs/BENCHMARKS.md). A retry's
     params are its failed trial's, checked when that trial set them. Mixed into the RDBStorage
     classes of storage/_open.py; any other template takes Optuna's path.
@@ -172,7 +172,7 @@ def _template_rows(models: object, trial_id: int, template: FrozenTrial) -> dict
                 "intermediate_value_type": kind,
             }
             for step, stored, kind in steps
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -203,8 +203,7 @@ def sample_relative_params(study: optuna.Study, trial: optuna.Trial) -> None:
     Missing API: TPE reads the running trials with use_cache=False, and the relative params
     are sampled only by the property that the first suggestion reads.
     """
-    handed = study._thread_local.cached_all_trials
-    if handed is None:
+    if study._thread_local.cached_all_trials is None:  # nothing handed over
         return
     study._get_trials = functools.partial(_cached_read, study._get_trials)
     try:
