@@ -117,7 +117,7 @@ def test_a_sampler_failing_at_the_start_fails_the_trial_at_its_first_suggestion(
 def test_a_claimed_trial_is_sampled_under_its_heartbeat(tmp_path: Path) -> None:
     """The sampler writes the params it drew: under random resets those writes' retries can
     outlast the grace, so they run with the trial's heartbeat thread already beating (sampled
-    before it, a trial was failed as stale in test_faults_study)."""
+    at the claim, before it, they ran with none: reverted at stop 34)."""
     beat = threading.Event()
     sampler = ReadingSampler(beat)
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", HeartbeatPolicy(60))
@@ -147,7 +147,7 @@ def a_trained_failed_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 def test_a_retry_is_inserted_in_a_few_statements_as_optuna_would(
     tmp_path: Path, server: str
 ) -> None:
-    """Optuna's insert writes each param and attribute in three or four statements (here 60),
+    """Optuna's insert writes each param and attribute in three or four statements (56 here),
     each a chance for a flaky link to lose the whole transaction (test_faults_study's random
     resets took minutes to queue one retry). The rows are those Optuna's insert writes."""
     url = f"sqlite:///{tmp_path / 'o.db'}" if server == "sqlite" else server_url(server)
