@@ -479,6 +479,17 @@ class _OneMemberPerChain:
     def get_trials(self, deepcopy: bool = True, states: Container | None = None) -> list:
         return one_per_chain(self._bracket.get_trials(deepcopy=deepcopy, states=states))
 
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container | None = None, use_cache: bool = False
+    ) -> list:
+        """The samplers' read, through the study's own: its per-thread cache, and the trials a
+        claim handed over (sample_from). Optuna builds a bracket study at every suggestion, each
+        with an empty cache, and its `_get_trials` is the whole study's, unfiltered, anyway.
+
+        Missing API: samplers read `_get_trials` of the study the pruner's filter hands them.
+        """
+        return self._bracket._study._get_trials(deepcopy, states, use_cache=use_cache)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._bracket, name)
 

@@ -369,3 +369,61 @@ def test_hyperband_builds_each_brackets_study_by_one_method() -> None:
     bracket = pruner._create_bracket_study(study, pruner._get_bracket_id(study, failed))
     assert [t.number for t in bracket.get_trials(deepcopy=False)] == [1]  # the retry
     assert bracket.direction == study.direction and bracket._storage is study._storage
+
+
+def test_under_hyperband_the_sampler_reads_the_handed_trials(tmp_path: Path) -> None:
+    """The default pruner's bracket study reads through the study: the claim's view and the
+    study's cache reach the sampler, as without a pruner (BENCHMARKS' saving holds there)."""
+    sampler = ReadingSampler()
+    pruner = optuna_private.OriginalTrialHyperband(min_resource=1, max_resource=9)
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), sampler=sampler, pruner=pruner
+    )
+    study.enqueue_trial({})
+    seen = study.get_trials(deepcopy=False)
+    claimed = optuna_private.claim_waiting_trial(study, seen[0], seen)
+    optuna_private.sample_relative_params(study, claimed)
+    assert sampler.read == [seen] and sampler.read[0] is seen
+
+
+class CountingReads:
+    """Counts the storage's whole-study reads (get_all_trials)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.count, read = 0, study._storage.get_all_trials
+
+        def counted(*args: object, **kwargs: object) -> list:
+            self.count += 1
+            return read(*args, **kwargs)
+
+        study._storage.get_all_trials = counted
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_under_hyperband_a_trials_suggestions_read_the_study_as_often_as_without(
+    tmp_path: Path,
+) -> None:
+    """TPE's independent suggestions read through the study's per-thread cache: under
+    Hyperband each one read the whole study again (a fresh bracket study, an empty cache)."""
+    reads = {}
+    for name, pruner in (
+        ("none", optuna.pruners.NopPruner()),
+        ("hyperband", optuna_private.OriginalTrialHyperband(min_resource=1, max_resource=9)),
+    ):
+        sampler = optuna.samplers.TPESampler(
+            seed=0, multivariate=True, group=True, constant_liar=True, n_startup_trials=2
+        )
+        storage = open_storage(f"sqlite:///{tmp_path / name}.db")
+        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner)
+        for _ in range(4):
+            trial = study.ask()
+            branch = trial.suggest_categorical("branch", ["a", "b"])
+            for i in range(6):  # conditional: sampled independently on a branch's first draws
+                trial.suggest_float(f"{branch}{i}", 0.0, 1.0)
+            study.tell(trial, trial.number % 3)
+        counting = CountingReads(study)
+        trial = study.ask()
+        for i in range(6):
+            trial.suggest_float(f"new{i}", 0.0, 1.0)  # in no group yet: independent
+        reads[name] = counting.count
+    assert reads["hyperband"] == reads["none"], reads
