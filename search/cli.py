@@ -33,7 +33,11 @@ from search.commands.fleet import WorkerOptions
 from search.commands.launch import StudyRequest, create_study, join_search, start_search
 from search.commands.progress import SearchProgress
 from search.commands.status import studies_table, study_status
-from search.rules.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
+from search.rules.artifacts import (
+    DEFAULT_CHECKPOINT_INTERVAL_S,
+    ArtifactDirError,
+    check_artifact_dir,
+)
 from search.rules.artifacts import artifact_dir as resolve_artifact_dir
 from search.rules.config import (
     COMPILE_MODES,
@@ -78,6 +82,7 @@ USER_ERRORS = (
     ModelConfigError,
     DatasetMissingError,
     GpuSpecError,
+    ArtifactDirError,
 )
 
 
@@ -412,6 +417,7 @@ def train(
         # A bad file or URL is refused before the training plane (torch) loads.
         load_config_file(config)
         backend_of(storage)
+        check_artifact_dir(resolve_artifact_dir(artifact_dir, storage))
         from search.commands.train import FinalRequest, run_final
 
         request = FinalRequest(

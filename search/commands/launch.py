@@ -18,6 +18,7 @@ import optuna
 
 from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
 from search.commands.progress import SearchProgress, best_summary
+from search.rules.artifacts import artifact_dir, check_artifact_dir
 from search.rules.cost import GpuProbe, cost_lines
 from search.rules.faults import record_machine_fault
 from search.rules.settings import StudySettings
@@ -96,6 +97,7 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
     check_study_name(request.study)
+    check_artifact_dir(artifact_dir(options.artifact_dir, request.storage))
     retry = startup_retry(options, progress)
     try:
         dataset_folder(planned_settings(request, retry).dataset, options.data_dir)
@@ -110,6 +112,7 @@ def join_search(
     study_name: str, storage_url: str, options: WorkerOptions, progress: SearchProgress
 ) -> int:
     """`hpo worker`: run this machine's workers on an existing study."""
+    check_artifact_dir(artifact_dir(options.artifact_dir, storage_url))
     retry = startup_retry(options, progress)
     try:
         settings = stored_settings(study_name, storage_url, retry)
@@ -288,7 +291,6 @@ def training_runner(
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
     from data.dataset import load_dataset
     from data.loader import search_data
-    from search.rules.artifacts import artifact_dir
     from search.training.checkpoints import CheckpointStore
     from search.training.compile_policy import share_compile_caches
     from search.training.objective import TrialRunner
