@@ -7,6 +7,7 @@ import json
 import math
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -40,7 +41,7 @@ from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import StepArgs, TrialConfig
 from search.rules.settings import StudySettings
-from search.rules.space import config_from_params, report_params_in, sample_config
+from search.rules.space import LEVERS_OFF, config_from_params, report_params_in, sample_config
 from search.rules.study import create_or_join, load_settings
 from search.training.final import train_seeds
 from storage import open_storage
@@ -283,24 +284,132 @@ def test_the_report_entry_is_its_trials_export_trained_once(tmp_path: Path) -> N
     [
         ({"batch_size": [512]}, "batch_size 256 -> 512"),
         ({"kernel_size": [5]}, "kernel_size 3 -> 5"),
-        ({"schedulers": ["onecycle"]}, "scheduler plateau -> onecycle"),
-        ({"schedulers": ["step", "constant"]}, "scheduler plateau -> step"),
+        ({"schedulers": ["onecycle"]}, "scheduler plateau (factor 0.1, patience 45) -> onecycle"),
+        ({"schedulers": ["step", "constant"]}, "-> step (step_size 45, gamma 0.1)"),
     ],
 )
 def test_the_report_is_fitted_to_any_space_and_the_note_names_each_change(
     override: dict, fitted: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(override))  # the default space but for one key
-    settings = StudySettings.for_space(str(path), epochs=20, dataset="synthetic")
+    settings = _yaml_space_settings(tmp_path, override)  # the default space but for one key
     space = settings.search_space()
-    cfg = config_from_params(report_params_in(space), space, 20)
+    cfg = _report_entry_alone(tmp_path, settings).cfg
     assert cfg.train.batch_size in space.batch_size and cfg.model.kernel_size in space.kernel_size
     assert cfg.train.scheduler in space.schedulers
     assert cfg.model.channels == REPORT_TABLE1.channels  # the report's network, as published
-    entry = Entry("report", None, cfg.with_epochs(90))
-    note = report_scaling(settings, entry)
+    note = report_scaling(settings, Entry("report", None, cfg))
     assert fitted in note and note.count(" -> ") == 1, note
     if "step" in fitted:  # the plateau's own numbers: a cut by its factor every patience
-        assert cfg.train.schedule == StepArgs(step_size=10, gamma=0.1)
-        assert "step_size 10" in note and "without plateau_patience" in note
+        assert cfg.with_epochs(20).train.schedule == StepArgs(step_size=10, gamma=0.1)
+
+
+def _yaml_space_settings(folder: Path, override: dict, base: str = "default") -> StudySettings:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": base, **override}))
+    return StudySettings.for_space(str(path), epochs=20, dataset="synthetic")
+
+
+def _report_entry_alone(folder: Path, settings: StudySettings) -> Entry:
+    """The report's entry as `hpo compare` makes it, in a study of `settings` without its
+    trial (the report's run is no trial of a YAML space)."""
+    url = f"sqlite:///{folder / 'alone.db'}"
+    storage = open_storage(url)
+    create_or_join(storage, "alone", settings, 2)
+    study = optuna.load_study(study_name="alone", storage=storage)
+    return report_entry(study, url, settings, 90)
+
+
+def _assert_the_reports_recipe(cfg: TrialConfig) -> None:
+    """AdamW at the report's LR, no smoothing, no average, no cutout, no mixing, no TTA."""
+    train, augment = cfg.train, cfg.augment
+    assert (train.optimizer, train.lr, train.label_smoothing, train.ema_decay) == (
+        "adamw",
+        1e-3,
+        0.0,
+        0.0,
+    )
+    assert (augment.cutout_size, augment.mix, augment.tta) == (0, "none", "none")
+
+
+# Each space fixes a lever on, or offers only its "on" side: the report's entry is still the
+# report's recipe, and the note names only what differs from the published run.
+FIXED_LEVERS = {
+    "smoothing and flip views (tiny)": (
+        "tiny",
+        {"label_smoothing": [0.1, 0.1], "tta": ["flip"]},
+        "widths 128, 256, 512, 1028",
+    ),
+    "only SGD": ("default", {"optimizers": ["sgd"]}, None),
+    "only weight averaging": ("default", {"weight_averaging": [True]}, None),
+    "only cutout": ("default", {"cutout": [True]}, None),
+    "only mixup": ("default", {"mixes": ["mixup"]}, None),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+@pytest.mark.parametrize("case", FIXED_LEVERS, ids=list(FIXED_LEVERS))
+def test_the_report_entry_is_the_reports_recipe_whatever_the_space_fixes(
+    case: str, tmp_path: Path
+) -> None:
+    base, override, fitted = FIXED_LEVERS[case]
+    settings = _yaml_space_settings(tmp_path, override, base)
+    report = _report_entry_alone(tmp_path, settings)
+    _assert_the_reports_recipe(report.cfg)
+    note = report_scaling(settings, report)
+    assert "without" not in note, note
+    for lever in ("label_smoothing", "tta", "optimizer", "ema_decay", "cutout", "mix"):
+        assert lever not in note, note
+    if fitted is None:  # the default space's network, batch, kernel and plateau: exact
+        assert note.startswith("the report's Table 1/2 config exactly as published"), note
+    else:  # the tiny space's widths and augmentation, and nothing else
+        assert f"{fitted} -> 4, 4, 8, 16" in note and "fitted" in note, note
+        assert "crop_padding 4 -> 2" in note and "rotation_degrees 5.0 -> 0.0" in note, note
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+def test_an_old_studys_report_trial_is_called_exact(tmp_path: Path) -> None:
+    """A study stored before the recipe levers: its space has none, its first trial ran the
+    published run, and the note calls it that."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    storage = open_storage(url)
+    new = StudySettings.for_space(epochs=4, dataset="synthetic")
+    levers = {*LEVERS_OFF, "sgd_lr", "momentum", "ema_decay", "cutout_size", "cutout_prob"}
+    old_space = {k: v for k, v in new.space.items() if k not in levers | {"mix_alpha", "mix_prob"}}
+    settings = replace(new, space=old_space)
+    create_or_join(storage, "old", settings, 2)
+    study = optuna.load_study(study_name="old", storage=storage)
+    assert _tell(study, settings, 0.5, [1e-3] * 4) == 0
+    assert "optimizer" not in study.trials[0].params  # an old space draws no lever
+    report = report_entry(study, url, settings, 90)
+    assert report.trial == 0
+    _assert_the_reports_recipe(report.cfg)
+    note = report_scaling(settings, report)
+    assert note.startswith("the report's Table 1/2 config exactly as published"), note
+    assert "fitted" not in note and "without" not in note, note
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
+def test_hpo_compare_trains_the_reports_recipe_in_a_space_with_levers_fixed_on(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = _yaml_space_settings(
+        tmp_path, {"label_smoothing": [0.1, 0.1], "tta": ["flip"]}, base="tiny"
+    )
+    url = hpo_env["HPO_STORAGE"]
+    storage = open_storage(url)
+    create_or_join(storage, "fixed", settings, 1)
+    study = optuna.load_study(study_name="fixed", storage=storage)
+    _tell(study, replace(settings, epochs=1), 0.5, [1e-2])
+    done = run_hpo(
+        "compare", "--study", "fixed", "--seeds", "1", "--epochs", "1",
+        env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "runs" / "compare"
+    trained = json.loads((out / "report" / "metrics.json").read_text())["config"]
+    _assert_the_reports_recipe(TrialConfig.from_dict(trained))
+    best = json.loads((out / "trial-0" / "metrics.json").read_text())["config"]
+    assert (best["train"]["label_smoothing"], best["augment"]["tta"]) == (0.1, "flip")
+    note = json.loads((out / "compare.json").read_text())["report_config"]
+    assert "without" not in note and "label_smoothing" not in note and "tta" not in note, note

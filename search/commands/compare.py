@@ -12,7 +12,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
 from search.rules.settings import StudySettings
 from search.rules.space import (
+    DEFAULT_SPACE,
+    LEVERS_OFF,
+    SearchSpace,
     config_from_params,
     report_params_in,
     report_table1_params,
@@ -151,52 +154,93 @@ def report_entry(
 ) -> Entry:
     """The report's Table 1/2 config by the top trials' rule: where the study holds a complete
     trial of it (trial 0 of the default space), that trial as `hpo best` exports it; elsewhere
-    the config as a trial of this study would run it, scaled to `epochs` the same way."""
-    space = settings.search_space()
-    params = report_params_in(space)
-    trial = report_trial(study, params)
+    the config as a trial of this study's length, scaled to `epochs` the same way."""
+    cfg = report_config(settings.search_space(), settings.epochs)
+    trial = report_trial(study, cfg)
     if trial is not None:
         document = best_document(study, storage_url, trial)
         cfg = TrialConfig.from_dict(document).with_epochs(epochs)
         return Entry(REPORT, trial.number, cfg, trial.value)
-    cfg = config_from_params(params, space, settings.epochs).with_epochs(epochs)
-    return Entry(REPORT, None, cfg)
+    return Entry(REPORT, None, cfg.with_epochs(epochs))
 
 
-def report_trial(study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
-    """The first complete trial that ran the report's parameters (its first trial, or a retry)."""
+def report_config(space: SearchSpace, epochs: int) -> TrialConfig:
+    """The report's recipe (AdamW, no smoothing, no weight average, no cutout, no mixing, no
+    test-time views, its plateau or the nearest stand-in) on the report's network fitted to
+    `space`. Drawn in the space with every lever off, whatever `space` fixes them to: a space
+    offering only SGD, or smoothing fixed at 0.1, cannot express the report's run."""
+    recipe_off = replace(space, **{name: tuple(off) for name, off in LEVERS_OFF.items()})
+    return config_from_params(report_params_in(recipe_off), recipe_off, epochs)
+
+
+def published_config(epochs: int) -> TrialConfig:
+    """The report's run itself, as a trial of the default space of `epochs` makes it."""
+    return config_from_params(report_table1_params(), DEFAULT_SPACE, epochs)
+
+
+def report_trial(study: optuna.Study, cfg: TrialConfig) -> FrozenTrial | None:
+    """The first complete trial that ran `cfg` (the study's first trial, or a retry)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return next((t for t in trials if t.params == params), None)
+    return next((t for t in trials if _stored_config(t) == cfg), None)
+
+
+def _stored_config(trial: FrozenTrial) -> TrialConfig | None:
+    try:
+        return TrialConfig.from_dict(trial.user_attrs[attrs.CONFIG])
+    except (KeyError, ValueError):  # none stored, or one this version cannot read
+        return None
 
 
 def report_scaling(settings: StudySettings, report: Entry) -> str:
-    """How the report's config was fitted to the study's space and trained, in words."""
+    """How the report's config was fitted to the study's space and trained, in words: each
+    way it trains otherwise than the published run, and nothing else."""
     source = _report_source(settings, report)
-    exact, fitted = report_table1_params(), report_params_in(settings.search_space())
-    changed = [name for name in exact if name in fitted and fitted[name] != exact[name]]
-    if not changed and fitted.keys() == exact.keys():
-        return f"the report's Table 1/2 config as published ({source})"
-    widths = [name for name in changed if name.startswith("width_")]
-    parts = [f"{name} {exact[name]} -> {fitted[name]}" for name in changed if name not in widths]
-    if widths:
-        before = ", ".join(str(exact[name]) for name in widths)
-        after = ", ".join(str(fitted[name]) for name in widths)
-        parts.insert(0, f"widths {before} -> {after}")
-    parts += [f"without {name}" for name in exact if name not in fitted]
-    parts += [f"{name} {fitted[name]}" for name in fitted if name not in exact]
+    published = published_config(settings.epochs).with_epochs(report.cfg.train.epochs)
+    changes = config_changes(published, report.cfg)
+    if not changes:
+        return f"the report's Table 1/2 config exactly as published ({source})"
     return (
         f"the report's Table 1/2 config fitted to the study's `{settings.space_name}` space "
-        f"({'; '.join(parts)}); depth, K, dropout and the rest of the recipe as published; "
-        f"{source}"
+        f"({'; '.join(changes)}); everything else as published; {source}"
     )
+
+
+def config_changes(published: TrialConfig, fitted: TrialConfig) -> list[str]:
+    """Each field `fitted` trains with otherwise than `published`, as `name old -> new`. The LR
+    trace a trial's export carries is left out: it replays the schedule named."""
+    old, new = published.to_dict(), fitted.to_dict()
+    changes = []
+    if old["model"]["channels"] != new["model"]["channels"]:
+        before, after = (_widths(c.model.channels) for c in (published, fitted))
+        changes.append(f"widths {before} -> {after}")
+    schedules = [_schedule(c) for c in (published, fitted)]
+    if schedules[0] != schedules[1]:
+        changes.append(f"scheduler {schedules[0]} -> {schedules[1]}")
+    skip = {"channels", "scheduler", "scheduler_args", "lr_by_epoch"}
+    for section, fields in new.items():
+        changes += [
+            f"{name} {old[section][name]} -> {value}"
+            for name, value in fields.items()
+            if name not in skip and old[section][name] != value
+        ]
+    return changes
+
+
+def _widths(channels: list[list[int]]) -> str:
+    return ", ".join(str(width) for chain in channels for width in chain[1:])
+
+
+def _schedule(cfg: TrialConfig) -> str:
+    args = ", ".join(f"{name} {value}" for name, value in cfg.train.scheduler_args.items())
+    return f"{cfg.train.scheduler} ({args})" if args else cfg.train.scheduler
 
 
 def _report_source(settings: StudySettings, report: Entry) -> str:
     if report.trial is not None:
         return f"the study's trial {report.trial}, exported as `hpo best --trial` exports it"
     rule = (
-        f"not a trial of this study: its config as a {settings.epochs}-epoch trial of the study "
-        "would run it, scaled to the final run as the trials are"
+        f"not a trial of this study: its config over the study's {settings.epochs} trial "
+        "epochs, scaled to the final run as the trials are"
     )
     if report.cfg.train.scheduler == "plateau":
         rule += "; with no LR trace to replay, its plateau schedule watches the training loss"

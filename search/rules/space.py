@@ -458,7 +458,9 @@ def report_params_in(space: SearchSpace) -> dict[str, Any]:
     widest layer differs (the tiny space) every width is scaled by the ratio of the widest
     layers, rounded to the space's step (at least one step); a batch size or kernel the space
     does not offer becomes its nearest choice, and a schedule the nearest in
-    REPORT_SCHEDULE_STAND_INS; depth, K, dropout and the rest of the recipe stay the report's."""
+    REPORT_SCHEDULE_STAND_INS; depth, K, dropout and the LR stay the report's. The recipe
+    levers are levers_off(space): where `space` fixes one on, these are not the report's recipe
+    (`hpo compare` draws them in the space with its levers off: compare.report_config)."""
     exact = report_table1_params()
     params = {name: exact[name] for name in exact if name not in levers_off(DEFAULT_SPACE)}
     params.update(levers_off(space))
