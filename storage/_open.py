@@ -101,7 +101,7 @@ def open_storage(
 
     def attempt() -> optuna.storages.BaseStorage:
         if backend.startswith("journal"):
-            return _open_journal(url, backend, heartbeat, retry)
+            return _open_journal(url, backend, heartbeat, reader, retry)
         return _open_rdb(url, backend, heartbeat, reader, retry)
 
     try:
@@ -131,7 +131,11 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
 
 
 def _open_journal(
-    url: str, backend: str, heartbeat: HeartbeatPolicy | None, retry: RetryPolicy | None
+    url: str,
+    backend: str,
+    heartbeat: HeartbeatPolicy | None,
+    reader: bool,
+    retry: RetryPolicy | None,
 ) -> HeartbeatJournalStorage:
     log: BaseJournalBackend
     if backend == "journal-file":
@@ -140,9 +144,30 @@ def _open_journal(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             log = JournalRedisBackend(with_redis_timeouts(url))
+        if not reader:
+            _refuse_redis_replica(url)
     if retry is None:
         return HeartbeatJournalStorage(log, heartbeat)
     return RetryingHeartbeatJournalStorage(log, heartbeat, retry=retry)
+
+
+def _refuse_redis_replica(url: str) -> None:
+    """A replica answers every write READONLY for good; a primary a fail-over demoted does so
+    until it ends (waited out, storage/_retry.py). Only the role the server has when a writer
+    connects tells them apart: a URL naming a replica is the user's mistake."""
+    import redis  # the [redis] extra: only a redis URL needs it
+
+    with redis.Redis.from_url(with_redis_timeouts(url)) as client:
+        try:
+            role, *primary = client.execute_command("ROLE")
+        except redis.exceptions.ResponseError:  # ROLE not granted: the first write will tell
+            return
+    if role in (b"slave", "slave"):
+        host, port = (part.decode() if isinstance(part, bytes) else part for part in primary[:2])
+        raise StorageURLError(
+            f"storage {redact_url(url)!r} is a read-only replica (of {host}:{port}): "
+            "give the primary's URL"
+        )
 
 
 def _open_rdb(

@@ -247,19 +247,23 @@ def _mariadbd() -> str | None:
 
 
 class OwnRedis(OwnServer):
-    """redis-server with an append-only file, so the journal survives a stop and start."""
+    """redis-server with an append-only file, so the journal survives a stop and start;
+    with `replica_of`, a read-only replica of that server."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, replica_of: OwnRedis | None = None):
         super().__init__(folder)
         if shutil.which("redis-server") is None:
             _missing("redis-server")
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.replica_of = replica_of
 
     def start(self) -> None:
+        primary = ["--replicaof", "127.0.0.1", str(self.replica_of.port)] if self.replica_of else []
         subprocess.run(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--daemonize", "yes", "--logfile", str(self.folder / "log")],
+             "--daemonize", "yes", "--logfile", str(self.folder / "log"),
+             "--repl-diskless-sync-delay", "0", *primary],
             check=True, timeout=60,
         )  # fmt: skip
         self.wait_until_up()
