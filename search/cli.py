@@ -47,6 +47,7 @@ from search.rules.config import (
     ConfigError,
     load_config_file,
 )
+from search.rules.faults import EXIT_MACHINE_FAULT, FilesNotWritten
 from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
 from search.rules.settings import DEFAULT_SEED, SettingsConflict
 from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
@@ -125,11 +126,15 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def user_errors(*also: type[Exception]) -> Iterator[None]:
-    """USER_ERRORS, and `also`: those of a module only one command imports."""
+    """USER_ERRORS, and `also`: those of a module only one command imports. Files the disk
+    refused once the work was done are the machine's: one line, EXIT_MACHINE_FAULT."""
     try:
         yield
     except (*USER_ERRORS, *also) as err:
         fail(str(err))
+    except FilesNotWritten as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(EXIT_MACHINE_FAULT) from None
 
 
 StudyOption = Annotated[str, typer.Option(help="Study name.")]

@@ -25,6 +25,7 @@ from search.commands.tables import FittedTable
 from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
+from search.rules.faults import FilesNotWritten, machine_fault_line, write_or_say
 from search.rules.settings import StudySettings
 from search.rules.space import (
     DEFAULT_SPACE,
@@ -96,7 +97,12 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     # The training plane (torch) loads once the study is found: its table and a user's
     # mistakes need none.
     from data.dataset import load_dataset
-    from search.training.final import make_output_dir, seed_devices, train_seeds
+    from search.training.final import (
+        make_output_dir,
+        seed_devices,
+        train_seeds,
+        unwritten_files,
+    )
     from search.training.objective import describe_architecture
 
     make_output_dir(request.output_dir)
@@ -112,13 +118,38 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     runs = [(entry, trained[config_key(entry.cfg)]) for entry in entries]
     table = comparison(study.study_name, settings, epochs, seeds, runs)
     markdown = to_markdown(table)
-    (request.output_dir / FILES[0]).write_text(markdown)
-    (request.output_dir / FILES[1]).write_text(json.dumps(table, indent=2) + "\n")
+    # Shown first: a disk that refuses the files below loses none of the trainings' results.
     progress.console.print(compare_table(table))
     progress.say(explanation(table))
-    progress.say(f"wrote {', '.join(FILES)} in {request.output_dir}")
-    progress.say(_attach(request, settings, table, markdown))
+    written = _write_files(request.output_dir, table, markdown, progress.say)
+    progress.say(_attach(request, settings, table, markdown, written))
+    unwritten = [
+        *(f"{entry.folder}/{file}" for entry in training_plan(entries).values()
+          for file in unwritten_files(trained[config_key(entry.cfg)])),
+        *(file for file in FILES if file not in written),
+    ]  # fmt: skip
+    if unwritten:
+        raise FilesNotWritten(
+            f"{', '.join(unwritten)} not written in {request.output_dir} (the disk refused "
+            "them, as said above; the table above stands and is attached to the study)"
+        )
     return table
+
+
+def _write_files(
+    folder: Path, table: dict[str, Any], markdown: str, say: Callable[[str], None]
+) -> list[str]:
+    """compare.md and compare.json, each the machine's to refuse (said in one line); the
+    files written."""
+    texts = dict(zip(FILES, (markdown, json.dumps(table, indent=2) + "\n"), strict=True))
+    written = [
+        name
+        for name, text in texts.items()
+        if write_or_say(folder / name, lambda file, text=text: file.write(text.encode()), say)
+    ]
+    if written:
+        say(f"wrote {', '.join(written)} in {folder}")
+    return written
 
 
 def top_entries(study: optuna.Study, storage_url: str, count: int, epochs: int) -> list[Entry]:
@@ -375,20 +406,28 @@ def explanation(table: dict[str, Any]) -> str:
 
 
 def _attach(
-    request: CompareRequest, settings: StudySettings, table: dict[str, Any], markdown: str
+    request: CompareRequest,
+    settings: StudySettings,
+    table: dict[str, Any],
+    markdown: str,
+    written: list[str],
 ) -> str:
-    """The table as study artifacts, in a study attribute (for status and report) and in the
-    dashboard's study note."""
+    """The table in a study attribute (for status and report) and in the dashboard's study
+    note; the files written as study artifacts, where the artifact store takes them."""
     from search.commands.dashboard import write_study_note
     from search.training.final import attach_to_study, open_for_writing
 
     study = open_for_writing(request.storage, request.study)
     artifacts = artifact_dir(request.artifact_dir, request.storage)
-    ids = attach_to_study(study, artifacts, [request.output_dir / file for file in FILES])
+    try:
+        ids = attach_to_study(study, artifacts, [request.output_dir / file for file in written])
+        kept = f"{' and '.join(written)} in {artifacts}" if written else "no file"
+    except OSError as err:  # the machine's fault: the table still goes to the study
+        ids, kept = {}, machine_fault_line(err, "artifacts", artifacts)
     study.set_user_attr(attrs.COMPARE, {**table, "artifacts": ids})
     note = f"\n### Best configs against the report's (`hpo compare`)\n\n{markdown}"
     write_study_note(study, settings, budget(study).target, note)
-    return f"attached {' and '.join(FILES)} to study {request.study!r} (artifacts in {artifacts})"
+    return f"attached the table to study {request.study!r} (artifacts: {kept})"
 
 
 def _labelled(progress: SearchProgress, name: str) -> Callable[[str], None]:

@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from data.dataset import load_dataset
-from search.commands.figures import write_training_figures
+from search.commands.figures import TRAINING_FIGURES, write_training_figures
 from search.commands.progress import SearchProgress, format_mean_std
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, load_config_file
+from search.rules.faults import FilesNotWritten
 from search.training.final import (
     attach_final,
     make_output_dir,
     metrics_files,
     seed_devices,
     train_seeds,
+    unwritten_files,
 )
 from storage import backend_of
 
@@ -39,7 +41,7 @@ class FinalRequest:
 
 def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]:
     """`hpo train`: train the config per seed, test it, write and attach weights, metrics and
-    the per-epoch figures."""
+    the per-epoch figures. A file the disk refused raises FilesNotWritten once all is said."""
     cfg, document = load_config_file(request.config)
     cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
     backend_of(request.storage)  # a malformed URL fails now, not after the training
@@ -64,4 +66,11 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     artifacts = artifact_dir(request.artifact_dir, request.storage)
     source = document.get("source") or {}
     progress.say(attach_final(request.storage, artifacts, source, output, metrics))
+    figures = [name for name in TRAINING_FIGURES if name not in metrics["figures"]]
+    unwritten = [*unwritten_files(metrics), *figures]
+    if unwritten:
+        raise FilesNotWritten(
+            f"{', '.join(unwritten)} not written in {output} (the disk refused them, as said "
+            "above; the test accuracy above stands)"
+        )
     return metrics

@@ -18,6 +18,15 @@ import optuna
 
 from search.rules import attrs
 
+# Exit code of a command whose work is done but whose files the disk refused: the machine's
+# fault, not the user's (sysexits EX_TEMPFAIL, as a worker that lost its storage exits).
+EXIT_MACHINE_FAULT = 75
+
+
+class FilesNotWritten(Exception):
+    """Files a command could not write, each said as it happened; `hpo` exits
+    EXIT_MACHINE_FAULT, so a script never ships a file that is not there."""
+
 
 def machine_fault_line(err: OSError, what: str, where: object = None) -> str:
     """One line naming what was not written, where, and why (errno's words, no traceback);

@@ -81,7 +81,8 @@ def train_seeds(
         "config": cfg.to_dict(),
     }
     text = json.dumps(metrics, indent=2) + "\n"
-    write_or_say(output_dir / METRICS_FILE, lambda file: file.write(text.encode()), say)
+    if not write_or_say(output_dir / METRICS_FILE, lambda file: file.write(text.encode()), say):
+        metrics["unwritten"] = [METRICS_FILE]
     return metrics
 
 
@@ -126,6 +127,13 @@ def metrics_files(metrics: dict[str, Any], output_dir: Path) -> list[str]:
     weights = [run["weights"] for run in metrics["seeds"] if run["weights"]]
     files = [*weights, METRICS_FILE, *metrics.get("figures", [])]
     return [file for file in files if (output_dir / file).is_file()]
+
+
+def unwritten_files(metrics: dict[str, Any]) -> list[str]:
+    """The weights and metrics a run was to write and its disk refused (each said as it
+    happened)."""
+    weights = [weights_file(run["seed"]) for run in metrics["seeds"] if not run["weights"]]
+    return [*weights, *metrics.get("unwritten", [])]
 
 
 def mean_std(values: list[float]) -> dict[str, float | None]:
