@@ -21,12 +21,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 from servers import SERVERS, server_url
 
+import search.commands.launch
 import search.rules.study
 from search.commands.fleet import WorkerOptions
-from search.commands.launch import StudyRequest, startup_retry
+from search.commands.launch import StudyRequest, create_study, startup_retry
 from search.commands.progress import SearchProgress
 from search.commands.status import study_table
 from search.rules import attrs
+from search.rules.settings import SettingsConflict
 from search.rules.space import load_space, report_table1_params, sample_config
 from search.rules.study import (
     FIRST_TICKET,
@@ -130,15 +132,42 @@ def test_a_creation_lost_while_another_process_creates_the_study_joins_it(
     assert load_settings(storage, "s") == theirs.new_settings()
 
 
+def test_a_creator_refused_after_a_lost_creation_leaves_the_target_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hpo start --trials 50 --epochs 1` whose creation was lost while another start made the
+    study with --epochs 3 --trials 10 is refused, and the target stays 10; one whose flags
+    agree raises it as a joiner does. Before: refused, with the target raised to 50."""
+    path, made = tmp_path / "l.db", []
+    theirs = StudyRequest(study="s", trials=10, storage="", space="tiny", epochs=3)
+
+    def meanwhile(_: str) -> None:  # said while this creation waits out its lost connection
+        if not made:
+            made.append(create_or_join(lossy_storage(path), "s", theirs.new_settings(), 10))
+
+    storage = lossy_storage(path, say=meanwhile)
+    monkeypatch.setattr(search.commands.launch, "open_storage", lambda *_, **__: storage)
+    progress = SearchProgress(Console(file=io.StringIO()))
+    storage.lose("create_new_study", before=True)
+    refused = StudyRequest(study="s", trials=50, storage="", space="tiny", epochs=1)
+    with pytest.raises(SettingsConflict, match="epochs"):
+        create_study(refused, progress)
+    assert storage.lost == [("create_new_study", None)] and made[0][1]  # theirs created it
+    assert budget(join(storage, "s")).target == 10
+    storage.lose("create_new_study", before=True)
+    create_study(dataclasses.replace(refused, epochs=None), progress)
+    assert budget(join(storage, "s")).target == 50
+
+
 @pytest.mark.parametrize(("first_trials", "second_trials"), [(5, 2), (2, 5)])
-def test_two_creators_interleaved_store_one_settings_and_the_larger_target(
+def test_two_creators_interleaved_store_one_settings_and_the_winner_s_target(
     first_trials: int, second_trials: int, tmp_path: Path
 ) -> None:
     """This creation's request was lost; another `hpo start` creates the study and is held
     just before it writes the settings; this one's repeat takes the study for its own and
     completes it. Before: both stored their settings and both were told they created the
-    study (their workers would train different epochs in it), and the target was the first
-    written, not the largest."""
+    study (their workers would train different epochs in it). The one told it joined raises
+    the target only once its flags pass (the test above)."""
     path, made = tmp_path / "l.db", []
     theirs = StudyRequest(study="s", trials=first_trials, storage="", space="tiny", epochs=3)
     held, go_on = threading.Event(), threading.Event()
@@ -170,7 +199,7 @@ def test_two_creators_interleaved_store_one_settings_and_the_larger_target(
     stored = load_settings(storage, "s")
     assert [mine[1], made[0][1]].count(True) == 1, (mine, made)  # exactly one creator
     assert mine[0] == made[0][0] == stored  # the workers of both train one recipe
-    assert budget(join(storage, "s")).target == 5  # the larger: a target only goes up
+    assert budget(join(storage, "s")).target == first_trials  # the creator's (theirs)
 
 
 def report_configs(trials: list[optuna.trial.FrozenTrial]) -> list[int]:

@@ -110,23 +110,25 @@ def complete_creation(
 
     A creation whose answer was lost is taken for this one's (storage/_retry.py); where
     another's landed in between, both complete the study, their steps interleaved. So every
-    step is one a second creator may repeat: the target is a raise (the largest holds), the
-    first ticket is a one-off (one counts), and the settings are those proposed by the creator
-    whose first ticket came first (trial numbers are the one order every storage keeps):
-    each creator writes the same ones, and exactly one is told it created the study.
+    step is one a second creator may repeat: the first ticket is a one-off (one counts), and
+    the settings are those proposed by the creator whose first ticket came first (trial
+    numbers are the one order every storage keeps): each creator writes the same ones, and
+    exactly one is told it created the study. Only that one sets the target: the other is a
+    joiner, whose flags are checked before it raises the target (move_target); its tickets
+    past the target wait unclaimed.
     """
     name_objective(study)
     study.set_user_attr(
         f"{attrs.PROPOSED_SETTINGS}{token}", settings.to_dict()
     )  # before its ticket
-    if attrs.TARGET not in study.user_attrs:  # read by people and scripts; _target is the
-        study.set_user_attr(attrs.TARGET, target)  # largest of it and the raises
-    study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)
     first = [report_table1_params()] if settings.space_name == DEFAULT_SPACE_NAME else [{}]
     _add_tickets(study, min(target, TICKET_WINDOW), first, creator=token)
     # No ticket at all (a target of 0, made by tests only): this creator's stand.
     winner = _first_creator(study.get_trials(deepcopy=False)) or token
     chosen = StudySettings.from_dict(study.user_attrs[f"{attrs.PROPOSED_SETTINGS}{winner}"])
+    if winner == token:  # the target people and scripts read; _target is the largest of it
+        study.set_user_attr(attrs.TARGET, target)  # and the raises
+        study.set_user_attr(f"{attrs.TARGET_RAISED}{target}", target)
     # Written last: a study with settings is ready for joining workers.
     study.set_user_attr(attrs.SETTINGS, chosen.to_dict())
     return chosen, winner == token
