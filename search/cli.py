@@ -24,6 +24,7 @@ from model.config import ModelConfigError
 from search.commands.compare import CompareRequest, run_compare
 from search.commands.export import (
     best_document,
+    config_storage,
     pareto_documents,
     to_yaml,
     to_yaml_documents,
@@ -409,18 +410,27 @@ def train(
         Path,
         typer.Option(help="Where model-seedN.pt (one per seed) and metrics.json are written."),
     ] = Path("runs/final"),
-    storage: StorageOption = DEFAULT_STORAGE_URL,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            envvar="HPO_STORAGE",
+            help="Storage of the study to attach the results to.",
+            show_default="the config's source storage, else "
+            f"{DEFAULT_STORAGE_URL}",
+        ),
+    ] = None,
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
     """Train a config from scratch on all training images per seed, then test each seed.
 
     Prints every seed's test accuracy and the mean ± standard deviation. The weights and
-    metrics are also attached to the study the config came from, when that study is in
-    --storage, so the dashboard lists them beside the search.
+    metrics are also attached to the study the config came from, in --storage or else in the
+    storage `hpo best` wrote in the config, so the dashboard lists them beside the search.
     """
     with user_errors():
         # A bad file or URL is refused before the training plane (torch) loads.
-        load_config_file(config)
+        storage = config_storage(storage, load_config_file(config)[1])
         backend_of(storage)
         check_artifact_dir(resolve_artifact_dir(artifact_dir, storage))
         from search.commands.train import FinalRequest, run_final

@@ -13,7 +13,10 @@ import yaml
 from conftest import HPO, run_hpo, tiny_start
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
+from test_dashboard import make_study
+from typer.testing import CliRunner
 
+from search.cli import app
 from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import TrialConfig
@@ -179,3 +182,42 @@ def test_conflicting_flag_names_both_values_and_changes_nothing(
     )
     expect_user_error(result, "--epochs 3", "epochs 2")
     assert budget(load(hpo_env, "fixed")).target == 1
+
+
+def test_train_attaches_to_the_study_its_config_came_from_in_any_folder(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`hpo best` in the study's folder (the default, relative `sqlite:///hpo.db`), then
+    `hpo train --config` from another folder without --storage: the results go to that
+    study. A config whose storage had its password redacted is attached nowhere, said once."""
+    env = {k: v for k, v in hpo_env.items() if k != "HPO_STORAGE"}
+    search, elsewhere = tmp_path / "search", tmp_path / "elsewhere"
+    search.mkdir()
+    elsewhere.mkdir()
+    make_study(f"sqlite:///{search / 'hpo.db'}", "demo", complete=1, pruned=0, failed=0)
+    best = run_hpo("best", "--study", "demo", "-o", "best.yaml", env=env, cwd=search)
+    assert best.returncode == 0, best.stderr
+    config = search / "best.yaml"
+    document = yaml.safe_load(config.read_text())
+    assert document["source"]["storage"] == f"sqlite:///{search / 'hpo.db'}"  # absolute
+    train = ["train", "--dataset", "synthetic", "--epochs", "1", "--output-dir", "final"]
+    trained = run_hpo(*train, "--config", str(config), env=env, cwd=elsewhere)
+    assert trained.returncode == 0, trained.stderr
+    assert "to study 'demo'" in trained.stdout and "not attached" not in trained.stdout
+    study = optuna.load_study(study_name="demo", storage=open_storage(f"sqlite:///{search}/hpo.db"))
+    assert study.user_attrs[attrs.FINAL]["trial"] == document["source"]["trial"]
+    assert not (elsewhere / "hpo.db").exists()
+
+    document["source"]["storage"] = "postgresql+psycopg://hpo:***@127.0.0.1:5432/hpo"
+    redacted = tmp_path / "redacted.yaml"
+    redacted.write_text(yaml.safe_dump(document))
+    train[-1] = str(elsewhere / "final")
+    refused = CliRunner(env={"HPO_STORAGE": None, "HPO_DATA_DIR": env["HPO_DATA_DIR"]}).invoke(
+        app, [*train, "--config", str(redacted)]
+    )  # in this process: one training less to start
+    assert refused.exit_code == 0, refused.output
+    assert (
+        "not attached to study 'demo': the config's storage "
+        "postgresql+psycopg://hpo:***@127.0.0.1:5432/hpo has its password redacted; give "
+        "--storage (or HPO_STORAGE) to attach"
+    ) in refused.stdout.replace("\n", " ")

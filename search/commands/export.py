@@ -6,9 +6,11 @@ import platform
 from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.engine
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
@@ -16,7 +18,10 @@ from search.rules import attrs
 from search.rules.config import TrialConfig
 from search.rules.cost import pareto_front, trial_gflop
 from search.rules.study import StudyError
-from storage import redact_url
+from storage import DEFAULT_STORAGE_URL, backend_of, redact_url, sqlite_file
+
+# What redact_url writes in place of a password.
+REDACTED = "***"
 
 
 def best_document(
@@ -48,12 +53,39 @@ def best_document(
         "source": {
             "study": study.study_name,
             "trial": best.number,
-            "storage": redact_url(storage_url),
+            "storage": redact_url(portable_url(storage_url)),
             "architecture": stored.get(attrs.ARCHITECTURE),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "versions": package_versions(),
     }
+
+
+def portable_url(url: str) -> str:
+    """`url` as a config file keeps it: a relative SQLite or journal file made absolute, so
+    `hpo train` finds the study from any folder."""
+    database = sqlite_file(url)
+    if database is not None and not database.is_absolute():
+        absolute = sqlalchemy.engine.make_url(url).set(database=str(database.resolve()))
+        return absolute.render_as_string(hide_password=False)
+    if backend_of(url) == "journal-file":
+        scheme, path = url.split("://", 1)
+        return f"{scheme}://{Path(path).resolve()}"
+    return url
+
+
+def config_storage(given: str | None, document: dict[str, Any]) -> str:
+    """Where `hpo train` attaches a config's results: --storage (or HPO_STORAGE) where given,
+    else the storage of the study the config came from (as `hpo best` wrote it), else the
+    default."""
+    if given is not None:
+        return given
+    return (document.get("source") or {}).get("storage") or DEFAULT_STORAGE_URL
+
+
+def is_redacted(url: str) -> bool:
+    """Whether `url` is one redact_url wrote: its password is gone, it cannot be opened."""
+    return REDACTED in url
 
 
 def last_epoch(stored: dict[str, Any]) -> dict[str, Any]:

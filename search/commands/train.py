@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from data.dataset import load_dataset
+from search.commands.export import config_storage, is_redacted
 from search.commands.figures import TRAINING_FIGURES, write_training_figures
 from search.commands.progress import SearchProgress, format_mean_std
 from search.rules.artifacts import artifact_dir
@@ -31,7 +32,7 @@ class FinalRequest:
     config: Path
     dataset: str
     output_dir: Path
-    storage: str
+    storage: str | None  # None: the storage the config's study is in (export.config_storage)
     epochs: int | None = None  # FINAL_EPOCHS if None; the config's recipe is kept either way
     data_dir: Path | None = None
     artifact_dir: Path | None = None
@@ -44,7 +45,7 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     the per-epoch figures. A file the disk refused raises FilesNotWritten once all is said."""
     cfg, document = load_config_file(request.config)
     cfg = cfg.with_epochs(request.epochs or FINAL_EPOCHS)
-    backend_of(request.storage)  # a malformed URL fails now, not after the training
+    backend_of(config_storage(request.storage, document))  # malformed: refused before training
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
     if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
@@ -63,9 +64,7 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     )
     metrics["figures"] = write_training_figures(metrics, output, progress.say)
     progress.say(f"wrote {', '.join(metrics_files(metrics, output)) or 'nothing'} in {output}")
-    artifacts = artifact_dir(request.artifact_dir, request.storage)
-    source = document.get("source") or {}
-    progress.say(attach_final(request.storage, artifacts, source, output, metrics))
+    progress.say(_attach(request, document, metrics))
     figures = [name for name in TRAINING_FIGURES if name not in metrics["figures"]]
     unwritten = [*unwritten_files(metrics), *figures]
     if unwritten:
@@ -74,3 +73,17 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
             "above; the test accuracy above stands)"
         )
     return metrics
+
+
+def _attach(request: FinalRequest, document: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """Attach to the study the config came from, in --storage or else in its source's storage;
+    one line saying where, or why not."""
+    source = document.get("source") or {}
+    storage = config_storage(request.storage, document)
+    if is_redacted(storage):
+        return (
+            f"not attached to study {source.get('study')!r}: the config's storage {storage} "
+            "has its password redacted; give --storage (or HPO_STORAGE) to attach"
+        )
+    artifacts = artifact_dir(request.artifact_dir, storage)
+    return attach_final(storage, artifacts, source, request.output_dir, metrics)
