@@ -14,6 +14,7 @@ from test_dashboard import chromium, make_study, render, visible_text
 from typer.testing import CliRunner
 
 from search.cli import app
+from search.commands.figures import TRAINING_FIGURES, training_figure
 from search.commands.report import PAGE_NAME, PLOTS, ReportError, write_report
 from search.rules import attrs
 from search.rules.config import TrialConfig
@@ -173,3 +174,36 @@ def test_a_front_file_names_its_trials_and_best_exports_one_of_them(tmp_path: Pa
         assert refused.exit_code == 2 and reason in refused.stderr, refused.output
     both = hpo("best", "--study", "costs", "--trial", "0", "--pareto", "--storage", url)
     assert both.exit_code == 2 and "one of them" in both.stderr
+
+
+def _drawn_ticks(ax) -> list[float]:
+    """The x ticks a saved figure shows: drawn, and inside the axis."""
+    ax.figure.canvas.draw()
+    low, high = ax.get_xlim()
+    return [tick for tick in ax.get_xticks() if low <= tick <= high]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_epochs_and_trial_numbers_are_drawn_on_whole_numbers(tmp_path: Path) -> None:
+    """Three epochs drawn with matplotlib's default ticks read 1.25, 1.5, ...: a run has no
+    epoch 1.5. The report's curves and history, and `hpo train`'s figures."""
+    import matplotlib.pyplot as plt
+
+    study = make_study(f"sqlite:///{tmp_path / 'hpo.db'}", "ticks", complete=2)  # 3 epochs
+    plots = {plot.name: plot for plot in PLOTS}
+    for name in ("learning-curves", "history"):
+        ax = plots[name].matplotlib(study, None)
+        ticks = _drawn_ticks(ax)
+        assert len(ticks) >= 2 and all(tick == int(tick) for tick in ticks), (name, ticks)
+        plt.close(ax.figure)
+        layout = plots[name].plotly(study, None).layout.xaxis
+        assert layout.dtick == int(layout.dtick) >= 1 and layout.tick0 == 0, (name, layout)
+    seeds = [
+        {"seed": seed, "lr": [1e-3] * 3, "train_loss": [2.0, 1.5, 1.2], "train_acc": [0.3] * 3}
+        for seed in (0, 1)
+    ]
+    for series, label, log in TRAINING_FIGURES.values():
+        figure = training_figure(seeds, series, label, log)
+        ticks = _drawn_ticks(figure.axes[0])
+        assert ticks == [1.0, 2.0, 3.0], (series, ticks)
+        plt.close(figure)

@@ -43,12 +43,14 @@ def training_figure(seeds: list[dict[str, Any]], series: str, label: str, log: b
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, ax = plt.subplots(figsize=(6, 4))
     for run in seeds:
         values = run[series]
         ax.plot(range(1, len(values) + 1), values, label=f"seed {run['seed']}")
     ax.set(xlabel="epoch", ylabel=label, yscale="log" if log else "linear")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
     ax.legend()
     figure.tight_layout()
     return figure

@@ -8,6 +8,7 @@ needs kaleido and a Chrome install, matplotlib renders anywhere with its Agg bac
 from __future__ import annotations
 
 import html
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import plotly.graph_objects as go
 import plotly.offline
 import yaml
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 from plotly.graph_objects import Figure
 
@@ -130,20 +132,31 @@ def _needs_curves(trials: list[FrozenTrial]) -> str | None:
 
 
 def _history(study: optuna.Study, _params: list[str] | None) -> Figure:
-    return optuna.visualization.plot_optimization_history(study, target_name=METRIC_NAME)
+    figure = optuna.visualization.plot_optimization_history(study, target_name=METRIC_NAME)
+    return _integer_x(figure)
 
 
 def _history_png(study: optuna.Study, _params: list[str] | None) -> Axes:
-    return optuna.visualization.matplotlib.plot_optimization_history(study, target_name=METRIC_NAME)
+    ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=METRIC_NAME)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+    return ax
 
 
 def _curves(study: optuna.Study, _params: list[str] | None) -> Figure:
     figure = optuna.visualization.plot_intermediate_values(study)
-    return figure.update_layout(xaxis_title="epoch", yaxis_title=METRIC_NAME)
+    return _integer_x(figure.update_layout(xaxis_title="epoch", yaxis_title=METRIC_NAME))
+
+
+def _integer_x(figure: Figure) -> Figure:
+    """Ticks on whole numbers only (epochs, trial numbers): plotly has no integer locator, so
+    a step of about a tenth of the axis, at least 1."""
+    highest = max((max(trace.x) for trace in figure.data if trace.x), default=1)
+    return figure.update_xaxes(tick0=0, dtick=max(1, math.ceil(highest / 10)))
 
 
 def _curves_png(study: optuna.Study, _params: list[str] | None) -> Axes:
     ax = optuna.visualization.matplotlib.plot_intermediate_values(study)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_NAME)
     if len(ax.get_lines()) > MAX_LEGEND_TRIALS and ax.get_legend() is not None:
