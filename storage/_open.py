@@ -25,7 +25,7 @@ from storage._urls import (
     scrub,
     sqlite_file,
 )
-from storage.optuna_private import RetryInsert, StateQuery
+from storage.optuna_private import ParamsWrite, RetryInsert, StateQuery
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -59,9 +59,10 @@ def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class HpoRDBStorage(StateQuery, RetryInsert, RDBStorage):
-    """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look, and
-    inserts a retry in a few statements (RetryInsert)."""
+class HpoRDBStorage(StateQuery, RetryInsert, ParamsWrite, RDBStorage):
+    """An RDBStorage that reads a ticket's state alone (StateQuery), for a claim's look,
+    inserts a retry in a few statements (RetryInsert) and writes a trial's params in one
+    transaction (ParamsWrite)."""
 
 
 class SQLiteStorage(HpoRDBStorage):

@@ -11,7 +11,8 @@ a retry already queued with the same history, or the one-off ticket with the sam
 this insert's; a study of the name asked for is this creation's. On RDB, Optuna repeats a
 trial insert itself, and the keyed insert is made idempotent inside its loop
 (optuna_private.retry_insert_once). Other writes are safe to repeat as they are
-(attributes, reports and heartbeats set a value; a second plain ticket is one more ticket).
+(attributes, reports and heartbeats set a value; a trial's params, repeated, break their
+unique key and are rolled back; a second plain ticket is one more ticket).
 A claim cannot be told from another worker's, so the heartbeat that makes a claimed trial go
 stale is written, and waited for, before it.
 """
@@ -32,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from storage._network import refused_by_server
 from storage.optuna_private import (
+    PARAMS_WRITE,
     RDB_CACHE_CALLS,
     RDB_CREATE_TRIAL,
     RDB_PREPARE_TRIAL,
@@ -187,7 +189,7 @@ def with_retries(storage_class: StorageClass, module: str) -> StorageClass:
     the thread must stay free to stop when its trial ends.
     """
     public = [name for name, value in vars(BaseStorage).items() if _is_call(name, value)]
-    private = [*RDB_CACHE_CALLS, STATE_QUERY]
+    private = [*RDB_CACHE_CALLS, STATE_QUERY, PARAMS_WRITE]
     names = [*public, *(name for name in private if hasattr(storage_class, name))]
 
     def __init__(self: Any, *args: Any, retry: RetryPolicy, **kwargs: Any) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Container, Iterable
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Callable, Container, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,6 +141,85 @@ class RetryInsert:
                 session.execute(sqlalchemy.insert(model), rows)
         trial.number = trial.count_past_trials(session)
         return trial
+
+
+# A trial's params held while it samples and written at once (ParamsWrite).
+PARAMS_WRITE = "set_trial_params"
+
+
+class ParamsWrite:
+    """An RDBStorage that writes a trial's params in one transaction. Optuna writes each
+    suggested param in a transaction of its own: a trial of the tiny space with every recipe
+    lever suggests 23, and each commit cost more than the sampling it stored
+    (docs/BENCHMARKS.md). Mixed into the RDBStorage classes of storage/_open.py.
+
+    Missing API: a param's write inside a caller's transaction, and the session, are private.
+    """
+
+    def set_trial_params(self, trial_id: int, params: list[tuple]) -> None:
+        """`params`: (name, internal value, distribution, the study's known distribution of
+        that name or None); each is checked as Optuna's own write checks it."""
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        # A repeat (its answer lost) breaks the params' unique key and is rolled back whole,
+        # as Optuna's own param write is: the first one stands.
+        with _create_scoped_session(self.scoped_session, ignore_integrity_error=True) as session:
+            for name, value, distribution, known in params:
+                self._set_trial_param_without_commit(
+                    session, trial_id, name, value, distribution, known
+                )
+
+
+@contextmanager
+def params_written_once(trial: optuna.Trial) -> Iterator[None]:
+    """Hold the params the block suggests and write them in one transaction as it ends (on an
+    error too, as Optuna would have written them); a storage without ParamsWrite writes each
+    as Optuna does. The other workers' samplers see them a sampling's time later.
+
+    Missing API: a trial writes through its `storage` attribute and Optuna's cache
+    (_CachedStorage) keeps each param name's distribution in private fields.
+    """
+    cached = trial.storage
+    backend = getattr(cached, "_backend", None)
+    if not isinstance(cached, _CachedStorage) or not hasattr(backend, PARAMS_WRITE):
+        yield
+        return
+    held: list[tuple] = []
+    trial.storage = _HoldingParams(cached, held)
+    try:
+        yield
+    except BaseException:
+        trial.storage = cached
+        with suppress(Exception):  # never hides why the sampling failed
+            _write_held(cached, trial._trial_id, held)
+        raise
+    trial.storage = cached
+    _write_held(cached, trial._trial_id, held)
+
+
+class _HoldingParams:
+    """A trial's storage that holds its param writes; everything else is the storage's."""
+
+    def __init__(self, storage: _CachedStorage, held: list[tuple]) -> None:
+        self._storage, self._held = storage, held
+
+    def set_trial_param(self, trial_id: int, name: str, value: float, distribution: object) -> None:
+        self._held.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+
+def _write_held(cached: _CachedStorage, trial_id: int, held: list[tuple]) -> None:
+    if not held:
+        return
+    with cached._lock:  # as _CachedStorage.set_trial_param
+        study_id, _ = cached._trial_id_to_study_id_and_number[trial_id]
+        known = cached._studies[study_id].param_distribution
+        params = [(name, value, dist, known.get(name)) for name, value, dist in held]
+        getattr(cached._backend, PARAMS_WRITE)(trial_id, params)
+        for name, _, distribution in held:
+            known.setdefault(name, distribution)
 
 
 def _template_rows(models: object, trial_id: int, template: FrozenTrial) -> dict[type, list]:

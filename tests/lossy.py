@@ -32,6 +32,7 @@ WRITES = (
     "set_trial_user_attr",
     "set_trial_system_attr",
     "record_heartbeat",
+    "set_trial_params",
 )
 # A loss of _create_new_trial's answer after Optuna's insert loop (`lose(OUTSIDE_THE_LOOP)`).
 OUTSIDE_THE_LOOP = "_create_new_trial after its loop"

@@ -386,3 +386,17 @@ def test_an_unpickled_sqlite_storage_takes_the_write_lock_at_begin(tmp_path: Pat
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             other.execute("BEGIN IMMEDIATE")
         other.close()
+
+
+def test_a_trials_params_whose_answer_was_lost_are_written_once(tmp_path: Path) -> None:
+    """Repeated, the one transaction of a trial's params breaks their unique key and is rolled
+    back whole: the first write stands, and the sampled config is the trial's."""
+    study = lossy_study(tmp_path / "s.db", target=2)
+    trial = study.ask()
+    lossy(study).lose("set_trial_params")
+    with optuna_private.params_written_once(trial):
+        cfg = sample_config(trial, load_space("tiny"), 2)
+    assert lossy(study).lost == [("set_trial_params", None)]
+    stored = study._storage.get_trial(trial._trial_id)
+    assert stored.params == trial.params and len(stored.params) >= 15
+    assert cfg == search.rules.space.config_from_params(stored.params, load_space("tiny"), 2)

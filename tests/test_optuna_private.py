@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import optuna
@@ -22,6 +23,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import TrialState
 from servers import server_url
 
+from search.rules.space import TINY_SPACE, sample_config
 from search.rules.study import fail_stale_trials
 from search.training.worker import run_trial
 from storage import HeartbeatPolicy, RetryPolicy, open_storage, optuna_private
@@ -427,3 +429,51 @@ def test_under_hyperband_a_trials_suggestions_read_the_study_as_often_as_without
             trial.suggest_float(f"new{i}", 0.0, 1.0)  # in no group yet: independent
         reads[name] = counting.count
     assert reads["hyperband"] == reads["none"], reads
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql", "mysql"])
+def test_a_trials_params_are_written_in_one_transaction_as_optuna_would(
+    tmp_path: Path, server: str
+) -> None:
+    """A trial of the tiny space with every lever (23 params) commits them once; the rows are
+    the ones Optuna writes param by param."""
+    url = f"sqlite:///{tmp_path / 'o.db'}" if server == "sqlite" else server_url(server)
+    storage = open_storage(url)
+    sampled = {}
+    for how in ("one", "optuna"):
+        name = f"params-{how}-{time.time_ns()}"
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=3)
+        )
+        trial = study.ask()
+        commits: list = []
+        count = commits.append  # one listener object, to remove it by
+        sqlalchemy.event.listen(storage.engine, "commit", count)
+        with optuna_private.params_written_once(trial) if how == "one" else nullcontext():
+            sample_config(trial, TINY_SPACE, 2)
+        sqlalchemy.event.remove(storage.engine, "commit", count)
+        stored = optuna.load_study(study_name=name, storage=url).trials[0]
+        sampled[how] = (stored.params, stored.distributions, len(commits))
+    (params, distributions, commits), (optunas, its_distributions, its_commits) = (
+        sampled["one"],
+        sampled["optuna"],
+    )
+    assert params == optunas and distributions == its_distributions and len(params) >= 15
+    assert commits == 1 and its_commits == len(params), (commits, its_commits)
+
+
+def test_a_trials_params_are_written_on_a_failed_sampling_and_checked(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    study.enqueue_trial({"x": 0.5})
+    trial = study.ask()
+    with pytest.raises(ZeroDivisionError), optuna_private.params_written_once(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        raise ZeroDivisionError  # a sampling that failed after one suggestion
+    assert study.trials[0].params == {"x": 0.5}  # written as Optuna would have
+    second = study.ask()
+    with (
+        pytest.raises(ValueError, match="distribution"),
+        optuna_private.params_written_once(second),
+    ):
+        second.suggest_int("x", 0, 3)  # another kind of distribution for the study's "x"
+    assert study._storage.get_trial(second._trial_id).params == {}

@@ -29,7 +29,7 @@ from search.training.run import Run, start_run
 from search.training.stops import TrialInterrupted
 from search.training.trainer import DeviceRecipe, DivergedError, EpochStats
 from storage import StorageUnavailable
-from storage.optuna_private import original_number
+from storage.optuna_private import original_number, params_written_once
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         clock = PhaseClock()
-        with clock("sample"):
+        with clock("sample"), params_written_once(trial):
             space = self.settings.search_space()
             cfg = sample_config(trial, space, self.settings.epochs)
         # An over-cap draw ends here, PRUNED, before anything is built (search/rules/cost.py).
@@ -243,7 +243,9 @@ class PhaseClock:
 
 def epoch_record(stats: EpochStats, calibrated: bool) -> dict:
     """One epoch as the trial keeps it (in its attrs and its checkpoint). val_loss is what the
-    pruner reads and the trial scores: at the fitted temperature in a `calibrated` study."""
+    pruner reads and the trial scores: at the fitted temperature in a `calibrated` study. The
+    stored names stay as old studies wrote them; what a user reads calls val_loss `score` and
+    val_cross_entropy `val_ce` (commands/progress.py)."""
     val_loss = stats.val_calibrated_loss if calibrated else stats.val_loss
     return {
         "epoch": stats.epoch,
