@@ -250,13 +250,13 @@ def test_a_nan_last_validation_loss_fails_the_trial_and_discards_its_checkpoint(
 
 
 SCRATCH_THEN = """
-import os, sys, tempfile, time
+import os, sys, time
 from pathlib import Path
-from search.training.checkpoints import scratch_prefix
-scratch = tempfile.mkdtemp(prefix=scratch_prefix(), dir=sys.argv[1])
-(Path(scratch) / "trial-0-checkpoint.pt").write_bytes(b"PK half a checkpoint")
-print(scratch, flush=True)
-{then}
+from search.training.checkpoints import owned_scratch
+with owned_scratch(Path(sys.argv[1])) as scratch:
+    (scratch / "trial-0-checkpoint.pt").write_bytes(b"PK half a checkpoint")
+    print(scratch, flush=True)
+    {then}
 """
 
 

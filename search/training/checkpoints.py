@@ -9,6 +9,8 @@ vanished) is the machine's fault, not the trial's: the trial goes on without it 
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import pickle
 import shutil
@@ -16,8 +18,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,15 @@ from storage.optuna_private import (
     replace_artifact,
 )
 
-# Scratch folders inside the artifact folder, one per write in flight: `.scratch-PID@HOST-`
-# and a random suffix. A worker killed mid-write leaves its own; the next store opened on that
-# host removes those of dead processes, and any host's older than STALE_SCRATCH_S.
+# Scratch folders inside the artifact folder, one per write in flight: `.scratch-HOST@KERNEL-`
+# and a random suffix, locked (flock) by its writer while it writes. A worker killed mid-write
+# leaves its own, and the kernel drops its lock; the next store opened on that kernel (its boot
+# id: containers sharing a host and its hostname, even as PID 1 each, are one) removes the
+# unlocked ones. Another kernel's lock may not reach here (a network filesystem): its scratch
+# goes once it is older than STALE_SCRATCH_S.
 SCRATCH_PREFIX = ".scratch-"
 STALE_SCRATCH_S = 24 * 3600.0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class CheckpointStore:
@@ -81,8 +87,8 @@ class CheckpointStore:
         with lock:
             record = trial.user_attrs.get(attrs.CHECKPOINT)
         owned = bool(record) and record["owner"] == trial.number
-        with tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=self.directory) as scratch:
-            path = Path(scratch) / f"trial-{trial.number}-checkpoint.pt"
+        with owned_scratch(self.directory) as scratch:
+            path = scratch / f"trial-{trial.number}-checkpoint.pt"
             with path.open("wb") as file:  # torch.save on a path turns an OSError (ENOSPC)
                 torch.save(state, file)  # into a RuntimeError nobody can act on
             # An inherited record points at the failed trial's file: this trial needs its own.
@@ -193,33 +199,60 @@ class CheckpointStore:
 
 
 def scratch_prefix() -> str:
-    return f"{SCRATCH_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+    return f"{SCRATCH_PREFIX}{socket.gethostname()}@{this_kernel()}-"
+
+
+@functools.cache
+def this_kernel() -> str:
+    """The boot id of the kernel this process runs on: the scope of its file locks."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:  # not Linux: the hostname stands in
+        return socket.gethostname()
+
+
+@contextmanager
+def owned_scratch(directory: Path) -> Iterator[Path]:
+    """A new scratch folder in `directory`, locked until it is removed with its contents."""
+    while True:
+        folder = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=directory))
+        lock = os.open(folder, os.O_RDONLY)
+        try:
+            with suppress(OSError):  # no locks on this filesystem: kept a day (above)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            # A clean-up may have taken its lock between the two lines above, and removed it.
+            if folder.exists():
+                try:
+                    yield folder
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                return
+        finally:
+            os.close(lock)
 
 
 def remove_stale_scratch(directory: Path) -> None:
     """Remove the scratch folders of writes that died with their worker (a kill mid-write):
-    this host's whose process is gone (or is this one, which has written nothing yet), and
-    any host's older than STALE_SCRATCH_S."""
-    host = socket.gethostname()
+    those of this kernel no process holds the lock of, and any kernel's older than
+    STALE_SCRATCH_S."""
+    here = f"@{this_kernel()}-"
     for folder in directory.glob(f"{SCRATCH_PREFIX}*"):
-        pid, _, rest = folder.name.removeprefix(SCRATCH_PREFIX).partition("@")
-        here = rest.rpartition("-")[0] == host and pid.isdigit()
         with suppress(OSError):  # removed by another worker meanwhile
-            old = time.time() - folder.stat().st_mtime > STALE_SCRATCH_S
-            if old or (here and not _alive(int(pid))):
+            if here in folder.name:
+                _remove_unless_locked(folder)
+            elif time.time() - folder.stat().st_mtime > STALE_SCRATCH_S:
                 shutil.rmtree(folder)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
+def _remove_unless_locked(folder: Path) -> None:
+    """Remove `folder` unless its writer (alive: the kernel drops a dead one's) holds its
+    lock; the lock is held while it goes, so a writer that just made it sees it gone."""
+    lock = os.open(folder, os.O_RDONLY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: held, or no locks here
+        shutil.rmtree(folder)
+    finally:
+        os.close(lock)
 
 
 def _first_line(err: BaseException) -> str:
