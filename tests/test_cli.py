@@ -63,7 +63,7 @@ def test_start_status_best_train(hpo_env: dict[str, str], tmp_path: Path) -> Non
     assert set(document) == {"model", "train", "augment", "metrics", "source", "versions"}
     study = load(hpo_env, "demo")
     assert document["source"]["trial"] == study.best_trial.number
-    assert document["metrics"]["val_loss"] == study.best_value
+    assert document["metrics"]["score"] == study.best_value
     assert document["train"]["epochs"] == 2
 
     trained = run_hpo(

@@ -254,7 +254,7 @@ def test_best_exports_the_best_complete_trial_not_a_lower_pruned_or_failed_one(
     document = yaml.safe_load(exported.stdout)
     complete = [(losses[-1], n) for n, (s, losses) in enumerate(told) if s == TrialState.COMPLETE]
     assert document["source"]["trial"] == min(complete)[1] == 3
-    assert document["metrics"]["val_loss"] == 0.6 and document["metrics"]["epoch"] == 3
+    assert document["metrics"]["score"] == 0.6 and document["metrics"]["epoch"] == 3
 
 
 def final_config(tmp_path: Path, train: dict) -> Path:

@@ -48,7 +48,7 @@ T_975 = (
 )  # fmt: skip
 COLUMNS = (
     "config",
-    "search val loss",
+    "search score",
     "test accuracy",
     "vs report (95% CI)",
     "params",
@@ -377,7 +377,7 @@ def compare_table(table: dict[str, Any]) -> FittedTable:
         "best configs against the report's (test set)",
         COLUMNS,
         table_rows(table),
-        least_wanted=("images/s", "train time", "params", "train GFLOP/image", "search val loss"),
+        least_wanted=("images/s", "train time", "params", "train GFLOP/image", "search score"),
     )
 
 
@@ -398,8 +398,8 @@ def explanation(table: dict[str, Any]) -> str:
         "differences to the report's config with the same seed, in percentage "
         "points, with a 95% Student-t interval: an interval that excludes 0 is a difference "
         "larger than seed-to-seed noise. *report* is "
-        f"{table['report_config']}. *search val loss* is the config's score in the search "
-        "(its trial's validation loss; - where it was no trial): where test accuracy ranks the "
+        f"{table['report_config']}. *search score* is the config's score in the search "
+        "(its trial's value; - where it was no trial): where test accuracy ranks the "
         "configs as it does, the search's short runs predicted the long ones. Train time is "
         "per seed; images/s is training throughput."
     )

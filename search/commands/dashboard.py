@@ -16,6 +16,7 @@ import optuna_dashboard
 import yaml
 from optuna.artifacts import FileSystemArtifactStore
 
+from search.commands.progress import describe_score
 from search.rules import attrs
 from search.rules.settings import StudySettings
 from search.rules.study import join, name_objective
@@ -119,14 +120,13 @@ def write_study_note(
 def study_note(name: str, settings: StudySettings, target: int) -> str:
     rows = [
         ("target", f"{target} finished trials (a later `hpo start --trials` may raise it)"),
-        ("objective", f"{settings.direction} the best validation loss of a trial"),
+        ("objective", f"{settings.direction} the score: {describe_score(settings)}"),
         ("search space", f"`{settings.space_name}`"),
         ("epochs per trial", str(settings.epochs)),
         ("dataset", settings.dataset),
         (
             "pruner",
-            f"{settings.pruner}, on validation loss after each epoch from epoch "
-            f"{settings.min_epochs}",
+            f"{settings.pruner}, on the score after each epoch from epoch {settings.min_epochs}",
         ),
         ("seed", str(settings.seed)),
         ("heartbeat", f"{settings.heartbeat_s} s"),
@@ -140,7 +140,7 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         "Searches the Backbone CNN's architecture and training recipe; the test set is never "
         "used.\n\n"
         f"| setting | value |\n|---|---|\n{table}\n\n"
-        "Each trial reports its validation loss per epoch as intermediate values, carries "
+        "Each trial reports its score per epoch as intermediate values, carries "
         f"{described} as user attributes and keeps its latest epoch checkpoint as an artifact.\n\n"
         f"### Search space\n\n```yaml\n{space}```\n"
     )

@@ -14,6 +14,7 @@ import sqlalchemy.engine
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from search.commands.progress import score_figure
 from search.rules import attrs
 from search.rules.config import TrialConfig
 from search.rules.cost import pareto_front, trial_gflop
@@ -41,10 +42,12 @@ def best_document(
         **config.to_dict(),
         # All of the scored point: the trial's final epoch (search/training/objective.py `score`).
         "metrics": {
-            "val_loss": best.value,
+            # The trial's value, and which figure of its last epoch that is (as the epoch
+            # lines name them): calibrated_ce in a study created with val_score.
+            "score": best.value,
+            "score_is": score_figure(study.user_attrs),
+            "val_ce": last_epoch(stored).get("val_cross_entropy"),  # plain, at temperature 1
             "val_acc": stored.get(attrs.VAL_ACC),
-            # Plain, at temperature 1, where val_loss is at the fitted one (StudySettings).
-            "val_cross_entropy": last_epoch(stored).get("val_cross_entropy"),
             "epoch": best.last_step,
             "images_per_s": stored.get(attrs.IMAGES_PER_S),
             "params": stored.get(attrs.PARAMS),

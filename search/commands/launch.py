@@ -20,7 +20,7 @@ from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
 from search.commands.progress import SearchProgress, best_summary
 from search.rules.artifacts import artifact_dir, check_artifact_dir
 from search.rules.cost import GpuProbe, cost_lines
-from search.rules.faults import record_machine_fault
+from search.rules.faults import EXIT_MACHINE_FAULT, MachineFault, record_machine_fault
 from search.rules.settings import StudySettings
 from search.rules.study import (
     StudyError,
@@ -161,6 +161,9 @@ def run_workers(
         # Its running trial stays RUNNING: once the storage is back, its heartbeat is seen to
         # have stopped and another worker retries it from its checkpoint.
         return gave_up(err)
+    except MachineFault as err:  # its trial handed back (search/training/worker.py)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_MACHINE_FAULT
     return 0
 
 
@@ -275,7 +278,8 @@ def run_local_worker(
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
     given_up = f" ({final.given_up} failed for good)" if final.given_up else ""
-    progress.say(f"{verb}: {final.finished}/{final.target} trials finished{given_up}; best {best}")
+    done = f"{final.finished}/{final.target} trials finished{given_up}"
+    progress.say(f"{verb}: {done}; best score {best}")
     return summary
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -11,7 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from search.rules import attrs
 from search.rules.cost import is_over_cap
+from search.rules.settings import VAL_SCORES, StudySettings
 from search.rules.study import Budget
+
+# The figures of a validation, as every epoch line names them (EpochStats.line), by the
+# val_score that makes one of them a study's score.
+SCORE_FIGURES = dict(zip(VAL_SCORES, ("val_ce", "calibrated_ce"), strict=True))
+SCORE_WORDS = {
+    "val_ce": "validation cross-entropy",
+    "calibrated_ce": "validation cross-entropy at the temperature fitted to its predictions",
+}
 
 if TYPE_CHECKING:
     from search.training.trainer import EpochStats
@@ -29,7 +38,7 @@ class SearchProgress:
             TextColumn("[bold]{task.fields[study]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("trials  best {task.fields[best]}"),
+            TextColumn("trials  best score {task.fields[best]}"),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -60,7 +69,8 @@ class SearchProgress:
 
     def trial_end(self, trial: FrozenTrial, state: Budget, best: str) -> None:
         self.console.print(
-            f"[{state.finished}/{state.target}] trial {trial.number} {_ending(trial)}  best {best}",
+            f"[{state.finished}/{state.target}] trial {trial.number} {_ending(trial)}  "
+            f"best score {best}",
             highlight=False,
         )
 
@@ -74,6 +84,26 @@ def format_mean_std(stat: dict[str, float | None], percent: bool = False) -> str
 
     std = stat["std"]
     return show(stat["mean"]) + (f" ± {show(std)}" if std is not None else "")
+
+
+def score_figure(study_attrs: dict[str, Any]) -> str | None:
+    """Which figure of a trial's last epoch its score (the trial's value) is, by the name the
+    epoch lines give it: the study's val_score. None for a study hpo did not create."""
+    if attrs.SETTINGS not in study_attrs:
+        return None
+    return SCORE_FIGURES[StudySettings.from_dict(study_attrs[attrs.SETTINGS]).val_score]
+
+
+def score_meaning(study_attrs: dict[str, Any]) -> str:
+    """What a trial's score is, in words, for `hpo status`."""
+    if attrs.SETTINGS not in study_attrs:
+        return "the trial's value"
+    return describe_score(StudySettings.from_dict(study_attrs[attrs.SETTINGS]))
+
+
+def describe_score(settings: StudySettings) -> str:
+    figure = SCORE_FIGURES[settings.val_score]
+    return f"{figure} of a trial's last epoch ({SCORE_WORDS[figure]}); the pruner reads it"
 
 
 def best_summary(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> str:
@@ -98,7 +128,7 @@ def _ending(trial: FrozenTrial) -> str:
         return f"skipped untrained: {gflops:.3g} GFLOP per image is over the space's max_gflops"
     if trial.state == TrialState.COMPLETE:
         acc = trial.user_attrs.get(attrs.VAL_ACC, 0)
-        return f"complete  val_loss {trial.value:.4f}  acc {acc:.2%}"
+        return f"complete  score {trial.value:.4f}  acc {acc:.2%}"
     if trial.state == TrialState.PRUNED:
         return f"pruned after epoch {trial.last_step}"
     return f"failed: {trial.user_attrs.get(attrs.FAIL_REASON) or 'unknown'}"

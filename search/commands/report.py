@@ -364,7 +364,7 @@ def _top_table(best: list[FrozenTrial]) -> str:
     if not best:
         return '<p class="note">No complete trial yet.</p>'
     head = (
-        "<tr><th>rank</th><th>trial</th><th>val loss</th><th>val acc</th><th>params</th>"
+        "<tr><th>rank</th><th>trial</th><th>score</th><th>val acc</th><th>params</th>"
         "<th>GFLOP/image</th><th>images/s</th><th>epochs</th><th>architecture</th><th>recipe</th>"
         "<th>config</th></tr>"
     )

@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 
 from search.commands.compare import compare_table
-from search.commands.progress import best_summary
+from search.commands.progress import best_summary, score_meaning
 from search.rules import attrs
 from search.rules.cost import format_duration, is_over_cap, study_pace
 from search.rules.faults import last_machine_fault
@@ -57,7 +57,8 @@ def study_table(
     summary.add_row("not started", str(state.waiting))
     summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
     summary.add_row("pace", pace_line(trials, state.finished, state.target))
-    summary.add_row("best", best_summary(study, trials))
+    summary.add_row("best score", best_summary(study, trials))
+    summary.add_row("score", score_meaning(study.user_attrs))
     summary.add_row("trial time", time_by_phase(trials))
     summary.add_row("rungs rank like the end", fidelity_line(study))
     if artifact_dir is not None:
@@ -75,7 +76,7 @@ def study_table(
     if not running:
         return Group(*shown)
     table = Table(title="running", title_justify="left")
-    for column in ("trial", "epoch", "last val loss", "worker", "architecture"):
+    for column in ("trial", "epoch", "last score", "worker", "architecture"):
         table.add_column(column, overflow="fold")
     for trial in running:
         label = f"{trial.number} (stale)" if trial.number in stale else str(trial.number)
@@ -104,7 +105,7 @@ def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int
 
 def studies_table(storage: optuna.storages.BaseStorage) -> Table:
     table = Table(title="studies", title_justify="left")
-    for column in ("study", "trials", "best value"):
+    for column in ("study", "trials", "best score"):
         table.add_column(column)
     for summary in optuna.get_all_study_summaries(storage):
         best = summary.best_trial

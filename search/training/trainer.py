@@ -65,10 +65,14 @@ class EpochStats:
     val_calibrated_loss: float | None = None
 
     def line(self, label: str, epochs: int) -> str:
-        """The epoch as the console shows it: "trial 3 epoch 2/10  lr ...  train ...  val ..."."""
-        val = (
-            f"val {self.val_loss:.4f}  acc {self.val_acc:6.2%}" if self.val_loss is not None else ""
-        )
+        """The epoch as the console shows it: "trial 3 epoch 2/10  lr ...  train ...  val_ce
+        ...  calibrated_ce ...  acc ...": validation cross-entropy plain and at the fitted
+        temperature, each by its name (a study's score is one of them: `hpo status` says which)."""
+        val = ""
+        if self.val_loss is not None:
+            calibrated = self.val_calibrated_loss
+            at_fitted = f"  calibrated_ce {calibrated:.4f}" if calibrated is not None else ""
+            val = f"val_ce {self.val_loss:.4f}{at_fitted}  acc {self.val_acc:6.2%}"
         compiled = f"  (compile {self.compile_seconds:.1f}s)" if self.compile_seconds else ""
         return (
             f"{label} epoch {self.epoch:>3}/{epochs}  lr {self.start_lr:.2e}  "
