@@ -1,10 +1,13 @@
-"""The `cifar-10-batches-py` pickle format: read it, write it, and cache it as uint8 tensors."""
+"""The CIFAR pickle formats (`cifar-10-batches-py`, `cifar-100-python`): read them, write them,
+and cache them as uint8 tensors."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import pickletools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,10 +22,18 @@ BATCH_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
 CACHE_FILE = "uint8-cache.pt"
 IMAGE_SHAPE = (3, 32, 32)
 
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_FILES = ("train", "test", "meta")
+# Which labels of CIFAR-100 to train on: the pickles' label key and the meta's names key.
+CIFAR100_LABELS = {
+    "fine": ("fine_labels", "fine_label_names"),  # 100 classes
+    "coarse": ("coarse_labels", "coarse_label_names"),  # 20 superclasses
+}
+
 
 @dataclass
 class ImageSet:
-    """A labelled train and test set: uint8 images (N, 3, 32, 32), int64 labels (N,)."""
+    """A labelled train and test set: uint8 images (N, C, H, W), int64 labels (N,)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -37,12 +48,66 @@ def has_batches(folder: Path) -> bool:
 
 def load_folder(folder: Path) -> ImageSet:
     """Read a batches folder, through `<folder>/uint8-cache.pt` once that has been written."""
-    cache = folder / CACHE_FILE
-    cached = _read_cache(cache)
+    return load_cached(folder / CACHE_FILE, lambda: read_folder(folder))
+
+
+def load_cifar100(folder: Path, labels: str = "fine") -> ImageSet:
+    """Read a `cifar-100-python` folder with its fine (100) or coarse (20) labels, through
+    `<folder>/uint8-cache-<labels>.pt` once that has been written."""
+    return load_cached(folder / f"uint8-cache-{labels}.pt", lambda: read_cifar100(folder, labels))
+
+
+def read_cifar100(folder: Path, labels: str = "fine") -> ImageSet:
+    """Parse CIFAR-100's `train`, `test` and `meta` pickles (slow path, before the cache)."""
+    label_key, names_key = CIFAR100_LABELS[labels]
+    train_images, train_labels = _read_batch(folder / "train", label_key)
+    test_images, test_labels = _read_batch(folder / "test", label_key)
+    meta = _unpickle(folder / "meta")
+    return ImageSet(
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        classes=[_text(name) for name in meta[names_key]],
+    )
+
+
+def channel_stats(imageset: ImageSet) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images in [0, 1] (population std)."""
+    images = imageset.train_images
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(4096):  # float64 a chunk at a time, not the whole set
+        x = chunk.to(torch.float64).div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def content_fingerprint(imageset: ImageSet) -> str:
+    """A hash of the pixels, labels and class names: equal for any copy of the same data."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update("\0".join(imageset.classes).encode())
+    for part in (
+        imageset.train_images,
+        imageset.train_labels,
+        imageset.test_images,
+        imageset.test_labels,
+    ):
+        digest.update(part.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_cached(path: Path, read: Callable[[], ImageSet]) -> ImageSet:
+    """The ImageSet cached at `path`, else `read()` and cached there."""
+    cached = _read_cache(path)
     if cached is not None:
         return cached
-    imageset = read_folder(folder)
-    _write_cache(cache, imageset)
+    imageset = read()
+    save_atomic(path, asdict(imageset))
     return imageset
 
 
@@ -60,10 +125,10 @@ def read_folder(folder: Path) -> ImageSet:
     )
 
 
-def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_batch(path: Path, label_key: str = "labels") -> tuple[torch.Tensor, torch.Tensor]:
     batch = _unpickle(path)
     images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
@@ -98,13 +163,14 @@ def _looks_valid(s: ImageSet) -> bool:
     )
 
 
-def _write_cache(path: Path, imageset: ImageSet) -> None:
+def save_atomic(path: Path, payload: dict) -> None:
+    """torch.save `payload` to `path`, or nothing where it cannot be written."""
     # Write then rename, so a worker reading concurrently never sees half a file; a read-only
     # dataset folder just means every load parses the pickles.
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         with partial.open("wb") as f:  # open here: torch.save would wrap OSError in RuntimeError
-            torch.save(asdict(imageset), f)
+            torch.save(payload, f)
         partial.replace(path)
     except OSError:
         partial.unlink(missing_ok=True)

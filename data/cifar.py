@@ -1,4 +1,5 @@
-"""Where CIFAR-10 lives on disk, and fetching it once with every file's md5 checked."""
+"""Where CIFAR-10 and CIFAR-100 live on disk, and fetching each once with every file's md5
+checked."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class ArchiveSource:
     md5: str
     base_folder: str
     files: Mapping[str, str]  # file name inside base_folder -> md5
+    title: str = "CIFAR-10"  # what the missing-dataset message calls it
 
 
 @cache
@@ -36,14 +38,27 @@ def cifar10_source() -> ArchiveSource:
     importing torchvision costs every `hpo` command about two seconds)."""
     from torchvision.datasets import CIFAR10
 
-    files = {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
-    files[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
+    return _torchvision_source(CIFAR10, "CIFAR-10")
+
+
+@cache
+def cifar100_source() -> ArchiveSource:
+    """CIFAR-100's URL and checksums, as torchvision pins them (`cifar-100-python/`)."""
+    from torchvision.datasets import CIFAR100
+
+    return _torchvision_source(CIFAR100, "CIFAR-100")
+
+
+def _torchvision_source(dataset: type, title: str) -> ArchiveSource:
+    files = {name: md5 for name, md5 in dataset.train_list + dataset.test_list}
+    files[dataset.meta["filename"]] = dataset.meta["md5"]
     return ArchiveSource(
-        url=CIFAR10.url,
-        filename=CIFAR10.filename,
-        md5=CIFAR10.tgz_md5,
-        base_folder=CIFAR10.base_folder,
+        url=dataset.url,
+        filename=dataset.filename,
+        md5=dataset.tgz_md5,
+        base_folder=dataset.base_folder,
         files=files,
+        title=title,
     )
 
 
@@ -64,7 +79,16 @@ def is_verified(folder: Path, source: ArchiveSource) -> bool:
 
 def require_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -> Path:
     """The verified folder under `data_dir`, without downloading anything."""
-    source = source or cifar10_source()
+    return require_archive(data_dir, source or cifar10_source())
+
+
+def download_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -> Path:
+    """The verified folder under `data_dir`, downloaded and extracted first if needed."""
+    return download_archive(data_dir, source or cifar10_source())
+
+
+def require_archive(data_dir: Path | str, source: ArchiveSource) -> Path:
+    """The source's verified folder under `data_dir`, without downloading anything."""
     data_dir = Path(data_dir).expanduser()
     folder = data_dir / source.base_folder
     if not is_verified(folder, source):
@@ -72,9 +96,9 @@ def require_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -
     return folder
 
 
-def download_cifar10(data_dir: Path | str, source: ArchiveSource | None = None) -> Path:
-    """The verified folder under `data_dir`, downloaded and extracted first if needed."""
-    source = source or cifar10_source()
+def download_archive(data_dir: Path | str, source: ArchiveSource) -> Path:
+    """The source's verified folder under `data_dir`, downloaded and extracted first if
+    needed."""
     data_dir = Path(data_dir).expanduser()
     folder = data_dir / source.base_folder
     if is_verified(folder, source):
@@ -113,6 +137,6 @@ def _move_into_place(extracted: Path, folder: Path, source: ArchiveSource) -> No
 def _missing(data_dir: Path, source: ArchiveSource, reason: str) -> DatasetMissingError:
     reason = " ".join(reason.split())  # keep the message on one line
     return DatasetMissingError(
-        f"CIFAR-10 not found in {data_dir / source.base_folder} and {reason}. "
+        f"{source.title} not found in {data_dir / source.base_folder} and {reason}. "
         f"Fetch {source.url} and extract it into {data_dir}, or pass --data-dir"
     )

@@ -1,0 +1,253 @@
+"""A folder of labelled images (torchvision ImageFolder's layout), decoded once and cached.
+
+    PATH/train/CLASS/any/depth/IMAGE     the training images, one folder per class
+    PATH/test/CLASS/...                  optional; the same class folders as train/
+
+Every file not hidden (a name starting with ".") under a class folder must be an image Pillow
+reads; its extension does not matter. Without test/, a stratified `test_fraction` of each
+class is carved out of train/ with a fixed seed, and the chosen files are recorded in the
+cache: the search never sees them.
+
+Each image is decoded with Pillow, converted to RGB as torchvision's ImageFolder loader does
+(grayscale becomes three identical channels, so every dataset has three channels and the
+network's input never changes; alpha is dropped; 16-bit grayscale is scaled to 8 bits), and
+resized to `image_size` x `image_size` whole (the aspect ratio is not kept: nothing is cropped
+away). The uint8 arrays are cached in `<data_dir>/folders/`, keyed by the folder's absolute
+path and the image size, never inside the user's folder (it may be read-only), together with a
+fingerprint of the files (relative path, size, mtime_ns of each): a changed folder is decoded
+again, never served stale. Decoding runs in a thread pool (see DECODE_WORKERS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .identity import DatasetError
+
+CACHE_FOLDER = "folders"
+CHUNK = 256  # images per decode task: few enough tasks, and small ones for the tail
+# Pillow releases the GIL while it decodes and resizes, so threads scale without the start-up
+# and result copies of processes (bench/folder.py measures both).
+DECODE_WORKERS = min(8, len(os.sched_getaffinity(0)))
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The files of a valid image folder: classes, and (relative path, label) per split."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[tuple[str, int], ...]
+    test: tuple[tuple[str, int], ...] | None  # None: no test/ folder; carve one from train
+    files_fingerprint: str  # every file's relative path, size and mtime_ns, hashed
+
+
+@dataclass
+class FolderData:
+    """A decoded folder: its ImageSet fields plus what says where they came from."""
+
+    train_images: object  # torch.Tensor, uint8 (N, 3, size, size)
+    train_labels: object
+    test_images: object
+    test_labels: object
+    classes: list[str]
+    image_size: int
+    files_fingerprint: str
+    fingerprint: str  # of the decoded pixels, labels, classes and split: same for any copy
+    test_split: str
+    test_files: list[str]  # relative paths of the test images, in order
+
+
+def scan_folder(root: Path | str) -> FolderLayout:
+    """The folder's classes and files, checked without decoding: raises DatasetError with
+    one line for a missing path, not a folder, no train/, fewer than two classes, an empty
+    class, a file outside a class folder, or a test/ with other classes than train/'s."""
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} is not a folder")
+    if not (root / "train").is_dir():
+        raise DatasetError(f"{root} has no train/ folder: expected {root}/train/CLASS/IMAGE")
+    classes, train = _scan_split(root, "train")
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root / 'train'} has {len(classes)} class folder(s); a classifier needs two or more"
+        )
+    test = None
+    if (root / "test").is_dir():
+        test_classes, test = _scan_split(root, "test")
+        if test_classes != classes:
+            extra = sorted(set(test_classes) - set(classes))
+            lacking = sorted(set(classes) - set(test_classes))
+            raise DatasetError(
+                f"{root / 'test'} has other classes than train/: "
+                f"only in test/: {', '.join(extra) or 'none'}; "
+                f"missing from test/: {', '.join(lacking) or 'none'}"
+            )
+    files = [path for path, _ in train + (test or [])]
+    return FolderLayout(
+        root, classes, tuple(train), test and tuple(test), _fingerprint(root, files)
+    )
+
+
+def _scan_split(root: Path, split: str) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    top = root / split
+    classes, files = [], []
+    for entry in sorted(os.scandir(top), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise DatasetError(f"{entry.path} is not in a class folder: expected {top}/CLASS/")
+        found = sorted(_files_under(Path(entry.path)))
+        if not found:
+            raise DatasetError(f"class folder {entry.path} holds no images")
+        files += [(str(path.relative_to(root)), len(classes)) for path in found]
+        classes.append(entry.name)
+    return tuple(classes), files
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(parent, n) for n in names if not n.startswith("."))
+
+
+def _fingerprint(root: Path, files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        stat = (root / path).stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_path(root: Path, image_size: int, data_dir: Path) -> Path:
+    """Where the decoded folder is cached: keyed by its absolute path and the image size."""
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return Path(data_dir) / CACHE_FOLDER / f"{root.name}-{key}-{image_size}px.pt"
+
+
+def load_image_folder(
+    root: Path | str,
+    data_dir: Path | str,
+    image_size: int = 32,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    workers: int = DECODE_WORKERS,
+) -> FolderData:
+    """The folder's images as uint8 (N, 3, size, size) tensors: from the cache while the
+    folder's files are unchanged, else decoded (DatasetError names a bad image) and cached."""
+    from .batches import save_atomic
+
+    if image_size < 1:
+        raise DatasetError(f"image size must be positive, got {image_size}")
+    layout = scan_folder(root)
+    cache = cache_path(layout.root, image_size, Path(data_dir).expanduser())
+    split = (
+        "test/"
+        if layout.test is not None
+        else f"carved from train/: {test_fraction:g} of each class, seed {split_seed}"
+    )
+    cached = _read_cache(cache)
+    if (
+        cached is not None
+        and cached.files_fingerprint == layout.files_fingerprint
+        and cached.image_size == image_size
+        and cached.test_split == split
+    ):
+        return cached
+    data = _decode_folder(layout, image_size, split, test_fraction, split_seed, workers)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(cache, asdict(data))
+    return data
+
+
+def _read_cache(path: Path) -> FolderData | None:
+    import torch
+
+    try:
+        return FolderData(**torch.load(path, weights_only=True))
+    except Exception:  # missing, truncated or foreign: decode the folder again
+        return None
+
+
+def _decode_folder(
+    layout: FolderLayout,
+    size: int,
+    split: str,
+    test_fraction: float,
+    split_seed: int,
+    workers: int,
+) -> FolderData:
+    import torch
+
+    from .split import stratified_split
+
+    entries = list(layout.train + (layout.test or ()))
+    images = torch.from_numpy(decode_images([layout.root / p for p, _ in entries], size, workers))
+    labels = torch.tensor([label for _, label in entries], dtype=torch.int64)
+    paths = [p for p, _ in entries]
+    n_train = len(layout.train)
+    if layout.test is not None:
+        train_idx, test_idx = torch.arange(n_train), torch.arange(n_train, len(entries))
+    else:
+        train_idx, test_idx = stratified_split(labels, test_fraction, split_seed)
+    parts = (images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update("\0".join(layout.classes).encode())
+    for part in parts:
+        digest.update(part.numpy().tobytes())
+    return FolderData(
+        *parts,
+        classes=list(layout.classes),
+        image_size=size,
+        files_fingerprint=layout.files_fingerprint,
+        fingerprint=digest.hexdigest(),
+        test_split=split,
+        test_files=[paths[i] for i in test_idx.tolist()],
+    )
+
+
+def decode_images(paths: list[Path], size: int, workers: int = DECODE_WORKERS) -> np.ndarray:
+    """uint8 (N, 3, size, size), decoded in chunks on `workers` threads."""
+    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        return np.concatenate([decode_chunk(chunk, size) for chunk in chunks])
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return np.concatenate(list(pool.map(decode_chunk, chunks, [size] * len(chunks))))
+    finally:
+        pool.shutdown(cancel_futures=True)  # a bad image stops the rest at once
+
+
+def decode_chunk(paths: list[Path], size: int) -> np.ndarray:
+    return np.stack([decode_image(path, size) for path in paths]).transpose(0, 3, 1, 2)
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): any mode made RGB, resized whole (bilinear, antialiased)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster
+            rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot read image {path} (unreadable or truncated): {err}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT:  # 16-bit grayscale: keep the top 8 bits, not a clip at 255
+        eight = np.clip(np.asarray(image, dtype=np.float32) / 257, 0, 255).round()
+        image = Image.fromarray(eight.astype(np.uint8), "L")
+    return image.convert("RGB")
