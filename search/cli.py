@@ -416,8 +416,7 @@ def train(
             "--storage",
             envvar="HPO_STORAGE",
             help="Storage of the study to attach the results to.",
-            show_default="the config's source storage, else "
-            f"{DEFAULT_STORAGE_URL}",
+            show_default=f"the config's source storage, else {DEFAULT_STORAGE_URL}",
         ),
     ] = None,
     artifact_dir: ArtifactDirOption = None,
