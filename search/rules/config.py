@@ -93,6 +93,17 @@ SCHEDULERS = tuple(SCHEDULE_ARGS)
 EPOCH_COUNTED_ARGS = ("patience", "step_size")
 
 
+# Each argument's allowed values, as torch's schedulers take them, and how to say them.
+SCHEDULE_ARG_BOUNDS = {
+    "factor": (lambda v: 0 < v < 1, "in (0, 1)"),  # ReduceLROnPlateau refuses 1 and more
+    "patience": (lambda v: v >= 0, ">= 0"),
+    "pct_start": (lambda v: 0 < v < 1, "in (0, 1)"),  # a warm-up share of the run
+    "min_lr_ratio": (lambda v: v > 0, "> 0"),
+    "step_size": (lambda v: v >= 1, ">= 1"),  # StepLR divides by it
+    "gamma": (lambda v: v > 0, "> 0"),
+}
+
+
 def schedule_args(scheduler: str, raw: Any) -> Any:
     """The typed arguments of `scheduler` from a mapping; unknown or mistyped keys are errors."""
     args = from_mapping(SCHEDULE_ARGS[scheduler], raw, f"train.scheduler_args ({scheduler})")
@@ -101,8 +112,9 @@ def schedule_args(scheduler: str, raw: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int if counted else (int, float)):
             kind = "an integer" if counted else "a number"
             raise ConfigError(f"train.scheduler_args.{name}: must be {kind}, got {value!r}")
-        if value < 0 or (not counted and value == 0):
-            raise ConfigError(f"train.scheduler_args.{name}: must be > 0, got {value!r}")
+        allowed, text = SCHEDULE_ARG_BOUNDS[name]
+        if not allowed(value):
+            raise ConfigError(f"train.scheduler_args.{name}: must be {text}, got {value!r}")
     return args
 
 
@@ -160,12 +172,14 @@ class TrainConfig:
             raise ConfigError(
                 f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        for name, high in (("momentum", 1.0), ("label_smoothing", 1.0), ("ema_decay", 1.0)):
+        for name in ("momentum", "label_smoothing", "ema_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"train.{name}: must be a number, got {value!r}")
-            if not 0 <= value < high:
-                raise ConfigError(f"train.{name}: must lie in [0, {high}), got {value!r}")
+            if not 0 <= value < 1:
+                raise ConfigError(f"train.{name}: must lie in [0, 1), got {value!r}")
+        if self.momentum == 0:  # torch's SGD refuses Nesterov without momentum
+            raise ConfigError("train.momentum: must be > 0 (SGD's Nesterov momentum), got 0")
 
     @property
     def schedule(self) -> Any:

@@ -26,9 +26,29 @@ from search.rules.config import (
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
 MAX_POOLINGS = int(math.log2(IMAGE_SIZE))
-# Ranges of the recipe levers; those of UNIT_INTERVAL stay below 1.
-UNIT_INTERVAL = ("momentum", "label_smoothing", "ema_decay")
-RECIPE_RANGES = (*UNIT_INTERVAL, "sgd_lr", "cutout_size", "cutout_prob", "mix_alpha", "mix_prob")
+RANGE_KEYS = (
+    "backbones", "blocks", "layers", "width", "dropout", "lr", "weight_decay", "grad_clip",
+    "sgd_lr", "momentum", "label_smoothing", "ema_decay", "cutout_size", "cutout_prob",
+    "mix_alpha", "mix_prob",
+)  # fmt: skip
+CHOICE_KEYS = (
+    "kernel_size", "batch_size", "schedulers", "optimizers", "weight_averaging", "cutout",
+    "mixes", "tta",
+)  # fmt: skip
+# Drawn on a log scale: the low end must be above 0.
+LOG_SCALE = ("lr", "weight_decay", "grad_clip", "sgd_lr", "mix_alpha")
+# The config field each key's values become. The config's own check is the key's bound: the
+# space has no bounds of its own, so it cannot offer a value a config refuses.
+TRAIN_FIELDS = {
+    "lr": "lr", "sgd_lr": "lr", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
+    "batch_size": "batch_size", "schedulers": "scheduler", "optimizers": "optimizer",
+    "momentum": "momentum", "label_smoothing": "label_smoothing", "ema_decay": "ema_decay",
+}  # fmt: skip
+AUGMENT_FIELDS = {
+    "cutout_size": "cutout_size", "cutout_prob": "cutout_prob", "mixes": "mix",
+    "mix_alpha": "mix_alpha", "mix_prob": "mix_prob", "tta": "tta",
+}  # fmt: skip
+MODEL_FIELDS = ("width", "blocks", "kernel_size", "dropout")
 
 
 class SpaceError(ValueError):
@@ -71,38 +91,23 @@ class SearchSpace:
     tta: tuple[str, ...]  # test-time views: none, flip, flip_shift
 
     def __post_init__(self) -> None:
-        self._check_recipe()
-        for name in ("backbones", "blocks", "layers", "width", "dropout", "lr"):
+        for name in RANGE_KEYS:
             low, high = getattr(self, name)
-            if not low <= high:
+            if not low <= high:  # also refuses NaN
                 raise SpaceError(f"{name}: low must be <= high, got [{low}, {high}]")
-        for name in ("backbones", "blocks", "layers", "width"):
-            if min(getattr(self, name)) < 1:
-                raise SpaceError(f"{name}: must be >= 1, got {list(getattr(self, name))}")
+        for name in LOG_SCALE:
+            low, high = getattr(self, name)
+            if not low > 0:
+                raise SpaceError(f"{name}: needs 0 < low (log scale), got [{low}, {high}]")
+        for name in CHOICE_KEYS:
+            if not getattr(self, name):
+                raise SpaceError(f"{name}: needs at least one choice")
+        for name in ("weight_averaging", "cutout"):
+            if set(getattr(self, name)) - {True, False}:
+                raise SpaceError(f"{name}: needs choices among true and false")
         if self.width_step is not None and self.width_step < 1:
             raise SpaceError(f"width_step: must be >= 1 (null: log scale), got {self.width_step}")
-        if self.backbones[0] * self.layers[0] > MAX_POOLINGS:
-            raise SpaceError(
-                f"layers: {self.backbones[0]} backbones x {self.layers[0]} layers pool a "
-                f"{IMAGE_SIZE}x{IMAGE_SIZE} image more than {MAX_POOLINGS} times"
-            )
-        if not 0 <= self.dropout[0] <= self.dropout[1] < 1:
-            raise SpaceError(f"dropout: must lie in [0, 1), got {list(self.dropout)}")
-        for name in ("lr", "weight_decay", "grad_clip"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise SpaceError(f"{name}: needs 0 < low <= high (log scale), got [{low}, {high}]")
-        unknown = set(self.schedulers) - set(SCHEDULERS)
-        if unknown or not self.schedulers:
-            raise SpaceError(
-                f"schedulers: choose from {', '.join(SCHEDULERS)}, got {unknown or '[]'}"
-            )
-        if not self.batch_size or min(self.batch_size) < 1:
-            raise SpaceError(f"batch_size: needs positive choices, got {list(self.batch_size)}")
-        if not self.kernel_size or any(k < 1 or k % 2 == 0 for k in self.kernel_size):
-            raise SpaceError(
-                f"kernel_size: needs odd positive choices, got {list(self.kernel_size)}"
-            )
+        self._check_against_configs()
         cheapest = train_flops_per_image(self.cheapest_model()) / 1e9
         if not self.max_gflops >= cheapest:  # also refuses NaN
             raise SpaceError(
@@ -110,23 +115,37 @@ class SearchSpace:
                 f"({cheapest:.3g} GFLOP per image): no draw could train"
             )
 
-    def _check_recipe(self) -> None:
-        for name in RECIPE_RANGES:
-            low, high = getattr(self, name)
-            top = 1 if name in ("cutout_prob", "mix_prob") else math.inf
-            if not 0 <= low <= high <= top or (name in UNIT_INTERVAL and high >= 1):
-                raise SpaceError(f"{name}: needs 0 <= low <= high in range, got [{low}, {high}]")
-        for name in ("sgd_lr", "mix_alpha"):
-            low, high = getattr(self, name)
-            if low <= 0:
-                raise SpaceError(f"{name}: needs 0 < low (log scale), got [{low}, {high}]")
-        for name, known in (("optimizers", OPTIMIZERS), ("mixes", MIXES), ("tta", TTA_MODES)):
-            chosen = getattr(self, name)
-            if not chosen or set(chosen) - set(known):
-                raise SpaceError(f"{name}: choose from {', '.join(known)}, got {list(chosen)}")
-        for name in ("weight_averaging", "cutout"):
-            if not getattr(self, name):
-                raise SpaceError(f"{name}: needs choices among true and false")
+    def _check_against_configs(self) -> None:
+        """Each end of each range and each choice, made into the config it becomes (all else at
+        its default): what the config refuses, the space refuses, before anything is stored."""
+        for name in (*TRAIN_FIELDS, *AUGMENT_FIELDS, *MODEL_FIELDS):
+            for value in getattr(self, name):
+                try:
+                    self._as_config(name, value)
+                except (ValueError, TypeError) as err:
+                    raise SpaceError(f"{name}: {value!r} is refused by the config: {err}") from err
+        # The sampler leaves each backbone still to come room for its fewest layers, so the
+        # deepest draw it must make is the most backbones at the fewest layers each.
+        for backbones in self.backbones:
+            chains = [[3 if i == 0 else 1] + [1] * self.layers[0] for i in range(backbones)]
+            try:
+                ModelConfig(channels=chains, blocks=[1] * backbones)
+            except (ValueError, TypeError) as err:
+                raise SpaceError(
+                    f"layers: {backbones} backbones of {self.layers[0]} layers each are refused "
+                    f"by the config: {err}"
+                ) from err
+
+    def _as_config(self, name: str, value: Any) -> object:
+        if name in TRAIN_FIELDS:
+            return TrainConfig(**{TRAIN_FIELDS[name]: value})
+        if name in AUGMENT_FIELDS:
+            return replace(self.augment, **{AUGMENT_FIELDS[name]: value})
+        if name == "width":
+            return ModelConfig(channels=[[3, value]], blocks=[1])
+        if name == "blocks":
+            return ModelConfig(channels=[[3, 1]], blocks=[value])
+        return ModelConfig(channels=[[3, 1]], blocks=[1], **{name: value})
 
     def cheapest_model(self) -> ModelConfig:
         """The network of every range's low end: cost grows with each range."""
@@ -282,19 +301,6 @@ def _as(kind: type, value: Any) -> Any:
     if kind is not bool and (isinstance(value, bool) or not isinstance(value, (kind, int))):
         raise TypeError(f"expected {kind.__name__}, got {value!r}")
     return kind(value)
-
-
-RANGE_KEYS = (
-    "backbones",
-    "blocks",
-    "layers",
-    "width",
-    "dropout",
-    "lr",
-    "weight_decay",
-    "grad_clip",
-    *RECIPE_RANGES,
-)
 
 
 def sample_config(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrialConfig:

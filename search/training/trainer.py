@@ -512,8 +512,12 @@ def _build_scheduler(
             optimizer, factor=args.factor, patience=args.patience
         )
     if cfg.scheduler == "onecycle":
+        # torch divides by the warm-up's steps less one: a warm-up of exactly one step (a tiny
+        # run) would divide by zero; a hair longer gives the same rates.
+        one_step = args.pct_start * total_steps == 1
+        pct_start = math.nextafter(args.pct_start, 1) if one_step else args.pct_start
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=args.pct_start
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=float(pct_start)
         )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
