@@ -217,9 +217,11 @@ def _decode_folder(
     )
 
 
-def decode_images(paths: list[Path], size: int, workers: int = DECODE_WORKERS) -> np.ndarray:
-    """uint8 (N, 3, size, size), decoded in chunks on `workers` threads."""
-    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+def decode_images(
+    paths: list[Path], size: int, workers: int = DECODE_WORKERS, chunk: int = CHUNK
+) -> np.ndarray:
+    """uint8 (N, 3, size, size), decoded in chunks of `chunk` on `workers` threads."""
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1 or len(chunks) <= 1:
         return np.concatenate([decode_chunk(chunk, size) for chunk in chunks])
     pool = ThreadPoolExecutor(workers)

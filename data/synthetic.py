@@ -1,4 +1,5 @@
-"""A small CIFAR-shaped set in the real on-disk format, for tests and offline smoke runs.
+"""A small CIFAR-shaped set in the real on-disk format, for tests and offline smoke runs
+(and a random CIFAR-100-format archive for tests).
 
 Each class is a smooth random colour field with a striped texture. An image is a shifted,
 possibly mirrored crop of its class template, blended with another class's template, with
@@ -21,6 +22,8 @@ from .batches import (
     BASE_FOLDER,
     BATCH_FILES,
     CACHE_FILE,
+    CIFAR100_FILES,
+    CIFAR100_FOLDER,
     META_FILE,
     TEST_FILE,
     TRAIN_FILES,
@@ -68,15 +71,48 @@ def make_synthetic_archive(
     """
     folder = write_synthetic(data_dir, train_per_class, test_per_class, seed)
     archive = folder.parent / "cifar-10-python.tar.gz"
-    _write_tar_gz(archive, folder, BASE_FOLDER)
-    source = ArchiveSource(
+    return archive, _archive(archive, folder, BATCH_FILES, "CIFAR-10")
+
+
+def make_cifar100_archive(
+    data_dir: Path | str, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0
+) -> tuple[Path, ArchiveSource]:
+    """A tar.gz in CIFAR-100's published format (`cifar-100-python/` with `train`, `test` and
+    `meta` pickles, fine and coarse labels) of random images, and its ArchiveSource (a file://
+    URL). Fine class f belongs to coarse class f % 20. For tests: use a scratch `data_dir`."""
+    rng = np.random.default_rng(seed)
+    folder = Path(data_dir).expanduser() / "synthetic-cifar100" / CIFAR100_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    fine_names = [f"fine_{i:02d}" for i in range(100)]
+    coarse_names = [f"coarse_{i:02d}" for i in range(20)]
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        fine = rng.permutation(np.repeat(np.arange(100), per_class))
+        images = rng.integers(0, 256, (len(fine), 3 * SIZE * SIZE), dtype=np.uint8)
+        filenames = [f"image_{i:05d}.png" for i in range(len(fine))]
+        fields = {
+            "filenames": filenames,
+            "batch_label": f"{name}ing batch 1 of 1",
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine % 20).tolist(),
+            "data": images,
+        }
+        write_batch(folder / name, fields, {fields["batch_label"], *filenames})
+    meta = {"fine_label_names": fine_names, "coarse_label_names": coarse_names}
+    write_batch(folder / "meta", meta, {*fine_names, *coarse_names})
+    archive = folder.parent / "cifar-100-python.tar.gz"
+    return archive, _archive(archive, folder, CIFAR100_FILES, "CIFAR-100")
+
+
+def _archive(archive: Path, folder: Path, files: tuple[str, ...], title: str) -> ArchiveSource:
+    _write_tar_gz(archive, folder, files)
+    return ArchiveSource(
         url=archive.as_uri(),
         filename=archive.name,
         md5=_md5(archive),
-        base_folder=BASE_FOLDER,
-        files={name: _md5(folder / name) for name in BATCH_FILES},
+        base_folder=folder.name,
+        files={name: _md5(folder / name) for name in files},
+        title=title,
     )
-    return archive, source
 
 
 def _templates(rng: np.random.Generator) -> np.ndarray:
@@ -130,16 +166,16 @@ def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, batch_label
     write_batch(path, fields, {batch_label, *filenames})
 
 
-def _write_tar_gz(archive: Path, folder: Path, arcname: str) -> None:
+def _write_tar_gz(archive: Path, folder: Path, files: tuple[str, ...]) -> None:
     # Fixed timestamps and owners make the archive, and so its md5, depend only on the seed.
     def scrub(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
         return info
 
     with gzip.GzipFile(archive, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
-        tar.add(folder, arcname=arcname, recursive=False, filter=scrub)
-        for name in sorted(BATCH_FILES):
-            tar.add(folder / name, arcname=f"{arcname}/{name}", filter=scrub)
+        tar.add(folder, arcname=folder.name, recursive=False, filter=scrub)
+        for name in sorted(files):
+            tar.add(folder / name, arcname=f"{folder.name}/{name}", filter=scrub)
 
 
 def _md5(path: Path) -> str:
