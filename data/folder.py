@@ -64,7 +64,14 @@ class FolderData:
     files_fingerprint: str
     fingerprint: str  # of the decoded pixels, labels, classes and split: same for any copy
     test_split: str
-    test_files: list[str]  # relative paths of the test images, in order
+    train_files: list[str]  # relative paths of the images, in order
+    test_files: list[str]
+
+    def image(self, path: str):
+        """The decoded image of a file (its path relative to the folder)."""
+        if path in self.test_files:
+            return self.test_images[self.test_files.index(path)]
+        return self.train_images[self.train_files.index(path)]
 
 
 def scan_folder(root: Path | str) -> FolderLayout:
@@ -213,6 +220,7 @@ def _decode_folder(
         files_fingerprint=layout.files_fingerprint,
         fingerprint=digest.hexdigest(),
         test_split=split,
+        train_files=[paths[i] for i in train_idx.tolist()],
         test_files=[paths[i] for i in test_idx.tolist()],
     )
 
