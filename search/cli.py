@@ -48,7 +48,12 @@ from search.rules.config import (
     ConfigError,
     load_config_file,
 )
-from search.rules.faults import EXIT_MACHINE_FAULT, FilesNotWritten
+from search.rules.faults import (
+    EXIT_MACHINE_FAULT,
+    FilesNotWritten,
+    compile_disk_fault,
+    compile_fault_line,
+)
 from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
 from search.rules.settings import DEFAULT_SEED, SettingsConflict
 from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
@@ -135,6 +140,12 @@ def user_errors(*also: type[Exception]) -> Iterator[None]:
         fail(str(err))
     except FilesNotWritten as err:
         print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(EXIT_MACHINE_FAULT) from None
+    except Exception as err:  # a compile the disk refused (`hpo train` compiles on CUDA)
+        fault = compile_disk_fault(err)
+        if fault is None:
+            raise
+        print(f"error: {compile_fault_line(fault)}", file=sys.stderr)
         raise typer.Exit(EXIT_MACHINE_FAULT) from None
 
 

@@ -3,11 +3,13 @@
 A trial is failed for good only for what its config did. A file this worker cannot write (a
 full, read-only or vanished disk: any OSError) is the machine's fault: the trial goes on
 without that file, the worker says so, and the study records it (`hpo status` shows it), so
-the person watching sees why trials stopped checkpointing.
+the person watching sees why trials stopped checkpointing. A compile the disk refuses cannot
+be gone on without: the trial is handed back and the worker exits EXIT_MACHINE_FAULT.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime, timezone
@@ -23,6 +25,16 @@ from search.rules import attrs
 EXIT_MACHINE_FAULT = 75
 
 
+# Modules whose errors wrap the OSError a full disk under torch.compile's caches raised
+# (InductorError from "OSError: [Errno 28] No space left on device").
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+
+
+class MachineFault(Exception):
+    """The machine refused what a trial needs and will go on refusing it (a full disk under the
+    compile caches): the worker hands the trial back and exits EXIT_MACHINE_FAULT."""
+
+
 class FilesNotWritten(Exception):
     """Files a command could not write, each said as it happened; `hpo` exits
     EXIT_MACHINE_FAULT, so a script never ships a file that is not there."""
@@ -34,6 +46,24 @@ def machine_fault_line(err: OSError, what: str, where: object = None) -> str:
     why = err.strerror or type(err).__name__
     where = where or err.filename
     return f"{what} not written{f' to {where}' if where else ''}: {why}"[:300]
+
+
+def compile_disk_fault(err: BaseException) -> OSError | None:
+    """The OSError behind an error torch's compiler raised (a full, read-only or vanished disk
+    under its caches), which is the machine's fault; None for any other error."""
+    cause: BaseException | None = err
+    for _ in range(20):  # a chain, not a cycle
+        if cause is None or not type(cause).__module__.startswith(COMPILER_MODULES):
+            break
+        cause = cause.__cause__ or cause.__context__
+    wrapped = cause is not err
+    disk = isinstance(cause, OSError) and not isinstance(cause, ConnectionError | TimeoutError)
+    return cause if wrapped and disk else None
+
+
+def compile_fault_line(fault: OSError) -> str:
+    where = fault.filename or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return machine_fault_line(fault, "torch.compile's cache", where)
 
 
 def write_or_say(

@@ -20,6 +20,7 @@ from model.counts import count_parameters
 from search.rules import attrs
 from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig, describe_recipe
 from search.rules.cost import gflops_per_image, refuse_over_cap
+from search.rules.faults import compile_disk_fault
 from search.rules.pruners import next_rung
 from search.rules.settings import StudySettings
 from search.rules.space import sample_config
@@ -102,9 +103,11 @@ class TrialRunner:
             # resumes from the checkpoint. A chain that fails for good loses it later
             # (CheckpointStore.remove_given_up).
             raise
-        except Exception:
-            # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read.
-            self._discard_checkpoint(trial)
+        except Exception as err:
+            # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read. A
+            # compile the disk refused is the machine's: the trial is handed back, to resume.
+            if compile_disk_fault(err) is None:
+                self._discard_checkpoint(trial)
             raise
         finally:
             clock.seconds["checkpoint"] += checkpoints.seconds

@@ -7,13 +7,19 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from search.rules import attrs
+from search.rules.faults import (
+    MachineFault,
+    compile_disk_fault,
+    compile_fault_line,
+    record_machine_fault,
+)
 from search.rules.study import StudyView, claim_trial, owes_retry, read_at_boundary
 from search.training.memory import device_out_of_memory, memory_note, release_trial_memory
 from search.training.stops import TrialInterrupted
@@ -122,10 +128,10 @@ def run_trial(
 ) -> FrozenTrial | None:
     """Run one claimed trial to a final state; None if another worker took it over.
 
-    Only StorageUnavailable and a bug in this loop escape. After an outage longer than the
-    heartbeat grace, another worker may have failed and re-queued this trial: its retry
-    resumes from the checkpoint, and this copy is dropped. (A write whose answer was lost is
-    settled by the storage, storage/_retry.py: it does not land here.)
+    Only StorageUnavailable, MachineFault and a bug in this loop escape. After an outage
+    longer than the heartbeat grace, another worker may have failed and re-queued this trial:
+    its retry resumes from the checkpoint, and this copy is dropped. (A write whose answer
+    was lost is settled by the storage, storage/_retry.py: it does not land here.)
     """
     try:
         with heartbeat(study, trial):
@@ -162,9 +168,21 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner)
         trial.set_user_attr(attrs.FAIL_REASON, f"{attrs.OUT_OF_MEMORY_PREFIX}{note}")
         return _tell(study, trial, state=TrialState.FAIL)
     except Exception as err:  # one bad config (NaN, bug in it) must not stop the worker
+        fault = compile_disk_fault(err)
+        if fault is not None:
+            hand_back(study, trial, compile_fault_line(fault))
         trial.set_user_attr(attrs.FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
         return _tell(study, trial, state=TrialState.FAIL)
     return _tell(study, trial, value)
+
+
+def hand_back(study: optuna.Study, trial: optuna.Trial, fault: str) -> NoReturn:
+    """The machine's fault, which the next trial here would meet too (its disk stays full):
+    the trial goes back to the queue as a stop, for a worker whose disk takes it, and this
+    one exits, recording why where `hpo status` shows it."""
+    record_machine_fault(study, trial.user_attrs.get(attrs.WORKER, "?"), fault)
+    stop_trial(study, trial, f"the machine's fault: {fault}")
+    raise MachineFault(f"trial {trial.number}: {fault}; handed back, and this worker stops")
 
 
 def _tell(
