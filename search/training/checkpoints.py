@@ -44,7 +44,7 @@ from storage.optuna_private import (
 # leaves its own, and the kernel drops its lock; the next store opened on that kernel (its boot
 # id: containers sharing a host and its hostname, even as PID 1 each, are one) removes the
 # unlocked ones. Another kernel's lock may not reach here (a network filesystem): its scratch
-# goes once it is older than STALE_SCRATCH_S.
+# goes once it is older than STALE_SCRATCH_S, as any where locks cannot tell.
 SCRATCH_PREFIX = ".scratch-"
 STALE_SCRATCH_S = 24 * 3600.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -233,24 +233,31 @@ def owned_scratch(directory: Path) -> Iterator[Path]:
 
 def remove_stale_scratch(directory: Path) -> None:
     """Remove the scratch folders of writes that died with their worker (a kill mid-write):
-    those of this kernel no process holds the lock of, and any kernel's older than
-    STALE_SCRATCH_S."""
+    those of this kernel no process holds the lock of, and any older than STALE_SCRATCH_S
+    whose lock cannot tell (another kernel's, or a filesystem without locks)."""
     here = f"@{this_kernel()}-"
     for folder in directory.glob(f"{SCRATCH_PREFIX}*"):
         with suppress(OSError):  # removed by another worker meanwhile
-            if here in folder.name:
-                _remove_unless_locked(folder)
-            elif time.time() - folder.stat().st_mtime > STALE_SCRATCH_S:
+            if here in folder.name and _remove_unless_locked(folder):
+                continue
+            if time.time() - folder.stat().st_mtime > STALE_SCRATCH_S:
                 shutil.rmtree(folder)
 
 
-def _remove_unless_locked(folder: Path) -> None:
-    """Remove `folder` unless its writer (alive: the kernel drops a dead one's) holds its
-    lock; the lock is held while it goes, so a writer that just made it sees it gone."""
+def _remove_unless_locked(folder: Path) -> bool:
+    """Remove `folder` unless its writer holds its lock (a live one: the kernel drops a dead
+    one's); the lock is held while it goes, so a writer that just made it sees it gone.
+    False where the lock cannot tell: a filesystem without locks."""
     lock = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: held, or no locks here
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer's
+            return True
+        except OSError:
+            return False
         shutil.rmtree(folder)
+        return True
     finally:
         os.close(lock)
 
