@@ -516,8 +516,14 @@ def _build_scheduler(
         # run) would divide by zero; a hair longer gives the same rates.
         one_step = args.pct_start * total_steps == 1
         pct_start = math.nextafter(args.pct_start, 1) if one_step else args.pct_start
+        # cycle_momentum off: SGD's momentum stays the drawn one (torch's default would cycle
+        # it, and AdamW's beta1, through 0.85-0.95 whatever the trial drew; docs/SEARCH.md).
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=float(pct_start)
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=float(pct_start),
+            cycle_momentum=False,
         )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
