@@ -478,6 +478,7 @@ def compare(
         study, storage, output_dir, seeds, epochs, top, data_dir, artifact_dir, gpus
     )
     with user_errors():
+        check_artifact_dir(resolve_artifact_dir(artifact_dir, storage))  # before it trains
         run_compare(request, SearchProgress(console))
 
 

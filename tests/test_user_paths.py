@@ -1,6 +1,7 @@
 """An artifact folder that can never hold a checkpoint (a file, or a path through one) is the
-user's mistake: `hpo start`, `hpo worker` and `hpo train` refuse it in one line, exit 2,
-before anything is stored, where a worker would otherwise run the study without checkpoints."""
+user's mistake: `hpo start`, `hpo worker`, `hpo train` and `hpo compare` refuse it in one
+line, exit 2, before anything is stored or trained, where a worker would otherwise run the
+study without checkpoints."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def stored_trials(url: str) -> dict[str, int]:
         return dict(rows.fetchall())
 
 
-@pytest.mark.slow  # five `hpo` processes
+@pytest.mark.slow  # six `hpo` processes
 def test_a_file_as_artifact_folder_is_refused_before_anything_is_stored(
     hpo_env: dict, tmp_path: Path
 ) -> None:
@@ -67,6 +68,9 @@ def test_a_file_as_artifact_folder_is_refused_before_anything_is_stored(
              "--output-dir", str(output), "--artifact-dir", str(typo))  # fmt: skip
     expect_refused(hpo(*train), typo)
     assert not output.exists()  # refused before it trained
+    compare = ("compare", "--study", "s", "--output-dir", str(output), "--artifact-dir", str(typo))
+    expect_refused(hpo(*compare), typo)
+    assert not output.exists()
 
 
 def test_a_folder_yet_to_be_made_is_fine_and_one_not_writable_is_refused(tmp_path: Path) -> None:
