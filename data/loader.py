@@ -68,7 +68,9 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device)
         generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        weights = np.random.default_rng([self.seed, self.epoch])  # mixing weights, host side
+        # Mixing weights, host side. NumPy takes no negative seed: one is read as its 64-bit
+        # two's complement (any seed from 0 up is unchanged).
+        weights = np.random.default_rng([self.seed % 2**64, self.epoch])
         self.epoch += 1
         order = self._order(generator)
         mixes = self.augment is not None and self.augment.mixes

@@ -102,7 +102,7 @@ def expected_epochs(settings: StudySettings, trials: int) -> float:
     """Mean epochs a trial trains under the study's own pruner, from `trials` sequential
     trials with synthetic learning curves, run as the objective runs them (report every
     epoch, ask the pruner before the last). Parallel workers prune later: more epochs."""
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(settings.seed % 2**64)  # NumPy takes no negative seed
     study = optuna.create_study(
         # Hyperband picks a trial's bracket from a hash of the study name: fix it, so the
         # estimate is the same every time.
