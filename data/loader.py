@@ -43,6 +43,8 @@ class DeviceLoader:
         channels_last: bool = False,
         epoch: int = 0,
         num_classes: int = 10,
+        mean: tuple[float, ...] = CIFAR10_MEAN,  # per channel: the dataset's identity's
+        std: tuple[float, ...] = CIFAR10_STD,
     ) -> None:
         _check(images, labels, batch_size, drop_last)
         self.device = torch.device(device)
@@ -57,8 +59,8 @@ class DeviceLoader:
         self.num_samples = len(labels)
         self.epoch = epoch  # the next epoch to yield
         self.num_classes = num_classes  # the width of mixed targets
-        self._mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(CIFAR10_STD, device=self.device).view(1, -1, 1, 1)
+        self._mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         if self.drop_last:

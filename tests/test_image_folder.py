@@ -237,3 +237,17 @@ def test_a_bad_image_is_named_when_threads_decode(folder) -> None:
     paths = [folder / p for p, _ in scan_folder(folder).train]
     with pytest.raises(DatasetError, match=str(bad)):
         decode_images(paths, SIZE, workers=2, chunk=2)
+
+
+def test_the_loader_normalises_by_the_identitys_statistics(folder, tmp_path) -> None:
+    from data.loader import DeviceLoader
+
+    name = f"folder:{folder}"
+    identity = dataset_identity(name, tmp_path, image_size=SIZE)
+    images = load_dataset(name, tmp_path, image_size=SIZE)
+    loader = DeviceLoader(
+        images.train_images, images.train_labels, 100, "cpu", mean=identity.mean, std=identity.std
+    )
+    (x, _), *_ = list(loader)
+    assert x.mean((0, 2, 3)).tolist() == pytest.approx([0, 0, 0], abs=1e-4)
+    assert x.std((0, 2, 3), correction=0).tolist() == pytest.approx([1, 1, 1], abs=1e-4)
