@@ -1,5 +1,17 @@
-"""Load a dataset by its `--dataset` value (data/identity.py names them): CIFAR-10, CIFAR-100
-(fine or coarse labels), the synthetic stand-in, or a folder of labelled images."""
+"""Load a dataset by its `--dataset` value (data/identity.py parses them), with its identity.
+
+- `cifar10`: CIFAR-10, downloaded and md5-checked on first use; normalised by its constants.
+- `cifar100`: CIFAR-100's 100 fine labels; `cifar100-coarse`: the same images with the 20
+  superclass labels (`coarse_labels` of the same pickles: one cache file each). Downloaded
+  and checked like CIFAR-10, with the same offline instructions; normalised by the training
+  split's own per-channel mean and std.
+- `synthetic`: the CIFAR-10-format stand-in (data/synthetic.py), normalised as CIFAR-10.
+- `folder:PATH`: a folder of labelled images (data/folder.py), decoded once into a cache in
+  the data dir; normalised by its training split.
+
+A bad value raises DatasetError, CIFAR missing and not fetched DatasetMissingError: both one
+line. CIFAR and the synthetic set are 32x32 only; a folder is resized to `image_size`.
+"""
 
 from __future__ import annotations
 

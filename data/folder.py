@@ -15,7 +15,8 @@ resized to `image_size` x `image_size` whole (the aspect ratio is not kept: noth
 away). The uint8 arrays are cached in `<data_dir>/folders/`, keyed by the folder's absolute
 path and the image size, never inside the user's folder (it may be read-only), together with a
 fingerprint of the files (relative path, size, mtime_ns of each): a changed folder is decoded
-again, never served stale. Decoding runs in a thread pool (see DECODE_WORKERS).
+again, never served stale. Decoding runs in a thread pool where there are more than two cores
+(see DECODE_WORKERS for why not processes, and not on two cores).
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from .identity import DatasetError
 
 CACHE_FOLDER = "folders"
 CHUNK = 256  # images per decode task: few enough tasks, and small ones for the tail
-# Pillow releases the GIL while it decodes and resizes, so threads scale without the start-up
-# and result copies of processes (bench/folder.py measures both).
-DECODE_WORKERS = min(8, len(os.sched_getaffinity(0)))
+# Pillow releases the GIL while it decodes and resizes, but for small images most of the time
+# is Python's, per file. bench/folder.py on 2 busy cores: 2 threads 0.6x-1.4x one thread,
+# no steady gain; 2 processes 1.3x once started, but starting them (forkserver: each imports
+# the entry module, torch included) took 8 s. So: threads, and only with more than two cores.
+_CPUS = len(os.sched_getaffinity(0))
+DECODE_WORKERS = min(8, _CPUS) if _CPUS > 2 else 1
 _FILE_LISTS = ("train_files", "test_files")
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
