@@ -3,6 +3,7 @@ negative study seed, the plateau's notion of a worse epoch, the border of a shif
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import optuna
@@ -12,10 +13,13 @@ from conftest import run_hpo
 from test_trainer import batches, trainer_for
 
 from data.augment_config import AugmentConfig
-from data.loader import DeviceLoader
+from data.dataset import load_dataset
+from data.loader import DeviceLoader, search_data
 from search.rules import attrs
 from search.rules.config import TrainConfig
-from search.rules.settings import StudySettings
+from search.rules.settings import VAL_SCORES, StudySettings
+from search.training.objective import TrialRunner, WorkerInfo
+from search.training.trainer import DeviceRecipe
 
 CPU = torch.device("cpu")
 
@@ -79,3 +83,55 @@ def test_a_study_with_a_negative_seed_is_created_and_priced(
     assert "expected cost" in created.stdout and created.stderr == ""
     study = optuna.load_study(study_name="negative", storage=hpo_env["HPO_STORAGE"])
     assert StudySettings.from_dict(study.user_attrs[attrs.SETTINGS]).seed == -7
+
+
+# --- the plateau watches the study's score -----------------------------------------------------
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_the_plateau_watches_the_validation_score_it_is_told(calibrated: bool) -> None:
+    cfg = TrainConfig(lr=0.01, epochs=1, scheduler="plateau", label_smoothing=0.3)
+    trainer = trainer_for(cfg, calibrated_score=calibrated)
+    (stats,) = trainer.fit(batches(3), batches(2, seed=1))
+    assert stats.val_calibrated_loss != pytest.approx(stats.val_loss, rel=1e-3)
+    watched = stats.val_calibrated_loss if calibrated else stats.val_loss
+    assert trainer.scheduler.best == watched  # the best value the plateau has seen
+
+
+@pytest.mark.parametrize("val_score", VAL_SCORES)
+def test_a_trials_plateau_watches_its_studys_score(
+    val_score: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched: list[float] = []  # what each plateau step of the trial was given
+    step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+
+    def step_watching(scheduler: object, metrics: float) -> None:
+        watched.append(metrics)
+        step(scheduler, metrics)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", step_watching)
+    settings = StudySettings.for_space(
+        "tiny", epochs=2, dataset="synthetic", pruner="none", val_score=val_score
+    )
+    runner = TrialRunner(
+        settings,
+        search_data(load_dataset("synthetic", data_dir), "cpu"),
+        DeviceRecipe.for_device("cpu"),
+        WorkerInfo("test", "host", "cpu"),
+        stop=threading.Event(),
+    )
+    study = optuna.create_study()
+    study.enqueue_trial(
+        {
+            "backbones": 1, "blocks_0": 1, "layers_0": 1, "width_0_1": 8, "kernel_size": 3,
+            "dropout": 0.0, "lr": 0.01, "weight_decay": 1e-4, "grad_clip": 0.1,
+            "batch_size": 64, "scheduler": "plateau", "plateau_factor": 0.5,
+            "plateau_patience": 1, "optimizer": "adamw", "label_smoothing": 0.2,
+            "weight_averaging": False, "cutout": False, "mix": "none", "tta": "none",
+        }
+    )  # fmt: skip
+    study.optimize(runner, n_trials=1)
+    records = study.trials[0].user_attrs["epochs"]
+    assert watched == [record["val_loss"] for record in records]  # the study's score
+    if val_score == "calibrated_cross_entropy":
+        assert watched != [record["val_cross_entropy"] for record in records]

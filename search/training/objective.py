@@ -85,6 +85,7 @@ class TrialRunner:
                 compile_mode=self.compile_mode,
                 state=state,
                 compile_policy=self.compile_policy,
+                calibrated_score=self.settings.calibrated,
             )
         with clock("report"):
             self._describe(trial, cfg, count_parameters(run.trainer.model))

@@ -32,6 +32,7 @@ def start_run(
     compile_mode: str = DEFAULT_COMPILE_MODE,
     state: dict[str, Any] | None = None,
     compile_policy: CompilePolicy | None = None,
+    calibrated_score: bool = False,
 ) -> Run:
     """Model, loaders and Trainer for `cfg`; resumed from `state` (a checkpoint) if given.
 
@@ -58,6 +59,7 @@ def start_run(
         compile_mode,
         compile_policy=compile_policy,
         eval_views=views,
+        calibrated_score=calibrated_score,
     )
     if state is not None:
         trainer.load_state_dict(state)

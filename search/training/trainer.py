@@ -134,6 +134,8 @@ class Trainer:
     compiles anywhere; "off" never. compile_seconds says how long compiling took.
     fused_blocks: run each backbone's K blocks as one grouped stack; None = yes (faster on
     GPUs, no slower on CPUs). Ignored for models without the option.
+    calibrated_score: the study scores validation at a fitted temperature, so the plateau
+    schedule watches that score too: one notion of "validation got worse" per study.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Trainer:
         fused_blocks: bool | None = None,
         compile_policy: CompilePolicy | None = None,
         eval_views: EvalViews | None = None,
+        calibrated_score: bool = False,
     ):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -163,6 +166,7 @@ class Trainer:
         # Validated, checkpointed, exported and tested in place of the model, where on.
         self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.eval_views = eval_views
+        self.calibrated_score = calibrated_score
         self.optimizer.zero_grad(set_to_none=True)  # the steps expect no gradients left over
         self.scheduler = _build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.epoch = 0
@@ -199,7 +203,7 @@ class Trainer:
             train_seconds = time.perf_counter() - start
             held_out = self.evaluation(val) if val is not None else None
             eval_seconds = time.perf_counter() - start - train_seconds
-            self._end_epoch(held_out.loss if held_out is not None else train_loss)
+            self._end_epoch(self._watched_loss(held_out, train_loss))
             compiled = {k: v for k, v in self._first_calls.items() if k not in compiled_before}
             # The step that compiled says nothing about speed: leave it out where others ran.
             first_seconds, first_images = compiled.get("train", (0.0, 0))
@@ -223,6 +227,13 @@ class Trainer:
             )
             self._consult_policy(stats, learn=images > first_images)
             yield stats
+
+    def _watched_loss(self, held_out: Evaluation | None, train_loss: float) -> float:
+        """What the plateau schedule watches: the study's validation score, or the training
+        loss where there is no validation (the final run)."""
+        if held_out is None:
+            return train_loss
+        return held_out.calibrated_loss if self.calibrated_score else held_out.loss
 
     def _consult_policy(self, stats: EpochStats, learn: bool) -> None:
         """Switch to compiled once it pays; after the first compiled epoch, tell the policy
