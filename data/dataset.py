@@ -70,7 +70,9 @@ def load_with_identity(
         imageset = ImageSet(
             data.train_images, data.train_labels, data.test_images, data.test_labels, data.classes
         )
-        return imageset, identity and _identity(spec, imageset, data.fingerprint, data.test_split)
+        if not identity:
+            return imageset, None
+        return imageset, _identity(spec, imageset, data.fingerprint, data.test_split)
     _check_cifar_size(spec, image_size)
     folder = dataset_folder(name, data_dir, download)
     if spec.kind.startswith("cifar100"):
