@@ -28,11 +28,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .identity import DatasetError
+
+if TYPE_CHECKING:  # torch only where tensors are made: this module is imported by decoders
+    import torch
 
 CACHE_FOLDER = "folders"
 CHUNK = 256  # images per decode task: few enough tasks, and small ones for the tail
@@ -61,10 +65,10 @@ class FolderLayout:
 class FolderData:
     """A decoded folder: its ImageSet fields plus what says where they came from."""
 
-    train_images: object  # torch.Tensor, uint8 (N, 3, size, size)
-    train_labels: object
-    test_images: object
-    test_labels: object
+    train_images: torch.Tensor  # uint8 (N, 3, size, size)
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
     classes: list[str]
     image_size: int
     files_fingerprint: str
@@ -73,7 +77,7 @@ class FolderData:
     train_files: list[str]  # relative paths of the images, in order
     test_files: list[str]
 
-    def image(self, path: str):
+    def image(self, path: str) -> torch.Tensor:
         """The decoded image of a file (its path relative to the folder)."""
         if path in self.test_files:
             return self.test_images[self.test_files.index(path)]
