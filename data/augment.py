@@ -22,10 +22,13 @@ def flip_batch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def translate_batch(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Move image b's content dx[b] pixels right and dy[b] down, filling the gap with 0.
+def translate_batch(
+    x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, fill: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """Move image b's content dx[b] pixels right and dy[b] down, filling the gap with `fill`
+    (a number, or one per channel shaped (1, C, 1, 1)).
 
-    The same as a crop from the zero-padded image; done as two gathers, one per axis.
+    The same as a crop from the padded image; done as two gathers, one per axis.
     """
     b, c, h, w = x.shape
     rows = torch.arange(h, device=x.device) - dy.view(-1, 1)  # source row for each output row
@@ -35,7 +38,7 @@ def translate_batch(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torc
     inside = ((rows >= 0) & (rows < h)).view(b, 1, h, 1) & ((cols >= 0) & (cols < w)).view(
         b, 1, 1, w
     )
-    return torch.where(inside, out, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(inside, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
 def rotate_batch(x: torch.Tensor, degrees: torch.Tensor | float) -> torch.Tensor:
@@ -111,14 +114,16 @@ def _paste_box(
     return x, 1 - (bottom - top) * (right - left) / (h * w)
 
 
-def evaluation_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The views whose logits are averaged at evaluation (augment_config.TTA_MODES)."""
+def evaluation_views(x: torch.Tensor, mode: str, black: torch.Tensor) -> list[torch.Tensor]:
+    """The views whose logits are averaged at evaluation (augment_config.TTA_MODES) of a
+    normalised batch. `black` is a black pixel normalised (DeviceLoader.black): a shifted view's
+    border is black, as a training shift's is (training shifts before normalising)."""
     views = [x] if mode == "none" else [x, x.flip(-1)]
     if mode == "flip_shift":
         n = x.shape[0]
         for dx in (-1, 1):
             shift = torch.full((n,), dx, device=x.device)
-            views += [translate_batch(view, shift, shift) for view in views[:2]]
+            views += [translate_batch(view, shift, shift, black) for view in views[:2]]
     return views
 
 

@@ -62,6 +62,11 @@ class DeviceLoader:
         self._mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
+    @property
+    def black(self) -> torch.Tensor:
+        """A black pixel as this loader's batches hold it (normalised), shaped (1, C, 1, 1)."""
+        return -self._mean / self._std
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size

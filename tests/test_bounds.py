@@ -224,4 +224,5 @@ def test_every_corner_of_an_accepted_space_builds_and_trains(
     assert all(stats.lr > 0 for stats in trainer.fit(loader, None))
     assert trainer.epoch == epochs
     views = {"none": 1, "flip": 2, "flip_shift": 6}[cfg.augment.tta]
-    assert len(evaluation_views(next(iter(loader))[0], cfg.augment.tta)) == views
+    shown = evaluation_views(next(iter(loader))[0], cfg.augment.tta, loader.black)
+    assert len(shown) == views

@@ -4,24 +4,28 @@ negative study seed, the plateau's notion of a worse epoch, the border of a shif
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 from conftest import run_hpo
-from test_trainer import batches, trainer_for
+from test_trainer import TINY, batches, trainer_for
 
 from data.augment_config import AugmentConfig
 from data.dataset import load_dataset
-from data.loader import DeviceLoader, search_data
+from data.loader import DeviceLoader, Labelled, RunData, search_data
 from search.rules import attrs
-from search.rules.config import TrainConfig
+from search.rules.config import TrainConfig, TrialConfig
 from search.rules.settings import VAL_SCORES, StudySettings
 from search.training.objective import TrialRunner, WorkerInfo
+from search.training.run import start_run
 from search.training.trainer import DeviceRecipe
 
 CPU = torch.device("cpu")
+# fp32: the inputs the model sees are compared exactly.
+FP32 = DeviceRecipe(device=CPU, autocast_dtype=None, memory_format=torch.contiguous_format)
 
 # --- a onecycle trial's momentum is the drawn one ----------------------------------------------
 
@@ -135,3 +139,25 @@ def test_a_trials_plateau_watches_its_studys_score(
     assert watched == [record["val_loss"] for record in records]  # the study's score
     if val_score == "calibrated_cross_entropy":
         assert watched != [record["val_cross_entropy"] for record in records]
+
+
+# --- a shifted test view's border is black, as a training shift's ------------------------------
+
+
+def test_a_shifted_test_view_has_the_black_border_of_a_training_shift() -> None:
+    white = torch.full((32, 3, 16, 16), 255, dtype=torch.uint8)
+    labels = torch.arange(32) % 10
+    data = RunData(Labelled(white[:16], labels[:16]), Labelled(white[16:], labels[16:]))
+    augment = AugmentConfig(crop_padding=1, flip=False, tta="flip_shift")
+    cfg = TrialConfig(replace(TINY, dropout=0.0), TrainConfig(epochs=1, batch_size=16), augment)
+    run = start_run(cfg, data, FP32, seed=0)
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    run.trainer.model.register_forward_pre_hook(
+        lambda module, args: seen[module.training].append(args[0].clone())
+    )
+    list(run.trainer.fit(run.train, run.held_out))
+    (trained,), (view, _, shifted, *_) = seen[True], seen[False]
+    for channel in range(3):  # white inside, and where shifted, the border training fills
+        assert trained[:, channel].unique().tolist() == shifted[:, channel].unique().tolist()
+    assert torch.equal(shifted[..., -1:, :], run.held_out.black.expand(16, 3, 1, 16))
+    assert torch.equal(shifted[..., :-1, :-1], view[..., 1:, 1:])  # moved a pixel up and left

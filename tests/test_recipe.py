@@ -218,12 +218,12 @@ def test_a_mixing_loader_yields_label_probabilities() -> None:
 
 
 def test_evaluation_views_are_the_image_its_mirror_and_both_shifted() -> None:
-    x = torch.rand(2, 3, 8, 8)
-    views = evaluation_views(x, "flip_shift")
+    x, black = torch.rand(2, 3, 8, 8), -torch.rand(1, 3, 1, 1)
+    views = evaluation_views(x, "flip_shift", black)
     assert len(views) == 6 and torch.equal(views[1], x.flip(-1))
     assert torch.equal(views[2][..., :-1, :-1], x[..., 1:, 1:])  # a pixel up and left
     assert torch.equal(views[4][..., 1:, 1:], x[..., :-1, :-1])  # a pixel down and right
-    assert evaluation_views(x, "none") == [x]
+    assert evaluation_views(x, "none", black) == [x]
 
 
 # --- a fair score ----------------------------------------------------------------------------

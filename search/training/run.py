@@ -50,7 +50,9 @@ def start_run(
         channels_last=recipe.channels_last,
         num_classes=cfg.model.num_classes,
     )
-    views = None if cfg.augment.tta == "none" else partial(evaluation_views, mode=cfg.augment.tta)
+    views = None
+    if cfg.augment.tta != "none":
+        views = partial(evaluation_views, mode=cfg.augment.tta, black=held_out.black)
     trainer = Trainer(
         model,
         cfg.train,
