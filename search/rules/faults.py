@@ -23,8 +23,6 @@ from search.rules import attrs
 # Exit code of a command whose work is done but whose files the disk refused: the machine's
 # fault, not the user's (sysexits EX_TEMPFAIL, as a worker that lost its storage exits).
 EXIT_MACHINE_FAULT = 75
-
-
 # Modules whose errors wrap the OSError a full disk under torch.compile's caches raised
 # (InductorError from "OSError: [Errno 28] No space left on device").
 COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
