@@ -105,11 +105,37 @@ def test_sgd_with_nesterov_momentum_is_what_steps() -> None:
 
 def test_the_average_of_the_weights_is_what_is_validated() -> None:
     trainer = trainer_for(TrainConfig(epochs=1, lr=0.05, ema_decay=0.9, scheduler="constant"))
-    val = batches(2, seed=1)
+    val, initial = batches(2, seed=1), copy.deepcopy(trainer.model)
     (stats,) = trainer.fit(batches(3), val)
     averaged, live = by_hand(trainer.average.module, val), by_hand(trainer.model, val)
     assert stats.val_loss == pytest.approx(averaged, rel=1e-5)
+    # Neither the live weights nor the initial ones (an average never updated).
     assert averaged != pytest.approx(live, rel=1e-3)
+    assert averaged != pytest.approx(by_hand(initial, val), rel=1e-3)
+
+
+def test_the_average_follows_the_live_weights_after_each_step_with_its_warm_up() -> None:
+    trainer = trainer_for(TrainConfig(epochs=2, lr=0.05, ema_decay=0.9, scheduler="constant"))
+    initial = copy.deepcopy(trainer.model.state_dict())
+    expected, decays = copy.deepcopy(initial), []
+
+    def average_by_hand(optimizer: object, *_: object) -> None:
+        """After each step: decay min(0.9, (1 + n) / (10 + n)) after n updates; integer
+        buffers (BatchNorm's count) copied."""
+        decay = min(0.9, (1 + len(decays)) / (10 + len(decays)))
+        for name, live in trainer.model.state_dict().items():
+            averaged = expected[name]
+            expected[name] = averaged.lerp(live, 1 - decay) if live.is_floating_point() else live
+        decays.append(decay)
+
+    trainer.optimizer.register_step_post_hook(average_by_hand)
+    list(trainer.fit(batches(3), None))
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15])
+    averaged = trainer.average.module.state_dict()
+    for name, value in expected.items():
+        assert torch.allclose(averaged[name], value, atol=1e-6), name
+        if value.is_floating_point():
+            assert not torch.allclose(averaged[name], initial[name]), name  # it moved
 
 
 def test_the_average_of_the_weights_is_what_is_exported_and_tested(
@@ -192,19 +218,50 @@ def test_cutout_blacks_out_one_square_per_image_at_its_probability() -> None:
     assert 10 < (half == 0).flatten(1).any(dim=1).sum() < 54
 
 
+def mixed_batches(mix: str, seeds: int = 5) -> list[tuple[torch.Tensor, ...]]:
+    """(images, mixed images, targets) of a batch mixed with each seed: 32 random images, each
+    its own class, so a target's share of a class is the share of the image of that class."""
+    x, y = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32)
+    cfg = AugmentConfig(mix=mix, mix_alpha=1.0, mix_prob=1.0)
+    out = []
+    for seed in range(seeds):
+        generator, weights = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        out.append((x, *mix_batch(x, y, cfg, 32, generator, weights)))
+    return out
+
+
 def test_mixing_blends_images_and_labels_alike() -> None:
-    x = torch.rand(32, 3, 8, 8)
-    y = torch.arange(32) % 10
-    cfg = AugmentConfig(mix="mixup", mix_alpha=1.0, mix_prob=1.0)
-    generator, weights = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    mixed, targets = mix_batch(x, y, cfg, 10, generator, weights)
-    assert targets.shape == (32, 10) and torch.allclose(targets.sum(dim=1), torch.ones(32))
-    lam = targets[torch.arange(32), y]  # the share of each image's own label
-    own = (mixed - x).abs().sum() > 0
-    assert own and ((lam > 0) & (lam <= 1)).all()
-    off = replace(cfg, mix_prob=0.0)
+    for x, mixed, targets in mixed_batches("mixup"):
+        for i in range(32):
+            # mixed[i] = x[i] + t (x[j] - x[i]) for its partner j: t, the partner's weight, is
+            # fitted for every candidate j; the partner is the one the blend fits exactly.
+            towards, moved = (x - x[i]).flatten(1), (mixed[i] - x[i]).flatten()
+            t = towards @ moved / towards.square().sum(1).clamp(min=1e-12)
+            j = int((towards * t.view(-1, 1) - moved).norm(dim=1).argmin())
+            expected = torch.zeros(32)  # image i is class i
+            expected[i] += 1 - t[j]
+            expected[j] += t[j]
+            assert torch.allclose(targets[i], expected, atol=1e-5)
+    x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 10
+    off = AugmentConfig(mix="mixup", mix_prob=0.0)
     same, onehot = mix_batch(x, y, off, 10, torch.Generator(), np.random.default_rng(0))
     assert torch.equal(same, x) and torch.equal(onehot, F.one_hot(y, 10).float())
+
+
+def test_cutmix_weighs_each_label_by_the_area_actually_pasted() -> None:
+    areas = set()
+    for x, mixed, targets in mixed_batches("cutmix", seeds=8):
+        pasted = (mixed != x).any(dim=1)  # (32, H, W): where the partner shows
+        for i in range(32):
+            area = pasted[i].float().mean().item()  # the box as pasted, clipped at the border
+            inside = mixed[i][:, pasted[i]]
+            j = next(j for j in range(32) if torch.equal(x[j][:, pasted[i]], inside))
+            expected = torch.zeros(32)  # image i is class i
+            expected[i] += 1 - area
+            expected[j] += area
+            assert torch.allclose(targets[i], expected, atol=1e-6)
+            areas.add(round(area, 4))
+    assert len(areas) > 3  # boxes of several sizes
 
 
 def test_a_mixing_loader_yields_label_probabilities() -> None:
