@@ -132,8 +132,8 @@ class SearchSpace:
                 ModelConfig(channels=chains, blocks=[1] * backbones)
             except (ValueError, TypeError) as err:
                 raise SpaceError(
-                    f"layers: {backbones} backbones of {self.layers[0]} layers each are refused "
-                    f"by the config: {err}"
+                    f"backbones, layers: {backbones} backbone(s) of {self.layers[0]} layer(s) "
+                    f"each are refused by the config: {err}"
                 ) from err
 
     def _as_config(self, name: str, value: Any) -> object:
