@@ -20,6 +20,7 @@ from rich.console import Console
 
 from data.cifar import DatasetMissingError, default_data_dir, download_cifar10
 from data.dataset import DATASETS
+from data.identity import DatasetError, parse_dataset
 from model.config import ModelConfigError
 from search.commands.compare import CompareRequest, run_compare
 from search.commands.export import (
@@ -48,6 +49,7 @@ from search.rules.config import (
     ConfigError,
     load_config_file,
 )
+from search.rules.data import DATASET_HELP
 from search.rules.faults import (
     EXIT_MACHINE_FAULT,
     FilesNotWritten,
@@ -88,6 +90,7 @@ USER_ERRORS = (
     ConfigError,
     ModelConfigError,
     DatasetMissingError,
+    DatasetError,  # a --dataset or its data the study cannot use
     GpuSpecError,
     ArtifactDirError,
 )
@@ -98,11 +101,9 @@ def choices(name: str, values: Iterable[str]) -> type[Enum]:
     return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
 
 
-Dataset = choices("Dataset", DATASETS)
 Compile = choices("Compile", COMPILE_MODES)
 Pruner = choices("Pruner", PRUNERS)
 DEFAULT_COMPILE = Compile(DEFAULT_COMPILE_MODE)
-DEFAULT_DATASET = Dataset(DATASETS[0])
 
 
 StorageOption = Annotated[
@@ -119,7 +120,7 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         envvar="HPO_DATA_DIR",
-        help="Where CIFAR-10 is (or is downloaded to).",
+        help="Where CIFAR is (or is downloaded to), and where image folders are cached decoded.",
         show_default=str(default_data_dir()),
     ),
 ]
@@ -166,7 +167,15 @@ def study_setting(help: str, default: object, least: int = 1) -> Any:
 
 
 EpochsOption = study_setting("Epochs per trial.", DEFAULT_EPOCHS)
-DatasetOption = Annotated[Dataset | None, typer.Option(show_default=DATASETS[0])]
+DatasetOption = Annotated[str | None, typer.Option(help=DATASET_HELP, show_default=DATASETS[0])]
+LocalDatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        help="This machine's copy of the study's data, where its path differs here "
+        "(folder:PATH); refused unless it holds the same images.",
+        show_default="the study's",
+    ),
+]
 PrunerOption = Annotated[
     Pruner | None,
     typer.Option(help="Prune on validation loss.", show_default=next(iter(PRUNERS))),
@@ -228,6 +237,9 @@ def command(function: Callable[..., None]) -> Callable[..., None]:
 
 def study_request(study: str, trials: int, storage: str, **flags: object) -> StudyRequest:
     values = {k: v.value if isinstance(v, Enum) else v for k, v in flags.items()}
+    if values.get("dataset") is not None:
+        with user_errors():  # stored as its canonical name: a folder's absolute path
+            values["dataset"] = parse_dataset(values["dataset"]).name
     return StudyRequest(study=study, trials=trials, storage=storage, **values)
 
 
@@ -239,20 +251,25 @@ def create(
     space: SpaceOption = None,
     epochs: EpochsOption = None,
     dataset: DatasetOption = None,
+    data_dir: DataDirOption = None,
     pruner: PrunerOption = None,
     seed: SeedOption = None,
     heartbeat: HeartbeatOption = None,
     min_epochs: MinEpochsOption = None,
     checkpoint_interval: CheckpointIntervalOption = None,
 ) -> None:
-    """Create a study with its settings and target, and run nothing (for init jobs)."""
+    """Create a study with its settings and target, and run nothing (for init jobs).
+
+    A dataset other than CIFAR-10 and the synthetic set is loaded (a folder decoded) first,
+    and its identity stored with the study: bad data are refused before anything is stored.
+    """
     request = study_request(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
         checkpoint_interval=checkpoint_interval,
     )  # fmt: skip
     with user_errors():
-        create_study(request, SearchProgress(console))
+        create_study(request, SearchProgress(console), data_dir=data_dir)
 
 
 @command
@@ -303,6 +320,7 @@ def start(
 def worker(
     study: Annotated[str, typer.Option(help="An existing study to work on.")],
     storage: StorageOption = DEFAULT_STORAGE_URL,
+    dataset: LocalDatasetOption = None,
     data_dir: DataDirOption = None,
     artifact_dir: ArtifactDirOption = None,
     timeout: TimeoutOption = None,
@@ -317,8 +335,9 @@ def worker(
     Everything but the per-machine options comes from the study's stored settings.
     """
     options = WorkerOptions(
-        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s, slot
-    )
+        data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s, slot,
+        dataset,
+    )  # fmt: skip
     with user_errors():
         code = join_search(study, storage, options, SearchProgress(console))
     raise typer.Exit(code)
@@ -415,7 +434,10 @@ def train(
     epochs: FinalEpochsOption = None,
     seeds: SeedsOption = 1,
     gpus: SeedGpusOption = None,
-    dataset: Annotated[Dataset, typer.Option()] = DEFAULT_DATASET,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help=DATASET_HELP, show_default="the data of the config's study"),
+    ] = None,
     data_dir: DataDirOption = None,
     output_dir: Annotated[
         Path,
@@ -446,7 +468,7 @@ def train(
         from search.commands.train import FinalRequest, run_final
 
         request = FinalRequest(
-            config, dataset.value, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
+            config, dataset, output_dir, storage, epochs, data_dir, artifact_dir, seeds, gpus
         )
         run_final(request, SearchProgress(console))
 
@@ -460,6 +482,7 @@ def compare(
         int, typer.Option(min=1, help="The study's best trials to train (by validation loss).")
     ] = 1,
     gpus: SeedGpusOption = None,
+    dataset: LocalDatasetOption = None,
     data_dir: DataDirOption = None,
     output_dir: Annotated[
         Path, typer.Option(help="Where compare.md, compare.json and every seed's weights go.")
@@ -475,11 +498,63 @@ def compare(
     to the study, where `hpo status`, `hpo report` and the dashboard show it.
     """
     request = CompareRequest(
-        study, storage, output_dir, seeds, epochs, top, data_dir, artifact_dir, gpus
+        study, storage, output_dir, seeds, epochs, top, data_dir, artifact_dir, gpus, dataset
     )
     with user_errors():
         check_artifact_dir(resolve_artifact_dir(artifact_dir, storage))  # before it trains
         run_compare(request, SearchProgress(console))
+
+
+@command
+def ablate(
+    study: Annotated[str, typer.Option(help="Study whose path from the report's config to draw.")],
+    trial: Annotated[
+        int | None,
+        typer.Option(min=0, help="The path's end: this complete trial.", show_default="the best"),
+    ] = None,
+    measure: Annotated[
+        bool,
+        typer.Option("--measure", help="Train the path's configs as `hpo compare` trains its own."),
+    ] = False,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --measure: the K largest predicted steps, the rest merged into the last.",
+            show_default="every step",
+        ),
+    ] = None,
+    seeds: SeedsOption = 3,
+    epochs: FinalEpochsOption = None,
+    gpus: SeedGpusOption = None,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[
+        Path,
+        typer.Option(
+            "--output-dir", "-o", help="Where the figure, the tables and the trainings go."
+        ),
+    ] = Path("runs/ablate"),
+    storage: StorageOption = DEFAULT_STORAGE_URL,
+    artifact_dir: ArtifactDirOption = None,
+) -> None:
+    """Which change bought the points? The path from the report's config to the best trial,
+    one group of changes at a time (architecture, optimizer, schedule, each recipe lever...).
+
+    Prints the path a random forest fitted to the study's trials predicts (free) and draws
+    it; --measure trains each step by `hpo compare`'s rule and attaches the table to the study
+    (a stopped run resumes where it was, from the output folder).
+    """
+    from search.commands.ablation import AblateRequest, run_ablate
+    from search.rules.ablation import AblationError
+
+    request = AblateRequest(
+        study, storage, output_dir, trial, measure, seeds, epochs, steps, data_dir,
+        artifact_dir, gpus,
+    )  # fmt: skip
+    with user_errors(AblationError):
+        if measure:
+            check_artifact_dir(resolve_artifact_dir(artifact_dir, storage))  # before it trains
+        run_ablate(request, SearchProgress(console))
 
 
 @command

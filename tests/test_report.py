@@ -59,6 +59,7 @@ def test_a_small_study_skips_what_it_cannot_draw(tmp_path: Path) -> None:
     assert [line.split(":")[0] for line in small.skipped] == [
         "Parameter importances",
         "Parallel coordinates",
+        "Which change bought the points",  # the predicted ablation path: too few trials
     ]
     assert "needs at least 3 complete trials, the study has 1" in small.skipped[0]
     assert [p.name for p in small.images] == [
@@ -72,7 +73,7 @@ def test_a_small_study_skips_what_it_cannot_draw(tmp_path: Path) -> None:
     storage = open_storage(url)
     create_or_join(storage, "empty", load_settings(storage, "small"), 2)
     empty = write_report(optuna.load_study(study_name="empty", storage=storage), tmp_path / "e")
-    assert len(empty.skipped) == len(PLOTS) and not empty.images
+    assert len(empty.skipped) == len(PLOTS) + 1 and not empty.images  # + the ablation path
     assert "No complete trial yet." in empty.page.read_text()
 
 

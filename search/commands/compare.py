@@ -25,6 +25,7 @@ from search.commands.tables import FittedTable
 from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
+from search.rules.data import check_data, fit_to_data, local_dataset, num_classes, study_identity
 from search.rules.faults import FilesNotWritten, machine_fault_line, write_or_say
 from search.rules.settings import StudySettings
 from search.rules.space import (
@@ -69,6 +70,7 @@ class CompareRequest:
     data_dir: Path | None = None
     artifact_dir: Path | None = None
     gpus: str | None = None
+    dataset: str | None = None  # this machine's copy of the study's data; None: its own
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     entries = [*top, report_entry(study, request.storage, settings, epochs)]
     # The training plane (torch) loads once the study is found: its table and a user's
     # mistakes need none.
-    from data.dataset import load_dataset
+    from data.dataset import load_with_identity
     from search.training.final import (
         make_output_dir,
         seed_devices,
@@ -107,14 +109,17 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
 
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
-    images = load_dataset(settings.dataset, request.data_dir)
+    dataset = local_dataset(settings, request.dataset)
+    images, found = load_with_identity(dataset, request.data_dir)
+    check_data(study_identity(settings), found)  # before anything trains
     seeds = list(range(request.seeds))
     trained: dict[str, dict[str, Any]] = {}
     for key, entry in training_plan(entries).items():
         progress.say(f"{entry.name}: {describe_architecture(entry.cfg)}")
         folder = request.output_dir / entry.folder
         say = _labelled(progress, entry.name)
-        trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say)
+        stats = (found.mean, found.std)
+        trained[key] = train_seeds(entry.cfg, images, seeds, folder, devices, say, stats)
     runs = [(entry, trained[config_key(entry.cfg)]) for entry in entries]
     table = comparison(study.study_name, settings, epochs, seeds, runs)
     markdown = to_markdown(table)
@@ -186,7 +191,9 @@ def report_entry(
     """The report's Table 1/2 config by the top trials' rule: where the study holds a complete
     trial of it (trial 0 of the default space), that trial as `hpo best` exports it; elsewhere
     the config as a trial of this study's length, scaled to `epochs` the same way."""
+    # Fitted to the data as the study's trials are: one classifier output per class.
     cfg = report_config(settings.search_space(), settings.epochs)
+    cfg = fit_to_data(cfg, num_classes(settings))
     trial = report_trial(study, cfg)
     if trial is not None:
         document = best_document(study, storage_url, trial)
@@ -352,7 +359,7 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
             format_mean_std(
                 {"mean": config["test_acc_mean"], "std": config["test_acc_std"]}, percent=True
             ),
-            _difference(config["vs_report"]),
+            format_difference(config["vs_report"]),
             f"{config['params']:,}",
             f"{config['train_gflop_per_image']:.4g}",
             f"{config['train_seconds']:,.1f} s",
@@ -362,7 +369,8 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def _difference(diff: dict[str, float | None] | None) -> str:
+def format_difference(diff: dict[str, float | None] | None) -> str:
+    """A paired difference in points with its 95% interval; `baseline` for the reference."""
     if diff is None:
         return "baseline"
     mean = f"{100 * diff['mean']:+.2f} pts"
@@ -425,9 +433,13 @@ def _attach(
     except OSError as err:  # the machine's fault: the table still goes to the study
         ids, kept = {}, machine_fault_line(err, "artifacts", artifacts)
     study.set_user_attr(attrs.COMPARE, {**table, "artifacts": ids})
-    note = f"\n### Best configs against the report's (`hpo compare`)\n\n{markdown}"
-    write_study_note(study, settings, budget(study).target, note)
+    write_study_note(study, settings, budget(study).target, compare_note(markdown))
     return f"attached the table to study {request.study!r} (artifacts: {kept})"
+
+
+def compare_note(markdown: str) -> str:
+    """The table's section of the dashboard's study note."""
+    return f"\n### Best configs against the report's (`hpo compare`)\n\n{markdown}"
 
 
 def _labelled(progress: SearchProgress, name: str) -> Callable[[str], None]:

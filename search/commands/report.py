@@ -30,8 +30,9 @@ from plotly.graph_objects import Figure
 from search.commands.compare import COLUMNS, explanation, table_rows
 from search.rules import attrs
 from search.rules.cost import pareto_front, trial_gflop
+from search.rules.data import describe_data
 from search.rules.fidelity import fidelity_line
-from search.rules.settings import METRIC_NAME
+from search.rules.settings import METRIC_NAME, StudySettings
 from search.rules.study import name_objective
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
@@ -90,6 +91,10 @@ def _write_report(study: optuna.Study, output: Path, top: int) -> Report:
             figure = plot.plotly(study, params)
             images.append(_save_png(plot, plot.matplotlib(study, params), output))
         sections.append(_section(plot, _figure_html(figure) + _png_link(plot)))
+    section, figure, reason = _ablation(study, output)
+    sections.append(section)
+    images += [figure] if figure else []
+    skipped += [f"{ABLATION_TITLE}: skipped, {reason}"] if reason else []
     page = output / PAGE_NAME
     best = top_trials(trials, study, top)
     page.write_text(_page(study, trials, sections, best, pareto_front(trials)))
@@ -336,7 +341,7 @@ def _summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     settings = study.user_attrs.get(attrs.SETTINGS)
     how = (
         f"space {settings['space_name']}, {settings['epochs']} epochs per trial, "
-        f"{settings['dataset']}, pruner {settings['pruner']}; "
+        f"{describe_data(StudySettings.from_dict(settings))}, pruner {settings['pruner']}; "
         if settings
         else ""
     )
@@ -358,6 +363,31 @@ def _comparison(study: optuna.Study) -> str:
         f'<table><tr>{head}</tr>{rows}</table><p class="summary">'
         f"{html.escape(explanation(table))}</p></section>"
     )
+
+
+ABLATION_TITLE = "Which change bought the points: the path from the report's config"
+
+
+def _ablation(study: optuna.Study, output: Path) -> tuple[str, Path | None, str | None]:
+    """The predicted path (and the measured one, once `hpo ablate --measure` ran): the section,
+    its PNG, and why it is skipped, if it is."""
+    from search.commands.ablation import FIGURE, measured_html, path_html, path_png, study_path
+    from search.rules.ablation import AblationError
+
+    measured = study.user_attrs.get(attrs.ABLATION)
+    tail = measured_html(measured) if measured else ""
+    head = f'<section id="ablation"><h2>{html.escape(ABLATION_TITLE)}</h2>'
+    if attrs.SETTINGS not in study.user_attrs:
+        reason = "not a study `hpo create` made (no settings)"
+    else:
+        try:
+            path = study_path(study, StudySettings.from_dict(study.user_attrs[attrs.SETTINGS]))
+            figure = path_png(path, output / FIGURE)
+            return f"{head}{path_html(path)}{tail}</section>", figure, None
+        except AblationError as err:
+            reason = str(err)
+    note = f'<p class="note">Skipped: {html.escape(reason)}.</p>'
+    return f"{head}{note}{tail}</section>", None, reason
 
 
 def _top_table(best: list[FrozenTrial]) -> str:

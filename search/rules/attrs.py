@@ -12,6 +12,8 @@ TARGET_RAISED = "hpo:target-raised-to-"  # + N: one per raise; the target is the
 PROPOSED_SETTINGS = "hpo:settings-proposed-by-"
 FINAL = "hpo:final"  # the latest `hpo train` of a config exported from this study
 COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/commands/compare.py)
+# The latest `hpo ablate --measure`: its table and markdown (search/commands/ablation.py)
+ABLATION = "hpo:ablation"
 # + a worker's name: its latest environment fault, {"at": UTC time, "what": one line}
 MACHINE_FAULT = "hpo:machine-fault:"
 

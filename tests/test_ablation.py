@@ -1,0 +1,173 @@
+"""`hpo ablate`: the path from the report's config to the best trial, predicted by a forest
+fitted to the study's trials (and, with --measure, trained), one group of changes a step."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_hpo
+
+from search.commands.ablation import study_path
+from search.commands.report import write_report
+from search.rules import attrs
+from search.rules.ablation import (
+    MIN_TRIALS,
+    AblationError,
+    group_of,
+    largest_steps,
+    with_group,
+)
+from search.rules.settings import StudySettings
+from search.rules.space import BUILTIN_SPACES, report_table1_params, sample_config
+from search.rules.study import create_or_join
+from storage import open_storage
+
+EPOCHS = 4
+# The best trial: the report's config but for four groups, of which grad_clip does nothing.
+BEST_CHANGES = {"label_smoothing": 0.3, "dropout": 0.5, "weight_decay": 1e-2, "grad_clip": 0.9}
+
+
+def score(params: dict) -> float:
+    """Label smoothing drives the score, dropout less, weight decay less still; the gradient
+    clipping and everything else do nothing."""
+    return (
+        2.0
+        - 5.0 * params["label_smoothing"]
+        - 2.0 * params["dropout"]
+        - 0.15 * (math.log10(params["weight_decay"]) + 6)
+    )
+
+
+def driven_study(url: str, name: str, drawn: int = 40, report: bool = True) -> optuna.Study:
+    """A default-space study made as `hpo create` makes one (its first ticket the report's
+    config), then `drawn` random trials and the best one, scored by `score`, not trained."""
+    storage = open_storage(url)
+    settings = StudySettings.for_space(epochs=EPOCHS, dataset="synthetic")
+    create_or_join(storage, name, settings, 1)
+    study = optuna.load_study(study_name=name, storage=storage)
+    space = settings.search_space()
+    if report:  # claimed and told as a worker would
+        trial = study.ask()
+        _tell(study, trial, sample_config(trial, space, EPOCHS), score(trial.params))
+    # Drawn in memory, added at once: a SQLite round trip per suggestion is most of the time.
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    scratch.enqueue_trial({**report_table1_params(), **BEST_CHANGES})
+    noise = random.Random(0)
+    for number in range(drawn + 1):
+        trial = scratch.ask()
+        cfg = sample_config(trial, space, EPOCHS)
+        _tell(scratch, trial, cfg, score(trial.params) + (number and abs(noise.gauss(0, 0.02))))
+    study.add_trials(scratch.trials)
+    return study
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, cfg, value: float) -> None:
+    trial.set_user_attr(attrs.CONFIG, cfg.to_dict())
+    study.tell(trial, value)
+
+
+@pytest.fixture(scope="module")
+def driven(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, optuna.Study]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('ablation') / 'hpo.db'}"
+    return url, driven_study(url, "driven")
+
+
+def test_every_parameter_of_every_space_moves_with_a_group() -> None:
+    names = set(report_table1_params())
+    for space in BUILTIN_SPACES.values():
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(300):  # every branch: each optimizer, schedule, lever on and off
+            trial = study.ask()
+            sample_config(trial, space, 10)
+            names |= set(trial.params)
+    for name in sorted(names):
+        group_of(name)  # raises for a parameter no group claims
+    with pytest.raises(AblationError, match="belongs to no ablation group"):
+        group_of("warmup_epochs")
+
+
+def test_a_switch_brings_its_conditional_parameters() -> None:
+    adamw = {"optimizer": "adamw", "lr": 1e-3, "dropout": 0.1, "width_0_1": 64}
+    sgd = {"optimizer": "sgd", "sgd_lr": 0.1, "momentum": 0.9, "dropout": 0.2, "width_0_1": 32}
+    assert with_group(adamw, sgd, "optimizer") == {
+        "optimizer": "sgd", "sgd_lr": 0.1, "momentum": 0.9, "dropout": 0.1, "width_0_1": 64,
+    }  # fmt: skip
+    deeper = {**adamw, "layers_0": 2, "width_0_2": 128}
+    assert with_group(deeper, adamw, "architecture") == adamw  # the second width goes too
+
+
+def test_the_predicted_path_puts_the_driving_group_first_and_the_idle_one_last(
+    driven: tuple[str, optuna.Study],
+) -> None:
+    _url, study = driven
+    settings = StudySettings.from_dict(study.user_attrs[attrs.SETTINGS])
+    best = study.best_trial
+    assert best.params == {**report_table1_params(), **BEST_CHANGES}
+    path = study_path(study, settings)
+    report = study.trials[0]
+    assert path.start_trial == 0 and path.target_trial == best.number
+    assert path.steps[0].params == report.params and path.steps[-1].params == best.params
+    assert path.trials == len(study.trials)
+    groups = [step.group for step in path.steps[1:]]
+    assert groups == ["label smoothing", "dropout", "weight decay", "gradient clipping"]
+    assert path.steps[1].changes == {"label_smoothing": (0.0, 0.3)}
+    assert all(step.sd >= 0 for step in path.steps)
+    # The driving step's predicted gain is the largest: --steps 1 keeps it alone.
+    assert largest_steps(path, 1) == [["label smoothing"], groups[1:]]
+
+
+@pytest.mark.slow
+def test_hpo_ablate_prints_the_predicted_path_and_draws_it(
+    driven: tuple[str, optuna.Study], hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    url, study = driven
+    done = run_hpo("ablate", "--study", "driven", "-o", "out", env={**hpo_env, "HPO_STORAGE": url},
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "a prediction, not a measurement" in done.stdout
+    assert f"fitted to {len(study.trials)} complete trials" in done.stdout
+    assert "+ label smoothing" in done.stdout and (tmp_path / "out" / "ablation.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_report_draws_the_path_or_says_why_not(
+    driven: tuple[str, optuna.Study], tmp_path: Path
+) -> None:
+    url, study = driven
+    page = write_report(study, tmp_path / "report")
+    text = page.page.read_text()
+    assert 'id="ablation"' in text and 'src="ablation.png"' in text
+    assert "+ gradient clipping" in text and (tmp_path / "report" / "ablation.png") in page.images
+    small = driven_study(url, "few", drawn=3)
+    written = write_report(small, tmp_path / "small")
+    assert any("skipped, too few trials" in line for line in written.skipped), written.skipped
+    assert f"needs at least {MIN_TRIALS}" in written.page.read_text()
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_and_exit_2(
+    driven: tuple[str, optuna.Study], hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    url, _study = driven
+    driven_study(url, "no-report", drawn=MIN_TRIALS, report=False)
+    driven_study(url, "small", drawn=MIN_TRIALS - 3)
+
+    def refused(*args: str) -> str:
+        done = run_hpo("ablate", *args, env={**hpo_env, "HPO_STORAGE": url}, cwd=tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        return done.stderr.removeprefix("error: ").strip()
+
+    assert refused("--study", "driven", "--trial", "999") == (
+        "trial 999 of 'driven' is no end: there is no such trial"
+    )
+    assert refused("--study", "no-report").startswith(
+        "study 'no-report' holds no complete trial of the report's config"
+    )
+    assert refused("--study", "small") == (
+        f"too few trials: {MIN_TRIALS - 1} complete, the predicted path needs at least {MIN_TRIALS}"
+    )
