@@ -3,16 +3,24 @@ fitted to the study's trials (and, with --measure, trained), one group of change
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_hpo
+from conftest import HPO, run_hpo
+from optuna_dashboard import get_note
+from rich.console import Console
 
-from search.commands.ablation import study_path
+from search.commands.ablation import RESULTS, study_path
 from search.commands.report import write_report
+from search.commands.status import study_table
 from search.rules import attrs
 from search.rules.ablation import (
     MIN_TRIALS,
@@ -22,13 +30,30 @@ from search.rules.ablation import (
     with_group,
 )
 from search.rules.settings import StudySettings
-from search.rules.space import BUILTIN_SPACES, report_table1_params, sample_config
+from search.rules.space import (
+    BUILTIN_SPACES,
+    DEFAULT_SPACE,
+    SearchSpace,
+    report_params_in,
+    report_table1_params,
+    sample_config,
+)
 from search.rules.study import create_or_join
 from storage import open_storage
 
 EPOCHS = 4
 # The best trial: the report's config but for four groups, of which grad_clip does nothing.
-BEST_CHANGES = {"label_smoothing": 0.3, "dropout": 0.5, "weight_decay": 1e-2, "grad_clip": 0.9}
+BEST_CHANGES = {"label_smoothing": 0.3, "weight_decay": 1e-2, "grad_clip": 0.9}
+
+
+def best_params(space: SearchSpace) -> dict:
+    """The report's config with BEST_CHANGES and the space's highest dropout (no draw beats
+    it), its K cut to the space's (the tiny space's is below the report's: an idle change)."""
+    params = {**report_params_in(space), **BEST_CHANGES, "dropout": space.dropout[1]}
+    return {
+        name: min(value, space.blocks[1]) if name.startswith("blocks_") else value
+        for name, value in params.items()
+    }
 
 
 def score(params: dict) -> float:
@@ -36,26 +61,29 @@ def score(params: dict) -> float:
     clipping and everything else do nothing."""
     return (
         2.0
-        - 5.0 * params["label_smoothing"]
-        - 2.0 * params["dropout"]
-        - 0.15 * (math.log10(params["weight_decay"]) + 6)
+        - 10.0 * params["label_smoothing"]
+        - 4.0 * params["dropout"]
+        - 0.05 * (math.log10(params["weight_decay"]) + 6)
     )
 
 
-def driven_study(url: str, name: str, drawn: int = 40, report: bool = True) -> optuna.Study:
-    """A default-space study made as `hpo create` makes one (its first ticket the report's
-    config), then `drawn` random trials and the best one, scored by `score`, not trained."""
+def driven_study(
+    url: str, name: str, drawn: int = 40, report: bool = True, space_name: str = "default"
+) -> optuna.Study:
+    """A study made as `hpo create` makes one (in the default space its first ticket the
+    report's config, claimed and told where `report`), then `drawn` random trials and the
+    best one (the report's config with BEST_CHANGES), scored by `score`, not trained."""
     storage = open_storage(url)
-    settings = StudySettings.for_space(epochs=EPOCHS, dataset="synthetic")
+    settings = StudySettings.for_space(space_name, epochs=EPOCHS, dataset="synthetic")
     create_or_join(storage, name, settings, 1)
     study = optuna.load_study(study_name=name, storage=storage)
     space = settings.search_space()
-    if report:  # claimed and told as a worker would
+    if report:
         trial = study.ask()
         _tell(study, trial, sample_config(trial, space, EPOCHS), score(trial.params))
     # Drawn in memory, added at once: a SQLite round trip per suggestion is most of the time.
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    scratch.enqueue_trial({**report_table1_params(), **BEST_CHANGES})
+    scratch.enqueue_trial(best_params(space))
     noise = random.Random(0)
     for number in range(drawn + 1):
         trial = scratch.ask()
@@ -106,7 +134,9 @@ def test_the_predicted_path_puts_the_driving_group_first_and_the_idle_one_last(
     _url, study = driven
     settings = StudySettings.from_dict(study.user_attrs[attrs.SETTINGS])
     best = study.best_trial
-    assert best.params == {**report_table1_params(), **BEST_CHANGES}
+    assert best.params == best_params(DEFAULT_SPACE) and report_params_in(DEFAULT_SPACE) == (
+        report_table1_params()
+    )
     path = study_path(study, settings)
     report = study.trials[0]
     assert path.start_trial == 0 and path.target_trial == best.number
@@ -171,3 +201,69 @@ def test_bad_inputs_are_one_line_and_exit_2(
     assert refused("--study", "small") == (
         f"too few trials: {MIN_TRIALS - 1} complete, the predicted path needs at least {MIN_TRIALS}"
     )
+
+
+@pytest.mark.slow
+def test_the_measured_path_resumes_and_trains_nothing_twice(
+    hpo_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Through real `hpo` processes: compare trains the report's and the best's configs; the
+    measured path takes them, trains one step, is stopped, and the resumed run trains the
+    rest, each (step, seed) once."""
+    url = hpo_env["HPO_STORAGE"]
+    driven_study(url, "tiny", drawn=MIN_TRIALS, report=False, space_name="tiny")
+    base = ["--study", "tiny", "--seeds", "1", "--epochs", "1"]
+    compared = run_hpo("compare", *base, env=hpo_env, cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    ablate = [HPO, "ablate", *base, "--measure", "--steps", "2", "-o", "out"]
+    first = subprocess.Popen(
+        ablate, env=hpo_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    results = tmp_path / "out" / RESULTS
+    while not _trained(results):  # the first step's result, written whole (os.replace)
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    out, _err = first.communicate(timeout=60)
+    assert first.returncode != 0  # stopped, not finished
+    assert "to train, 2 already done (2 from `hpo compare`)" in out  # the cost, said first
+    kept = _trained(results)
+    resumed = run_hpo(*ablate[1:], env=hpo_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    table = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    labels = [row["label"] for row in table["steps"]]
+    assert labels[:2] == ["report's config", "+ label smoothing"] and len(labels) == 4
+    assert labels[3].endswith(", architecture (= trial 1)") or "architecture" in labels[2]
+    # Each (config, seed) trained once over both runs: the second only what the first left.
+    again = re.findall(r"training step (\d+) ", resumed.stdout)
+    assert again and not set(again) & {str(step) for step in _steps_trained(out, kept)}
+    assert len(re.findall(r"training step", out)) - len(again) <= 1  # one cut short, at most
+    assert f"{len(again)} to train, {4 - len(again)} already done" in resumed.stdout
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+    stored = study.user_attrs[attrs.ABLATION]
+    assert stored["steps"] == table["steps"]
+    assert "Which change bought the points" in get_note(study)
+    assert "Best configs against the report's" in get_note(study)  # compare's table kept
+    shown = Console(width=300, record=True)
+    shown.print(study_table(study))
+    text = shown.export_text()
+    assert "measured path" in text and "+ label smoothing" in text
+
+
+def _trained(results: Path) -> dict:
+    """The trainings kept so far (compare's two taken ones aside: they have no train time)."""
+    try:
+        stored = json.loads(results.read_text())["results"]
+    except (OSError, ValueError):
+        return {}
+    return {
+        key: seeds
+        for key, seeds in stored.items()
+        if any("train_seconds" in run for run in seeds.values())
+    }
+
+
+def _steps_trained(out: str, kept: dict) -> list[str]:
+    """The steps the first run trained to the end: the first len(kept) it began."""
+    return re.findall(r"training step (\d+) ", out)[: len(kept)]

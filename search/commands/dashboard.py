@@ -18,6 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from search.commands.progress import describe_score
 from search.rules import attrs
+from search.rules.data import describe_data
 from search.rules.settings import StudySettings
 from search.rules.study import join, name_objective
 from storage import open_storage, redact_url
@@ -113,8 +114,12 @@ def write_study_note(
     study: optuna.Study, settings: StudySettings, target: int, appendix: str = ""
 ) -> None:
     """The dashboard's note for a study: what it searches and with which settings, then
-    `appendix` (the `hpo compare` table, once there is one)."""
-    optuna_dashboard.save_note(study, study_note(study.study_name, settings, target) + appendix)
+    `appendix` (the `hpo compare` table, once there is one) and the latest measured ablation
+    path (`hpo ablate --measure`), kept whichever of the two writes the note."""
+    from search.commands.ablation import ablation_note
+
+    note = study_note(study.study_name, settings, target) + appendix
+    optuna_dashboard.save_note(study, note + ablation_note(study.user_attrs))
 
 
 def study_note(name: str, settings: StudySettings, target: int) -> str:
@@ -123,7 +128,7 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         ("objective", f"{settings.direction} the score: {describe_score(settings)}"),
         ("search space", f"`{settings.space_name}`"),
         ("epochs per trial", str(settings.epochs)),
-        ("dataset", settings.dataset),
+        ("dataset", describe_data(settings)),
         (
             "pruner",
             f"{settings.pruner}, on the score after each epoch from epoch {settings.min_epochs}",

@@ -11,12 +11,15 @@ from optuna.trial import TrialState
 from rich.console import Group
 from rich.table import Table
 
+from search.commands.ablation import status_line as ablation_line
 from search.commands.compare import compare_table
 from search.commands.progress import best_summary, score_meaning
 from search.rules import attrs
 from search.rules.cost import format_duration, is_over_cap, study_pace
+from search.rules.data import describe_data
 from search.rules.faults import last_machine_fault
 from search.rules.fidelity import fidelity_line
+from search.rules.settings import StudySettings
 from search.rules.study import join, load_settings, read_study
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
@@ -44,6 +47,9 @@ def study_table(
     summary.add_column()
     summary.add_column(overflow="fold")  # a long path or line wraps, never cut short
     summary.add_row("finished / target", f"{state.finished} / {state.target}")
+    stored = study.user_attrs.get(attrs.SETTINGS)
+    if stored:
+        summary.add_row("data", describe_data(StudySettings.from_dict(stored)))
     if state.given_up:
         given_up = f"{state.given_up} (counted as finished: an error, or crashed past max_retry)"
         summary.add_row("failed for good", given_up)
@@ -69,6 +75,8 @@ def study_table(
     if stale:
         numbers = ", ".join(map(str, sorted(stale)))
         summary.add_row("stale", f"{numbers} (no heartbeat: failed and retried at the next start)")
+    if attrs.ABLATION in study.user_attrs:  # the latest `hpo ablate --measure`
+        summary.add_row("measured path", ablation_line(study.user_attrs[attrs.ABLATION]))
     shown = [summary]
     if attrs.COMPARE in study.user_attrs:  # the latest `hpo compare`
         shown.append(compare_table(study.user_attrs[attrs.COMPARE]))
