@@ -198,6 +198,8 @@ def test_bad_inputs_are_one_line_and_exit_2(
     assert refused("--study", "no-report").startswith(
         "study 'no-report' holds no complete trial of the report's config"
     )
+    (tmp_path / "a-file").write_text("")
+    assert refused("--study", "driven", "-o", "a-file/out").startswith("--output-dir a-file/out: ")
     assert refused("--study", "small") == (
         f"too few trials: {MIN_TRIALS - 1} complete, the predicted path needs at least {MIN_TRIALS}"
     )

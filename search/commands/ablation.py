@@ -211,11 +211,12 @@ def run_ablate(request: AblateRequest, progress: SearchProgress) -> dict[str, An
     study = join(storage, request.study)
     settings = load_settings(storage, request.study)
     path = study_path(study, settings, request.trial)
-    if request.steps is not None and request.steps < 1:
-        raise AblationError("--steps: must be at least 1")
-    request.output_dir.mkdir(parents=True, exist_ok=True)
     progress.console.print(path_table(path))
-    progress.say(f"wrote {path_png(path, request.output_dir / FIGURE)}")
+    try:
+        request.output_dir.mkdir(parents=True, exist_ok=True)
+        progress.say(f"wrote {path_png(path, request.output_dir / FIGURE)}")
+    except OSError as err:  # the path above stands; a folder that refuses it is one line
+        raise AblationError(f"--output-dir {request.output_dir}: {err.strerror or err}") from err
     if not request.measure:
         return None
     return measure(request, progress, study, settings, path)
