@@ -121,6 +121,8 @@ class RunData:
 
     train: Labelled
     held_out: Labelled
+    mean: tuple[float, ...] = CIFAR10_MEAN  # per channel: the dataset identity's
+    std: tuple[float, ...] = CIFAR10_STD
 
     def loaders(
         self,
@@ -147,6 +149,8 @@ class RunData:
             channels_last=channels_last,
             epoch=epoch,
             num_classes=num_classes,
+            mean=self.mean,
+            std=self.std,
         )
         held_out = DeviceLoader(
             self.held_out.images,
@@ -154,12 +158,18 @@ class RunData:
             eval_batch_size,
             self.held_out.images.device,
             channels_last=channels_last,
+            mean=self.mean,
+            std=self.std,
         )
         return train, held_out
 
 
 def search_data(
-    imageset: ImageSet, device: torch.device | str, val_fraction: float = 0.1, split_seed: int = 0
+    imageset: ImageSet,
+    device: torch.device | str,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] = (CIFAR10_MEAN, CIFAR10_STD),
 ) -> RunData:
     """A stratified train/validation split of the training images, on the device.
 
@@ -171,14 +181,23 @@ def search_data(
     return RunData(
         train=_on(device, images[train_idx], labels[train_idx]),
         held_out=_on(device, images[val_idx], labels[val_idx]),
+        mean=stats[0],
+        std=stats[1],
     )
 
 
-def final_data(imageset: ImageSet, device: torch.device | str) -> RunData:
-    """All training images (train + validation), and the test set held out."""
+def final_data(
+    imageset: ImageSet,
+    device: torch.device | str,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] = (CIFAR10_MEAN, CIFAR10_STD),
+) -> RunData:
+    """All training images (train + validation), and the test set held out. `stats`: the
+    per-channel mean and std to normalise by (the dataset identity's)."""
     return RunData(
         train=_on(device, imageset.train_images, imageset.train_labels),
         held_out=_on(device, imageset.test_images, imageset.test_labels),
+        mean=stats[0],
+        std=stats[1],
     )
 
 

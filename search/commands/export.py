@@ -14,6 +14,7 @@ import sqlalchemy.engine
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from data.dataset import DATASETS
 from search.commands.progress import score_figure
 from search.rules import attrs
 from search.rules.config import TrialConfig
@@ -58,10 +59,18 @@ def best_document(
             "trial": best.number,
             "storage": redact_url(portable_url(storage_url)),
             "architecture": stored.get(attrs.ARCHITECTURE),
+            "data": data_section(study),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "versions": package_versions(),
     }
+
+
+def data_section(study: optuna.Study) -> dict[str, Any]:
+    """What the config was trained on, for `hpo train`: the study's dataset identity (name,
+    fingerprint, classes, image size, normalisation), or its name where it stores none."""
+    settings = study.user_attrs.get(attrs.SETTINGS) or {}
+    return settings.get("identity") or {"name": settings.get("dataset", DATASETS[0])}
 
 
 def portable_url(url: str) -> str:

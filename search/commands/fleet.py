@@ -27,6 +27,7 @@ class WorkerOptions:
     jobs_per_gpu: int = 1
     storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # waiting out a database outage
     slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
+    dataset: str | None = None  # this machine's copy of the study's data (`hpo worker`)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def _spawn(study: str, storage_url: str, slot: Slot, options: WorkerOptions) -> 
     command += ["--storage-retry-s", str(options.storage_retry_s)]
     if options.data_dir is not None:
         command += ["--data-dir", str(options.data_dir)]
+    if options.dataset is not None:
+        command += ["--dataset", options.dataset]
     if options.artifact_dir is not None:
         command += ["--artifact-dir", str(options.artifact_dir)]
     if options.timeout_s is not None:

@@ -20,6 +20,7 @@ from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
 from search.commands.progress import SearchProgress, best_summary
 from search.rules.artifacts import artifact_dir, check_artifact_dir
 from search.rules.cost import GpuProbe, cost_lines
+from search.rules.data import check_data, local_dataset, needs_identity, study_identity
 from search.rules.faults import EXIT_MACHINE_FAULT, MachineFault, record_machine_fault
 from search.rules.settings import StudySettings
 from search.rules.study import (
@@ -44,6 +45,9 @@ from storage import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from data.identity import DatasetIdentity
     from search.training.objective import TrialRunner, WorkerInfo
     from search.training.worker import WorkerSummary
 
@@ -83,8 +87,9 @@ class StudyRequest:
             "checkpoint_interval_s": self.checkpoint_interval,
         }
 
-    def new_settings(self) -> StudySettings:
+    def new_settings(self, identity: DatasetIdentity | None = None) -> StudySettings:
         flags = {key: value for key, value in self.flags().items() if key != "space"}
+        flags["identity"] = None if identity is None else identity.to_dict()
         if self.space is None:
             return StudySettings.for_space(**flags)
         return StudySettings.for_space(self.space, **flags)
@@ -101,7 +106,7 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
     retry = startup_retry(options, progress)
     try:
         dataset_folder(planned_settings(request, retry).dataset, options.data_dir)
-        settings = create_study(request, progress, retry)
+        settings = create_study(request, progress, retry, options.data_dir)
     except StorageUnavailable as err:
         return gave_up(err)
     note_outage(request.storage, request.study, retry)
@@ -168,17 +173,30 @@ def run_workers(
 
 
 def create_study(
-    request: StudyRequest, progress: SearchProgress, retry: RetryPolicy | None = None
+    request: StudyRequest,
+    progress: SearchProgress,
+    retry: RetryPolicy | None = None,
+    data_dir: Path | None = None,
 ) -> StudySettings:
     """Create the study with the request's settings and target, or check and extend it.
 
-    With `retry`, an unreachable storage is waited for (StorageUnavailable past its limit)."""
+    A dataset the study must know (data/identity.py) is loaded and its identity computed
+    first: bad data are refused before anything is stored, and a joined study's data must
+    be the same. With `retry`, an unreachable storage is waited for (StorageUnavailable past
+    its limit)."""
     check_study_name(request.study)
+    identity = None
+    if request.dataset is not None and needs_identity(request.dataset):
+        from data.dataset import dataset_identity  # decodes a folder: torch, only here
+
+        identity = dataset_identity(request.dataset, data_dir)
     storage = open_storage(request.storage, retry=retry)
     try:
         settings, created = create_or_join(
-            storage, request.study, request.new_settings(), request.trials
+            storage, request.study, request.new_settings(identity), request.trials
         )
+        if identity is not None:
+            check_data(study_identity(settings), identity)
         if created:
             from search.commands.dashboard import (
                 write_study_note,  # optuna-dashboard: a new study only
@@ -293,7 +311,7 @@ def training_runner(
 ) -> TrialRunner:
     """The objective that trains: the data on the device, checkpoints, compile caches."""
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
-    from data.dataset import load_dataset
+    from data.dataset import load_with_identity
     from data.loader import search_data
     from search.training.checkpoints import CheckpointStore
     from search.training.compile_policy import share_compile_caches
@@ -301,12 +319,14 @@ def training_runner(
     from search.training.run import pick_device
     from search.training.trainer import DeviceRecipe
 
+    # This machine's data, refused before anything trains where they are not the study's.
+    images, found = load_with_identity(local_dataset(settings, options.dataset), options.data_dir)
+    check_data(study_identity(settings), found)
     share_compile_caches()  # before anything compiles: every worker here reuses the kernels
     recipe = DeviceRecipe.for_device(pick_device(progress.say))
-    images = load_dataset(settings.dataset, options.data_dir)
     return TrialRunner(
         settings=settings,
-        data=search_data(images, recipe.device),
+        data=search_data(images, recipe.device, stats=(found.mean, found.std)),
         recipe=recipe,
         worker=worker,
         checkpoints=CheckpointStore(

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.dataset import load_dataset
+from data.dataset import DATASETS, load_with_identity
+from data.identity import DatasetIdentity
 from search.commands.export import config_storage, is_redacted
 from search.commands.figures import TRAINING_FIGURES, write_training_figures
 from search.commands.progress import SearchProgress, format_mean_std
 from search.rules.artifacts import artifact_dir
-from search.rules.config import FINAL_EPOCHS, load_config_file
+from search.rules.config import FINAL_EPOCHS, ConfigError, load_config_file
+from search.rules.data import check_classes, check_data
 from search.rules.faults import FilesNotWritten
 from search.training.final import (
     attach_final,
@@ -30,7 +32,7 @@ class FinalRequest:
     """What `hpo train` was asked: a config file, and where to train and write it."""
 
     config: Path
-    dataset: str
+    dataset: str | None  # None: the data the config's study trained on (its `source.data`)
     output_dir: Path
     storage: str | None  # None: the storage the config's study is in (export.config_storage)
     epochs: int | None = None  # FINAL_EPOCHS if None; the config's recipe is kept either way
@@ -50,9 +52,13 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     devices = seed_devices(request.gpus, progress.say)
     if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
         progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
-    images = load_dataset(request.dataset, request.data_dir)
+    images, found = load_with_identity(train_dataset(request.dataset, document), request.data_dir)
+    check_data(exported_identity(document), found)
+    check_classes(cfg, found)
     output = request.output_dir
-    metrics = train_seeds(cfg, images, range(request.seeds), output, devices, progress.say)
+    seeds = range(request.seeds)
+    stats = (found.mean, found.std)
+    metrics = train_seeds(cfg, images, seeds, output, devices, progress.say, stats)
     for run in metrics["seeds"]:
         progress.say(
             f"seed {run['seed']}: test accuracy {run['test_acc']:.2%} "
@@ -73,6 +79,31 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
             "above; the test accuracy above stands)"
         )
     return metrics
+
+
+def train_dataset(given: str | None, document: dict[str, Any]) -> str:
+    """--dataset where given, else the data the config's study trained on, else CIFAR-10
+    (a config exported before `hpo best` wrote its data)."""
+    exported = exported_data(document)
+    return given or exported.get("name") or DATASETS[0]
+
+
+def exported_identity(document: dict[str, Any]) -> DatasetIdentity | None:
+    """The identity of the data the config's study trained on, where `hpo best` wrote one."""
+    exported = exported_data(document)
+    if "fingerprint" not in exported:  # CIFAR-10, synthetic, or an older export
+        return None
+    try:
+        return DatasetIdentity.from_dict(exported)
+    except TypeError as err:
+        raise ConfigError(f"config: source.data is not a dataset identity ({err})") from err
+
+
+def exported_data(document: dict[str, Any]) -> dict[str, Any]:
+    data = (document.get("source") or {}).get("data") or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config: source.data must be a mapping")
+    return data
 
 
 def _attach(request: FinalRequest, document: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ TABLE1_GFLOPS = train_flops_per_image(REPORT_TABLE1) / 1e9
 # Images a search epoch trains on: the training set less the 10% validation split
 # (data.search_data); tests/test_cost.py checks the synthetic figure against the split.
 SEARCH_TRAIN_IMAGES = {"cifar10": 45_000, "synthetic": 4_500}
+SEARCH_VAL_FRACTION = 0.1
 # Draws of the space priced before a study (RandomSampler: what TPE draws before it learns).
 COST_DRAWS = 300
 # Hyperband's share of long trials settles within a few hundred; more only costs time.
@@ -83,8 +84,17 @@ def study_cost(settings: StudySettings, trials: int) -> StudyCost:
         mean_gflops=float(trains.mean()),
         over_cap=1 - len(trains) / len(costs),
         epochs_per_trial=expected_epochs(settings, min(trials, MAX_SIMULATED_TRIALS)),
-        images_per_epoch=SEARCH_TRAIN_IMAGES[settings.dataset],
+        images_per_epoch=search_train_images(settings),
     )
+
+
+def search_train_images(settings: StudySettings) -> int:
+    """Images a search epoch trains on: the stored identity's training split less the
+    validation split, or the figure of CIFAR-10 and the synthetic set (stored without one)."""
+    identity = settings.identity
+    if identity is None:
+        return SEARCH_TRAIN_IMAGES[settings.dataset]
+    return identity["train_count"] - round(identity["train_count"] * SEARCH_VAL_FRACTION)
 
 
 def draw_costs(space: SearchSpace, epochs: int, draws: int = COST_DRAWS) -> np.ndarray:

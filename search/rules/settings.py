@@ -48,6 +48,11 @@ class StudySettings:
     checkpoint_interval_s: int = DEFAULT_CHECKPOINT_INTERVAL_S
     direction: str = "minimize"  # validation loss
     val_score: str = VAL_SCORES[0]  # a study stored without it scored so
+    # The data's DatasetIdentity (data/identity.py) as a dict, computed when the study was
+    # created: every worker and final run compares its own data with it. None for CIFAR-10
+    # and the synthetic set (a checksum or the generator fixes them: 10 classes, CIFAR-10's
+    # constants), as every study stored before identities existed.
+    identity: dict[str, Any] | None = None
 
     @classmethod
     def for_space(cls, space_name: str = DEFAULT_SPACE_NAME, **chosen: Any) -> StudySettings:

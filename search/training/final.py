@@ -17,7 +17,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from data.batches import ImageSet
-from data.loader import final_data
+from data.loader import CIFAR10_MEAN, CIFAR10_STD, final_data
 from search.rules import attrs
 from search.rules.config import ConfigError, TrialConfig
 from search.rules.cost import gflops_per_image, parameter_count
@@ -31,6 +31,7 @@ from storage import StorageURLError, open_storage
 METRICS_FILE = "metrics.json"
 
 Say = Callable[[str], None]
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std
 
 
 def make_output_dir(folder: Path) -> None:
@@ -58,17 +59,18 @@ def train_seeds(
     output_dir: Path,
     devices: list[torch.device],
     say: Say = print,
+    stats: Stats = (CIFAR10_MEAN, CIFAR10_STD),
 ) -> dict[str, Any]:
     """Train and test `cfg` once per seed; write one weights file per seed and metrics.json
     with every seed. One device: seeds one after another in this process; several: side by
-    side, one process per device."""
+    side, one process per device. `stats`: the data's per-channel mean and std."""
     output_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
     if len(devices) == 1:
         recipe = DeviceRecipe.for_device(devices[0])
-        runs = [train_seed(cfg, images, recipe, seed, output_dir, say) for seed in seeds]
+        runs = [train_seed(cfg, images, recipe, seed, output_dir, say, stats) for seed in seeds]
     else:
-        runs = _side_by_side(cfg, images, seeds, output_dir, devices)
+        runs = _side_by_side(cfg, images, seeds, output_dir, devices, stats)
     metrics = {
         "epochs": cfg.train.epochs,
         "train_images": len(images.train_labels),
@@ -87,10 +89,16 @@ def train_seeds(
 
 
 def train_seed(
-    cfg: TrialConfig, images: ImageSet, recipe: DeviceRecipe, seed: int, output_dir: Path, say: Say
+    cfg: TrialConfig,
+    images: ImageSet,
+    recipe: DeviceRecipe,
+    seed: int,
+    output_dir: Path,
+    say: Say,
+    stats: Stats = (CIFAR10_MEAN, CIFAR10_STD),
 ) -> dict[str, Any]:
     """One seed: train on all training images, test in full precision, save the weights."""
-    run = start_run(cfg, final_data(images, recipe.device), recipe, seed=seed)
+    run = start_run(cfg, final_data(images, recipe.device, stats), recipe, seed=seed)
     history = []
     for stats in run.trainer.fit(run.train, None):
         history.append(stats)
@@ -148,6 +156,7 @@ def _side_by_side(
     seeds: list[int],
     output_dir: Path,
     devices: list[torch.device],
+    stats: Stats,
 ) -> list[dict[str, Any]]:
     """One process per device, each training its share of the seeds one after another."""
     # Spawned, not forked: CUDA cannot run in a forked child. torch's multiprocessing
@@ -157,7 +166,7 @@ def _side_by_side(
         pools = [stack.enter_context(ProcessPoolExecutor(1, mp_context=context)) for _ in devices]
         futures = [
             pools[i % len(pools)].submit(
-                _train_seed_in_child, cfg, images, devices[i % len(pools)], seed, output_dir
+                _train_seed_in_child, cfg, images, devices[i % len(pools)], seed, output_dir, stats
             )
             for i, seed in enumerate(seeds)
         ]
@@ -165,12 +174,18 @@ def _side_by_side(
 
 
 def _train_seed_in_child(
-    cfg: TrialConfig, images: ImageSet, device: torch.device, seed: int, output_dir: Path
+    cfg: TrialConfig,
+    images: ImageSet,
+    device: torch.device,
+    seed: int,
+    output_dir: Path,
+    stats: Stats,
 ) -> dict[str, Any]:
     def say(line: str) -> None:
         print(f"{device}| {line}", flush=True)
 
-    return train_seed(cfg, images, DeviceRecipe.for_device(device), seed, output_dir, say)
+    recipe = DeviceRecipe.for_device(device)
+    return train_seed(cfg, images, recipe, seed, output_dir, say, stats)
 
 
 def attach_final(
