@@ -251,6 +251,9 @@ def test_the_measured_path_resumes_and_trains_nothing_twice(
     shown.print(study_table(study))
     text = shown.export_text()
     assert "measured path" in text and "+ label smoothing" in text
+    assert set(stored["artifacts"]) == {"ablation-measured.png"}
+    page = write_report(study, tmp_path / "report").page.read_text()
+    assert "Measured path (1 epochs, seeds 0" in page and 'src="ablation.png"' in page
 
 
 def _trained(results: Path) -> dict:
