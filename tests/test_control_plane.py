@@ -79,6 +79,7 @@ USER_ERRORS = [
     ["train", "--config", "bad-config.yaml"],
     ["train", "--config", "best.yaml", "--storage", "nosuch://host/db"],
     ["compare", "--study", "missing"],
+    ["ablate", "--study", "missing"],
     ["dashboard", "--storage", "nosuch://host/db"],
 ]
 # Last: they load plotting.
