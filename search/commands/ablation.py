@@ -14,9 +14,10 @@ import html
 import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -47,6 +48,7 @@ from search.rules.ablation import (
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
 from search.rules.cost import format_duration
+from search.rules.faults import write_or_say
 from search.rules.settings import StudySettings
 from search.rules.space import DEFAULT_SPACE_NAME, SpaceError, config_from_params, report_params_in
 from search.rules.study import budget, join, load_settings
@@ -314,25 +316,39 @@ def measure(
         chunks = [[s] for s in missing] if len(devices) == 1 else [missing] if missing else []
         for chunk in chunks:
             progress.say(f"training step {index} ({step.label}) seed(s) {chunk}")
-            folder = request.output_dir / f"step-{index}" / "-".join(f"seed{s}" for s in chunk)
-            say = lambda line, label=f"step {index}": progress.say(f"{label} | {line}")  # noqa: E731
-            metrics = train_seeds(step.cfg, images, chunk, folder, devices, say)
+            where = request.output_dir / f"step-{index}" / "-".join(f"seed{s}" for s in chunk)
+            say = _labelled(progress, index)
+            metrics = train_seeds(step.cfg, images, chunk, where, devices, say)
             for run in metrics["seeds"]:
                 results.setdefault(key, {})[str(run["seed"])] = {
                     "test_acc": run["test_acc"],
                     "test_loss": run["test_loss"],
                     "train_seconds": run["train_seconds"],
                 }
-            _save_results(request.output_dir / RESULTS, shape, results)
+            _save_results(request.output_dir / RESULTS, shape, results, progress.say)
     table = measured_table(study.study_name, shape, seeds, steps, [results[k] for k in keys])
     markdown = measured_markdown(table)
     progress.console.print(measured_rich(table))
-    png = measured_png(table, request.output_dir / MEASURED_FIGURE)
-    for name, text in zip(FILES, (markdown, json.dumps(table, indent=2) + "\n"), strict=True):
-        (request.output_dir / name).write_text(text)
-    progress.say(f"wrote {', '.join(FILES)} and {png.name} in {request.output_dir}")
-    progress.say(_attach(request, settings, table, markdown, [png]))
+    # Each file the disk's to refuse (said in one line): the table above stands, and goes to
+    # the study below all the same.
+    texts = {FILES[0]: markdown, FILES[1]: json.dumps(table, indent=2) + "\n"}
+    say, folder = progress.say, request.output_dir
+    written = [
+        name
+        for name, text in texts.items()
+        if write_or_say(folder / name, lambda file, text=text: file.write(text.encode()), say)
+    ]
+    png = folder / MEASURED_FIGURE
+    if write_or_say(png, lambda file: measured_png(table, file), say):
+        written.append(png.name)
+    progress.say(f"wrote {', '.join(written) or 'nothing'} in {request.output_dir}")
+    figures = [png] if png.name in written else []
+    progress.say(_attach(request, settings, table, markdown, figures))
     return table
+
+
+def _labelled(progress: SearchProgress, step: int) -> Callable[[str], None]:
+    return lambda line: progress.say(f"step {step} | {line}")
 
 
 def _eta(study: optuna.Study, images: int) -> str:
@@ -362,11 +378,15 @@ def _load_results(file: Path, shape: dict[str, Any]) -> dict[str, dict[str, Any]
     return stored["results"] if stored.get("shape") == shape else {}
 
 
-def _save_results(file: Path, shape: dict[str, Any], results: dict[str, Any]) -> None:
-    """Whole or not at all: a run stopped while writing keeps the results before."""
+def _save_results(
+    file: Path, shape: dict[str, Any], results: dict[str, Any], say: Callable[[str], None]
+) -> None:
+    """Whole or not at all: a run stopped while writing keeps the results before. A disk that
+    refuses them is said; this run goes on, a later one trains these seeds again."""
     partial = file.with_suffix(".partial")
-    partial.write_text(json.dumps({"shape": shape, "results": results}))
-    os.replace(partial, file)
+    text = json.dumps({"shape": shape, "results": results}).encode()
+    if write_or_say(partial, lambda out: out.write(text), say):
+        os.replace(partial, file)
 
 
 def _from_compare(
@@ -494,7 +514,7 @@ def measured_html(table: dict[str, Any]) -> str:
     )
 
 
-def measured_png(table: dict[str, Any], file: Path) -> Path:
+def measured_png(table: dict[str, Any], file: Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,9 +533,8 @@ def measured_png(table: dict[str, Any], file: Path) -> Path:
     ax.set_xticks(list(x), [r["label"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
     ax.set_title(measured_title(table))
-    figure.savefig(file, dpi=110, bbox_inches="tight")
+    figure.savefig(file, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    return file
 
 
 def status_line(table: dict[str, Any]) -> str:
