@@ -58,7 +58,7 @@ from search.rules.faults import (
 )
 from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
 from search.rules.settings import DEFAULT_SEED, SettingsConflict
-from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, SpaceError
+from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, IMAGE_SIZE, SpaceError
 from search.rules.study import StudyError, join
 from search.training.devices import GpuSpecError
 from storage import (
@@ -196,6 +196,16 @@ CheckpointIntervalOption = study_setting(
     DEFAULT_CHECKPOINT_INTERVAL_S,
     least=0,
 )
+ImageSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        min=IMAGE_SIZE,
+        max=256,
+        help="Side in pixels a folder's images are resized to (CIFAR: 32 only); the space's "
+        "poolings, the FLOPs and the cost follow it.",
+        show_default=str(IMAGE_SIZE),
+    ),
+]
 StorageRetryOption = Annotated[
     float,
     typer.Option(
@@ -257,6 +267,7 @@ def create(
     heartbeat: HeartbeatOption = None,
     min_epochs: MinEpochsOption = None,
     checkpoint_interval: CheckpointIntervalOption = None,
+    image_size: ImageSizeOption = None,
 ) -> None:
     """Create a study with its settings and target, and run nothing (for init jobs).
 
@@ -266,7 +277,7 @@ def create(
     request = study_request(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
-        checkpoint_interval=checkpoint_interval,
+        checkpoint_interval=checkpoint_interval, image_size=image_size,
     )  # fmt: skip
     with user_errors():
         create_study(request, SearchProgress(console), data_dir=data_dir)
@@ -288,6 +299,7 @@ def start(
     heartbeat: HeartbeatOption = None,
     min_epochs: MinEpochsOption = None,
     checkpoint_interval: CheckpointIntervalOption = None,
+    image_size: ImageSizeOption = None,
     artifact_dir: ArtifactDirOption = None,
     timeout: TimeoutOption = None,
     gpus: GpusOption = None,
@@ -304,7 +316,7 @@ def start(
     request = study_request(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
-        checkpoint_interval=checkpoint_interval,
+        checkpoint_interval=checkpoint_interval, image_size=image_size,
     )  # fmt: skip
     options = WorkerOptions(
         data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,20 @@ from test_image_folder import break_folder
 
 from data.dataset import load_with_identity
 from data.loader import CIFAR10_MEAN, CIFAR10_STD
+from search.rules import attrs
 from search.rules.config import TrialConfig
-from search.rules.cost import search_train_images
+from search.rules.cost import draw_costs, search_train_images
 from search.rules.data import describe_data, fit_to_data, num_classes, study_identity
 from search.rules.settings import StudySettings
-from search.rules.space import DEFAULT_SPACE, config_from_params, report_table1_params
+from search.rules.space import (
+    DEFAULT_SPACE,
+    TINY_SPACE,
+    config_from_params,
+    max_poolings,
+    report_params_in,
+    report_table1_params,
+    sample_config,
+)
 from storage import open_storage
 
 CLASSES = ("cat", "dog", "owl")
@@ -139,6 +149,7 @@ def test_a_worker_with_a_changed_copy_is_refused(
 def test_a_bad_folder_is_one_line_and_nothing_is_stored(
     hpo_env: dict[str, str], tmp_path: Path, how: str
 ) -> None:
+    (tmp_path / "space.yaml").write_text(SPACE)
     root = tmp_path / "bad folder"
     expected = break_folder(root, how)
     expect_one_line(create("s", f"folder:{root}", hpo_env, tmp_path), expected)
@@ -154,7 +165,7 @@ def test_an_old_cifar10_study_loads_and_scores_as_before(data_dir: Path) -> None
     assert search_train_images(old) == 45_000
     cfg = config_from_params(report_table1_params(), old.search_space(), old.epochs)
     assert cfg.model.num_classes == 10
-    assert fit_to_data(cfg, num_classes(old)) is cfg  # the same network as before
+    assert fit_to_data(cfg, old) is cfg  # the same network as before
     # The synthetic set (as CIFAR-10) keeps CIFAR-10's constants: the same inputs as before.
     found = load_with_identity("synthetic", data_dir)[1]
     assert (found.mean, found.std) == (CIFAR10_MEAN, CIFAR10_STD)
@@ -168,3 +179,39 @@ def test_a_config_of_another_class_count_is_refused(tmp_path: Path, data_dir: Pa
     cfg = TrialConfig.from_dict({"model": {"channels": [[3, 8]], "blocks": [1], "num_classes": 3}})
     with pytest.raises(ValueError, match="synthetic has 10 classes; the config's classifier has 3"):
         check_classes(cfg, found)
+
+
+@pytest.mark.slow
+def test_a_folder_study_of_another_image_size(
+    hpo_env: dict[str, str], tmp_path: Path, pictures
+) -> None:
+    expect_one_line(
+        run_hpo("create", "--study", "c", "--trials", "2", "--image-size", "64", env=hpo_env,
+                cwd=tmp_path),
+        "--image-size 64: cifar10 images are 32x32 (folders only)",
+    )  # fmt: skip
+    created = run_hpo(
+        "create", "--study", "big", "--trials", "2", "--dataset", f"folder:{pictures}",
+        "--image-size", "64", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    study = optuna.load_study(study_name="big", storage=open_storage(hpo_env["HPO_STORAGE"]))
+    settings = StudySettings.from_dict(study.user_attrs[attrs.SETTINGS])
+    assert settings.image_size == 64 and settings.identity["image_size"] == 64
+    assert "3x64x64" in describe_data(settings)
+
+
+@pytest.mark.filterwarnings("ignore:The value 6 of the parameter")
+def test_the_space_and_the_cost_follow_the_image_size() -> None:
+    assert max_poolings(32) == 5 and max_poolings(64) == 6 and max_poolings(48) == 5
+    six_layers = {"backbones": 1, "blocks_0": 1, "layers_0": 6, "kernel_size": 3, "dropout": 0.0}
+    six_layers.update({f"width_0_{j}": 8 for j in range(1, 7)})
+    space = replace(TINY_SPACE, layers=(1, 6), backbones=(1, 1))
+    params = {**report_params_in(space), **six_layers}
+    cfg = sample_config(optuna.trial.FixedTrial(params), space, 1, image_size=64)
+    assert cfg.model.image_size == 64 and len(cfg.model.channels[0]) == 7
+    with pytest.raises(ValueError):  # 32x32 allows five
+        sample_config(optuna.trial.FixedTrial(params), space, 1)
+    # The tiny space draws the same networks at either size: four times the FLOPs at 64.
+    ratio = draw_costs(TINY_SPACE, 1, 50, image_size=64) / draw_costs(TINY_SPACE, 1, 50)
+    assert ratio.min() > 3.5 and ratio.max() <= 4.0

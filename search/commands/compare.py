@@ -25,7 +25,7 @@ from search.commands.tables import FittedTable
 from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
-from search.rules.data import check_data, fit_to_data, local_dataset, num_classes, study_identity
+from search.rules.data import check_data, fit_to_data, local_dataset, study_identity
 from search.rules.faults import FilesNotWritten, machine_fault_line, write_or_say
 from search.rules.settings import StudySettings
 from search.rules.space import (
@@ -110,7 +110,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
     dataset = local_dataset(settings, request.dataset)
-    images, found = load_with_identity(dataset, request.data_dir)
+    images, found = load_with_identity(dataset, request.data_dir, image_size=settings.image_size)
     check_data(study_identity(settings), found)  # before anything trains
     seeds = list(range(request.seeds))
     trained: dict[str, dict[str, Any]] = {}
@@ -193,7 +193,7 @@ def report_entry(
     the config as a trial of this study's length, scaled to `epochs` the same way."""
     # Fitted to the data as the study's trials are: one classifier output per class.
     cfg = report_config(settings.search_space(), settings.epochs)
-    cfg = fit_to_data(cfg, num_classes(settings))
+    cfg = fit_to_data(cfg, settings)
     trial = report_trial(study, cfg)
     if trial is not None:
         document = best_document(study, storage_url, trial)

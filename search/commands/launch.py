@@ -20,7 +20,13 @@ from search.commands.fleet import WorkerOptions, plan_slots, run_fleet
 from search.commands.progress import SearchProgress, best_summary
 from search.rules.artifacts import artifact_dir, check_artifact_dir
 from search.rules.cost import GpuProbe, cost_lines
-from search.rules.data import check_data, local_dataset, needs_identity, study_identity
+from search.rules.data import (
+    check_data,
+    check_image_size,
+    local_dataset,
+    needs_identity,
+    study_identity,
+)
 from search.rules.faults import EXIT_MACHINE_FAULT, MachineFault, record_machine_fault
 from search.rules.settings import StudySettings
 from search.rules.study import (
@@ -74,6 +80,7 @@ class StudyRequest:
     heartbeat: int | None = None
     min_epochs: int | None = None
     checkpoint_interval: int | None = None
+    image_size: int | None = None
 
     def flags(self) -> dict[str, object]:
         return {
@@ -85,6 +92,7 @@ class StudyRequest:
             "heartbeat_s": self.heartbeat,
             "min_epochs": self.min_epochs,
             "checkpoint_interval_s": self.checkpoint_interval,
+            "image_size": self.image_size,
         }
 
     def new_settings(self, identity: DatasetIdentity | None = None) -> StudySettings:
@@ -102,10 +110,12 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
     # Every check that can fail comes before anything is stored.
     parse_gpus(options.gpus)
     check_study_name(request.study)
+    check_image_size(request.dataset, request.image_size)
     check_artifact_dir(artifact_dir(options.artifact_dir, request.storage))
     retry = startup_retry(options, progress)
     try:
-        dataset_folder(planned_settings(request, retry).dataset, options.data_dir)
+        planned = planned_settings(request, retry)
+        dataset_folder(planned.dataset, options.data_dir, image_size=planned.image_size)
         settings = create_study(request, progress, retry, options.data_dir)
     except StorageUnavailable as err:
         return gave_up(err)
@@ -185,11 +195,13 @@ def create_study(
     be the same. With `retry`, an unreachable storage is waited for (StorageUnavailable past
     its limit)."""
     check_study_name(request.study)
+    check_image_size(request.dataset, request.image_size)
     identity = None
     if request.dataset is not None and needs_identity(request.dataset):
         from data.dataset import dataset_identity  # decodes a folder: torch, only here
 
-        identity = dataset_identity(request.dataset, data_dir)
+        size = planned_settings(request, retry).image_size  # a joined study's own
+        identity = dataset_identity(request.dataset, data_dir, image_size=size)
     storage = open_storage(request.storage, retry=retry)
     try:
         settings, created = create_or_join(
@@ -320,7 +332,8 @@ def training_runner(
     from search.training.trainer import DeviceRecipe
 
     # This machine's data, refused before anything trains where they are not the study's.
-    images, found = load_with_identity(local_dataset(settings, options.dataset), options.data_dir)
+    dataset = local_dataset(settings, options.dataset)
+    images, found = load_with_identity(dataset, options.data_dir, image_size=settings.image_size)
     check_data(study_identity(settings), found)
     share_compile_caches()  # before anything compiles: every worker here reuses the kernels
     recipe = DeviceRecipe.for_device(pick_device(progress.say))

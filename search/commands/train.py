@@ -52,7 +52,8 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     devices = seed_devices(request.gpus, progress.say)
     if cfg.train.scheduler == "plateau" and not cfg.train.lr_by_epoch:
         progress.say("plateau schedule without lr_by_epoch: it watches the training loss")
-    images, found = load_with_identity(train_dataset(request.dataset, document), request.data_dir)
+    dataset, size = train_dataset(request.dataset, document), cfg.model.image_size
+    images, found = load_with_identity(dataset, request.data_dir, image_size=size)
     check_data(exported_identity(document), found)
     check_classes(cfg, found)
     output = request.output_dir

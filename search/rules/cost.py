@@ -27,7 +27,7 @@ from model.flops import train_flops_per_image
 from search.rules import attrs
 from search.rules.config import TrialConfig
 from search.rules.settings import StudySettings
-from search.rules.space import SearchSpace, sample_config
+from search.rules.space import IMAGE_SIZE, SearchSpace, sample_config
 
 if TYPE_CHECKING:
     from model.network import BackboneNet
@@ -77,7 +77,7 @@ class StudyCost:
 
 def study_cost(settings: StudySettings, trials: int) -> StudyCost:
     space = settings.search_space()
-    costs = draw_costs(space, settings.epochs)
+    costs = draw_costs(space, settings.epochs, image_size=settings.image_size)
     trains = costs[costs <= space.max_gflops]
     return StudyCost(
         trials=trials,
@@ -97,13 +97,16 @@ def search_train_images(settings: StudySettings) -> int:
     return identity["train_count"] - round(identity["train_count"] * SEARCH_VAL_FRACTION)
 
 
-def draw_costs(space: SearchSpace, epochs: int, draws: int = COST_DRAWS) -> np.ndarray:
-    """GFLOP per image of `draws` configs from RandomSampler through the real sample_config."""
+def draw_costs(
+    space: SearchSpace, epochs: int, draws: int = COST_DRAWS, image_size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """GFLOP per image of `draws` configs from RandomSampler through the real sample_config,
+    for images of `image_size` (FLOPs grow with its square)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     costs = []
     for _ in range(draws):
         trial = study.ask()
-        costs.append(gflops_per_image(sample_config(trial, space, epochs).model))
+        costs.append(gflops_per_image(sample_config(trial, space, epochs, image_size).model))
         study.tell(trial, 1.0)
     return np.array(costs)
 

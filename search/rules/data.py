@@ -9,6 +9,7 @@ from data.dataset import DATASETS
 from data.identity import DatasetError, DatasetIdentity, parse_dataset
 from search.rules.config import TrialConfig
 from search.rules.settings import StudySettings
+from search.rules.space import IMAGE_SIZE
 
 # CIFAR-10 and the synthetic set: 10 classes, no identity stored (see StudySettings.identity).
 LEGACY_CLASSES = 10
@@ -51,11 +52,19 @@ def check_data(expected: DatasetIdentity | None, found: DatasetIdentity) -> None
         raise DatasetError(f"{problem}; refused: nothing trained")
 
 
-def fit_to_data(cfg: TrialConfig, classes: int) -> TrialConfig:
-    """`cfg` with one classifier output per class of the study's data."""
-    if cfg.model.num_classes == classes:
+def fit_to_data(cfg: TrialConfig, settings: StudySettings) -> TrialConfig:
+    """`cfg` with one classifier output per class of the study's data, at its image size."""
+    fitted = {"num_classes": num_classes(settings), "image_size": settings.image_size}
+    if all(getattr(cfg.model, name) == value for name, value in fitted.items()):
         return cfg
-    return replace(cfg, model=replace(cfg.model, num_classes=classes))
+    return replace(cfg, model=replace(cfg.model, **fitted))
+
+
+def check_image_size(dataset: str | None, image_size: int | None) -> None:
+    """Only a folder is resized: CIFAR and the synthetic set are 32x32."""
+    name = dataset or DATASETS[0]
+    if image_size not in (None, IMAGE_SIZE) and parse_dataset(name).kind != "folder":
+        raise DatasetError(f"--image-size {image_size}: {name} images are 32x32 (folders only)")
 
 
 def check_classes(cfg: TrialConfig, found: DatasetIdentity) -> None:

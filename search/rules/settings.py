@@ -16,7 +16,7 @@ from data.dataset import DATASETS
 from search.rules.artifacts import DEFAULT_CHECKPOINT_INTERVAL_S
 from search.rules.config import DEFAULT_EPOCHS, from_mapping
 from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS, build_pruner
-from search.rules.space import DEFAULT_SPACE_NAME, SearchSpace, load_space
+from search.rules.space import DEFAULT_SPACE_NAME, IMAGE_SIZE, SearchSpace, load_space
 from storage import DEFAULT_HEARTBEAT_S
 
 DEFAULT_SEED = 0
@@ -53,6 +53,9 @@ class StudySettings:
     # and the synthetic set (a checksum or the generator fixes them: 10 classes, CIFAR-10's
     # constants), as every study stored before identities existed.
     identity: dict[str, Any] | None = None
+    # The side images are resized to (a folder only; CIFAR is 32): the space's poolings, the
+    # network's FLOPs and the study's cost follow it.
+    image_size: int = IMAGE_SIZE
 
     @classmethod
     def for_space(cls, space_name: str = DEFAULT_SPACE_NAME, **chosen: Any) -> StudySettings:

@@ -26,6 +26,13 @@ from search.rules.config import (
 IMAGE_SIZE = 32
 # Every ConvLayer halves the image: 32 -> 1 allows five of them across the whole network.
 MAX_POOLINGS = int(math.log2(IMAGE_SIZE))
+
+
+def max_poolings(image_size: int = IMAGE_SIZE) -> int:
+    """ConvLayers an image of this side allows across the network (64: six)."""
+    return image_size.bit_length() - 1
+
+
 RANGE_KEYS = (
     "backbones", "blocks", "layers", "width", "dropout", "lr", "weight_decay", "grad_clip",
     "sgd_lr", "momentum", "label_smoothing", "ema_decay", "cutout_size", "cutout_prob",
@@ -303,20 +310,23 @@ def _as(kind: type, value: Any) -> Any:
     return kind(value)
 
 
-def sample_config(trial: optuna.Trial, space: SearchSpace, epochs: int) -> TrialConfig:
-    """Ask the trial for one architecture and training recipe inside `space`."""
-    model = _sample_model(trial, space)
+def sample_config(
+    trial: optuna.Trial, space: SearchSpace, epochs: int, image_size: int = IMAGE_SIZE
+) -> TrialConfig:
+    """Ask the trial for one architecture and training recipe inside `space`, for images of
+    `image_size` (a larger one allows more poolings)."""
+    model = _sample_model(trial, space, image_size)
     train = _sample_train(trial, space, epochs)
     return TrialConfig(model=model, train=train, augment=_sample_augment(trial, space))
 
 
-def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
+def _sample_model(trial: optuna.Trial, space: SearchSpace, image_size: int) -> ModelConfig:
     n_backbones = trial.suggest_int("backbones", *space.backbones)
     channels, blocks, in_width, poolings = [], [], 3, 0
     for i in range(n_backbones):
         blocks.append(trial.suggest_int(f"blocks_{i}", *space.blocks))
         # Leave at least the minimum number of layers to each backbone still to come.
-        room = MAX_POOLINGS - poolings - (n_backbones - i - 1) * space.layers[0]
+        room = max_poolings(image_size) - poolings - (n_backbones - i - 1) * space.layers[0]
         n_layers = trial.suggest_int(f"layers_{i}", space.layers[0], min(space.layers[1], room))
         chain = [in_width]
         for j in range(1, n_layers + 1):
@@ -328,6 +338,7 @@ def _sample_model(trial: optuna.Trial, space: SearchSpace) -> ModelConfig:
         blocks=blocks,
         kernel_size=trial.suggest_categorical("kernel_size", space.kernel_size),
         dropout=trial.suggest_float("dropout", *space.dropout),
+        image_size=image_size,
     )
 
 

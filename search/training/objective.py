@@ -20,7 +20,7 @@ from model.counts import count_parameters
 from search.rules import attrs
 from search.rules.config import DEFAULT_COMPILE_MODE, TrialConfig, describe_recipe
 from search.rules.cost import gflops_per_image, refuse_over_cap
-from search.rules.data import fit_to_data, num_classes
+from search.rules.data import fit_to_data
 from search.rules.faults import compile_disk_fault
 from search.rules.pruners import next_rung
 from search.rules.settings import StudySettings
@@ -75,7 +75,8 @@ class TrialRunner:
             s = self.settings
             space = s.search_space()
             # One classifier output per class of the study's data.
-            cfg = fit_to_data(sample_config(trial, space, s.epochs), num_classes(s))
+            cfg = sample_config(trial, space, s.epochs, s.image_size)
+            cfg = fit_to_data(cfg, s)
         # An over-cap draw ends here, PRUNED, before anything is built (search/rules/cost.py).
         refuse_over_cap(trial, gflops_per_image(cfg.model), space.max_gflops)
         with clock("build"):
