@@ -549,14 +549,6 @@ def status_line(table: dict[str, Any]) -> str:
     )
 
 
-def ablation_note(study_attrs: dict[str, Any]) -> str:
-    """The measured path's section of the dashboard's study note, once there is one."""
-    table = study_attrs.get(attrs.ABLATION)
-    if table is None:
-        return ""
-    return f"\n### Which change bought the points (`hpo ablate --measure`)\n\n{table['markdown']}"
-
-
 def _attach(
     request: AblateRequest,
     settings: StudySettings,

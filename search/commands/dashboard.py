@@ -116,10 +116,16 @@ def write_study_note(
     """The dashboard's note for a study: what it searches and with which settings, then
     `appendix` (the `hpo compare` table, once there is one) and the latest measured ablation
     path (`hpo ablate --measure`), kept whichever of the two writes the note."""
-    from search.commands.ablation import ablation_note
-
     note = study_note(study.study_name, settings, target) + appendix
     optuna_dashboard.save_note(study, note + ablation_note(study.user_attrs))
+
+
+def ablation_note(study_attrs: dict[str, Any]) -> str:
+    """The measured path's section of the note, once there is one."""
+    table = study_attrs.get(attrs.ABLATION)
+    if table is None:
+        return ""
+    return f"\n### Which change bought the points (`hpo ablate --measure`)\n\n{table['markdown']}"
 
 
 def study_note(name: str, settings: StudySettings, target: int) -> str:
