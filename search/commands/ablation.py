@@ -48,6 +48,7 @@ from search.rules.ablation import (
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, TrialConfig
 from search.rules.cost import format_duration
+from search.rules.data import check_data, fit_to_data, study_identity
 from search.rules.faults import write_or_say
 from search.rules.settings import StudySettings
 from search.rules.space import DEFAULT_SPACE_NAME, SpaceError, config_from_params, report_params_in
@@ -260,7 +261,8 @@ def measured_steps(
         changes = {n: (before.get(n), params.get(n)) for n in sorted({*before, *params})}
         changes = {n: pair for n, pair in changes.items() if pair[0] != pair[1]}
         last = index == len(groups) - 1
-        cfg = target_cfg if last else config_from_params(params, space, settings.epochs)
+        between = fit_to_data(config_from_params(params, space, settings.epochs), settings)
+        cfg = target_cfg if last else between
         label = "+ " + ", ".join(merged) + (f" (= trial {path.target_trial})" if last else "")
         predicted_score = predicted.get(_params_key(params))
         steps.append(
@@ -285,12 +287,15 @@ def measure(
     steps = measured_steps(request, study, settings, path, epochs)
     seeds = list(range(request.seeds))
     # The training plane (torch) loads once the path is drawn: a user's mistakes need none.
-    from data.dataset import load_dataset
+    from data.dataset import load_with_identity
     from search.training.final import make_output_dir, seed_devices, train_seeds
 
     make_output_dir(request.output_dir)
     devices = seed_devices(request.gpus, progress.say)
-    images = load_dataset(settings.dataset, request.data_dir)
+    images, found = load_with_identity(
+        settings.dataset, request.data_dir, image_size=settings.image_size
+    )
+    check_data(study_identity(settings), found)  # before anything trains, as hpo compare
     shape = {
         "dataset": settings.dataset,
         "epochs": epochs,
@@ -318,7 +323,8 @@ def measure(
             progress.say(f"training step {index} ({step.label}) seed(s) {chunk}")
             where = request.output_dir / f"step-{index}" / "-".join(f"seed{s}" for s in chunk)
             say = _labelled(progress, index)
-            metrics = train_seeds(step.cfg, images, chunk, where, devices, say)
+            stats = (found.mean, found.std)
+            metrics = train_seeds(step.cfg, images, chunk, where, devices, say, stats)
             for run in metrics["seeds"]:
                 results.setdefault(key, {})[str(run["seed"])] = {
                     "test_acc": run["test_acc"],
