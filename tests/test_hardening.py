@@ -88,9 +88,12 @@ def test_a_piped_worker_log_has_one_event_per_line(hpo_env: dict, tmp_path: Path
     epochs = [line for line in lines if " epoch " in line]
     ends = [line for line in lines if line.startswith("[")]
     assert len(epochs) >= 2 and len(ends) == 2
-    epoch_line = r"trial +\d+ epoch +\d+/2  lr \S+  train \S+  val \S+  acc +\S+%  \S+ img/s  \S+s"
+    epoch_line = (
+        r"trial +\d+ epoch +\d+/2  lr \S+  train \S+  val_ce \S+(  calibrated_ce \S+)?  "
+        r"acc +\S+%  \S+ img/s  \S+s"
+    )
     assert all(re.fullmatch(epoch_line, line) for line in epochs), epochs
-    trial_end = r"\[\d/2\] trial \d .*  best \S+ \(trial \d\)(, val acc \S+%)?"
+    trial_end = r"\[\d/2\] trial \d .*  best score \S+ \(trial \d\)(, val acc \S+%)?"
     assert all(re.fullmatch(trial_end, line) for line in ends), ends
     assert any(
         line.startswith("created study 'a-study") and "target 2 trials" in line for line in lines
