@@ -98,10 +98,15 @@ def test_hpo_train_on_a_full_disk_still_tells_its_test_accuracy(
     result = run_hpo("train", "--config", str(config), "--dataset", "synthetic", "--epochs", "1",
                      "--output-dir", str(output), env=hpo_env, cwd=tmp_path)  # fmt: skip
     said = result.stdout + result.stderr
-    assert result.returncode == 75 and "Traceback" not in said, said  # tests/test_full_disk.py
+    assert result.returncode == 75 and "Traceback" not in said, said  # EXIT_MACHINE_FAULT
     assert f"model-seed0.pt not written to {output}: No space left on device" in said, said
     assert "test accuracy" in said and f"wrote nothing in {output}" in said, said
     assert list(output.iterdir()) == []  # no half-written file left
+    # Every unwritten file named in one line at the end, no traceback (issue 37).
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: model-seed0.pt, metrics.json, learning-rate.png")
+    assert f"not written in {output}" in result.stderr
+    assert "test accuracy" in result.stdout  # the run's result is still told
 
 
 def test_hpo_report_on_a_full_disk_is_one_line(
