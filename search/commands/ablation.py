@@ -194,18 +194,21 @@ def path_png(path: PredictedPath, file: Path) -> Path:
 
 def path_html(path: PredictedPath) -> str:
     """The path's table for the report's page (the PNG beside it)."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in PATH_COLUMNS)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-        for row in path_rows(path)
-    )
     return (
         f'<p class="summary">{html.escape(path_title(path))}. Each step flips the one group of '
         "differences whose change to the target's values predicts the best score; error bars "
         "are the spread of the forest's trees. <code>hpo ablate --measure</code> trains it.</p>"
         f'<p><img src="{FIGURE}" alt="predicted path" style="max-width:100%"></p>'
-        f"<table><tr>{head}</tr>{rows}</table>"
+        + html_table(PATH_COLUMNS, path_rows(path))
     )
+
+
+def html_table(columns: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def run_ablate(request: AblateRequest, progress: SearchProgress) -> dict[str, Any] | None:
@@ -509,14 +512,10 @@ MEASURED_NOTE = (
 
 
 def measured_html(table: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in MEASURED_COLUMNS)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-        for row in measured_rows(table)
-    )
     return (
-        f"<h3>{html.escape(measured_title(table))}</h3><table><tr>{head}</tr>{rows}</table>"
-        f'<p class="summary">{html.escape(MEASURED_NOTE)}</p>'
+        f"<h3>{html.escape(measured_title(table))}</h3>"
+        + html_table(MEASURED_COLUMNS, measured_rows(table))
+        + f'<p class="summary">{html.escape(MEASURED_NOTE)}</p>'
     )
 
 
