@@ -60,6 +60,7 @@ from search.rules.pruners import DEFAULT_MIN_EPOCHS, PRUNERS
 from search.rules.settings import DEFAULT_SEED, SettingsConflict
 from search.rules.space import BUILTIN_SPACES, DEFAULT_SPACE_NAME, IMAGE_SIZE, SpaceError
 from search.rules.study import StudyError, join
+from search.rules.trackers import MLFLOW_ENV, TrackerError
 from search.training.devices import GpuSpecError
 from storage import (
     DEFAULT_HEARTBEAT_S,
@@ -93,6 +94,7 @@ USER_ERRORS = (
     DatasetError,  # a --dataset or its data the study cannot use
     GpuSpecError,
     ArtifactDirError,
+    TrackerError,  # a --tensorboard folder or --mlflow URI that cannot work
 )
 
 
@@ -233,6 +235,24 @@ GpusOption = Annotated[
 JobsOption = Annotated[
     int, typer.Option(min=1, help="Worker processes per GPU (small models share a GPU well).")
 ]
+TensorBoardOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="DIR",
+        help="Log every trial to this TensorBoard folder (a run per trial, its curves and "
+        "HParams; needs the [tensorboard] extra); stored in the study, for every worker.",
+    ),
+]
+MlflowOption = Annotated[
+    str | None,
+    typer.Option(
+        "--mlflow",
+        metavar="URI",
+        help=f"Log every trial to this MLflow tracking URI (needs the [mlflow] extra); left "
+        f"out, ${MLFLOW_ENV} where set. Stored in the study: every worker logs there.",
+    ),
+]
 CompileOption = Annotated[
     Compile, typer.Option(help="torch.compile the model: auto compiles on CUDA only.")
 ]
@@ -268,6 +288,8 @@ def create(
     min_epochs: MinEpochsOption = None,
     checkpoint_interval: CheckpointIntervalOption = None,
     image_size: ImageSizeOption = None,
+    tensorboard: TensorBoardOption = None,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Create a study with its settings and target, and run nothing (for init jobs).
 
@@ -278,6 +300,7 @@ def create(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
         checkpoint_interval=checkpoint_interval, image_size=image_size,
+        tensorboard=tensorboard, mlflow=mlflow,
     )  # fmt: skip
     with user_errors():
         create_study(request, SearchProgress(console), data_dir=data_dir)
@@ -300,6 +323,8 @@ def start(
     min_epochs: MinEpochsOption = None,
     checkpoint_interval: CheckpointIntervalOption = None,
     image_size: ImageSizeOption = None,
+    tensorboard: TensorBoardOption = None,
+    mlflow: MlflowOption = None,
     artifact_dir: ArtifactDirOption = None,
     timeout: TimeoutOption = None,
     gpus: GpusOption = None,
@@ -317,6 +342,7 @@ def start(
         study, trials, storage, space=space, epochs=epochs, dataset=dataset, pruner=pruner,
         seed=seed, heartbeat=heartbeat, min_epochs=min_epochs,
         checkpoint_interval=checkpoint_interval, image_size=image_size,
+        tensorboard=tensorboard, mlflow=mlflow,
     )  # fmt: skip
     options = WorkerOptions(
         data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s
@@ -340,6 +366,15 @@ def worker(
     jobs_per_gpu: JobsOption = 1,
     compile: CompileOption = DEFAULT_COMPILE,
     storage_retry_s: StorageRetryOption = DEFAULT_STORAGE_RETRY_S,
+    tensorboard: Annotated[
+        str | None,
+        typer.Option(
+            "--tensorboard",
+            metavar="DIR",
+            help="This machine's mount of the study's TensorBoard folder, where it differs.",
+            show_default="the study's",
+        ),
+    ] = None,
     slot: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Join an existing study from any machine and run trials toward its stored target.
@@ -348,7 +383,7 @@ def worker(
     """
     options = WorkerOptions(
         data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s, slot,
-        dataset,
+        dataset, tensorboard,
     )  # fmt: skip
     with user_errors():
         code = join_search(study, storage, options, SearchProgress(console))

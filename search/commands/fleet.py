@@ -28,6 +28,7 @@ class WorkerOptions:
     storage_retry_s: float = DEFAULT_STORAGE_RETRY_S  # waiting out a database outage
     slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
     dataset: str | None = None  # this machine's copy of the study's data (`hpo worker`)
+    tensorboard: str | None = None  # this machine's mount of the study's TensorBoard folder
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def _spawn(study: str, storage_url: str, slot: Slot, options: WorkerOptions) -> 
         command += ["--dataset", options.dataset]
     if options.artifact_dir is not None:
         command += ["--artifact-dir", str(options.artifact_dir)]
+    if options.tensorboard is not None:
+        command += ["--tensorboard", options.tensorboard]
     if options.timeout_s is not None:
         command += ["--timeout", str(options.timeout_s)]
     # The URL travels in the environment: a password on a command line shows up in `ps`.

@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import optuna
@@ -40,6 +40,7 @@ from search.rules.study import (
     load_settings,
     move_target,
 )
+from search.rules.trackers import TrackerError, check_tensorboard_dir, chosen_mlflow_uri
 from search.training.devices import cuda_is_here, gpu_names, parse_gpus, worker_gpu
 from storage import (
     HeartbeatPolicy,
@@ -81,6 +82,8 @@ class StudyRequest:
     min_epochs: int | None = None
     checkpoint_interval: int | None = None
     image_size: int | None = None
+    tensorboard: str | None = None  # a log folder, as given
+    mlflow: str | None = None  # a tracking URI, as given (MLFLOW_TRACKING_URI: new_settings)
 
     def flags(self) -> dict[str, object]:
         return {
@@ -93,14 +96,26 @@ class StudyRequest:
             "min_epochs": self.min_epochs,
             "checkpoint_interval_s": self.checkpoint_interval,
             "image_size": self.image_size,
+            "tensorboard": self.tensorboard,
+            "mlflow": self.mlflow,
         }
 
     def new_settings(self, identity: DatasetIdentity | None = None) -> StudySettings:
         flags = {key: value for key, value in self.flags().items() if key != "space"}
         flags["identity"] = None if identity is None else identity.to_dict()
+        flags["mlflow"] = chosen_mlflow_uri(self.mlflow)
         if self.space is None:
             return StudySettings.for_space(**flags)
         return StudySettings.for_space(self.space, **flags)
+
+
+def check_trackers(request: StudyRequest) -> StudyRequest:
+    """The request with its trackers checked before anything is stored (one line, exit 2
+    where one cannot work; $MLFLOW_TRACKING_URI too, which a new study would take), the
+    TensorBoard folder made absolute, as the study stores it."""
+    folder = request.tensorboard and check_tensorboard_dir(request.tensorboard)
+    chosen_mlflow_uri(request.mlflow)
+    return replace(request, tensorboard=folder)
 
 
 def start_search(request: StudyRequest, options: WorkerOptions, progress: SearchProgress) -> int:
@@ -108,6 +123,7 @@ def start_search(request: StudyRequest, options: WorkerOptions, progress: Search
     from data.dataset import dataset_folder  # a trial's data: only once a search really starts
 
     # Every check that can fail comes before anything is stored.
+    request = check_trackers(request)
     parse_gpus(options.gpus)
     check_study_name(request.study)
     check_image_size(request.dataset, request.image_size)
@@ -133,8 +149,22 @@ def join_search(
         settings = stored_settings(study_name, storage_url, retry)
     except StorageUnavailable as err:
         return gave_up(err)
+    settings = local_tensorboard(settings, options.tensorboard)
     note_outage(storage_url, study_name, retry)
     return run_workers(study_name, storage_url, settings, options, progress)
+
+
+def local_tensorboard(settings: StudySettings, folder: str | None) -> StudySettings:
+    """The study's settings with this machine's mount of its TensorBoard folder, where
+    `hpo worker --tensorboard` gives one: it moves the study's folder, and adds none."""
+    if folder is None:
+        return settings
+    if settings.tensorboard is None:
+        raise TrackerError(
+            f"--tensorboard {folder}: the study logs to no TensorBoard folder (set at "
+            "creation: hpo create/start --tensorboard DIR); a worker's only moves it"
+        )
+    return replace(settings, tensorboard=check_tensorboard_dir(folder))
 
 
 def startup_retry(options: WorkerOptions, progress: SearchProgress) -> RetryPolicy:
@@ -194,6 +224,7 @@ def create_study(
     first: bad data are refused before anything is stored, and a joined study's data must
     be the same. With `retry`, an unreachable storage is waited for (StorageUnavailable past
     its limit)."""
+    request = check_trackers(request)
     check_study_name(request.study)
     check_image_size(request.dataset, request.image_size)
     identity = None
@@ -291,7 +322,10 @@ def run_local_worker(
         )
         return None
     stop = install_stop_handlers(progress)
-    runner = stand_in or training_runner(settings, storage_url, options, worker, stop, progress)
+    on_down = functools.partial(record_machine_fault, study, name)  # a tracker that is down
+    runner = stand_in or training_runner(
+        study_name, settings, storage_url, options, worker, stop, progress, on_down
+    )
 
     def on_trial_end(trial: optuna.trial.FrozenTrial, view: StudyView) -> None:
         state, best = view.budget, best_summary(study, view.trials)
@@ -303,7 +337,12 @@ def run_local_worker(
     gc.freeze()
     with progress:
         progress.show_budget(study_name, budget(study), best_summary(study))
-        summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)
+        try:
+            summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)
+        finally:
+            trackers = getattr(runner, "trackers", None)
+            if trackers:
+                trackers.close()  # what a down tracker still holds is said, then dropped
     final = budget(study)
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
@@ -314,14 +353,17 @@ def run_local_worker(
 
 
 def training_runner(
+    study_name: str,
     settings: StudySettings,
     storage_url: str,
     options: WorkerOptions,
     worker: WorkerInfo,
     stop: threading.Event,
     progress: SearchProgress,
+    on_tracker_down: Callable[[str], None] = print,
 ) -> TrialRunner:
-    """The objective that trains: the data on the device, checkpoints, compile caches."""
+    """The objective that trains: the data on the device, checkpoints, compile caches, and
+    the study's trackers (their libraries load only where the study asks for one)."""
     # The training plane (torch) loads here, where trials run: `hpo create` never pays it.
     from data.dataset import load_with_identity
     from data.loader import search_data
@@ -329,6 +371,7 @@ def training_runner(
     from search.training.compile_policy import share_compile_caches
     from search.training.objective import TrialRunner
     from search.training.run import pick_device
+    from search.training.trackers import open_trackers
     from search.training.trainer import DeviceRecipe
 
     # This machine's data, refused before anything trains where they are not the study's.
@@ -349,6 +392,9 @@ def training_runner(
         stop=stop,
         compile_mode=options.compile,
         say=progress.say,
+        trackers=open_trackers(
+            study_name, settings.tensorboard, settings.mlflow, progress.say, on_tracker_down
+        ),
     )
 
 

@@ -16,6 +16,11 @@ COMPARE = "hpo:compare"  # the latest `hpo compare`: its whole table (search/com
 ABLATION = "hpo:ablation"
 # + a worker's name: its latest environment fault, {"at": UTC time, "what": one line}
 MACHINE_FAULT = "hpo:machine-fault:"
+# MLflow (search/training/trackers.py): the study's experiment id and its parent run's id.
+MLFLOW_EXPERIMENT = "hpo:mlflow-experiment"
+MLFLOW_PARENT_RUN = "hpo:mlflow-parent-run"
+# + a chain's first trial number: its run, where the run was made after its trial ended
+MLFLOW_CHAIN_RUN = "hpo:mlflow-run:"
 
 # Trial user attributes.
 CONFIG = "config"  # TrialConfig.to_dict()
@@ -41,6 +46,7 @@ STOPPED_PREFIX = "interrupted: "  # such a FAIL_REASON: a stop, re-queued, not a
 GFLOPS = "gflops_per_image"  # train FLOPs per image of the drawn network
 OVER_CAP = "over_cap"  # True: over the space's max_gflops, skipped untrained, not in the budget
 SECONDS = "seconds"  # the trial's time by phase, TRIAL_PHASES -> seconds
+MLFLOW_RUN = "mlflow_run_id"  # the MLflow run of the trial's chain (a retry inherits it)
 
 # The phases of a trial, as SECONDS records them. sample: the sampler's suggest calls; build:
 # model, loaders, optimizer (and a retry's checkpoint load); compile: first calls of compiled

@@ -56,6 +56,10 @@ class StudySettings:
     # The side images are resized to (a folder only; CIFAR is 32): the space's poolings, the
     # network's FLOPs and the study's cost follow it.
     image_size: int = IMAGE_SIZE
+    # Where every trial is also logged (search/rules/trackers.py): a TensorBoard log folder
+    # (absolute) and an MLflow tracking URI; None, as every study stored before them: neither.
+    tensorboard: str | None = None
+    mlflow: str | None = None
 
     @classmethod
     def for_space(cls, space_name: str = DEFAULT_SPACE_NAME, **chosen: Any) -> StudySettings:

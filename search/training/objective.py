@@ -9,7 +9,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 import torch
@@ -29,6 +29,8 @@ from search.training.checkpoints import CheckpointStore, TrialCheckpoints
 from search.training.compile_policy import CompilePolicy
 from search.training.run import Run, start_run
 from search.training.stops import TrialInterrupted
+from search.training.tracker_chain import Chain
+from search.training.trackers import Trackers
 from search.training.trainer import DeviceRecipe, DivergedError, EpochStats
 from storage import StorageUnavailable
 from storage.optuna_private import original_number, params_written_once
@@ -56,6 +58,8 @@ class TrialRunner:
     say: Callable[[str], None] = print  # warnings for the worker's log
     # --compile auto: when a trial switches to compiled; learns from this worker's trials.
     compile_policy: CompilePolicy | None = None
+    # TensorBoard and MLflow, where the study asks for them; never the trial's problem.
+    trackers: Trackers = field(default_factory=Trackers)
 
     def __post_init__(self) -> None:
         # torch imports its compiler on the first optimizer built (seconds): pay that once at
@@ -94,10 +98,14 @@ class TrialRunner:
         with clock("report"):
             self._describe(trial, cfg, count_parameters(run.trainer.model))
             history = self._resumed_history(trial, state)
+            chain = self.trackers.started(trial, self._tracker_tags(), history if state else None)
         checkpoints = TrialCheckpoints(self.checkpoints, trial, self.settings.checkpoint_interval_s)
+        ended = "interrupted"  # a BaseException (an exit): the chain goes on elsewhere
         try:
             with checkpoints:  # leaving it waits for the write in flight
-                return self._train(trial, run, history, checkpoints, clock)
+                value = self._train(trial, run, history, checkpoints, clock, chain)
+            ended = "complete"
+            return value
         except (
             TrialInterrupted,
             StorageUnavailable,
@@ -107,14 +115,20 @@ class TrialRunner:
             # Stopped, storage gone, taken over, or out of memory (retried once): the retry
             # resumes from the checkpoint. A chain that fails for good loses it later
             # (CheckpointStore.remove_given_up).
+            ended = "interrupted"
             raise
         except Exception as err:
             # Pruned, or failed for good: a Table 1 checkpoint is ~225 MB nobody will read. A
             # compile the disk refused is the machine's: the trial is handed back, to resume.
+            ended = "pruned" if isinstance(err, optuna.TrialPruned) else "failed"
             if compile_disk_fault(err) is None:
                 self._discard_checkpoint(trial)
+            else:
+                ended = "interrupted"
             raise
         finally:
+            with clock("report"):
+                self.trackers.ended(chain, ended)
             clock.seconds["checkpoint"] += checkpoints.seconds
             # Never hides why the trial ended (a storage outage, say).
             with suppress(Exception):
@@ -138,10 +152,13 @@ class TrialRunner:
         history: list[dict],
         checkpoints: TrialCheckpoints,
         clock: PhaseClock,
+        chain: Chain | None = None,
     ) -> float:
         for stats in run.trainer.fit(run.train, run.held_out):
             clock.add_epoch(stats)
             history.append(epoch_record(stats, self.settings.calibrated))
+            # Queued for the trackers' own threads: training never waits on them.
+            self.trackers.epoch(chain, {**history[-1], "train_acc": stats.train_acc})
             if self.on_epoch is not None:
                 self.on_epoch(trial, stats)
             last = stats.epoch == run.trainer.cfg.epochs
@@ -167,6 +184,11 @@ class TrialRunner:
         if not math.isfinite(value):  # told as a value, Optuna would fail it as a crash
             raise DivergedError(f"validation loss is {value} after the last epoch")
         return value
+
+    def _tracker_tags(self) -> dict[str, str]:
+        """What a chain's run is tagged with besides its trial and state."""
+        s, w = self.settings, self.worker
+        return {"hpo.host": w.host, "hpo.gpu": w.gpu, "hpo.space": s.space_name}
 
     def _seed(self, trial: optuna.Trial) -> int:
         """Per trial, not per worker history; a retry replays the run it continues, so it is

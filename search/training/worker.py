@@ -73,6 +73,7 @@ def run_worker(
     view, given_up = read_at_boundary(study, stale_check.due())
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         forget_given_up(runner, given_up, say)
+        close_given_up_runs(runner, study, given_up)
         trial = claim_trial(study, view)
         if trial is None and not view.target_read:
             # None to claim under a target read a while ago: a raise may have made more.
@@ -245,3 +246,13 @@ def forget_given_up(
         return
     for number in store.remove_given_up(given_up):
         say(f"trial {number} failed for good: deleted its chain's checkpoint")
+
+
+def close_given_up_runs(
+    runner: TrialRunner, study: optuna.Study, given_up: list[FrozenTrial]
+) -> None:
+    """End the tracker runs of chains the study shows failed for good (search/training/
+    trackers.py): a dead worker's run would stay running forever."""
+    trackers = getattr(runner, "trackers", None)  # any objective will do, one without too
+    if trackers:
+        trackers.given_up(study, given_up)
