@@ -21,6 +21,7 @@ from search.rules.faults import last_machine_fault
 from search.rules.fidelity import fidelity_line
 from search.rules.settings import StudySettings
 from search.rules.study import join, load_settings, read_study
+from search.rules.trackers import tracker_line, trial_run_line
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
 
@@ -48,8 +49,9 @@ def study_table(
     summary.add_column(overflow="fold")  # a long path or line wraps, never cut short
     summary.add_row("finished / target", f"{state.finished} / {state.target}")
     stored = study.user_attrs.get(attrs.SETTINGS)
-    if stored:
-        summary.add_row("data", describe_data(StudySettings.from_dict(stored)))
+    settings = StudySettings.from_dict(stored) if stored else None
+    if settings is not None:
+        summary.add_row("data", describe_data(settings))
     if state.given_up:
         given_up = f"{state.given_up} (counted as finished: an error, or crashed past max_retry)"
         summary.add_row("failed for good", given_up)
@@ -64,6 +66,9 @@ def study_table(
     summary.add_row("skipped over max_gflops", str(sum(map(is_over_cap, trials))))
     summary.add_row("pace", pace_line(trials, state.finished, state.target))
     summary.add_row("best score", best_summary(study, trials))
+    if settings is not None and (settings.tensorboard or settings.mlflow):
+        for name, value in tracker_rows(settings, study.user_attrs, trials):
+            summary.add_row(name, value)
     summary.add_row("score", score_meaning(study.user_attrs))
     summary.add_row("trial time", time_by_phase(trials))
     summary.add_row("rungs rank like the end", fidelity_line(study))
@@ -99,6 +104,20 @@ def study_table(
             str(trial.user_attrs.get(attrs.ARCHITECTURE, "-")),
         )
     return Group(*shown, table)
+
+
+def tracker_rows(
+    settings: StudySettings, study_attrs: dict, trials: list[optuna.trial.FrozenTrial]
+) -> list[tuple[str, str]]:
+    """Where the trials are logged, and the best trial's MLflow run."""
+    rows = [("trackers", tracker_line(settings.tensorboard, settings.mlflow, study_attrs))]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if complete:
+        best = min(complete, key=lambda t: t.value)
+        run = trial_run_line(settings.mlflow, study_attrs, best)
+        if run:
+            rows.append(("best trial's run", run))
+    return rows
 
 
 def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int) -> str:
