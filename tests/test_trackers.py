@@ -320,3 +320,66 @@ def test_a_bad_tracker_value_is_one_line_and_stores_nothing(tmp_path: Path) -> N
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
         assert said in result.stderr, result.stderr
         assert not (tmp_path / "hpo.db").exists()
+
+
+def test_a_down_tracker_never_reaches_the_trial(tmp_path: Path) -> None:
+    """MLflow's client facing a port nothing listens on, TensorBoard's writer under a path
+    that is a file: the trial's calls return, each tracker is said down once (and recorded),
+    and what they could not write is said dropped at the end."""
+    from search.training.mlflow_sink import MlflowSink
+    from search.training.tensorboard_sink import TensorBoardSink
+    from search.training.trackers import Trackers
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    said: list[str] = []
+    recorded: list[str] = []
+    sinks = [TensorBoardSink(blocked, STUDY), MlflowSink(f"http://127.0.0.1:{free_port()}", STUDY)]
+    trackers = Trackers(sinks, said.append, recorded.append)
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+    chain = trackers.started(trial, {"hpo.host": "h"}, None)
+    for epoch in (1, 2, 3):
+        trackers.epoch(chain, {"epoch": epoch, "val_loss": 2.0 / epoch, "val_acc": 0.1 * epoch})
+    trackers.ended(chain, "complete")
+    finished = study.tell(trial, 0.5)
+    trackers.close(timeout_s=0.2)
+
+    assert finished.state == TrialState.COMPLETE and finished.value == 0.5
+    assert sorted(line.split()[0] for line in recorded) == ["mlflow", "tensorboard"], recorded
+    for name in ("tensorboard", "mlflow"):
+        assert sum(line.startswith(f"{name} not written") for line in said) == 1, said
+        assert any(line.startswith(f"{name}: dropped 5 write(s)") for line in said), said
+
+
+@pytest.mark.slow
+def test_a_chain_failed_for_good_ends_its_run_failed(
+    tmp_path: Path, mlflow_server: OwnMlflow
+) -> None:
+    """A worker killed mid-trial leaves its run RUNNING; once the study shows the chain
+    failed for good (stale past max_retry), the worker that sees it ends the run FAILED."""
+    from mlflow import MlflowClient
+
+    from search.training.mlflow_sink import MlflowSink
+    from search.training.trackers import Trackers
+
+    name = "given-up"
+    study = optuna.create_study(
+        study_name=name, storage=open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    )
+    dead = Trackers([MlflowSink(mlflow_server.url, name)], print, print)
+    trial = study.ask()
+    chain = dead.started(trial, {}, None)
+    dead.epoch(chain, {"epoch": 1, "val_loss": 2.0, "val_acc": 0.1})
+    dead.close()  # the worker dies here: no end is sent
+    failed = study.tell(trial, state=TrialState.FAIL)  # as fail_stale_trials leaves a crash
+    client = MlflowClient(mlflow_server.url)
+    run_id = failed.user_attrs[attrs.MLFLOW_RUN]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    survivor = Trackers([MlflowSink(mlflow_server.url, name)], print, print)
+    survivor.given_up(study, [failed])
+    survivor.close()
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["hpo.state"]) == ("FAILED", "failed")

@@ -68,11 +68,16 @@ class SinkQueue:
         with self.ready:
             return len(self.pending) + self.busy
 
-    def drain(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for every write queued to go out; the writes still queued."""
+    def drain(self, timeout_s: float, while_down: bool = False) -> int:
+        """Wait up to `timeout_s` for every write queued to go out, no longer than the tracker
+        answers unless `while_down`; the writes still queued."""
         deadline = time.monotonic() + timeout_s
         with self.ready:
-            while (self.pending or self.busy) and time.monotonic() < deadline:
+            while (
+                (self.pending or self.busy)
+                and time.monotonic() < deadline
+                and (while_down or self.down_since is None)
+            ):
                 self.ready.wait(max(0.0, min(0.05, deadline - time.monotonic())))
             return len(self.pending) + self.busy
 
@@ -82,7 +87,7 @@ class SinkQueue:
         with self.ready:
             self.hurry = True
             self.ready.notify_all()
-        self.drain(timeout_s)
+        self.drain(timeout_s, while_down=True)
         with self.ready:
             self.closing = True
             left = [what for what, _ in self.pending]
@@ -195,10 +200,10 @@ class Trackers:
         what = f"trial {chain.trial.number}'s end"
         self._each(what, lambda sink: lambda: sink.ended(chain, state))
         for queue in self.queues:
-            if queue.down_since is not None:
+            if queue.drain(FLUSH_S) and queue.down_since is not None:
                 behind = queue.behind()
                 self.say(f"trial {chain.trial.number}: {queue.sink.name} {behind} write(s) behind")
-            elif queue.drain(FLUSH_S):
+            elif queue.behind():
                 self.say(
                     f"trial {chain.trial.number}: {queue.sink.name} still writing after "
                     f"{FLUSH_S:.0f} s; its {queue.behind()} write(s) go on in the background"
