@@ -192,8 +192,18 @@ def test_a_study_in_mlflow_and_tensorboard_through_a_stop_and_a_server_restart(
     assert "mlflow not written" in shown.stdout, shown.stdout
     assert f"mlflow {mlflow_server.url}" in shown.stdout, shown.stdout
 
+    # The best config's final training is logged beside the trials.
+    exported = run_hpo("best", "--study", STUDY, "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    trained = run_hpo(
+        "train", "--config", "best.yaml", "--epochs", "1", "--seeds", "2", "--output-dir",
+        "final", env=hpo_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    best = study.best_trial.number
     check_mlflow(study, mlflow_server.url)
-    check_tensorboard(study, tensorboard / STUDY, tmp_path)
+    check_final_run(mlflow_server.url, best, tmp_path / "final")
+    check_tensorboard(study, tensorboard / STUDY, tmp_path, best)
 
 
 def check_mlflow(study: optuna.Study, url: str) -> None:
@@ -231,12 +241,37 @@ def check_mlflow(study: optuna.Study, url: str) -> None:
     assert {m.step: m.value for m in history} == trials[1].intermediate_values
 
 
-def check_tensorboard(study: optuna.Study, root: Path, tmp_path: Path) -> None:
+def check_final_run(url: str, best: int, output: Path) -> None:
+    """`hpo train`'s run: nested under the study's, test accuracy per seed (step = seed),
+    the exported YAML, metrics and figures as artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(STUDY).experiment_id
+    (run,) = client.search_runs([experiment], "tags.`hpo.kind` = 'final'")
+    assert run.info.run_name == f"train-trial-{best}" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"]
+    metrics = json.loads((output / "metrics.json").read_text())
+    history = client.get_metric_history(run.info.run_id, "test_acc")
+    assert {m.step: m.value for m in history} == {
+        r["seed"]: r["test_acc"] for r in metrics["seeds"]
+    }
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"best.yaml", "metrics.json", "learning-rate.png"} <= artifacts, artifacts
+
+
+def check_tensorboard(study: optuna.Study, root: Path, tmp_path: Path, best: int) -> None:
     """A run folder per chain; every step once across the resume (TensorBoard's own reader);
     `tensorboard --logdir` lists the trials in its HParams tab."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert sorted(p.name for p in root.iterdir()) == [f"trial-{n}" for n in range(5)]
+    finals = [f"train-trial-{best}-seed{seed}" for seed in (0, 1)]
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [*finals, *(f"trial-{n}" for n in range(5))]
+    )
+    seed = EventAccumulator(str(root / finals[0]))
+    seed.Reload()
+    assert [e.step for e in seed.Scalars("test_acc")] == [1]
     trials = {t.number: t for t in study.get_trials()}
     for number in range(5):
         events = EventAccumulator(str(root / f"trial-{number}"))

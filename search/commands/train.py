@@ -12,14 +12,18 @@ from data.identity import DatasetIdentity
 from search.commands.export import config_storage, is_redacted
 from search.commands.figures import TRAINING_FIGURES, write_training_figures
 from search.commands.progress import SearchProgress, format_mean_std
+from search.rules import attrs
 from search.rules.artifacts import artifact_dir
 from search.rules.config import FINAL_EPOCHS, ConfigError, load_config_file
 from search.rules.data import check_classes, check_data
 from search.rules.faults import FilesNotWritten
+from search.rules.settings import StudySettings
 from search.training.final import (
+    METRICS_FILE,
     attach_final,
     make_output_dir,
     metrics_files,
+    open_for_writing,
     seed_devices,
     train_seeds,
     unwritten_files,
@@ -72,6 +76,7 @@ def run_final(request: FinalRequest, progress: SearchProgress) -> dict[str, Any]
     metrics["figures"] = write_training_figures(metrics, output, progress.say)
     progress.say(f"wrote {', '.join(metrics_files(metrics, output)) or 'nothing'} in {output}")
     progress.say(_attach(request, document, metrics))
+    _log_to_trackers(request, document, metrics, progress)
     figures = [name for name in TRAINING_FIGURES if name not in metrics["figures"]]
     unwritten = [*unwritten_files(metrics), *figures]
     if unwritten:
@@ -119,3 +124,28 @@ def _attach(request: FinalRequest, document: dict[str, Any], metrics: dict[str, 
         )
     artifacts = artifact_dir(request.artifact_dir, storage)
     return attach_final(storage, artifacts, source, request.output_dir, metrics)
+
+
+def _log_to_trackers(
+    request: FinalRequest,
+    document: dict[str, Any],
+    metrics: dict[str, Any],
+    progress: SearchProgress,
+) -> None:
+    """The run beside the study's trials in TensorBoard and MLflow, where the study the config
+    came from logs them: its seeds, its test accuracy, the config and figures."""
+    source = document.get("source") or {}
+    storage = config_storage(request.storage, document)
+    try:
+        study = open_for_writing(storage, source["study"])
+    except Exception:  # no study to follow: _attach said why
+        return
+    settings = StudySettings.from_dict(study.user_attrs[attrs.SETTINGS])
+    if not (settings.tensorboard or settings.mlflow):
+        return
+    from search.training.final_trackers import log_final
+
+    output = request.output_dir
+    files = [request.config, *(output / name for name in (METRICS_FILE, *metrics["figures"]))]
+    label = f"train-trial-{source.get('trial')}"
+    log_final(study, settings, label, metrics, [f for f in files if f.is_file()], progress.say)

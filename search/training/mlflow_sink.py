@@ -96,7 +96,7 @@ class MlflowSink:
 
     # --- runs, found before they are made -----------------------------------------------
 
-    def _experiment(self, study: optuna.Study) -> str:
+    def experiment(self, study: optuna.Study) -> str:
         if self.experiment_id is None:
             found = self.client.get_experiment_by_name(self.study)
             if found is None:
@@ -107,11 +107,11 @@ class MlflowSink:
             _set_study_attr(study, attrs.MLFLOW_EXPERIMENT, self.experiment_id)
         return self.experiment_id
 
-    def _study_run(self, study: optuna.Study) -> str:
+    def study_run(self, study: optuna.Study) -> str:
         """The study's parent run: the one the study names, else the earliest one tagged for
         it (workers racing to make one each adopt the earliest), else a new one."""
         if self.parent is None:
-            experiment = self._experiment(study)
+            experiment = self.experiment(study)
             self.parent = study.user_attrs.get(attrs.MLFLOW_PARENT_RUN) or self._find(
                 experiment, f"tags.`{KIND}` = 'study'"
             )
@@ -127,10 +127,10 @@ class MlflowSink:
         run_id = self.runs.get(chain.first) or chain.inherited_run
         run_id = run_id or self._find_chain(study, chain.first)
         if run_id is None:
-            parent = self._study_run(study)
+            parent = self.study_run(study)
             tags = {KIND: "trial", CHAIN: str(chain.first), "mlflow.parentRunId": parent}
             created = self.client.create_run(
-                self._experiment(study), run_name=f"trial-{chain.first}", tags=tags
+                self.experiment(study), run_name=f"trial-{chain.first}", tags=tags
             )
             run_id = created.info.run_id
         self.runs[chain.first] = run_id
@@ -140,7 +140,7 @@ class MlflowSink:
 
     def _find_chain(self, study: optuna.Study, first: int) -> str | None:
         where = f"tags.`{KIND}` = 'trial' and tags.`{CHAIN}` = '{first}'"
-        return self._find(self._experiment(study), where)
+        return self._find(self.experiment(study), where)
 
     def _find(self, experiment: str, where: str) -> str | None:
         runs = self.client.search_runs(

@@ -82,3 +82,9 @@ def scalars(record: dict) -> dict[str, float]:
     """The record's figures under the trackers' names, those it has."""
     present = {name: value for name, value in record.items() if value is not None}
     return {shown: float(present[name]) for name, shown in SCALARS.items() if name in present}
+
+
+def describe_error(err: BaseException) -> str:
+    """An error in one line: its type and its message's first line."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}"[:240]

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.rules import attrs
-from search.training.tracker_chain import Chain, Sink
+from search.training.tracker_chain import Chain, Sink, describe_error
 from storage.optuna_private import original_number
 
 # How long a trial's end waits for a healthy tracker's writes to go out, and a worker's exit
@@ -117,7 +117,7 @@ class SinkQueue:
                 if self.sink.permanent(err):
                     self._done(item)
                     self.dropped.append(what)
-                    self.say(f"{self.sink.name} refused {what}: {describe(err)}")
+                    self.say(f"{self.sink.name} refused {what}: {describe_error(err)}")
                     continue
                 self._failed(err)
                 with self.ready:
@@ -143,16 +143,11 @@ class SinkQueue:
         if self.down_since is None:
             self.down_since = time.monotonic()
             line = (
-                f"{self.sink.name} not written: {describe(err)}; trials go on, their records "
+                f"{self.sink.name} not written: {describe_error(err)}; trials go on, their records "
                 "are kept and sent once it answers"
             )
             self.say(line)
             self.on_down(line)
-
-
-def describe(err: BaseException) -> str:
-    first = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first}"[:240]
 
 
 class Trackers:
