@@ -10,6 +10,7 @@ table per file, the slowest tests, and the run's wall and CPU totals.
     python bench/suite.py -- -n 4 --dist loadfile --no-loadscope-reorder
     python bench/suite.py --top 30 -- -m "not slow" -n 4 --dist loadfile --no-loadscope-reorder
     python bench/suite.py --smoke      # one small test, a few seconds
+    python bench/suite.py --save times.jsonl -- ...   # keep every test's figures to compare
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--top", type=int, default=15, help="slowest tests to list")
     parser.add_argument("--smoke", action="store_true", help="one small test")
+    parser.add_argument("--save", type=Path, help="keep every test's line (JSON) in this file")
     args, pytest_args = parser.parse_known_args()
     pytest_args = [a for a in pytest_args if a != "--"]
     if args.smoke:
@@ -91,6 +93,8 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         lines = [json.loads(line) for line in log.read_text().splitlines()]
+        if args.save:
+            args.save.write_text(log.read_text())
     report(lines, time.monotonic() - start, cpu, args.top)
     sys.exit(done.returncode)
 

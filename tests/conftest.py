@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import write_synthetic
+# Under pytest-xdist, four workers share two cores: one compute thread each, in this process
+# and in every process it starts. Two threads a worker would spin-wait on each other's core
+# (an OpenMP barrier burns CPU while it waits), up to 4x a training test's CPU time. Set
+# before torch is imported: torch reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from data.synthetic import write_synthetic  # noqa: E402
 
 HPO = str(Path(sys.executable).parent / "hpo")
 

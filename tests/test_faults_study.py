@@ -23,7 +23,7 @@ def test_random_resets_for_a_whole_study(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
     name, study = new_study(postgres, tmp_path)
-    proxy.random_resets(0.05)
+    proxy.random_resets(0.02)
     finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 2), tmp_path, [0, 0])
     assert proxy.resets > 0
     assert_study_done(study, TRIALS)
@@ -36,7 +36,7 @@ def test_random_resets_for_a_whole_study_on_mariadb(
     """Resets only: the proxy's statement rules read PostgreSQL's messages."""
     name, study = new_study(mariadb, tmp_path)
     with FaultProxy(mariadb.port, seed=3306) as proxy:
-        proxy.random_resets(0.05)
+        proxy.random_resets(0.02)
         finish(workers(hpo_env, tmp_path, via(proxy, mariadb), name, 2), tmp_path, [0, 0])
         assert proxy.resets > 0
     assert_study_done(study, TRIALS)
