@@ -191,6 +191,7 @@ def test_a_study_in_mlflow_and_tensorboard_through_a_stop_and_a_server_restart(
     shown = run_hpo("status", "--study", STUDY, env=hpo_env, cwd=tmp_path)
     assert "mlflow not written" in shown.stdout, shown.stdout
     assert f"mlflow {mlflow_server.url}" in shown.stdout, shown.stdout
+    assert "best trial's run" in shown.stdout, shown.stdout
 
     # The best config's final training is logged beside the trials.
     exported = run_hpo("best", "--study", STUDY, "-o", "best.yaml", env=hpo_env, cwd=tmp_path)

@@ -34,6 +34,7 @@ from search.rules.data import describe_data
 from search.rules.fidelity import fidelity_line
 from search.rules.settings import METRIC_NAME, StudySettings
 from search.rules.study import name_objective
+from search.rules.trackers import tracker_rows
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -325,6 +326,7 @@ def _page(
 <p class="summary">Do the pruner's rungs rank trials as their last epoch does?
 {html.escape(fidelity_line(study))}.</p>
 <p class="summary">Generated {generated} by <code>hpo report</code>.</p>
+{_trackers(study, trials)}
 {_comparison(study)}
 {"".join(sections)}
 <section id="pareto-front"><h2>Pareto front: the most accurate trial at each cost</h2>
@@ -346,6 +348,21 @@ def _summary(study: optuna.Study, trials: list[FrozenTrial]) -> str:
         else ""
     )
     return f"{how}{len(trials)} trials: {states or 'none yet'}."
+
+
+def _trackers(study: optuna.Study, trials: list[FrozenTrial]) -> str:
+    """Where the trials are logged besides this page, and the best trial's MLflow run."""
+    stored = study.user_attrs.get(attrs.SETTINGS)
+    settings = StudySettings.from_dict(stored) if stored else None
+    if settings is None or not (settings.tensorboard or settings.mlflow):
+        return ""
+    rows = tracker_rows(settings, study.user_attrs, trials)
+    cells = []
+    for name, value in rows:
+        shown = html.escape(value)
+        link = f'<a href="{shown}">{shown}</a>' if value.startswith("http") else shown
+        cells.append(f"{html.escape(name)}: {link}")
+    return f'<p class="summary">{"; ".join(cells)}.</p>'
 
 
 def _comparison(study: optuna.Study) -> str:

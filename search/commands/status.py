@@ -21,7 +21,7 @@ from search.rules.faults import last_machine_fault
 from search.rules.fidelity import fidelity_line
 from search.rules.settings import StudySettings
 from search.rules.study import join, load_settings, read_study
-from search.rules.trackers import tracker_line, trial_run_line
+from search.rules.trackers import tracker_rows
 from storage import HeartbeatPolicy, default_artifact_dir, open_storage
 from storage.optuna_private import stale_trial_numbers
 
@@ -104,20 +104,6 @@ def study_table(
             str(trial.user_attrs.get(attrs.ARCHITECTURE, "-")),
         )
     return Group(*shown, table)
-
-
-def tracker_rows(
-    settings: StudySettings, study_attrs: dict, trials: list[optuna.trial.FrozenTrial]
-) -> list[tuple[str, str]]:
-    """Where the trials are logged, and the best trial's MLflow run."""
-    rows = [("trackers", tracker_line(settings.tensorboard, settings.mlflow, study_attrs))]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if complete:
-        best = min(complete, key=lambda t: t.value)
-        run = trial_run_line(settings.mlflow, study_attrs, best)
-        if run:
-            rows.append(("best trial's run", run))
-    return rows
 
 
 def pace_line(trials: list[optuna.trial.FrozenTrial], finished: int, target: int) -> str:

@@ -14,12 +14,16 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from search.rules import attrs
+
+if TYPE_CHECKING:
+    from search.rules.settings import StudySettings
 
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 # What `pip install` needs for each tracker (pyproject's extras).
@@ -135,3 +139,17 @@ def trial_run_line(uri: str | None, study: dict, trial: FrozenTrial) -> str | No
     if not run_id:
         return None
     return mlflow_run_url(uri, study.get(attrs.MLFLOW_EXPERIMENT), run_id)
+
+
+def tracker_rows(
+    settings: StudySettings, study_attrs: dict, trials: list[FrozenTrial]
+) -> list[tuple[str, str]]:
+    """Where the trials are logged, and the best trial's MLflow run."""
+    rows = [("trackers", tracker_line(settings.tensorboard, settings.mlflow, study_attrs))]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if complete:
+        best = min(complete, key=lambda t: t.value)
+        run = trial_run_line(settings.mlflow, study_attrs, best)
+        if run:
+            rows.append(("best trial's run", run))
+    return rows
