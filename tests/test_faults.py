@@ -153,74 +153,64 @@ def test_every_driver_takes_its_bounds_from_the_storage_timeout(
 
 
 @pytest.mark.slow
-def test_a_short_blackhole_is_ridden_out(
+def test_a_blackhole_is_ridden_out_within_the_limit_and_ends_a_worker_past_it(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    """A silence longer than one call's bound, under --storage-retry-s 60: the unanswered
-    calls fail, are retried, and the workers carry on once the network answers again."""
-    name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
-    env = short_bounds(hpo_env)
-    running = workers(env, tmp_path, via(proxy, postgres), name, 2, "--storage-retry-s", "60")
-    wait_for_running(study, count=2)
-    proxy.blackhole()
-    time.sleep(2 * SHORT_BOUNDS.call_s)  # the outage itself, not a wait for a process
-    proxy.passing()
-    outputs = finish(running, tmp_path, [0, 0])
-    assert any("storage reachable again" in output for output in outputs), outputs
-    assert_study_done(study, TRIALS)
-
-
-@pytest.mark.slow
-def test_past_the_limit_a_blackhole_ends_every_worker_and_a_later_one_finishes(
-    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
-) -> None:
+    """A silence longer than one call's bound: the unanswered calls fail and are retried.
+    w1 (--storage-retry-s 5, less than the silence) exits 75 with one line; w0 (60 s) carries
+    on once the network answers again, then fails w1's abandoned trial and runs its retry.
+    (One study for both limits: a worker that starts after the outage is
+    test_outages.py's test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes.)"""
     limit = 5
-    name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS)
-    url = via(proxy, postgres)
-    env = short_bounds(hpo_env)
-    running = workers(env, tmp_path, url, name, 2, "--storage-retry-s", str(limit))
+    name, study = new_study(postgres, tmp_path, epochs=MID_TRIAL_EPOCHS, trials=2)
+    env, url = short_bounds(hpo_env), via(proxy, postgres)
+    riding = workers(env, tmp_path, url, name, 1, "--storage-retry-s", "60")
+    ending = workers(env, tmp_path, url, name, 1, "--storage-retry-s", str(limit), first=1)
     wait_for_running(study, count=2)
     proxy.blackhole()
-    silent_at = time.monotonic()
-    # Each exits 75 within the limit and one call's bound (slack for two loaded cores).
-    codes = [p.wait(timeout=limit + SHORT_BOUNDS.call_s + 60) for p in running]
-    took = time.monotonic() - silent_at
-    errors = [(tmp_path / f"w{i}.err").read_text() for i in range(2)]
-    assert codes == [75, 75], (took, errors)
-    assert all(e.startswith("error: storage unreachable for ") for e in errors), errors
+    # The silence lasts until w1 gives up: within the limit and one call's bound (slack for
+    # two loaded cores); w0's 60 s outlast it.
+    assert ending[0].wait(timeout=limit + SHORT_BOUNDS.call_s + 60) == 75, logs(tmp_path, "w1")
+    error = (tmp_path / "w1.err").read_text()
+    assert error.startswith("error: storage unreachable for ") and error.count("\n") == 1, error
+    assert f"--storage-retry-s {limit}" in error and "Traceback" not in logs(tmp_path, "w1")
     proxy.passing()
-    later = spawn({**env, "HPO_STORAGE": url}, tmp_path, "later", "worker", "--study", name)
-    assert later.wait(timeout=FINISH_S) == 0, logs(tmp_path, "later")
-    assert_study_done(study, TRIALS)
+    output = finish(riding, tmp_path, [0])[0]
+    assert "storage reachable again" in output, output
+    assert_study_done(study, 2)  # w1's abandoned trial failed, and its retry finished
 
 
 @pytest.mark.slow
 def test_a_worker_started_while_the_database_is_unreachable_waits_for_it(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    name, study = new_study(postgres, tmp_path, epochs=1)
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=1)
     proxy.refuse()
     waiting = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1, "--storage-retry-s", "60")
     wait_for_line(tmp_path, "w0", "storage unreachable")
-    time.sleep(4)  # the database stays down a while: several refused attempts
+    time.sleep(2)  # the database stays down a while: refused attempts at 0.5 s and 1.5 s
     proxy.passing()
     output = finish(waiting, tmp_path, [0])[0]
     assert "storage reachable again" in output
-    assert_study_done(study, TRIALS)
+    assert_study_done(study, 1)
 
 
-# Optuna's schema version read at open, and the study's settings (user attributes) read at
-# start-up; not the table checks before them, which the open's own schema retry covers.
+# Optuna's schema version read at open, then the study's settings (user attributes) read at
+# start-up; not the table checks before them, which the open's own schema retry covers. One
+# worker meets both resets, in that order (the proxy's rules apply one after the other).
+STARTUP_READS = (b"FROM version_info", b"FROM study_user_attributes")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("needle", [b"FROM version_info", b"FROM study_user_attributes"])
-def test_a_reset_while_a_worker_starts_is_waited_out(
-    needle: bytes, postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
+def test_resets_while_a_worker_starts_are_waited_out(
+    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    name, study = new_study(postgres, tmp_path, epochs=1)
-    proxy.reset_on(needle)
+    name, study = new_study(postgres, tmp_path, epochs=1, trials=1)
+    for needle in STARTUP_READS:
+        proxy.reset_on(needle)
     finish(workers(hpo_env, tmp_path, via(proxy, postgres), name, 1), tmp_path, [0])
-    assert not proxy.rules  # the reset happened
-    assert_study_done(study, TRIALS)
+    assert not proxy.rules  # both resets happened
+    assert_study_done(study, 1)
 
 
 def test_a_server_that_refuses_is_one_line_and_exit_2_at_once(
@@ -290,28 +280,19 @@ def assert_each_failure_retried_once(study: optuna.Study) -> None:
 
 
 @pytest.mark.slow
-def test_a_tell_whose_answer_is_lost(
+def test_a_claim_and_a_tell_whose_answers_are_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
+    """One worker loses a claim's answer, with the one heartbeat that would mark the lost
+    claim, and later a COMPLETE's answer: the rules apply in that order."""
     name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
+    proxy.lose_answer(*CLAIM)
+    proxy.reset_on(*HEARTBEAT)
     proxy.lose_answer(*COMPLETE)
     one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
     output = finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)[0]
-    assert proxy.answers_lost == 1
-    assert "re-queued by another worker" not in output, output  # it is COMPLETE
-    assert_study_done(study, 2)
-
-
-@pytest.mark.slow
-def test_a_claim_whose_answer_and_heartbeat_are_lost(
-    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
-) -> None:
-    name, study = new_study(postgres, tmp_path, epochs=1, trials=2)
-    proxy.lose_answer(*CLAIM)
-    proxy.reset_on(*HEARTBEAT)  # the one heartbeat that would mark the lost claim
-    claimer = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
-    finish(claimer, tmp_path, [0], timeout=LOST_ANSWER_S)
-    assert proxy.answers_lost == 1 and not proxy.rules
+    assert proxy.answers_lost == 2 and not proxy.rules
+    assert "re-queued by another worker" not in output, output  # the told trial is COMPLETE
     assert_study_done(study, 2)
 
 
