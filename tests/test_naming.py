@@ -47,9 +47,30 @@ def test_an_epoch_line_names_both_figures() -> None:
 
 
 @pytest.mark.slow
-def test_a_real_trial_names_its_figures_and_its_score(hpo_env: dict, tmp_path: Path) -> None:
-    started = run_hpo(*tiny_start("named", 1), env=hpo_env, cwd=tmp_path)
-    assert started.returncode == 0, started.stderr
+def test_a_real_trial_names_its_figures_and_its_score_one_event_a_line(
+    hpo_env: dict, tmp_path: Path
+) -> None:
+    """Also the log read by machines: piped, without COLUMNS (as under Docker or Slurm), a
+    long study name, every event on a line of its own."""
+    piped = {k: v for k, v in hpo_env.items() if k != "COLUMNS"}
+    name = "a-study-with-a-rather-long-name-for-a-log"
+    started = run_hpo(*tiny_start(name, 1), env=piped, cwd=tmp_path)
+    assert started.returncode == 0, started.stdout + started.stderr
+    lines = started.stdout.splitlines()
+    epochs = [line for line in lines if " epoch " in line]
+    ends = [line for line in lines if line.startswith("[")]
+    assert len(epochs) == 2 and len(ends) == 1, lines
+    epoch_line = (
+        r"trial +\d+ epoch +\d+/2  lr \S+  train \S+  val_ce \S+(  calibrated_ce \S+)?  "
+        r"acc +\S+%  \S+ img/s  \S+s"
+    )
+    assert all(re.fullmatch(epoch_line, line) for line in epochs), epochs
+    trial_end = r"\[1/1\] trial 0 .*  best score \S+ \(trial 0\)(, val acc \S+%)?"
+    assert all(re.fullmatch(trial_end, line) for line in ends), ends
+    assert any(
+        line.startswith(f"created study '{name}'") and "target 1 trials" in line for line in lines
+    ), lines
+
     epoch = EPOCH_LINE.search(started.stdout)
     closing = CLOSING_LINE.search(started.stdout)
     assert epoch and closing, started.stdout
@@ -59,7 +80,7 @@ def test_a_real_trial_names_its_figures_and_its_score(hpo_env: dict, tmp_path: P
     assert closing["score"] == epoch["calibrated"] != epoch["plain"], started.stdout
     assert f"best score {closing['score']} (trial {closing['trial']})" in started.stdout
 
-    best = run_hpo("best", "--study", "named", "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
+    best = run_hpo("best", "--study", name, "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
     assert best.returncode == 0, best.stderr
     metrics = yaml.safe_load((tmp_path / "best.yaml").read_text())["metrics"]
     assert metrics["score_is"] == "calibrated_ce"
@@ -67,7 +88,7 @@ def test_a_real_trial_names_its_figures_and_its_score(hpo_env: dict, tmp_path: P
     assert f"{metrics['val_ce']:.4f}" == epoch["plain"]
     assert "val_loss" not in metrics and "val_cross_entropy" not in metrics
 
-    status = run_hpo("status", "--study", "named", env=hpo_env, cwd=tmp_path)
+    status = run_hpo("status", "--study", name, env=hpo_env, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert re.search(rf"best score +│ {closing['score']} \(trial", status.stdout), status.stdout
     assert "calibrated_ce of a trial's last epoch" in status.stdout, status.stdout
