@@ -21,6 +21,7 @@ import optuna
 import pytest
 from conftest import HPO, run_hpo
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 from servers import OwnServer, free_port
 from test_dashboard import render, visible_text
 from typer.testing import CliRunner
@@ -233,6 +234,10 @@ def check_mlflow(study: optuna.Study, url: str) -> None:
         assert run.data.tags["hpo.state"] == final.state.name.lower()
         assert run.data.params == {key: str(value) for key, value in final.params.items()}
         assert mlflow_run_id(study.user_attrs, final) == run.info.run_id
+        made_by = trials[number]  # the chain's trial that made the run, while it ran
+        if attrs.MLFLOW_RUN in made_by.user_attrs:  # its dashboard note links the run
+            note = get_note(optuna.Trial(study, made_by._trial_id))
+            assert f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in note
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "score")]
         assert steps == sorted(final.intermediate_values), (number, steps)
         for name in ("val_ce", "val_acc", "train_loss", "train_acc", "lr", "images_per_s"):

@@ -21,6 +21,7 @@ from search.rules import attrs
 from search.rules.data import describe_data
 from search.rules.settings import StudySettings
 from search.rules.study import join, name_objective
+from search.rules.trackers import tracker_line
 from storage import open_storage, redact_url
 
 
@@ -143,6 +144,8 @@ def study_note(name: str, settings: StudySettings, target: int) -> str:
         ("heartbeat", f"{settings.heartbeat_s} s"),
         ("checkpoints", f"every {settings.checkpoint_interval_s} s of training"),
     ]
+    if settings.tensorboard or settings.mlflow:  # each trial's note links its MLflow run
+        rows.append(("trackers", tracker_line(settings.tensorboard, settings.mlflow, {})))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     described = ", ".join(f"`{attr}`" for attr in attrs.DESCRIBED)
     space = yaml.safe_dump(settings.space, sort_keys=False, default_flow_style=None)
