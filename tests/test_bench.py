@@ -1,8 +1,8 @@
 """Every script under bench/ still runs: each at its smallest size (`--smoke`, on the CPU), and
 bench/gpu.sh's steps end to end, so that a module moved or renamed fails here, not on the one
 GPU run. Benches are found by glob: one added later is covered, and must have a `--smoke`.
-The benches that train run in tests/test_bench_training.py, a file of its own, so that
-pytest-xdist (a worker takes a whole file) runs the two halves side by side."""
+The benches that train, and bench/gpu.sh, run in tests/test_bench_training.py, a file of its
+own, so that pytest-xdist (a worker takes a whole file) runs the two halves side by side."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def test_the_benches_are_found() -> None:
     assert {"study.py", "oom.py", "throughput.py", *TRAINING} <= {b.name for b in BENCHES}
 
 
+@pytest.mark.slow  # a process each, some with servers of their own: not the quick tier's rules
 @pytest.mark.parametrize(
     "bench", [b for b in BENCHES if b.name not in TRAINING], ids=lambda bench: bench.name
 )
@@ -63,20 +64,3 @@ def assert_runs_at_its_smallest_size(bench: Path, scratch: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, shown(run)
     assert any(char.isdigit() for char in run.stdout), f"no figures printed\n{shown(run)}"
-
-
-@pytest.mark.slow
-def test_gpu_script_runs_every_step_on_the_cpu(scratch: Path) -> None:
-    out = scratch / "figures.txt"
-    env = {**bench_env(scratch), "PYTHON": sys.executable, "OUT": str(out),
-           "DATA": str(scratch / "data")}  # fmt: skip
-    run = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, shown(run)
-    figures = out.read_text()
-    for step in ("throughput.py", "study.py", "search.cli start", "oom.py", "resume.py"):
-        assert f"{step} " in figures, f"no {step} step\n{figures[-3000:]}"
-    assert "complete 2, pruned 0, fail 0" in figures, figures[-3000:]  # two jobs, one study
-    assert figures.rstrip().splitlines()[-1].startswith("done ")
