@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -43,27 +44,36 @@ def assert_hidden(*texts: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", list(POSTGRES_FORMS))
-def test_no_command_or_worker_prints_the_password(form: str, hpo_env: dict, tmp_path: Path) -> None:
+def test_no_command_or_worker_prints_the_password(hpo_env: dict, tmp_path: Path) -> None:
+    """Both forms reach the same database (trust auth ignores the password): the workers run
+    once in one form and the training once in the other, every control-plane command in
+    both, on that one study."""
     server_url("postgresql")  # skips (fails in CI) without the server
-    url = POSTGRES_FORMS[form].format(pw=PASSWORD)
-    study = f"secret-{abs(hash(form)) % 10**6}-{tmp_path.name[-6:]}"
-    env = {**hpo_env, "HPO_STORAGE": url, "HPO_ARTIFACT_DIR": str(tmp_path / "artifacts")}
-    outputs = []
-    for args in (
-        tiny_start(study, 2, "--jobs-per-gpu", "2"),  # two worker processes, relayed
-        ["status", "--study", study],
-        ["status"],
-        ["best", "--study", study, "-o", "best.yaml"],
-        ["report", "--study", study, "-o", "report"],
-        ["train", "--config", "best.yaml", "--dataset", "synthetic", "--epochs", "1"],
-    ):
+    user_info, query = (form.format(pw=PASSWORD) for form in POSTGRES_FORMS.values())
+    study = f"secret-{uuid.uuid4().hex[:8]}"
+    outputs, written = [], []
+
+    def hpo(url: str, *args: str) -> None:
+        env = {**hpo_env, "HPO_STORAGE": url, "HPO_ARTIFACT_DIR": str(tmp_path / "artifacts")}
         done = run_hpo(*args, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
-        outputs += [done.stdout, done.stderr]
-    written = [(tmp_path / "best.yaml").read_text(), (tmp_path / "report/report.html").read_text()]
-    assert yaml.safe_load(written[0])["source"]["storage"] == redact_url(url)
-    assert_hidden(*outputs, *written, dashboard_banner(env, tmp_path))
+        outputs.extend([done.stdout, done.stderr])
+
+    hpo(user_info, *tiny_start(study, 2, "--jobs-per-gpu", "2"))  # two worker processes, relayed
+    for n, url in enumerate((user_info, query)):
+        hpo(url, "status", "--study", study)
+        hpo(url, "status")
+        hpo(url, "best", "--study", study, "-o", f"best{n}.yaml")
+        hpo(url, "report", "--study", study, "-o", f"report{n}")
+        best = (tmp_path / f"best{n}.yaml").read_text()
+        assert yaml.safe_load(best)["source"]["storage"] == redact_url(url)
+        written += [best, (tmp_path / f"report{n}/report.html").read_text()]
+        env = {**hpo_env, "HPO_STORAGE": url}
+        outputs.append(dashboard_banner(env, tmp_path))
+    # Attached to the study through HPO_STORAGE (the config's storage has no password).
+    hpo(query, "train", "--config", "best1.yaml", "--dataset", "synthetic", "--epochs", "1")
+    assert f"to study '{study}'" in outputs[-2], outputs[-2]
+    assert_hidden(*outputs, *written)
 
 
 def dashboard_banner(env: dict, cwd: Path) -> str:
