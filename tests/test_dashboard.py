@@ -208,6 +208,7 @@ def _wait_for_port(process: subprocess.Popen, out: Path, err: Path) -> int:
 # --- tests --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_study_in_chromium(hpo_env: dict[str, str], tmp_path: Path) -> None:
     chromium()  # skips (or fails, in CI) before any work
     study = make_study(hpo_env["HPO_STORAGE"], "mixed", complete=3)
@@ -299,6 +300,7 @@ class Poller(threading.Thread):
         self.join(timeout=60)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_dashboard_started_in_the_background(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -352,6 +354,7 @@ def test_a_new_study_carries_a_note_with_its_settings(tmp_path: Path) -> None:
     assert "schedulers:" in note  # the whole search space, as YAML
 
 
+@pytest.mark.slow
 def test_dashboard_calls_the_objective_validation_loss(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -88,6 +88,7 @@ def test_a_study_on_a_full_checkpoint_disk_scores_every_trial(
     assert "No space left on device" in shown.stdout, shown.stdout
 
 
+@pytest.mark.slow
 def test_hpo_train_on_a_full_disk_still_tells_its_test_accuracy(
     small_disk: Path, hpo_env: dict, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9")
 
 
+@pytest.mark.slow
 def test_report_opens_offline_with_every_plot_drawn(
     hpo_env: dict[str, str], tmp_path: Path
 ) -> None:
