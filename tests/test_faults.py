@@ -297,32 +297,22 @@ def test_a_claim_and_a_tell_whose_answers_are_lost(
 
 
 @pytest.mark.slow
-def test_a_stale_trial_fail_whose_answer_is_lost(
+def test_a_stale_trial_fail_and_its_retry_insert_whose_answers_are_lost(
     postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
+    """The worker that fails the stale trial loses the FAIL's answer (settled: the trial is
+    FAIL, so Optuna's callback runs as after an answer), then the answer of the callback's
+    insert of the retry: the rules apply in that order, on one stale trial."""
+    name, study = new_study(postgres, tmp_path, epochs=4, trials=1)  # the stale one's
     stale = one_stale_trial(postgres, hpo_env, tmp_path, name)
     proxy.lose_answer(*STALE_FAIL)
-    one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
-    finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
-    assert proxy.answers_lost == 1
-    assert study.get_trials()[stale].state == optuna.trial.TrialState.FAIL
-    assert_study_done(study, 2)  # the failed trial has its retry
-    assert_each_failure_retried_once(study)
-
-
-@pytest.mark.slow
-def test_a_retry_insert_whose_answer_is_lost(
-    postgres: OwnPostgres, proxy: FaultProxy, hpo_env: dict, tmp_path: Path
-) -> None:
-    name, study = new_study(postgres, tmp_path, epochs=4, trials=2)
-    one_stale_trial(postgres, hpo_env, tmp_path, name)
     proxy.lose_answer(*RETRY_INSERT)
     one = workers(hpo_env, tmp_path, via(proxy, postgres), name, 1)
     finish(one, tmp_path, [0], timeout=LOST_ANSWER_S)
-    assert proxy.answers_lost == 1
+    assert proxy.answers_lost == 2 and not proxy.rules
+    assert study.get_trials()[stale].state == optuna.trial.TrialState.FAIL
+    assert_study_done(study, 1)  # the failed trial has its retry
     assert_each_failure_retried_once(study)  # one retry, not two from the same checkpoint
-    assert_study_done(study, 2)
 
 
 # Creating a study: through the proxy, in this process (nothing to train).

@@ -16,7 +16,6 @@ from test_faults import (  # the module's servers, its proxy and its helpers
     LOST_ANSWER_S,
     MID_TRIAL_EPOCHS,
     SHORT_BOUNDS,
-    TRIALS,
     assert_each_failure_retried_once,
     create_through,
     finish,
@@ -54,11 +53,11 @@ def redis_proxy(own_redis: OwnRedis, request: pytest.FixtureRequest) -> Iterator
 def test_random_resets_for_a_whole_study_on_redis(
     own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    name, study = new_study(own_redis, tmp_path)
+    name, study = new_study(own_redis, tmp_path, epochs=2, trials=2)  # as test_faults_study's
     redis_proxy.random_resets(0.02)
     finish(workers(hpo_env, tmp_path, via(redis_proxy, own_redis), name, 2), tmp_path, [0, 0])
     assert redis_proxy.resets > 0
-    assert_study_done(study, TRIALS)
+    assert_study_done(study, 2)
     assert_each_failure_retried_once(study)
 
 
@@ -81,7 +80,7 @@ def test_a_tell_whose_answer_is_lost_on_redis(
 def test_a_short_blackhole_is_ridden_out_on_redis(
     own_redis: OwnRedis, redis_proxy: FaultProxy, hpo_env: dict, tmp_path: Path
 ) -> None:
-    name, study = new_study(own_redis, tmp_path, epochs=MID_TRIAL_EPOCHS)
+    name, study = new_study(own_redis, tmp_path, epochs=MID_TRIAL_EPOCHS, trials=2)
     url = via(redis_proxy, own_redis)
     running = workers(short_bounds(hpo_env), tmp_path, url, name, 2, "--storage-retry-s", "60")
     wait_for_running(study, count=2)
@@ -90,7 +89,7 @@ def test_a_short_blackhole_is_ridden_out_on_redis(
     redis_proxy.passing()
     outputs = finish(running, tmp_path, [0, 0])
     assert any("storage reachable again" in output for output in outputs), outputs
-    assert_study_done(study, TRIALS)
+    assert_study_done(study, 2)
     assert_each_failure_retried_once(study)
 
 

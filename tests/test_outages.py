@@ -29,7 +29,7 @@ from servers import (
     free_port,
     server_url,
 )
-from test_workers import MICRO_SPACE, assert_resumed, long_trials_study, wait_for_checkpoint
+from test_workers import MICRO_SPACE, assert_resumed, wait_for_checkpoint
 
 from search.commands.launch import StudyRequest
 from search.commands.launch import create_study as create
@@ -37,10 +37,13 @@ from search.commands.progress import SearchProgress
 from search.rules.study import budget
 from storage import RetryPolicy, StorageUnavailable, StorageURLError, open_storage
 
-# Longer than the heartbeat's grace (4 s, create_study): when the server is back, every
-# running trial's last heartbeat is older than the grace.
-OUTAGE_S = 6
-TRIALS = 4
+# Longer than the heartbeat's grace (2 s: OUTAGE_HEARTBEAT_S): when the server is back,
+# every running trial's last heartbeat is older than the grace.
+OUTAGE_HEARTBEAT_S = 1
+OUTAGE_S = 3
+# One trial for each of the two workers, and one more: a worker that finishes its first
+# trial before the other has started still leaves the other one a trial.
+TRIALS = 3
 
 
 @contextlib.contextmanager
@@ -71,15 +74,17 @@ def own_redis(own_folder: Path) -> Iterator[OwnServer]:
         yield server
 
 
-def create_study(url: str, cwd: Path, name: str, trials: int = TRIALS) -> optuna.Study:
+def create_study(
+    url: str, cwd: Path, name: str, trials: int = TRIALS, epochs: int = 6, heartbeat: int = 2
+) -> optuna.Study:
     """Trials of 6 epochs, heartbeat 2 s, a checkpoint every epoch: an outage lands
     mid-trial. Made in this process: on two shared cores, each `hpo` process costs seconds
     to start."""
     space = cwd / "micro.yaml"
     space.write_text(MICRO_SPACE)
     request = StudyRequest(
-        study=name, trials=trials, storage=url, space=str(space), epochs=6,
-        dataset="synthetic", pruner="none", heartbeat=2, checkpoint_interval=0,
+        study=name, trials=trials, storage=url, space=str(space), epochs=epochs,
+        dataset="synthetic", pruner="none", heartbeat=heartbeat, checkpoint_interval=0,
     )  # fmt: skip
     create(request, SearchProgress())
     return optuna.load_study(study_name=name, storage=open_storage(url))
@@ -142,7 +147,7 @@ def assert_study_done(study: optuna.Study, n: int) -> None:
 def two_workers_ride_out_an_outage(server: OwnServer, env: dict, cwd: Path) -> None:
     env = {**env, "HPO_STORAGE": server.url}
     name = f"outage-{uuid.uuid4().hex[:8]}"
-    study = create_study(server.url, cwd, name)
+    study = create_study(server.url, cwd, name, heartbeat=OUTAGE_HEARTBEAT_S)
     workers = [
         spawn(env, cwd, "start", "start", "--study", name, "--trials", str(TRIALS)),
         spawn(env, cwd, "worker", "worker", "--study", name),
@@ -181,7 +186,7 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     own_postgres: OwnServer, hpo_env: dict, tmp_path: Path
 ) -> None:
     env = {**hpo_env, "HPO_STORAGE": own_postgres.url}
-    study = create_study(own_postgres.url, tmp_path, "limit", trials=2)
+    study = create_study(own_postgres.url, tmp_path, "limit", 1, heartbeat=OUTAGE_HEARTBEAT_S)
     worker = spawn(env, tmp_path, "gave-up", "worker", "--study", "limit", "--storage-retry-s", "3")
     running = wait_for_running(study, count=1)[0]
     own_postgres.stop()
@@ -196,7 +201,7 @@ def test_past_the_retry_limit_a_worker_exits_and_the_next_one_finishes(
     later = spawn(env, tmp_path, "later", "worker", "--study", "limit")
     assert later.wait(timeout=300) == 0, logs(tmp_path, "later")
     assert "Traceback" not in logs(tmp_path, "later")
-    assert_study_done(study, 2)
+    assert_study_done(study, 1)
     trials = study.get_trials()
     assert trials[running.number].state == TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == running.number)
@@ -210,9 +215,9 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
     """What another worker does to a trial whose heartbeat stopped in a long outage, done here
     while its own worker still trains it: that worker drops its copy with one line and then
     runs the retry, from the checkpoint its copy left."""
-    space = tmp_path / "micro.yaml"
-    space.write_text(MICRO_SPACE)
-    study = long_trials_study(hpo_env, tmp_path, space, "--checkpoint-interval", "0", name="taken")
+    # As test_workers' long_trials_study (12 epochs, heartbeat 1 s), made in this process, of
+    # one trial: its retry is the worker's next trial.
+    study = create_study(hpo_env["HPO_STORAGE"], tmp_path, "taken", 1, epochs=12, heartbeat=1)
     worker = spawn(hpo_env, tmp_path, "worker", "worker", "--study", "taken")
     running = wait_for_checkpoint(study, epoch=2)
     failed = study.tell(running.number, state=TrialState.FAIL)
@@ -224,7 +229,7 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_dropped_cleanly(
     assert "Traceback" not in output
     assert output.count("dropping this copy") == 1, output
     retry = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None)
-    assert_resumed(study, running.number, retry.user_attrs["resumed_from_epoch"], output)
+    assert_resumed(study, running.number, retry.user_attrs["resumed_from_epoch"], output, 1)
 
 
 def refused_by(kind: str) -> Exception:
