@@ -18,7 +18,7 @@ mariadb, postgres, proxy = test_faults.mariadb, test_faults.postgres, test_fault
 no_worker_left = test_faults.no_worker_left
 
 # A trial for each worker, of 2 epochs: every kind of call a study makes (start-up, claim,
-# heartbeats, reports, tell, stale checks) goes through the resets a few hundred times, and
+# heartbeats, reports, tell, stale checks) still meets resets (about ten a study here), and
 # each reset costs a retry's backoff; more trials only repeat the same calls.
 TRIALS, EPOCHS = 2, 2
 
