@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -17,7 +18,9 @@ import pytest
 from conftest import HPO, run_hpo
 from optuna_dashboard import get_note
 from rich.console import Console
+from typer.testing import CliRunner
 
+from search.cli import app
 from search.commands.ablation import RESULTS, study_path
 from search.commands.report import write_report
 from search.commands.status import study_table
@@ -151,9 +154,15 @@ def test_the_predicted_path_puts_the_driving_group_first_and_the_idle_one_last(
 
 
 @pytest.mark.slow
-def test_hpo_ablate_prints_the_predicted_path_and_draws_it(
-    driven: tuple[str, optuna.Study], hpo_env: dict[str, str], tmp_path: Path
+def test_hpo_ablate_prints_the_predicted_path_and_draws_it_and_refuses_bad_inputs(
+    driven: tuple[str, optuna.Study],
+    hpo_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The predicted path as a user gets it from a real `hpo ablate`; its refusals through
+    CliRunner in this process (`hpo` is `app()` and nothing more: the same code, no process
+    start of seconds each)."""
     url, study = driven
     done = run_hpo("ablate", "--study", "driven", "-o", "out", env={**hpo_env, "HPO_STORAGE": url},
                    cwd=tmp_path)  # fmt: skip
@@ -161,6 +170,31 @@ def test_hpo_ablate_prints_the_predicted_path_and_draws_it(
     assert "a prediction, not a measurement" in done.stdout
     assert f"fitted to {len(study.trials)} complete trials" in done.stdout
     assert "+ label smoothing" in done.stdout and (tmp_path / "out" / "ablation.png").is_file()
+
+    driven_study(url, "no-report", drawn=MIN_TRIALS, report=False)
+    driven_study(url, "small", drawn=MIN_TRIALS - 3)
+    monkeypatch.chdir(tmp_path)  # -o a-file/out below, relative as a user's shell has it
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("HPO_")}
+    runner = CliRunner(env={**unset, **hpo_env, "HPO_STORAGE": url})
+
+    def refused(*args: str) -> str:
+        done = runner.invoke(app, ["ablate", *args])
+        assert done.exit_code == 2, done.output
+        assert isinstance(done.exception, SystemExit), done.exception  # no traceback
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        return done.stderr.removeprefix("error: ").strip()
+
+    assert refused("--study", "driven", "--trial", "999") == (
+        "trial 999 of 'driven' is no end: there is no such trial"
+    )
+    assert refused("--study", "no-report").startswith(
+        "study 'no-report' holds no complete trial of the report's config"
+    )
+    (tmp_path / "a-file").write_text("")
+    assert refused("--study", "driven", "-o", "a-file/out").startswith("--output-dir a-file/out: ")
+    assert refused("--study", "small") == (
+        f"too few trials: {MIN_TRIALS - 1} complete, the predicted path needs at least {MIN_TRIALS}"
+    )
 
 
 @pytest.mark.slow
@@ -176,33 +210,6 @@ def test_the_report_draws_the_path_or_says_why_not(
     written = write_report(small, tmp_path / "small")
     assert any("skipped, too few trials" in line for line in written.skipped), written.skipped
     assert f"needs at least {MIN_TRIALS}" in written.page.read_text()
-
-
-@pytest.mark.slow
-def test_bad_inputs_are_one_line_and_exit_2(
-    driven: tuple[str, optuna.Study], hpo_env: dict[str, str], tmp_path: Path
-) -> None:
-    url, _study = driven
-    driven_study(url, "no-report", drawn=MIN_TRIALS, report=False)
-    driven_study(url, "small", drawn=MIN_TRIALS - 3)
-
-    def refused(*args: str) -> str:
-        done = run_hpo("ablate", *args, env={**hpo_env, "HPO_STORAGE": url}, cwd=tmp_path)
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-        return done.stderr.removeprefix("error: ").strip()
-
-    assert refused("--study", "driven", "--trial", "999") == (
-        "trial 999 of 'driven' is no end: there is no such trial"
-    )
-    assert refused("--study", "no-report").startswith(
-        "study 'no-report' holds no complete trial of the report's config"
-    )
-    (tmp_path / "a-file").write_text("")
-    assert refused("--study", "driven", "-o", "a-file/out").startswith("--output-dir a-file/out: ")
-    assert refused("--study", "small") == (
-        f"too few trials: {MIN_TRIALS - 1} complete, the predicted path needs at least {MIN_TRIALS}"
-    )
 
 
 @pytest.mark.slow
