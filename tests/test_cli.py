@@ -35,7 +35,7 @@ def load(env: dict[str, str], name: str) -> optuna.Study:
 
 
 def test_start_status_best_train_and_the_target_moves(
-    hpo_env: dict[str, str], tmp_path: Path
+    hpo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One study through every step a user takes: start, a start whose target is met, one
     that moves the target, status, best, train."""
@@ -69,12 +69,16 @@ def test_start_status_best_train_and_the_target_moves(
     state = budget(load(hpo_env, "demo"))
     assert (state.finished, state.target) == (5, 5)
 
-    status = run_hpo("status", "--study", "demo", env=hpo_env, cwd=tmp_path)
-    assert status.returncode == 0, status.stderr
+    # status and best through CliRunner in this process (`hpo` is `app()` and nothing more:
+    # the same code without a process start of seconds each).
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner(env={**{k: None for k in os.environ if k.startswith("HPO_")}, **hpo_env})
+    status = runner.invoke(app, ["status", "--study", "demo"])
+    assert status.exit_code == 0, status.output
     assert "5 / 5" in status.stdout
 
-    best = run_hpo("best", "--study", "demo", "-o", "best.yaml", env=hpo_env, cwd=tmp_path)
-    assert best.returncode == 0, best.stderr
+    best = runner.invoke(app, ["best", "--study", "demo", "-o", "best.yaml"])
+    assert best.exit_code == 0, best.output
     document = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert set(document) == {"model", "train", "augment", "metrics", "source", "versions"}
     study = load(hpo_env, "demo")
@@ -194,7 +198,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_train_attaches_to_the_study_its_config_came_from_in_any_folder(
-    hpo_env: dict[str, str], tmp_path: Path
+    hpo_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`hpo best` in the study's folder (the default, relative `sqlite:///hpo.db`), then
     `hpo train --config` from another folder without --storage: the results go to that
@@ -204,8 +208,11 @@ def test_train_attaches_to_the_study_its_config_came_from_in_any_folder(
     search.mkdir()
     elsewhere.mkdir()
     make_study(f"sqlite:///{search / 'hpo.db'}", "demo", complete=1, pruned=0, failed=0)
-    best = run_hpo("best", "--study", "demo", "-o", "best.yaml", env=env, cwd=search)
-    assert best.returncode == 0, best.stderr
+    monkeypatch.chdir(search)  # `hpo best` in this process, run from the study's folder
+    best = CliRunner(env={k: None for k in os.environ if k.startswith("HPO_")}).invoke(
+        app, ["best", "--study", "demo", "-o", "best.yaml"]
+    )
+    assert best.exit_code == 0, best.output
     config = search / "best.yaml"
     document = yaml.safe_load(config.read_text())
     assert document["source"]["storage"] == f"sqlite:///{search / 'hpo.db'}"  # absolute
