@@ -30,20 +30,18 @@ from test_workers import (
     wait_until_stale,
 )
 
-from search.rules.study import fail_stale_trials
+from search.rules.study import budget, fail_stale_trials
 from storage import HeartbeatPolicy, StorageURLError, default_artifact_dir, open_storage
 
 micro_space = test_workers.micro_space  # the fixture, shared
 
 
 @pytest.mark.slow
-# Journal: the time-zone test below kills a worker mid-trial and another resumes it.
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
-    backend: str, hpo_env: dict, tmp_path: Path, micro_space: Path
+# SQLite: the SIGTERM chain's test below; journal: the time-zone test kills a worker mid-trial.
+def test_kill_9_mid_trial_is_retried_from_its_checkpoint_on_redis(
+    hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
-    if backend == "redis":
-        hpo_env = {**hpo_env, "HPO_STORAGE": server_url("redis")}
+    hpo_env = {**hpo_env, "HPO_STORAGE": server_url("redis")}
     name = f"long-{uuid.uuid4().hex[:8]}"  # the shared Redis outlives the test
     study = long_trials_study(
         hpo_env, tmp_path, micro_space, "--checkpoint-interval", "0", name=name, trials=1
@@ -64,9 +62,11 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
+def test_sigterm_finishes_the_epoch_and_requeues_and_a_kill_9_of_the_retry_resumes_it_too(
     hpo_env: dict, tmp_path: Path, micro_space: Path
 ) -> None:
+    """One chain on SQLite (it was two tests, each its own study and workers): a SIGTERM stop,
+    then its retry's worker killed -9 mid-epoch, then the retry of that crash completes."""
     # The default interval (60 s) writes no checkpoint before the stop: the stop writes one.
     study = long_trials_study(hpo_env, tmp_path, micro_space, trials=1)
     worker = spawn_worker(hpo_env, tmp_path, "long")
@@ -81,8 +81,33 @@ def test_sigterm_finishes_the_epoch_and_requeues_the_trial(
     assert failed.user_attrs["fail_reason"].startswith("interrupted")
     epoch = failed.user_attrs["checkpoint"]["epoch"]
 
+    # The stop's retry resumes from the stop's checkpoint; its worker is killed -9 an epoch
+    # later (the 60 s interval writes none of its own), and the trial goes stale.
+    victim = spawn_worker(hpo_env, tmp_path, "long")
+    crashed = wait_for_report(study, epoch=epoch + 1)
+    assert crashed.system_attrs.get("failed_trial") == running.number
+    assert crashed.user_attrs["resumed_from_epoch"] >= epoch
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    wait_until_stale(study, crashed.number)
+    shown = run_hpo("status", "--study", "long", env=hpo_env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{crashed.number} (stale)" in shown.stdout, shown.stdout
+
     output = finish([spawn_worker(hpo_env, tmp_path, "long")])[0]
-    assert_resumed(study, running.number, epoch, output, n_trials=1)
+    # The crash's retry (a retry names its chain's first trial: not assert_resumed's pair).
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE], output
+    retry = trials[-1]
+    assert retry.system_attrs["retry_history"] == [running.number, crashed.number]
+    assert retry.params == failed.params
+    resumed = retry.user_attrs["resumed_from_epoch"]  # the stop's checkpoint, or a later one
+    assert resumed >= epoch
+    assert sorted(retry.intermediate_values) == list(range(1, 13))
+    assert f"trial {retry.number:>4} epoch {resumed + 1:>3}/12" in output
+    assert f"trial {retry.number:>4} epoch {resumed:>3}/12" not in output
+    state = budget(study)
+    assert (state.finished, state.target, state.running, state.waiting) == (1, 1, 0, 0)
 
 
 @pytest.mark.slow
