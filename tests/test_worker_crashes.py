@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import test_workers
+from click.testing import Result
 from conftest import run_hpo
 from optuna.trial import TrialState
 from servers import server_url
@@ -29,11 +30,23 @@ from test_workers import (
     wait_for_report,
     wait_until_stale,
 )
+from typer.testing import CliRunner
 
+from search.cli import app
 from search.rules.study import budget, fail_stale_trials
 from storage import HeartbeatPolicy, StorageURLError, default_artifact_dir, open_storage
 
 micro_space = test_workers.micro_space  # the fixture, shared
+
+
+def status_in_this_process(env: dict, study: str) -> Result:
+    """`hpo status` through CliRunner (`hpo` is `app()` and nothing more: the same code
+    without a process start of seconds). The time-zone test's status and best stay processes:
+    their zone is the point."""
+    runner = CliRunner(env={**{k: None for k in os.environ if k.startswith("HPO_")}, **env})
+    shown = runner.invoke(app, ["status", "--study", study])
+    assert shown.exit_code == 0, shown.output
+    return shown
 
 
 @pytest.mark.slow
@@ -52,8 +65,7 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint_on_redis(
     victim.wait(timeout=30)
     epoch = study.get_trials()[running.number].user_attrs["checkpoint"]["epoch"]
     wait_until_stale(study, running.number)
-    shown = run_hpo("status", "--study", name, env=hpo_env, cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
+    shown = status_in_this_process(hpo_env, name)
     assert f"{running.number} (stale)" in shown.stdout, shown.stdout
 
     survivor = spawn_worker(hpo_env, tmp_path, name)
@@ -90,8 +102,7 @@ def test_sigterm_finishes_the_epoch_and_requeues_and_a_kill_9_of_the_retry_resum
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     wait_until_stale(study, crashed.number)
-    shown = run_hpo("status", "--study", "long", env=hpo_env, cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
+    shown = status_in_this_process(hpo_env, "long")
     assert f"{crashed.number} (stale)" in shown.stdout, shown.stdout
 
     output = finish([spawn_worker(hpo_env, tmp_path, "long")])[0]
