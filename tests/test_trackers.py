@@ -150,6 +150,10 @@ def tracked_study(env: dict, tensorboard: Path, mlflow_url: str) -> optuna.Study
 
 
 @pytest.mark.slow
+# Real workers, an MLflow server, TensorBoard and a browser: about 60 s on a quiet 2-core
+# machine; a busy CI machine must not cut it short mid-study (each of its waits is for an
+# event).
+@pytest.mark.timeout(900)
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr")
 def test_a_study_in_mlflow_and_tensorboard_through_a_stop_and_a_server_restart(
     hpo_env: dict, tmp_path: Path, mlflow_server: OwnMlflow, monkeypatch: pytest.MonkeyPatch
