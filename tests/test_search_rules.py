@@ -5,6 +5,7 @@ best complete trial, and `hpo train` trains (and replays) what was exported."""
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import signal
 import subprocess
@@ -18,12 +19,14 @@ import torch
 import yaml
 from conftest import HPO, run_hpo
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from data.batches import CACHE_FILE, TEST_FILE, write_batch
 from data.dataset import load_dataset
 from data.loader import search_data
 from data.synthetic import synthetic_folder
 from model.config import ModelConfig
+from search.cli import app
 from search.rules import attrs
 from search.rules.config import StepArgs, TrainConfig
 from search.rules.settings import StudySettings
@@ -330,12 +333,14 @@ def test_a_plateau_schedule_keeps_its_lr_changes_and_patience_share() -> None:
     [("onecycle", "pct_strat"), ("plateau", "patiense"), ("plateau", "factr")],
 )
 def test_a_misspelt_scheduler_argument_is_refused(
-    scheduler: str, misspelt: str, hpo_env: dict, tmp_path: Path
+    scheduler: str, misspelt: str, hpo_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = final_config(tmp_path, {"scheduler": scheduler, "scheduler_args": {misspelt: 1}})
-    refused = run_hpo(
-        "train", "--config", str(config), "--dataset", "synthetic", env=hpo_env, cwd=tmp_path
-    )
-    assert refused.returncode == 2
+    # `hpo train` through CliRunner in this process (`hpo` is `app()` and nothing more: the
+    # same code without a process start of seconds), run from tmp_path as a shell would.
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner(env={**{k: None for k in os.environ if k.startswith("HPO_")}, **hpo_env})
+    refused = runner.invoke(app, ["train", "--config", str(config), "--dataset", "synthetic"])
+    assert refused.exit_code == 2, refused.output
     assert refused.stderr.count("\n") == 1 and misspelt in refused.stderr
     assert "known:" in refused.stderr and not (tmp_path / "runs").exists()
