@@ -45,6 +45,11 @@ GOOD = {
 BAD = {**GOOD, "lr": 1e-6}
 
 
+# The tracking server alone: MLflow 3's background-job runners (three huey consumers, seconds
+# of CPU each at every start) serve its GenAI jobs, which no test here uses.
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class OwnMlflow(OwnServer):
     """`mlflow server` on a free port: runs in SQLite, artifacts in a folder of its own,
     stopped and started again on the same port and files."""
@@ -61,6 +66,7 @@ class OwnMlflow(OwnServer):
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts")],
             cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=SERVER_ENV,
         )  # fmt: skip
         self.wait_until_up(timeout=120)
 
