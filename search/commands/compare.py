@@ -129,7 +129,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
     written = _write_files(request.output_dir, table, markdown, progress.say)
     progress.say(_attach(request, settings, table, markdown, written))
     if settings.tensorboard or settings.mlflow:
-        from search.training.final import open_for_writing
+        from search.training.final import METRICS_FILE, open_for_writing
         from search.training.final_trackers import log_final
 
         tracked = open_for_writing(request.storage, request.study)
@@ -138,7 +138,7 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
             folder = request.output_dir / entry.folder
             label = f"compare-{entry.folder}"
             metrics = trained[key]
-            kept = [folder / name for name in ("metrics.json",) if (folder / name).is_file()]
+            kept = [path for path in [folder / METRICS_FILE] if path.is_file()]
             log_final(tracked, settings, label, metrics, [*kept, *files], progress.say)
     unwritten = [
         *(f"{entry.folder}/{file}" for entry in training_plan(entries).values()

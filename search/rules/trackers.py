@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.rules import attrs
+from storage.optuna_private import retry_of
 
 if TYPE_CHECKING:
     from search.rules.settings import StudySettings
@@ -119,9 +118,7 @@ def tracker_line(settings_tensorboard: str | None, settings_mlflow: str | None, 
 
 def chain_number(trial: FrozenTrial) -> int:
     """A finished trial's chain: its first trial's number (its own for a first trial)."""
-    with warnings.catch_warnings():  # experimental since Optuna 2.8, and unchanged since
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        first = optuna.storages.RetryFailedTrialCallback.retried_trial_number(trial)
+    first = retry_of(trial)
     return trial.number if first is None else first
 
 
