@@ -189,10 +189,17 @@ def test_a_folder_study_of_another_image_size(
                 cwd=tmp_path),
         "--image-size 64: cifar10 images are 32x32 (folders only)",
     )  # fmt: skip
-    created = run_hpo(
-        "create", "--study", "big", "--trials", "2", "--dataset", f"folder:{pictures}",
-        "--image-size", "64", env=hpo_env, cwd=tmp_path,
-    )  # fmt: skip
+
+    def create_big(*space: str) -> subprocess.CompletedProcess:
+        return run_hpo(
+            "create", "--study", "big", "--trials", "2", "--dataset", f"folder:{pictures}",
+            "--image-size", "64", *space, env=hpo_env, cwd=tmp_path,
+        )  # fmt: skip
+
+    # 42 images, 30 in a search epoch (test and validation set aside): 128-512 leave none.
+    expect_one_line(create_big(), "trains on 30 images, fewer than the space's batch_size 512")
+    assert optuna.get_all_study_names(open_storage(hpo_env["HPO_STORAGE"])) == []
+    created = create_big("--space", "space.yaml")
     assert created.returncode == 0, created.stderr
     study = optuna.load_study(study_name="big", storage=open_storage(hpo_env["HPO_STORAGE"]))
     settings = StudySettings.from_dict(study.user_attrs[attrs.SETTINGS])

@@ -21,6 +21,7 @@ from search.commands.progress import SearchProgress, best_summary
 from search.rules.artifacts import artifact_dir, check_artifact_dir
 from search.rules.cost import GpuProbe, cost_lines
 from search.rules.data import (
+    check_batches_fit,
     check_data,
     check_image_size,
     local_dataset,
@@ -231,8 +232,9 @@ def create_study(
     if request.dataset is not None and needs_identity(request.dataset):
         from data.dataset import dataset_identity  # decodes a folder: torch, only here
 
-        size = planned_settings(request, retry).image_size  # a joined study's own
-        identity = dataset_identity(request.dataset, data_dir, image_size=size)
+        planned = planned_settings(request, retry)  # a joined study's own
+        identity = dataset_identity(request.dataset, data_dir, image_size=planned.image_size)
+        check_batches_fit(replace(planned, identity=identity.to_dict()))
     storage = open_storage(request.storage, retry=retry)
     try:
         settings, created = create_or_join(

@@ -8,6 +8,7 @@ from dataclasses import replace
 from data.dataset import DATASETS
 from data.identity import DatasetError, DatasetIdentity, parse_dataset
 from search.rules.config import TrialConfig
+from search.rules.cost import search_train_images
 from search.rules.settings import StudySettings
 from search.rules.space import IMAGE_SIZE
 
@@ -50,6 +51,18 @@ def check_data(expected: DatasetIdentity | None, found: DatasetIdentity) -> None
     problem = None if expected is None else expected.mismatch(found)
     if problem:
         raise DatasetError(f"{problem}; refused: nothing trained")
+
+
+def check_batches_fit(settings: StudySettings) -> None:
+    """A batch size over a search epoch's images leaves no batch (the loader drops the last,
+    partial one): a trial drawing it could only fail, so a small folder is refused first."""
+    largest, images = max(settings.search_space().batch_size), search_train_images(settings)
+    if largest > images:
+        raise DatasetError(
+            f"{settings.dataset}: a search epoch trains on {images} images, fewer than the "
+            f"space's batch_size {largest}: add images, or give a space file (--space "
+            "FILE.yaml) whose batch_size fits"
+        )
 
 
 def fit_to_data(cfg: TrialConfig, settings: StudySettings) -> TrialConfig:
