@@ -232,6 +232,7 @@ def check_mlflow(study: optuna.Study, url: str) -> None:
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name(STUDY)
     assert experiment.experiment_id == study.user_attrs[attrs.MLFLOW_EXPERIMENT]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
     assert [p.info.run_id for p in parents] == [study.user_attrs[attrs.MLFLOW_PARENT_RUN]]

@@ -26,6 +26,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 KIND, CHAIN = "hpo.kind", "hpo.chain"
+# MLflow 3's UI opens an experiment of this kind on its model-training pages (runs, charts),
+# not on the GenAI ones it guesses for an experiment without the tag.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 BATCH = 100  # MLflow's most params (and tags) in one log_batch
 
 
@@ -100,8 +103,9 @@ class MlflowSink:
         if self.experiment_id is None:
             found = self.client.get_experiment_by_name(self.study)
             if found is None:
+                tags = {**EXPERIMENT_TAGS, "hpo.study": self.study}
                 with suppress(MlflowException):  # another worker made it first
-                    self.client.create_experiment(self.study, tags={"hpo.study": self.study})
+                    self.client.create_experiment(self.study, tags=tags)
                 found = self.client.get_experiment_by_name(self.study)
             self.experiment_id = found.experiment_id
             _set_study_attr(study, attrs.MLFLOW_EXPERIMENT, self.experiment_id)
