@@ -136,7 +136,9 @@ def _move_into_place(extracted: Path, folder: Path, source: ArchiveSource) -> No
 
 def _missing(data_dir: Path, source: ArchiveSource, reason: str) -> DatasetMissingError:
     reason = " ".join(reason.split())  # keep the message on one line
+    folder = data_dir / source.base_folder
+    found = "does not match its md5 checksums" if folder.exists() else "not found"
     return DatasetMissingError(
-        f"{source.title} not found in {data_dir / source.base_folder} and {reason}. "
+        f"{source.title} {found} in {folder} and {reason}. "
         f"Fetch {source.url} and extract it into {data_dir}, or pass --data-dir"
     )

@@ -117,3 +117,8 @@ def test_wrong_md5_says_how_to_fetch_it_by_hand(archive, tmp_path, damage: str) 
 def test_no_download_raises_without_fetching(tmp_path) -> None:
     with pytest.raises(DatasetMissingError, match="CIFAR-100 not found.*switched off"):
         load_dataset("cifar100", tmp_path, download=False)
+    # A copy in place whose files are not the published ones is named as such, not missing.
+    (tmp_path / CIFAR100_FOLDER).mkdir()
+    (tmp_path / CIFAR100_FOLDER / "meta").write_bytes(b"not the archive's")
+    with pytest.raises(DatasetMissingError, match="CIFAR-100 does not match its md5 checksums"):
+        load_dataset("cifar100", tmp_path, download=False)
