@@ -1,7 +1,7 @@
 """A fleet of real `hpo worker` processes on one study, on an own PostgreSQL behind an own
 PgBouncer in transaction mode, running the stand-in objective (tests/stand_in.py).
 
-The driver of tests/test_fleet_scale.py (32 workers) and bench/fleet.py (128, and bare
+The driver of tests/test_fleet_scale.py (16 workers) and bench/fleet.py (128, and bare
 Optuna's `study.optimize` beside it). Workers start, each claims a trial and waits at the
 stand-in's gate; the gate opens once all of them run, so a run's figures are the whole
 fleet's. What the driver watches (lock waits, the pooler's queue, memory) it samples from

@@ -1,6 +1,6 @@
-"""A fleet on one database: the connections one worker holds, and 32 real `hpo worker`
-processes through PgBouncer in transaction mode on a PostgreSQL that admits fewer than they
-are, with kill -9 and restarts mid-run (bench/fleet.py runs 128, with figures)."""
+"""A fleet on one database: the connections one worker holds, and 16 real `hpo worker`
+processes through PgBouncer in transaction mode on a PostgreSQL that admits fewer connections
+than they hold, with kill -9 and restarts mid-run (bench/fleet.py runs 128, with figures)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from search.commands.launch import BENCH_OBJECTIVE_ENV
 from storage import open_storage
 from storage._open import SERVER_CONNECTIONS
 
-WORKERS = 32
+WORKERS = 16  # each start imports Optuna and SQLAlchemy: ~1.5 CPU s a worker
 TRIALS = 120
 KILLS = 2
 
@@ -124,8 +124,8 @@ def test_a_bench_objective_that_is_not_there_is_one_line(tmp_path: Path) -> None
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_fleet_through_pgbouncer_ends_at_exactly_n(own_folder: Path) -> None:
-    # 32 workers hold 64 client connections; the server admits 20, the pooler uses 10.
-    with fleet_servers(own_folder, max_connections=20, pool_size=10) as (_, bouncer):
+    # 16 workers hold 32 client connections; the server admits 12, the pooler uses 6.
+    with fleet_servers(own_folder, max_connections=12, pool_size=6) as (_, bouncer):
         name = f"fleet-{uuid.uuid4().hex[:8]}"
         study = create_fleet_study(bouncer.url, name, TRIALS)
         fleet = Fleet(bouncer.url, name, own_folder / "fleet")
