@@ -236,6 +236,7 @@ def check_mlflow(study: optuna.Study, url: str) -> None:
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
     assert [p.info.run_id for p in parents] == [study.user_attrs[attrs.MLFLOW_PARENT_RUN]]
+    assert parents[0].info.status == "FINISHED"  # its target met: ended by the last worker
     chains = {int(r.data.tags["hpo.chain"]): r for r in runs if r.data.tags.get("hpo.chain")}
     # Trial 0 and its retry 5 are one chain, one run: five runs, not six.
     assert sorted(chains) == [0, 1, 2, 3, 4], sorted(chains)
@@ -441,3 +442,34 @@ def test_a_chain_failed_for_good_ends_its_run_failed(
     survivor.close()
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags["hpo.state"]) == ("FAILED", "failed")
+
+
+@pytest.mark.slow
+def test_the_study_run_ends_at_its_target_and_runs_again_for_a_larger_one(
+    tmp_path: Path, mlflow_server: OwnMlflow
+) -> None:
+    from mlflow import MlflowClient
+
+    from search.training.mlflow_sink import MlflowSink
+    from search.training.trackers import Trackers
+
+    name = "extended"
+    study = optuna.create_study(
+        study_name=name, storage=open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    )
+    client = MlflowClient(mlflow_server.url)
+
+    def a_worker_runs_one_trial(done: bool) -> str:
+        trackers = Trackers([MlflowSink(mlflow_server.url, name)], print, print)
+        trial = study.ask()
+        chain = trackers.started(trial, {}, None)
+        trackers.ended(chain, "complete")
+        study.tell(trial, 0.5)
+        if done:  # the last worker out, as run_local_worker calls it
+            trackers.study_done(study)
+        trackers.close()
+        return client.get_run(study.user_attrs[attrs.MLFLOW_PARENT_RUN]).info.status
+
+    assert a_worker_runs_one_trial(done=True) == "FINISHED"
+    assert a_worker_runs_one_trial(done=False) == "RUNNING"  # the target moved: trials again
+    assert a_worker_runs_one_trial(done=True) == "FINISHED"

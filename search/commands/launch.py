@@ -328,6 +328,7 @@ def run_local_worker(
     runner = stand_in or training_runner(
         study_name, settings, storage_url, options, worker, stop, progress, on_down
     )
+    trackers = getattr(runner, "trackers", None)
 
     def on_trial_end(trial: optuna.trial.FrozenTrial, view: StudyView) -> None:
         state, best = view.budget, best_summary(study, view.trials)
@@ -341,11 +342,12 @@ def run_local_worker(
         progress.show_budget(study_name, budget(study), best_summary(study))
         try:
             summary = run_worker(study, runner, stop, on_trial_end, options.timeout_s, progress.say)
+            final = budget(study)
+            if trackers and final.done and final.running == 0:  # the last worker out
+                trackers.study_done(study)
         finally:
-            trackers = getattr(runner, "trackers", None)
             if trackers:
                 trackers.close()  # what a down tracker still holds is said, then dropped
-    final = budget(study)
     verb = "stopped" if summary.interrupted else "done"
     best = best_summary(study)
     given_up = f" ({final.given_up} failed for good)" if final.given_up else ""

@@ -40,6 +40,7 @@ class MlflowSink:
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
         self.parent: str | None = None
+        self.parent_open = False  # seen running (or made so) by this worker
         self.runs: dict[int, str] = {}  # chain -> run id
         self.logged: dict[int, set[int]] = {}  # chain -> steps its run held when resumed
 
@@ -76,6 +77,13 @@ class MlflowSink:
         if state in STATUS:  # interrupted: the retry goes on in this run
             self.client.set_terminated(run_id, STATUS[state])
             self.logged.pop(chain.first, None)
+
+    def study_done(self, study: optuna.Study) -> None:
+        """The target met: the study's run ends FINISHED (a chain of a larger target, later,
+        opens it again)."""
+        parent = study.user_attrs.get(attrs.MLFLOW_PARENT_RUN)
+        if parent and self.client.get_run(parent).info.status == "RUNNING":
+            self.client.set_terminated(parent, "FINISHED")
 
     def given_up(self, study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get(attrs.MLFLOW_RUN) or self._find_chain(
@@ -127,11 +135,20 @@ class MlflowSink:
             _set_study_attr(study, attrs.MLFLOW_PARENT_RUN, self.parent)
         return self.parent
 
+    def open_study_run(self, study: optuna.Study) -> str:
+        """The study's run, running again if a target met before had ended it."""
+        parent = self.study_run(study)
+        if not self.parent_open:
+            if self.client.get_run(parent).info.status != "RUNNING":
+                self.client.update_run(parent, status="RUNNING")
+            self.parent_open = True
+        return parent
+
     def _chain_run(self, study: optuna.Study, chain: Chain) -> str:
         run_id = self.runs.get(chain.first) or chain.inherited_run
         run_id = run_id or self._find_chain(study, chain.first)
         if run_id is None:
-            parent = self.study_run(study)
+            parent = self.open_study_run(study)
             tags = {KIND: "trial", CHAIN: str(chain.first), "mlflow.parentRunId": parent}
             created = self.client.create_run(
                 self.experiment(study), run_name=f"trial-{chain.first}", tags=tags

@@ -79,6 +79,9 @@ class TensorBoardSink:
     def permanent(self, err: Exception) -> bool:
         return not isinstance(err, OSError)  # a full, read-only or vanished disk may come back
 
+    def study_done(self, study: optuna.Study) -> None:
+        pass  # a study is a folder of runs: nothing of its own to end
+
     def close(self) -> None:
         for first in list(self.writers):
             self._drop(first)

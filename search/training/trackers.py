@@ -214,6 +214,10 @@ class Trackers:
             what = f"trial {trial.number}'s chain failed for good"
             self._each(what, lambda sink, trial=trial: lambda: sink.given_up(study, trial))
 
+    def study_done(self, study: optuna.Study) -> None:
+        """The study met its target with no trial running: its own run ends (MLflow's)."""
+        self._each("the study's end", lambda sink: lambda: sink.study_done(study))
+
     def close(self, timeout_s: float = CLOSE_S) -> None:
         for queue in self.queues:
             dropped = queue.close(timeout_s)
