@@ -375,6 +375,16 @@ def worker(
             show_default="the study's",
         ),
     ] = None,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow",
+            metavar="URI",
+            help="This machine's address of the study's MLflow tracking server, where it "
+            "differs (a container's service name, a tunnel).",
+            show_default="the study's",
+        ),
+    ] = None,
     slot: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Join an existing study from any machine and run trials toward its stored target.
@@ -383,7 +393,7 @@ def worker(
     """
     options = WorkerOptions(
         data_dir, artifact_dir, timeout, compile.value, gpus, jobs_per_gpu, storage_retry_s, slot,
-        dataset, tensorboard,
+        dataset, tensorboard, mlflow,
     )  # fmt: skip
     with user_errors():
         code = join_search(study, storage, options, SearchProgress(console))

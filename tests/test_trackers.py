@@ -473,3 +473,36 @@ def test_the_study_run_ends_at_its_target_and_runs_again_for_a_larger_one(
     assert a_worker_runs_one_trial(done=True) == "FINISHED"
     assert a_worker_runs_one_trial(done=False) == "RUNNING"  # the target moved: trials again
     assert a_worker_runs_one_trial(done=True) == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_worker_logs_where_its_own_mlflow_address_points(
+    hpo_env: dict, tmp_path: Path, mlflow_server: OwnMlflow
+) -> None:
+    """The study names a server this machine cannot reach (another network's address);
+    `hpo worker --mlflow` gives this machine's, and the trial's run lands there, unhindered.
+    A worker's flag moves a tracker the study has, and adds none."""
+    name = "moved"
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("HPO_")}
+    runner = CliRunner(env={**unset, **hpo_env, "MLFLOW_TRACKING_URI": None})
+    create = ["create", "--study", name, "--trials", "1", "--space", "tiny", "--epochs", "1"]
+    made = runner.invoke(app, [*create, "--dataset", "synthetic", "--mlflow", "http://nowhere:1"])
+    assert made.exit_code == 0, made.output
+    for flag, said in [
+        (["--mlflow", "nosuch://host"], "MLflow cannot use it"),
+        (["--tensorboard", str(tmp_path / "tb")], "the study logs to no TensorBoard folder"),
+    ]:
+        refused = runner.invoke(app, ["worker", "--study", name, *flag])
+        assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+        assert said in refused.stderr, refused.stderr
+
+    worked = run_hpo("worker", "--study", name, "--mlflow", mlflow_server.url, env=hpo_env,
+                     cwd=tmp_path)  # fmt: skip
+    assert worked.returncode == 0, worked.stdout + worked.stderr
+    assert "mlflow not written" not in worked.stdout + worked.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([experiment], "tags.`hpo.kind` = 'trial'")
+    assert [run.info.status for run in runs] == ["FINISHED"]

@@ -29,6 +29,7 @@ class WorkerOptions:
     slot: int | None = None  # set by `hpo start --gpus` for the processes it spawns
     dataset: str | None = None  # this machine's copy of the study's data (`hpo worker`)
     tensorboard: str | None = None  # this machine's mount of the study's TensorBoard folder
+    mlflow: str | None = None  # this machine's address of the study's MLflow tracking server
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def _spawn(study: str, storage_url: str, slot: Slot, options: WorkerOptions) -> 
         command += ["--artifact-dir", str(options.artifact_dir)]
     if options.tensorboard is not None:
         command += ["--tensorboard", options.tensorboard]
+    if options.mlflow is not None:
+        command += ["--mlflow", options.mlflow]
     if options.timeout_s is not None:
         command += ["--timeout", str(options.timeout_s)]
     # The URL travels in the environment: a password on a command line shows up in `ps`.

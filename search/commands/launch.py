@@ -41,7 +41,12 @@ from search.rules.study import (
     load_settings,
     move_target,
 )
-from search.rules.trackers import TrackerError, check_tensorboard_dir, chosen_mlflow_uri
+from search.rules.trackers import (
+    TrackerError,
+    check_mlflow_uri,
+    check_tensorboard_dir,
+    chosen_mlflow_uri,
+)
 from search.training.devices import cuda_is_here, gpu_names, parse_gpus, worker_gpu
 from storage import (
     HeartbeatPolicy,
@@ -150,22 +155,31 @@ def join_search(
         settings = stored_settings(study_name, storage_url, retry)
     except StorageUnavailable as err:
         return gave_up(err)
-    settings = local_tensorboard(settings, options.tensorboard)
+    settings = local_trackers(settings, options.tensorboard, options.mlflow)
     note_outage(storage_url, study_name, retry)
     return run_workers(study_name, storage_url, settings, options, progress)
 
 
-def local_tensorboard(settings: StudySettings, folder: str | None) -> StudySettings:
-    """The study's settings with this machine's mount of its TensorBoard folder, where
-    `hpo worker --tensorboard` gives one: it moves the study's folder, and adds none."""
-    if folder is None:
-        return settings
-    if settings.tensorboard is None:
-        raise TrackerError(
-            f"--tensorboard {folder}: the study logs to no TensorBoard folder (set at "
-            "creation: hpo create/start --tensorboard DIR); a worker's only moves it"
-        )
-    return replace(settings, tensorboard=check_tensorboard_dir(folder))
+def local_trackers(
+    settings: StudySettings, tensorboard: str | None, mlflow: str | None
+) -> StudySettings:
+    """The study's settings with this machine's mount of its TensorBoard folder and address
+    of its MLflow server, where `hpo worker` gives them: each moves a tracker the study has,
+    and adds none."""
+    for flag, metavar, what, given, stored in (
+        ("--tensorboard", "DIR", "TensorBoard folder", tensorboard, settings.tensorboard),
+        ("--mlflow", "URI", "MLflow server", mlflow, settings.mlflow),
+    ):
+        if given is not None and stored is None:
+            raise TrackerError(
+                f"{flag} {given}: the study logs to no {what} (set at creation: hpo "
+                f"create/start {flag} {metavar}); a worker's only moves it"
+            )
+    if tensorboard is not None:
+        settings = replace(settings, tensorboard=check_tensorboard_dir(tensorboard))
+    if mlflow is not None:
+        settings = replace(settings, mlflow=check_mlflow_uri(mlflow))
+    return settings
 
 
 def startup_retry(options: WorkerOptions, progress: SearchProgress) -> RetryPolicy:
