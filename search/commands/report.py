@@ -7,6 +7,7 @@ needs kaleido and a Chrome install, matplotlib renders anywhere with its Agg bac
 
 from __future__ import annotations
 
+import errno
 import html
 import math
 import warnings
@@ -31,6 +32,7 @@ from search.commands.compare import COLUMNS, explanation, table_rows
 from search.rules import attrs
 from search.rules.cost import pareto_front, trial_gflop
 from search.rules.data import describe_data
+from search.rules.faults import FilesNotWritten, machine_fault_line
 from search.rules.fidelity import fidelity_line
 from search.rules.settings import METRIC_NAME, StudySettings
 from search.rules.study import name_objective
@@ -44,6 +46,10 @@ PAGE_NAME = "report.html"
 MIN_TRIALS_FOR_IMPORTANCES = 3
 # One legend entry per trial: past this many the PNG's legend is taller than the plot.
 MAX_LEGEND_TRIALS = 12
+
+
+# A path that can never be the report's folder: the user's to change, not the machine's.
+USER_PATH_ERRORS = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.ENAMETOOLONG)
 
 
 class ReportError(ValueError):
@@ -67,13 +73,18 @@ class Report:
 
 
 def write_report(study: optuna.Study, output: Path, top: int = 10) -> Report:
-    """Write report.html and one PNG per plot under `output`; a disk that refuses it (full,
-    read-only) is one line (ReportError)."""
+    """Write report.html and one PNG per plot under `output`. A folder the user named that
+    cannot be one (a file, no permission) is one line (ReportError, exit 2); a disk that
+    refuses it (full, read-only, failing) is the machine's (FilesNotWritten, exit 75)."""
     try:
         output.mkdir(parents=True, exist_ok=True)
         return _write_report(study, output, top)
     except OSError as err:
-        raise ReportError(f"cannot write the report to {output}: {err.strerror or err}") from err
+        if err.errno in USER_PATH_ERRORS:
+            raise ReportError(f"cannot write the report to {output}: {err.strerror}") from err
+        raise FilesNotWritten(
+            machine_fault_line(err, f"{PAGE_NAME} and its figures", output)
+        ) from err
 
 
 def _write_report(study: optuna.Study, output: Path, top: int) -> Report:
