@@ -11,9 +11,7 @@ import pytest
 from conftest import run_hpo
 from test_dashboard import make_study
 from test_machine_faults import fill, small_disk  # noqa: F401 (a fixture)
-from typer.testing import CliRunner
 
-from search.cli import app
 from search.rules import attrs
 from search.rules.faults import EXIT_MACHINE_FAULT
 from storage import open_storage
@@ -42,21 +40,3 @@ def test_hpo_compare_on_a_full_disk_shows_and_attaches_its_table_then_exits_75(
     stored = study.user_attrs[attrs.COMPARE]
     assert [c["name"] for c in stored["configs"]][-1] == "report"
     assert stored["artifacts"] == {}  # no file to keep, the table kept all the same
-
-
-def test_hpo_report_on_a_full_disk_is_the_machines_fault(
-    small_disk: Path,  # noqa: F811
-    hpo_env: dict,
-) -> None:
-    """Exit 75, as compare's and train's (a full disk is no mistake of the user's); a folder
-    that cannot be one is (test_report: a file in its place, exit 2)."""
-    url = hpo_env["HPO_STORAGE"]
-    make_study(url, "demo", complete=2, pruned=0, failed=0)
-    fill(small_disk)
-    output = small_disk / "report"
-    args = ["report", "--study", "demo", "-o", str(output), "--storage", url]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == EXIT_MACHINE_FAULT, result.output
-    assert result.stderr == (
-        f"error: report.html and its figures not written to {output}: No space left on device\n"
-    )
