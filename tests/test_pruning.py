@@ -21,10 +21,14 @@ from search.training.trainer import DeviceRecipe
 from search.training.worker import run_worker, stop_trial
 from storage import open_storage
 
+# A tiny-space trial that learns, every parameter fixed: a lever left to the sampler could
+# draw SGD, whose own sgd_lr would then stand in for the bad trial's lr (test_trackers met
+# that once in a few runs, its workers' samplers seeded by their pids).
 GOOD = {
     "backbones": 1, "blocks_0": 1, "layers_0": 1, "width_0_1": 8, "kernel_size": 3,
     "dropout": 0.0, "lr": 0.02, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64,
-    "scheduler": "constant",
+    "scheduler": "constant", "optimizer": "adamw", "weight_averaging": False, "cutout": False,
+    "mix": "none", "tta": "none", "label_smoothing": 0.0,
 }  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from optuna_dashboard import get_note
 from servers import OwnServer, free_port
 from test_dashboard import render, visible_text
+from test_pruning import GOOD
 from typer.testing import CliRunner
 
 from search.cli import app
@@ -38,11 +39,6 @@ STUDY = "tracked"
 BIN = Path(sys.executable).parent
 # Trials of the tiny space that learn (test_pruning's), and one that learns next to nothing:
 # with four complete before it, the median pruner stops it after its first epoch.
-GOOD = {
-    "backbones": 1, "blocks_0": 1, "layers_0": 1, "width_0_1": 8, "kernel_size": 3,
-    "dropout": 0.0, "lr": 0.02, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64,
-    "scheduler": "constant",
-}  # fmt: skip
 BAD = {**GOOD, "lr": 1e-6}
 
 
@@ -195,7 +191,7 @@ def test_a_study_in_mlflow_and_tensorboard_through_a_stop_and_a_server_restart(
     trials = study.get_trials()
     states = {t.number: t.state for t in trials}
     order = [  # for a failure: the order the trials ran in, and what the pruner saw
-        (t.number, t.state.name, t.datetime_start, retry_of(t), t.intermediate_values)
+        (t.number, t.params.get("lr"), t.state.name, retry_of(t), t.intermediate_values)
         for t in sorted(trials, key=lambda t: t.datetime_start)
     ]
     assert states[4] == TrialState.PRUNED, order
