@@ -483,6 +483,8 @@ def test_a_worker_logs_where_its_own_mlflow_address_points(
     """The study names a server this machine cannot reach (another network's address);
     `hpo worker --mlflow` gives this machine's, and the trial's run lands there, unhindered.
     A worker's flag moves a tracker the study has, and adds none."""
+    from mlflow import MlflowClient
+
     name = "moved"
     unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("HPO_")}
     runner = CliRunner(env={**unset, **hpo_env, "MLFLOW_TRACKING_URI": None})
@@ -501,8 +503,6 @@ def test_a_worker_logs_where_its_own_mlflow_address_points(
                      cwd=tmp_path)  # fmt: skip
     assert worked.returncode == 0, worked.stdout + worked.stderr
     assert "mlflow not written" not in worked.stdout + worked.stderr
-    from mlflow import MlflowClient
-
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name(name).experiment_id
     runs = client.search_runs([experiment], "tags.`hpo.kind` = 'trial'")
