@@ -135,11 +135,10 @@ def run_compare(request: CompareRequest, progress: SearchProgress) -> dict[str, 
         tracked = open_for_writing(request.storage, request.study)
         files = [request.output_dir / name for name in written]
         for key, entry in training_plan(entries).items():
-            folder = request.output_dir / entry.folder
             label = f"compare-{entry.folder}"
-            metrics = trained[key]
-            kept = [path for path in [folder / METRICS_FILE] if path.is_file()]
-            log_final(tracked, settings, label, metrics, [*kept, *files], progress.say)
+            metrics_file = request.output_dir / entry.folder / METRICS_FILE
+            kept = [metrics_file] if metrics_file.is_file() else []  # a full disk kept none
+            log_final(tracked, settings, label, trained[key], [*kept, *files], progress.say)
     unwritten = [
         *(f"{entry.folder}/{file}" for entry in training_plan(entries).values()
           for file in unwritten_files(trained[config_key(entry.cfg)])),
